@@ -103,7 +103,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             out = {}
-            for key in handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = handle.get_slice(key)
                 out[key] = (tuple(sl.get_shape()), sl.get_dtype())
             return out
