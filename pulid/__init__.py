@@ -1,0 +1,1 @@
+"""PuLID-FLUX: identity encoder and the cross-attention weights injected into the FLUX DiT."""
