@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-DOUBLE_INTERVAL = 2
-SINGLE_INTERVAL = 4
+from pulid.encoders import DOUBLE_INTERVAL, SINGLE_INTERVAL, num_pulid_ca
 
 CrossAttention = Callable[[Tensor, Tensor], Tensor]
 
@@ -34,7 +33,7 @@ class PuLIDInjection:
         single_interval: int = SINGLE_INTERVAL,
     ):
         self.num_double = math.ceil(depth / double_interval)
-        expected = self.num_double + math.ceil(depth_single_blocks / single_interval)
+        expected = num_pulid_ca(depth, depth_single_blocks, double_interval, single_interval)
         if len(cross_attentions) != expected:
             raise ValueError(
                 f"{len(cross_attentions)} ID cross-attention modules for a DiT of {depth} double and "
