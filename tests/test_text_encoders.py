@@ -5,66 +5,17 @@ import torch
 
 from flux.hub import WeightsNotFoundError
 from flux.text_encoders import CLIP_SOURCE, load_clip, load_t5
-
-WORDS = ["a", "photo", "of", "woman", "man", "portrait", "cinematic", "color", "in", "snow"]
+from flux.tiny import TINY_CLIP_DIM, TINY_T5_DIM, write_tiny_clip, write_tiny_t5
 
 
 @pytest.fixture(scope="module")
 def t5_folder(tmp_path_factory):
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    folder = tmp_path_factory.mktemp("t5")
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
-        (f"\u2581{w}", -float(i + 1)) for i, w in enumerate(WORDS)
-    ]
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(vocab),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
-    )
-    T5EncoderModel(config).save_pretrained(folder)
-    return folder
+    return write_tiny_t5(tmp_path_factory.mktemp("t5"))
 
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    letters = sorted(set("".join(WORDS)))
-    tokens = specials + letters + [c + "</w>" for c in letters] + [w + "</w>" for w in WORDS]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    merges = []
-    for w in WORDS:  # merge letters left to right until the whole word is one token
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    CLIPTextModel(config).save_pretrained(folder)
-    return folder
+    return write_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def padded_ids(tokenizer, prompt, length):
@@ -77,7 +28,7 @@ def test_t5_pads_to_the_requested_length_without_mask(t5_folder):
     prompt = "a photo of a woman"
     out16 = t5([prompt])
     out24 = t5([prompt], max_length=24)
-    assert out16.shape == (1, 16, 32) and out24.shape == (1, 24, 32)
+    assert out16.shape == (1, 16, TINY_T5_DIM) and out24.shape == (1, 24, TINY_T5_DIM)
     with torch.no_grad():
         expected = t5.hf_module(input_ids=padded_ids(t5.tokenizer, prompt, 24)).last_hidden_state
     assert torch.allclose(out24, expected, atol=1e-6)
@@ -88,14 +39,14 @@ def test_t5_pads_to_the_requested_length_without_mask(t5_folder):
 def test_t5_loads_in_bf16_and_truncates(t5_folder):
     t5 = load_t5("cpu", torch.bfloat16, max_length=4, path=t5_folder)
     out = t5(["a photo of a woman in snow in color"])
-    assert out.shape == (1, 4, 32) and out.dtype == torch.bfloat16
+    assert out.shape == (1, 4, TINY_T5_DIM) and out.dtype == torch.bfloat16
 
 
 def test_clip_returns_the_pooled_vector(clip_folder):
     clip = load_clip("cpu", torch.float32, path=clip_folder)
     prompt = "portrait cinematic color"
     pooled = clip([prompt, "a man"])
-    assert pooled.shape == (2, 32)
+    assert pooled.shape == (2, TINY_CLIP_DIM)
     with torch.no_grad():
         expected = clip.hf_module(input_ids=padded_ids(clip.tokenizer, prompt, 77)).pooler_output
     assert torch.allclose(pooled[:1], expected, atol=1e-6)

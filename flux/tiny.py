@@ -1,0 +1,130 @@
+"""Tiny random-weight versions of every FLUX component, for tests and the ``tiny-random`` preset.
+
+They keep the official structure (every block type and key pattern) at a size that runs on a CPU
+in milliseconds. Their output is noise: they exist to exercise the real code paths without
+downloading anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flux.autoencoder import AutoEncoderParams
+from flux.model import FluxParams
+from flux.text_encoders import HFEmbedder, load_clip, load_t5
+
+WORDS = ["a", "photo", "of", "woman", "man", "portrait", "cinematic", "color", "in", "snow", "the", "with"]
+TINY_T5_DIM = 24
+TINY_CLIP_DIM = 16
+
+
+def tiny_flux_params(**overrides) -> FluxParams:
+    values = dict(
+        in_channels=64,
+        vec_in_dim=TINY_CLIP_DIM,
+        context_in_dim=TINY_T5_DIM,
+        hidden_size=64,
+        mlp_ratio=4.0,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=3,
+        axes_dim=[8, 12, 12],
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=True,
+    )
+    values.update(overrides)
+    return FluxParams(**values)
+
+
+def tiny_ae_params(**overrides) -> AutoEncoderParams:
+    values = dict(
+        resolution=32,
+        in_channels=3,
+        ch=32,
+        out_ch=3,
+        ch_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        z_channels=16,
+        scale_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    values.update(overrides)
+    return AutoEncoderParams(**values)
+
+
+def write_tiny_t5(folder: Path, seed: int = 0) -> Path:
+    """A T5 encoder (2 layers, width 24) and a unigram tokenizer over a few words, saved to ``folder``."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+        (f"\u2581{w}", -float(i + 1)) for i, w in enumerate(WORDS)
+    ]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=TINY_T5_DIM,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=3,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+    )
+    T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A CLIP text encoder (2 layers, width 16) and a BPE tokenizer whose merges spell the words."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = sorted(set("".join(WORDS)))
+    tokens = [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        *letters,
+        *(c + "</w>" for c in letters),
+        *(w + "</w>" for w in WORDS),
+    ]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    merges = []
+    for word in WORDS:  # merge left to right until the word is one token
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges))).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=TINY_CLIP_DIM,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_text_encoders(
+    folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[HFEmbedder, HFEmbedder]:
+    """Write (once) and load the tiny T5 and CLIP through the real loaders."""
+    t5_dir, clip_dir = Path(folder) / "t5", Path(folder) / "clip"
+    if not (t5_dir / "config.json").is_file():
+        write_tiny_t5(t5_dir)
+    if not (clip_dir / "config.json").is_file():
+        write_tiny_clip(clip_dir)
+    return load_t5(device, dtype, max_length=512, path=t5_dir), load_clip(device, dtype, path=clip_dir)

@@ -1,0 +1,109 @@
+"""Photos of a face -> 32 ID tokens: face analysis, EVA-CLIP features, then the IDFormer.
+
+The steps follow the official PuLID-FLUX ``get_id_embedding``: the 512-d ArcFace embedding joined
+to the L2-normalised 768-d EVA-CLIP pooled embedding (1280-d), plus EVA's five hidden states,
+go through the IDFormer. What is added here:
+
+- several photos of one person give one identity: each photo is encoded on its own and the ID
+  tokens are averaged (the mean keeps the tokens' scale, unlike a sum, and weights photos equally);
+- the tokens of a photo already seen are cached (keyed by the pixels' hash), so re-running a
+  prompt with the same face skips face analysis and EVA;
+- the unconditional ID for true CFG (zeros through the IDFormer) is computed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class FaceFeatures(Protocol):
+    """What face analysis gives for one photo (see :mod:`pulid.face_analysis`)."""
+
+    arcface_embedding: np.ndarray  # (512,)
+    clip_input: Tensor  # (1, 3, 336, 336), CLIP-normalised
+    debug_images: list[np.ndarray]
+
+
+class FaceAnalysis(Protocol):
+    def analyze(self, image_rgb: np.ndarray) -> FaceFeatures: ...
+
+
+@dataclass
+class IDEmbedding:
+    """ID tokens for the positive pass and, with true CFG, the unconditional ones."""
+
+    tokens: Tensor
+    uncond_tokens: Tensor | None = None
+    debug_images: list[np.ndarray] = field(default_factory=list)
+
+
+def image_key(image: np.ndarray) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(image).tobytes())
+    digest.update(repr((image.shape, image.dtype.str)).encode())
+    return digest.hexdigest()
+
+
+class IDEncoder:
+    """Owns face analysis, the EVA tower and the IDFormer, and turns photos into ID tokens."""
+
+    def __init__(
+        self,
+        face_analysis: FaceAnalysis,
+        eva: nn.Module,
+        id_former: nn.Module,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        cache_size: int = 32,
+    ):
+        self.face_analysis = face_analysis
+        self.eva = eva
+        self.id_former = id_former
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[Tensor, list[np.ndarray]]] = OrderedDict()
+        # The unconditional ID of true CFG; made from the first photo's feature shapes.
+        self._uncond: Tensor | None = None
+
+    @torch.inference_mode()
+    def features(self, image_rgb: np.ndarray) -> tuple[Tensor, list[Tensor], list[np.ndarray]]:
+        """The IDFormer inputs for one photo: the 1280-d condition and EVA's hidden states."""
+        face = self.face_analysis.analyze(image_rgb)
+        arcface = torch.as_tensor(np.asarray(face.arcface_embedding), dtype=self.dtype, device=self.device)
+        pooled, hidden = self.eva(face.clip_input.to(self.device, self.dtype))
+        pooled = pooled / torch.norm(pooled, 2, 1, True)
+        cond = torch.cat([arcface.reshape(1, -1), pooled], dim=-1)
+        if self._uncond is None:  # zeros through the IDFormer, as the official pipeline does
+            self._uncond = self.id_former(torch.zeros_like(cond), [torch.zeros_like(h) for h in hidden])
+        return cond, hidden, list(face.debug_images)
+
+    @torch.inference_mode()
+    def encode_one(self, image_rgb: np.ndarray) -> tuple[Tensor, list[np.ndarray]]:
+        key = image_key(image_rgb)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        cond, hidden, debug = self.features(image_rgb)
+        result = (self.id_former(cond, hidden), debug)
+        self._cache[key] = result
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return result
+
+    @torch.inference_mode()
+    def __call__(self, images: list[np.ndarray], with_uncond: bool = False) -> IDEmbedding:
+        if not images:
+            raise ValueError("at least one ID image is needed")
+        encoded = [self.encode_one(image) for image in images]
+        tokens = torch.stack([t for t, _ in encoded]).mean(dim=0) if len(encoded) > 1 else encoded[0][0]
+        debug = [img for _, d in encoded for img in d]
+        return IDEmbedding(
+            tokens=tokens, uncond_tokens=self._uncond if with_uncond else None, debug_images=debug
+        )

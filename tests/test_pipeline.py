@@ -1,0 +1,146 @@
+"""The generation API on the tiny pipeline: requests in, images, seeds and metadata out."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flux.sampling import GenerationCancelled
+from pulid.pipeline import GenerationRequest, InvalidRequestError
+from pulid.tiny import tiny_pipeline
+
+
+@dataclass
+class StubFace:
+    arcface_embedding: np.ndarray
+    clip_input: torch.Tensor
+    debug_images: list = field(default_factory=list)
+
+
+class StubFaceAnalysis:
+    """Deterministic features from the pixels, counting calls (the real analyser has its own tests)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def analyze(self, image):
+        self.calls += 1
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        clip_input = F.interpolate(pixels, size=(336, 336), mode="bilinear", align_corners=False)
+        g = torch.Generator().manual_seed(int(image.sum()) % 2**31)
+        return StubFace(torch.randn(512, generator=g).numpy(), clip_input, [image[:8, :8]])
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny"), StubFaceAnalysis())
+
+
+def photo(seed):
+    return np.random.default_rng(seed).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+
+
+def request(**kw):
+    return GenerationRequest(
+        **{"prompt": "a portrait of a woman", "width": 256, "height": 256, "num_steps": 3, "seed": 7, **kw}
+    )
+
+
+def test_same_seed_same_image_and_metadata(pipeline):
+    a = pipeline.generate(request(id_images=[photo(1)]))
+    b = pipeline.generate(request(id_images=[photo(1)]))
+    assert a.image.size == (256, 256) and a.image.mode == "RGB"
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.seed == 7 and a.metadata["seed"] == 7 and a.metadata["prompt"] == "a portrait of a woman"
+    assert a.metadata["num_id_images"] == 1 and a.metadata["model"] == "tiny-random"
+    assert a.latents.shape == (1, 256, 64)
+
+
+def test_random_seed_is_reported(pipeline):
+    result = pipeline.generate(request(seed=-1))
+    again = pipeline.generate(request(seed=result.seed))
+    assert result.seed >= 0 and torch.equal(result.latents, again.latents)
+
+
+def test_identity_changes_the_image_and_weight_zero_removes_it(pipeline):
+    plain = pipeline.generate(request())
+    with_id = pipeline.generate(request(id_images=[photo(1)]))
+    other_id = pipeline.generate(request(id_images=[photo(2)]))
+    zero = pipeline.generate(request(id_images=[photo(1)], id_weight=0.0))
+    late = pipeline.generate(request(id_images=[photo(1)], start_step=3))  # after the last step: no ID
+    assert not torch.equal(with_id.latents, plain.latents)
+    assert not torch.equal(with_id.latents, other_id.latents)
+    assert torch.equal(zero.latents, plain.latents)
+    assert torch.equal(late.latents, plain.latents)
+
+
+def test_several_photos_average_their_id_tokens(pipeline):
+    enc = pipeline.id_encoder
+    one, two = enc([photo(3)]).tokens, enc([photo(4)]).tokens
+    both = enc([photo(3), photo(4)]).tokens
+    assert torch.allclose(both, (one + two) / 2)
+
+
+def test_seen_photos_are_cached(pipeline):
+    analysis = pipeline.id_encoder.face_analysis
+    before = analysis.calls
+    pipeline.id_encoder([photo(5)])
+    pipeline.id_encoder([photo(5)])
+    assert analysis.calls == before + 1
+
+
+def test_true_cfg_uses_negative_prompt_and_unconditional_id(pipeline):
+    fake = pipeline.generate(request(id_images=[photo(1)]))
+    cfg = pipeline.generate(request(id_images=[photo(1)], true_cfg=3.0, neg_prompt="snow"))
+    cfg_other_neg = pipeline.generate(request(id_images=[photo(1)], true_cfg=3.0, neg_prompt="color"))
+    assert not torch.equal(fake.latents, cfg.latents)
+    assert not torch.equal(cfg.latents, cfg_other_neg.latents)
+    uncond = pipeline.id_encoder([photo(1)], with_uncond=True).uncond_tokens
+    assert uncond is not None and uncond.shape == fake_tokens_shape(pipeline)
+
+
+def fake_tokens_shape(pipeline):
+    return pipeline.id_encoder([photo(1)]).tokens.shape
+
+
+def test_progress_callback_and_cancel(pipeline):
+    steps = []
+
+    def cancel_at_two(info):
+        steps.append(info.step)
+        if info.step == 1:
+            raise GenerationCancelled
+
+    with pytest.raises(GenerationCancelled):
+        pipeline.generate(request(num_steps=5), callback=cancel_at_two)
+    assert steps == [0, 1]
+
+
+def test_the_t5_length_is_chosen_per_request(pipeline):
+    short = pipeline.generate(request(max_sequence_length=128))
+    long = pipeline.generate(request(max_sequence_length=256))
+    assert not torch.equal(short.latents, long.latents)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(width=250), "width must be a multiple of 16"),
+        (dict(height=2048), "height must be a multiple of 16"),
+        (dict(num_steps=0), "number of steps"),
+        (dict(id_weight=3.5), "id weight"),
+        (dict(seed=-2), "seed"),
+        (dict(max_sequence_length=100), "max sequence length"),
+    ],
+)
+def test_invalid_requests_are_refused_with_a_clear_message(pipeline, kw, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        pipeline.generate(request(**kw))
+
+
+def test_pipeline_models_are_not_changed_by_requests(pipeline):
+    before = {k: v.clone() for k, v in pipeline.flow.state_dict().items()}
+    pipeline.generate(request(id_images=[photo(1)], true_cfg=2.0))
+    assert all(torch.equal(before[k], v) for k, v in pipeline.flow.state_dict().items())
