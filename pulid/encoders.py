@@ -136,10 +136,12 @@ class IDFormer(nn.Module):
         self.latents = nn.Parameter(torch.empty(1, num_queries, dim))
         self.proj_out = nn.Parameter(torch.empty(dim, output_dim))
         self.layers = nn.ModuleList(
-            nn.ModuleList([
-                PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads),
-                feed_forward(dim, ff_mult),
-            ])
+            nn.ModuleList(
+                [
+                    PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads),
+                    feed_forward(dim, ff_mult),
+                ]
+            )
             for _ in range(depth)
         )
         for i in range(NUM_VIT_FEATURES):
@@ -166,7 +168,7 @@ class IDFormer(nn.Module):
         for i, hidden in enumerate(vit_hidden):
             context = torch.cat((id_tokens, getattr(self, f"mapping_{i}")(hidden)), dim=1)
             start = i * self.layers_per_feature
-            for attn, ff in self.layers[start:start + self.layers_per_feature]:
+            for attn, ff in self.layers[start : start + self.layers_per_feature]:
                 latents = attn(context, latents) + latents
                 latents = ff(latents) + latents
         return latents[:, : self.num_queries] @ self.proj_out

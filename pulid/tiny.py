@@ -79,3 +79,29 @@ def tiny_pipeline(
         dtype=dtype,
         info={"model": "tiny-random", "pulid_version": "tiny-random"},
     )
+
+
+def build_tiny_face_models(models_dir: Path) -> Path:
+    """Write the stand-in antelopev2 and facexlib files into ``models_dir`` (skipped if present)."""
+    from pulid.tiny_face_models import build_antelopev2, build_facexlib_models
+
+    models_dir = Path(models_dir)
+    if not (models_dir / "antelopev2" / "glintr100.onnx").is_file():
+        build_antelopev2(models_dir / "antelopev2")
+    if not (models_dir / "facexlib" / "parsing_parsenet.pth").is_file():
+        build_facexlib_models(models_dir / "facexlib")
+    return models_dir
+
+
+def tiny_face_analyzer(models_dir: Path):
+    """The real :class:`pulid.face_analysis.FaceAnalyzer` over the stand-in face models, on CPU."""
+    from pulid.face_analysis import FaceAnalyzer
+
+    build_tiny_face_models(models_dir)
+    return FaceAnalyzer(models_dir=models_dir, onnx_provider="cpu", device="cpu", allow_download=False)
+
+
+def tiny_pipeline_with_face_models(folder: Path, seed: int = 0) -> PuLIDFluxPipeline:
+    """The ``tiny-random`` preset: tiny random DiT, AE, encoders and the real face-analysis code."""
+    folder = Path(folder)
+    return tiny_pipeline(folder, tiny_face_analyzer(folder / "models"), "cpu", torch.float32, seed)
