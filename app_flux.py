@@ -1,0 +1,236 @@
+"""PuLID for FLUX: the Gradio app. The UI only wires controls to :class:`pulid.pipeline.PuLIDFluxPipeline`.
+
+python app_flux.py                        # FLUX.1-dev + PuLID v0.9.1 on CUDA (downloads or models/)
+python app_flux.py --preset tiny-random   # tiny random weights on CPU: noise, but the whole path runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from flux.registry import MODELS
+from pulid.weights import DEFAULT_VERSION, PULID_VERSIONS
+
+logger = logging.getLogger("app_flux")
+
+MAX_UPLOAD = "20mb"
+NEGATIVE_PROMPT = "bad quality, worst quality, text, signature, watermark, extra limbs"
+IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
+EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
+TIPS = """
+- **timestep to start inserting ID**: smaller keeps the face closer, larger leaves more room for the prompt;
+  0-4 works best (4 for photorealistic scenes, 0-1 for stylised ones).
+- **true CFG scale**: 1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass
+  with the negative prompt (then set guidance near 1).
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags shared by the app and the command line (official names and meanings)."""
+    parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
+    parser.add_argument(
+        "--version", default=DEFAULT_VERSION, choices=sorted(PULID_VERSIONS), help="PuLID weights"
+    )
+    parser.add_argument("--device", default="cuda", help="torch device for the models")
+    parser.add_argument(
+        "--offload", action="store_true", help="keep each model on the GPU only while it is used"
+    )
+    parser.add_argument(
+        "--aggressive_offload", action="store_true", help="stream DiT blocks to fit small GPUs"
+    )
+    parser.add_argument("--fp8", action="store_true", help="use the fp8 (quanto) FLUX.1-dev transformer")
+    parser.add_argument("--onnx_provider", default="gpu", choices=["gpu", "cpu"], help="onnxruntime provider")
+    parser.add_argument("--pretrained_model", default=None, help="path to a PuLID weight file")
+    parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=["tiny-random"],
+        help="tiny-random: random tiny models on CPU, no download; produces noise",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="PuLID for FLUX.1-dev: put the face from a photo into new images"
+    )
+    add_model_arguments(parser)
+    default_port = int(os.environ.get("GRADIO_SERVER_PORT", 7860 if IN_SPACE else 8080))
+    default_host = os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if IN_SPACE else "127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port, help="port to serve on")
+    parser.add_argument(
+        "--host", default=default_host, help="interface to bind (0.0.0.0 exposes it to the network)"
+    )
+    parser.add_argument(
+        "--share", action="store_true", help="create a public gradio.live link (off by default)"
+    )
+    parser.add_argument(
+        "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
+    )
+    args = parser.parse_args(argv)
+    if args.aggressive_offload:
+        args.offload = True
+    return args
+
+
+def build_pipeline(args: argparse.Namespace):
+    if args.preset == "tiny-random":
+        from pulid.tiny import tiny_pipeline_with_face_models
+
+        return tiny_pipeline_with_face_models(Path(tempfile.gettempdir()) / "pulid-flux-tiny-random")
+    if args.offload or args.fp8:
+        raise SystemExit("--offload, --aggressive_offload and --fp8 are not available yet in this version.")
+    from pulid.loading import load_pipeline
+
+    return load_pipeline(
+        args.name,
+        args.version,
+        args.device,
+        onnx_provider=args.onnx_provider,
+        pretrained_model=args.pretrained_model,
+        models_dir=args.models_dir,
+    )
+
+
+def create_demo(args: argparse.Namespace, service):
+    """The UI: controls wired to :meth:`pulid.service.GenerationService.run`, nothing else."""
+    import gradio as gr
+
+    from pulid.service import ServiceError
+
+    def generate(
+        prompt,
+        id_image,
+        extra_images,
+        id_weight,
+        width,
+        height,
+        num_steps,
+        start_step,
+        guidance,
+        seed,
+        max_sequence_length,
+        neg_prompt,
+        true_cfg,
+        cfg_start_step,
+        request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008 (gradio injects the tracker through this default)
+    ):
+        try:
+            generation = service.build_request(
+                prompt,
+                id_image,
+                extra_images,
+                id_weight=id_weight,
+                width=width,
+                height=height,
+                num_steps=num_steps,
+                start_step=start_step,
+                guidance=guidance,
+                seed=seed,
+                max_sequence_length=max_sequence_length,
+                neg_prompt=neg_prompt,
+                true_cfg=true_cfg,
+                cfg_start_step=cfg_start_step,
+            )
+            result = service.run(
+                generation,
+                session=_session(request),
+                progress=lambda info: progress((info.step + 1, info.total), desc="denoising"),
+            )
+        except ServiceError as err:
+            raise gr.Error(str(err)) from None
+        return str(result.path), str(result.seed), str(result.path), result.debug_images
+
+    def cancel(request: gr.Request):
+        service.cancel(_session(request))
+
+    with gr.Blocks(title="PuLID for FLUX") as demo:
+        gr.Markdown("# PuLID for FLUX\nPut the face from a photo into new FLUX.1-dev images.")
+        if args.preset == "tiny-random":
+            gr.Markdown(
+                "**tiny-random preset: random tiny models, the images are noise.** Use it to try the UI."
+            )
+        gr.Markdown(TIPS)
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", value="portrait, color, cinematic", max_length=2000)
+                id_image = gr.Image(label="ID image", type="numpy", image_mode="RGB")
+                extra_images = gr.File(
+                    label="More photos of the same person (optional)",
+                    file_count="multiple",
+                    file_types=["image"],
+                    type="filepath",
+                )
+                id_weight = gr.Slider(0.0, 3.0, 1.0, step=0.05, label="ID weight")
+                width = gr.Slider(256, 1536, 896, step=16, label="Width")
+                height = gr.Slider(256, 1536, 1152, step=16, label="Height")
+                num_steps = gr.Slider(1, 50, 20, step=1, label="Number of steps")
+                start_step = gr.Slider(0, 10, 0, step=1, label="Timestep to start inserting ID")
+                guidance = gr.Slider(1.0, 10.0, 4.0, step=0.1, label="Guidance")
+                seed = gr.Textbox("-1", label="Seed (-1 for random)")
+                max_sequence_length = gr.Slider(128, 512, 128, step=128, label="T5 max sequence length")
+                with gr.Accordion("Advanced: true CFG (1 = distilled guidance only)", open=False):
+                    neg_prompt = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT)
+                    true_cfg = gr.Slider(1.0, 10.0, 1.0, step=0.1, label="True CFG scale")
+                    cfg_start_step = gr.Slider(
+                        0, 20, 1, step=1, label="Timestep to start CFG", visible=args.dev
+                    )
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary")
+                    cancel_button = gr.Button("Cancel")
+            with gr.Column():
+                output_image = gr.Image(label="Generated image", type="filepath", format="png")
+                used_seed = gr.Textbox(label="Used seed")
+                output_file = gr.File(label="PNG with prompt, seed and settings")
+                debug_gallery = gr.Gallery(label="Detected, aligned and parsed face", visible=args.dev)
+        if EXAMPLE_PHOTO.is_file():
+            gr.Examples(
+                [["portrait, color, cinematic", str(EXAMPLE_PHOTO), 0, 4.0, "42", 1.0]],
+                inputs=[prompt, id_image, start_step, guidance, seed, true_cfg],
+            )
+        event = generate_button.click(
+            generate,
+            inputs=[
+                prompt,
+                id_image,
+                extra_images,
+                id_weight,
+                width,
+                height,
+                num_steps,
+                start_step,
+                guidance,
+                seed,
+                max_sequence_length,
+                neg_prompt,
+                true_cfg,
+                cfg_start_step,
+            ],
+            outputs=[output_image, used_seed, output_file, debug_gallery],
+            api_name="generate",
+            concurrency_limit=1,
+        )
+        cancel_button.click(cancel, None, None, cancels=[event], api_name="cancel", queue=False)
+    return demo.queue(default_concurrency_limit=1, max_size=32)
+
+
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    from pulid.service import GenerationService
+
+    demo = create_demo(args, GenerationService(build_pipeline(args)))
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The app's one entry point into the pipeline: raw UI values in, a saved image or a clear message out.
+
+It turns what a browser sends (strings, numpy arrays, uploaded file paths) into a
+:class:`~pulid.pipeline.GenerationRequest`, runs it with progress and cancellation, writes the PNG
+with its settings, and turns every expected failure (bad input, no face, cancelled, out of GPU
+memory) into a :class:`ServiceError` whose message a user can act on. The UI code only wires
+controls to :meth:`GenerationService.run`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flux.sampling import GenerationCancelled, StepInfo
+from pulid.errors import InvalidImageError, PuLIDError
+from pulid.outputs import output_name, save_png
+from pulid.pipeline import GenerationRequest, InvalidRequestError, PuLIDFluxPipeline
+
+logger = logging.getLogger(__name__)
+
+OOM_MESSAGE = (
+    "The GPU ran out of memory. Try a smaller width and height, a shorter T5 length, true CFG scale 1, "
+    "or start the app with --offload."
+)
+
+
+class ServiceError(Exception):
+    """An expected failure with a message for the user."""
+
+
+@dataclass
+class ServiceResult:
+    path: Path
+    seed: int
+    debug_images: list[np.ndarray]
+    metadata: dict
+
+
+def parse_seed(value: object) -> int:
+    text = str(value).strip()
+    if text in ("", "None"):
+        return -1
+    try:
+        return int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise ServiceError(
+            f"Seed must be a whole number, or -1 for a random seed (got {text[:40]!r})."
+        ) from None
+
+
+def load_upload(path: str | os.PathLike) -> np.ndarray:
+    """An uploaded image file as RGB uint8, rotated as its EXIF says (first frame of animations)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.seek(0)
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ServiceError(
+            f"Could not read the image {Path(path).name}: upload a JPEG, PNG or WebP photo."
+        ) from err
+
+
+class GenerationService:
+    """Holds one pipeline, serialises requests on it, and keeps per-session cancel flags."""
+
+    def __init__(self, pipeline: PuLIDFluxPipeline, output_dir: str | os.PathLike | None = None):
+        self.pipeline = pipeline
+        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="pulid-flux-outputs-"))
+        self._lock = threading.Lock()
+        self._cancel: dict[str, threading.Event] = {}
+
+    def cancel(self, session: str) -> None:
+        event = self._cancel.get(session)
+        if event is not None:
+            event.set()
+
+    def build_request(
+        self, prompt: str, id_image: np.ndarray | None, extra_images: Sequence[str] | None, **settings
+    ) -> GenerationRequest:
+        photos = [] if id_image is None else [np.asarray(id_image)]
+        photos += [load_upload(path) for path in (extra_images or [])]
+        try:
+            return GenerationRequest(
+                prompt=str(prompt or ""),
+                id_images=photos,
+                width=int(settings["width"]),
+                height=int(settings["height"]),
+                num_steps=int(settings["num_steps"]),
+                start_step=int(settings["start_step"]),
+                guidance=float(settings["guidance"]),
+                seed=parse_seed(settings["seed"]),
+                id_weight=float(settings["id_weight"]),
+                neg_prompt=str(settings.get("neg_prompt") or ""),
+                true_cfg=float(settings["true_cfg"]),
+                cfg_start_step=int(settings["cfg_start_step"]),
+                max_sequence_length=int(settings["max_sequence_length"]),
+            )
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ServiceError):
+                raise
+            raise ServiceError(f"A setting is not a number: {err}") from None
+
+    def run(
+        self,
+        request: GenerationRequest,
+        session: str = "default",
+        progress: Callable[[StepInfo], None] | None = None,
+    ) -> ServiceResult:
+        try:
+            request.validate()
+        except InvalidRequestError as err:
+            raise ServiceError(str(err)) from None
+        cancel = self._cancel.setdefault(session, threading.Event())
+        cancel.clear()
+
+        def on_step(info: StepInfo) -> None:
+            if cancel.is_set():
+                raise GenerationCancelled
+            if progress is not None:
+                progress(info)
+
+        with self._lock:
+            try:
+                result = self.pipeline.generate(request, callback=on_step)
+            except GenerationCancelled:
+                raise ServiceError("Generation cancelled.") from None
+            except (PuLIDError, InvalidImageError) as err:
+                raise ServiceError(getattr(err, "user_message", str(err))) from None
+            except InvalidRequestError as err:
+                raise ServiceError(str(err)) from None
+            except torch.OutOfMemoryError:
+                logger.exception("out of GPU memory")
+                self.release_memory()
+                raise ServiceError(OOM_MESSAGE) from None
+            finally:
+                self._cancel.pop(session, None)
+        path = save_png(result.image, result.metadata, self.output_dir / output_name(result.metadata))
+        return ServiceResult(
+            path=path, seed=result.seed, debug_images=result.debug_images, metadata=result.metadata
+        )
+
+    @staticmethod
+    def release_memory() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
