@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -184,7 +186,9 @@ def create_demo(args: argparse.Namespace, service):
                     generate_button = gr.Button("Generate", variant="primary")
                     cancel_button = gr.Button("Cancel")
             with gr.Column():
-                output_image = gr.Image(label="Generated image", type="filepath", format="png")
+                output_image = gr.Image(
+                    label="Generated image", type="filepath", format="png", elem_id="output-image"
+                )
                 used_seed = gr.Textbox(label="Used seed")
                 output_file = gr.File(label="PNG with prompt, seed and settings")
                 debug_gallery = gr.Gallery(label="Detected, aligned and parsed face", visible=args.dev)
@@ -223,8 +227,18 @@ def _session(request) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
+def configure_space() -> None:
+    """On a Hugging Face Space: keep downloads on the persistent disk when there is one."""
+    if IN_SPACE and Path("/data").is_dir() and "HF_HOME" not in os.environ:
+        os.environ["HF_HOME"] = "/data/.huggingface"
+        logger.info("Space with persistent storage: caching weights in %s", os.environ["HF_HOME"])
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_space()
+    if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
+        argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
     from pulid.service import GenerationService
 
