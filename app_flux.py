@@ -37,7 +37,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--version", default=DEFAULT_VERSION, choices=sorted(PULID_VERSIONS), help="PuLID weights"
     )
-    parser.add_argument("--device", default="cuda", help="torch device for the models")
+    parser.add_argument(
+        "--device", default=None, help="torch device for the models (default: cuda if present)"
+    )
     parser.add_argument(
         "--offload", action="store_true", help="keep each model on the GPU only while it is used"
     )
@@ -86,7 +88,14 @@ def build_pipeline(args: argparse.Namespace):
         return tiny_pipeline_with_face_models(Path(tempfile.gettempdir()) / "pulid-flux-tiny-random")
     if args.offload or args.fp8:
         raise SystemExit("--offload, --aggressive_offload and --fp8 are not available yet in this version.")
+    import torch
+
     from pulid.loading import load_pipeline
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            logger.warning("No CUDA GPU found: running the full models on the CPU will be very slow.")
 
     return load_pipeline(
         args.name,

@@ -55,18 +55,26 @@ def tiny_ae_params(**overrides) -> AutoEncoderParams:
     return AutoEncoderParams(**values)
 
 
-def write_tiny_t5(folder: Path, seed: int = 0) -> Path:
-    """A T5 encoder (2 layers, width 24) and a unigram tokenizer over a few words, saved to ``folder``."""
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+def tiny_t5_tokenizer():
+    """A unigram T5 tokenizer over a few words (ids stay below 16, valid for any T5 vocabulary)."""
+    from transformers import T5Tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
         (f"\u2581{w}", -float(i + 1)) for i, w in enumerate(WORDS)
     ]
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def write_tiny_t5(folder: Path, seed: int = 0) -> Path:
+    """A T5 encoder (2 layers, width 24) and :func:`tiny_t5_tokenizer`, saved to ``folder``."""
+    from transformers import T5Config, T5EncoderModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_t5_tokenizer()
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         d_model=TINY_T5_DIM,
         d_kv=8,
         d_ff=48,
@@ -79,11 +87,10 @@ def write_tiny_t5(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    """A CLIP text encoder (2 layers, width 16) and a BPE tokenizer whose merges spell the words."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_clip_tokenizer():
+    """A CLIP BPE tokenizer whose merges spell a few words (ids stay small)."""
+    from transformers import CLIPTokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
     letters = sorted(set("".join(WORDS)))
     tokens = [
         "<|startoftext|>",
@@ -100,10 +107,19 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
             merges.append((pieces[0], pieces[1]))
             vocab.setdefault(pieces[0] + pieces[1], len(vocab))
             pieces = [pieces[0] + pieces[1], *pieces[2:]]
-    CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges))).save_pretrained(folder)
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)))
+
+
+def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A CLIP text encoder (2 layers, width 16) and :func:`tiny_clip_tokenizer`, saved to ``folder``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         hidden_size=TINY_CLIP_DIM,
         intermediate_size=32,
         num_hidden_layers=2,

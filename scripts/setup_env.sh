@@ -4,7 +4,9 @@
 # Usage: bash scripts/setup_env.sh [--venv DIR] [--cpu] [--test] [--force]
 #   --venv DIR  virtual environment to create/update (default: .venv in the repository root)
 #   --cpu       CPU-only host: install torch==2.13.0+cpu and torchvision==0.28.0 (pinned by
-#               .ci/constraints-cpu.txt); patch torchvision for CPU torch when it does not import
+#               .ci/constraints-cpu.txt); patch torchvision for CPU torch when it does not import.
+#               Chosen automatically when the machine has no NVIDIA GPU (nvidia-smi fails).
+#   --gpu       install the default (CUDA) torch even when no GPU is visible
 #   --test      also install requirements-test.txt (pytest, ruff, onnx, scikit-image, playwright,
 #               optimum-quanto) and, as root with apt-get, Debian's chromium for browser tests
 #   --force     ignore the "already up to date" stamp and run pip again
@@ -16,18 +18,23 @@ set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$REPO_ROOT/.venv
-CPU=0 TEST=0 FORCE=0
+CPU=auto TEST=0 FORCE=0
 while [ $# -gt 0 ]; do
   case $1 in
     --venv) [ $# -ge 2 ] || { echo "--venv needs a directory" >&2; exit 2; }; VENV=$2; shift 2 ;;
     --venv=*) VENV=${1#--venv=}; shift ;;
     --cpu) CPU=1; shift ;;
+    --gpu) CPU=0; shift ;;
     --test) TEST=1; shift ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+if [ "$CPU" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then CPU=0; else
+    CPU=1; echo "[setup_env] no NVIDIA GPU found: installing the CPU build of torch (--gpu overrides)"; fi
+fi
 mkdir -p "$(dirname "$VENV")"
 VENV=$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")
 
@@ -139,6 +146,7 @@ if "$PY" -c 'import torchvision; from torchvision.ops import nms' 2>/dev/null; t
   log "torchvision imports; no shim needed"
 elif "$PY" -c 'import torch, sys; sys.exit(torch.version.cuda is not None)'; then
   SHIM=${TV_SHIM:-$REPO_ROOT/../shared/env/torchvision-cpu-shim.sh}
+  [ -f "$SHIM" ] || SHIM=$REPO_ROOT/scripts/torchvision-cpu-shim.sh  # a copy, for checkouts without shared/
   if [ ! -f "$SHIM" ]; then
     log "ERROR: torchvision does not import on CPU torch and the shim is missing: $SHIM (set TV_SHIM)"
     exit 1

@@ -15,6 +15,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 def test_quick_start_commands():
     assert "bash scripts/setup_env.sh && .venv/bin/python app_flux.py" in README
+    assert "bash scripts/setup_env.sh && .venv/bin/python app_flux.py --preset tiny-random" in README
     assert "bash scripts/setup_env.sh --cpu --test && .venv/bin/python -m pytest -q" in README
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "-m pytest -q" in ci and "setup_env.sh" in ci

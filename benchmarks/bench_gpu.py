@@ -1,0 +1,262 @@
+"""Time the whole PuLID-FLUX stack on a GPU, per stage and per memory mode, with random weights.
+
+Builds full-size T5-XXL, CLIP-L, the FLUX.1-dev DiT with the 20 PuLID cross-attention blocks, the
+AE, EVA02-CLIP-L and the IDFormer with random weights (no download), and the face models as the
+stand-ins of ``pulid.tiny_face_models`` (the real insightface/facexlib code on CPU onnxruntime).
+Each mode runs in its own subprocess so that its peak GPU and CPU memory are its own. Output:
+``bench.json`` and ``bench.md`` in ``--out``, and the table on stdout.
+
+    python benchmarks/bench_gpu.py --modes resident,compiled --out /tmp/bench
+
+Per mode it records: text encoding, ID embedding, the median DiT step (ID on, distilled guidance),
+decoding, the whole image (``--steps`` steps, 28 by default), peak GPU memory (allocated and
+reserved) and peak CPU RSS. A one-step latent comparison against the resident bf16 mode gives each
+mode's relative error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GiB = 2**30
+ALL_MODES = ("resident", "compiled")
+
+
+def init_random_(module, seed: int) -> None:
+    """Scaled random weights (std 1/sqrt(fan_in)), unit norms, zero biases: finite activations."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim == 2 else 0.02, generator=gen)
+            elif "norm" in name or name.endswith("scale") or name.endswith(".weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def build_stack(device: str, dtype, folder: Path):
+    """The full-size pipeline with random weights, resident on ``device``."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from eva_clip.model import EvaVisionTower
+    from flux.autoencoder import AutoEncoder
+    from flux.loading import build_flow_model
+    from flux.registry import MODELS
+    from flux.text_encoders import CLIP_MAX_LENGTH, HFEmbedder
+    from flux.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from pulid.encoders import PuLIDWeights
+    from pulid.id_encoder import IDEncoder
+    from pulid.pipeline import PuLIDFluxPipeline
+    from pulid.tiny import tiny_face_analyzer
+
+    spec = MODELS["flux-dev"]
+    torch.manual_seed(1234)  # every mode's subprocess builds the very same random models
+    with torch.device(device):
+        t5_config = T5Config(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=32,
+        )
+        t5_model = T5EncoderModel._from_config(t5_config, dtype=dtype)
+        clip_config = CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+        )
+        clip_model = CLIPTextModel._from_config(clip_config, dtype=dtype)
+        ae = AutoEncoder(spec.ae_params)
+        pulid = PuLIDWeights().to(dtype)
+        eva = EvaVisionTower(device=device).to(dtype)
+    flow = build_flow_model(spec.params, "meta", dtype).to_empty(device=device)
+    init_random_(flow, 0)
+    init_random_(pulid, 1)
+    t5 = HFEmbedder(t5_model, tiny_t5_tokenizer(), 512, "last_hidden_state")
+    clip = HFEmbedder(clip_model, tiny_clip_tokenizer(), CLIP_MAX_LENGTH, "pooler_output")
+    face = tiny_face_analyzer(folder / "models")
+    id_encoder = IDEncoder(face, eva.eval(), pulid.pulid_encoder.eval(), device, dtype)
+    return PuLIDFluxPipeline(
+        flow=flow.eval(),
+        ae=ae.eval(),
+        t5=t5,
+        clip=clip,
+        pulid_ca=pulid.pulid_ca.eval(),
+        id_encoder=id_encoder,
+        device=device,
+        dtype=dtype,
+        info={"model": "flux-dev (random weights)"},
+    )
+
+
+def apply_mode(pipeline, mode: str) -> None:
+    if mode == "compiled":
+        from flux.compile import compile_blocks
+
+        compile_blocks(pipeline.flow)
+        compile_blocks(pipeline.pulid_ca)
+
+
+def run_mode(mode: str, args) -> dict:
+    import numpy as np
+    import torch
+    from skimage import data as skimage_data
+
+    from pulid.pipeline import GenerationRequest
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device, dtype = "cuda", torch.bfloat16
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    t0 = time.perf_counter()
+    pipeline = build_stack(device, dtype, folder)
+    build_s = time.perf_counter() - t0
+    apply_mode(pipeline, mode)
+    photo = skimage_data.astronaut()
+    request = GenerationRequest(
+        prompt="portrait, color, cinematic",
+        id_images=[photo],
+        width=args.width,
+        height=args.height,
+        num_steps=args.steps,
+        seed=42,
+        max_sequence_length=128,
+    )
+
+    events: list = []
+
+    def on_step(info) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        events.append(event)
+
+    # Warm-up: compiles, autotunes, fills the ID cache; then time a fresh image (ID cache cleared).
+    warm = GenerationRequest(**{**request.__dict__, "num_steps": 3})
+    pipeline.generate(warm)
+    pipeline.id_encoder._cache.clear()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    events.clear()
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+    wall0 = time.perf_counter()
+    result = pipeline.generate(request, callback=on_step)
+    torch.cuda.synchronize()
+    whole_s = time.perf_counter() - wall0
+    steps_ms = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)]
+
+    # One-step latents from the same noise, for the error against resident bf16.
+    one = pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 1}))
+    latents_path = folder / "one_step.pt"
+    torch.save(one.latents.float().cpu(), latents_path)
+    return {
+        "mode": mode,
+        "build_s": build_s,
+        "text_encoding_s": result.timings["text_encoding_s"],
+        "id_embedding_s": result.timings["id_embedding_s"],
+        "dit_step_ms_median": statistics.median(steps_ms),
+        "dit_step_ms_min": min(steps_ms),
+        "decode_s": result.timings["decode_s"],
+        "whole_image_s": whole_s,
+        "steps": args.steps,
+        "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+        "peak_cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "image_mean": float(np.asarray(result.image).mean()),
+        "one_step_latents": str(latents_path),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| mode | DiT step (ms, median) | whole image (s) | text (s) | ID (s) | decode (s) "
+        "| peak GPU alloc / reserved (GiB) | peak CPU RSS (GiB) | 1-step rel. err. vs resident |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        err = r.get("rel_err_vs_resident")
+        lines.append(
+            f"| {r['mode']} | {r['dit_step_ms_median']:.1f} | {r['whole_image_s']:.2f} | "
+            f"{r['text_encoding_s']:.3f} | {r['id_embedding_s']:.3f} | {r['decode_s']:.3f} | "
+            f"{r['peak_gpu_allocated_gib']:.1f} / "
+            f"{r['peak_gpu_reserved_gib']:.1f} | {r['peak_cpu_rss_gib']:.1f} | "
+            f"{'-' if err is None else f'{err:.4f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default=",".join(ALL_MODES))
+    parser.add_argument("--width", type=int, default=896)
+    parser.add_argument("--height", type=int, default=1152)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--child", default=None)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_mode(args.child, args)), flush=True)
+        return
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--width",
+            str(args.width),
+            "--height",
+            str(args.height),
+            "--steps",
+            str(args.steps),
+            "--out",
+            str(args.out),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        (args.out / f"{mode}.log").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
+        results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not results:
+            print(f"mode {mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        rows.append(json.loads(results[0]))
+        print(f"{mode}: {rows[-1]['dit_step_ms_median']:.1f} ms/step", flush=True)
+    reference = next((r for r in rows if r["mode"] == "resident"), None)
+    if reference is not None:
+        ref = torch.load(reference["one_step_latents"])
+        for r in rows:
+            lat = torch.load(r["one_step_latents"])
+            r["rel_err_vs_resident"] = ((lat - ref).norm() / ref.norm()).item()
+    (args.out / "bench.json").write_text(json.dumps(rows, indent=2))
+    md = table(rows)
+    (args.out / "bench.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
