@@ -111,7 +111,18 @@ def create_demo(args: argparse.Namespace, service):
     """The UI: controls wired to :meth:`pulid.service.GenerationService.run`, nothing else."""
     import gradio as gr
 
-    from pulid.service import ServiceError
+    from pulid.service import UNREADABLE_IMAGE, ServiceError
+
+    class IDImage(gr.Image):
+        """An image input that answers an unreadable upload with a message, not a server error."""
+
+        is_template = True  # rendered by the front end's own Image component
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except (OSError, ValueError, SyntaxError) as err:
+                raise gr.Error(UNREADABLE_IMAGE.format(name="the ID image")) from err
 
     def generate(
         prompt,
@@ -170,7 +181,7 @@ def create_demo(args: argparse.Namespace, service):
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", value="portrait, color, cinematic", max_length=2000)
-                id_image = gr.Image(label="ID image", type="numpy", image_mode="RGB")
+                id_image = IDImage(label="ID image", type="numpy", image_mode="RGB")
                 extra_images = gr.File(
                     label="More photos of the same person (optional)",
                     file_count="multiple",

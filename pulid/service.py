@@ -34,6 +34,9 @@ OOM_MESSAGE = (
 )
 
 
+UNREADABLE_IMAGE = "Could not read {name}: upload a JPEG, PNG or WebP photo."
+
+
 class ServiceError(Exception):
     """An expected failure with a message for the user."""
 

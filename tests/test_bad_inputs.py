@@ -1,0 +1,93 @@
+"""Every awkward input, through the Python API and the HTTP API: a clear answer, and the server goes on."""
+
+import pytest
+
+from pulid.service import GenerationService, ServiceError, load_upload
+from pulid.tiny import tiny_face_analyzer, tiny_pipeline
+from tests.bad_inputs import EXPECTED, write_bad_inputs
+from tests.test_app import call, client, server  # noqa: F401 (the running app fixtures)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return write_bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, models_dir):
+    pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
+    return GenerationService(pipeline, tmp_path_factory.mktemp("out"))
+
+
+def outcome(run) -> str:
+    try:
+        run()
+        return "ok"
+    except ServiceError as err:
+        return str(err)
+    except Exception as err:  # gradio_client's AppError carries the server's message
+        return str(err)
+
+
+def matches(result: str, expected: tuple[str, ...]) -> bool:
+    return any(result == "ok" if e == "ok" else e in result for e in expected)
+
+
+SETTINGS = dict(
+    width=256,
+    height=256,
+    num_steps=1,
+    start_step=0,
+    guidance=4.0,
+    seed="1",
+    id_weight=1.0,
+    neg_prompt="",
+    true_cfg=1.0,
+    cfg_start_step=1,
+    max_sequence_length=128,
+)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_python_api(service, bad_files, name):
+    def run():
+        request = service.build_request("portrait", None, [str(bad_files[name])], **SETTINGS)
+        service.run(request)
+
+    result = outcome(run)
+    assert matches(result, EXPECTED[name]), result
+    assert service.run(service.build_request("portrait", None, None, **SETTINGS)).seed == 1
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("field", ["id_image", "extra_images"])
+def test_http_api(client, bad_files, name, field):  # noqa: F811
+    path = bad_files[name]
+    kw = {"id_image": path} if field == "id_image" else {"extra_images": [path]}
+    result = outcome(lambda: call(client, **kw))
+    expected = EXPECTED[name]
+    if field == "id_image":  # the app decodes the ID image through gradio, then calls it "the ID image"
+        expected = tuple(
+            e.replace("Could not read the image", "Could not read the ID image") for e in expected
+        )
+    assert matches(result, expected), result
+    assert int(call(client, seed="5")[1]) == 5  # the server answers the next request
+
+
+def test_exif_rotation_is_applied(bad_files):
+    import numpy as np
+
+    from tests.bad_inputs import astronaut
+
+    upright = load_upload(bad_files["exif_rotated.jpg"]).astype(float)
+    original = np.asarray(astronaut()).astype(float)
+    sideways = np.rot90(original)  # what the file stores
+    assert upright.shape == original.shape
+    assert np.abs(upright - original).mean() < 8  # JPEG noise only
+    assert np.abs(upright - sideways).mean() > 30
+
+
+def test_prompts_empty_and_very_long(service):
+    for prompt in ["", "a portrait, " * 900]:
+        request = service.build_request(prompt, None, None, **SETTINGS)
+        assert service.run(request).seed == 1
