@@ -46,7 +46,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--aggressive_offload", action="store_true", help="stream DiT blocks to fit small GPUs"
     )
-    parser.add_argument("--fp8", action="store_true", help="use the fp8 (quanto) FLUX.1-dev transformer")
+    parser.add_argument("--fp8", action="store_true", help="run the transformer in fp8 (see --fp8_mode)")
+    parser.add_argument(
+        "--fp8_mode",
+        default="auto",
+        choices=["auto", "native", "quanto"],
+        help="native: quantise flux1-dev to fp8 at load and use the GPU's fp8 units (Ada/Hopper); "
+        "quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the repeated blocks (slower start, faster steps; see BENCHMARKS.md)",
+    )
     parser.add_argument("--onnx_provider", default="gpu", choices=["gpu", "cpu"], help="onnxruntime provider")
     parser.add_argument("--pretrained_model", default=None, help="path to a PuLID weight file")
     parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
@@ -86,8 +98,8 @@ def build_pipeline(args: argparse.Namespace):
         from pulid.tiny import tiny_pipeline_with_face_models
 
         return tiny_pipeline_with_face_models(Path(tempfile.gettempdir()) / "pulid-flux-tiny-random")
-    if args.offload or args.fp8:
-        raise SystemExit("--offload, --aggressive_offload and --fp8 are not available yet in this version.")
+    if args.offload:
+        raise SystemExit("--offload and --aggressive_offload are not available yet in this version.")
     import torch
 
     from pulid.loading import load_pipeline
@@ -101,6 +113,8 @@ def build_pipeline(args: argparse.Namespace):
         args.name,
         args.version,
         args.device,
+        fp8=args.fp8_mode if args.fp8 else None,
+        compile_blocks=args.compile,
         onnx_provider=args.onnx_provider,
         pretrained_model=args.pretrained_model,
         models_dir=args.models_dir,

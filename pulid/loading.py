@@ -52,15 +52,27 @@ def load_pipeline(
     onnx_provider: str = "gpu",
     pretrained_model: str | os.PathLike | None = None,
     models_dir: str | os.PathLike | None = None,
+    fp8: str | None = None,
+    compile_blocks: bool = False,
 ) -> PuLIDFluxPipeline:
-    """The whole stack on ``device``, resident (memory modes wrap it; see the performance issue)."""
+    """The whole stack on ``device``, resident (memory modes wrap it; see the performance issue).
+
+    ``fp8``: None (bf16), ``"native"`` (the bf16 checkpoint quantised to fp8 at load, computed with
+    the GPU's fp8 matrix units; needs Ada/Hopper), ``"quanto"`` (XLabs' fp8 checkpoint through
+    optimum-quanto) or ``"auto"`` (native where supported, else quanto). ``compile_blocks``
+    compiles the repeated DiT and PuLID blocks with torch.compile.
+    """
     from pulid.face_analysis import FaceAnalyzer
 
     spec = get_model_spec(model_name)
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
+    fp8 = resolve_fp8_mode(fp8, device)
+    flow_file = spec.fp8_flow if fp8 == "quanto" else spec.flow
+    if flow_file is None:
+        raise ValueError(f"There is no fp8 checkpoint for {model_name}: use --fp8 native or bf16.")
     paths = resolve_all(
         {
-            "flow": (spec.flow, None),
+            "flow": (flow_file, None),
             "ae": (spec.ae, None),
             "pulid": (pulid_weight_file(version), pretrained_model),
             "eva": (EVA_CLIP_WEIGHTS, None),
@@ -70,7 +82,16 @@ def load_pipeline(
     face_analysis = FaceAnalyzer(models_dir=models_dir, onnx_provider=onnx_provider, device=device)
     t5 = load_t5(device, dtype, max_length=512, models_dir=models_dir)
     clip = load_clip(device, dtype, models_dir=models_dir)
-    flow = load_flow_model_from_file(paths["flow"], spec.params, device, dtype)
+    if fp8 == "quanto":
+        from flux.quant import load_quanto_fp8_flow
+
+        flow = load_quanto_fp8_flow(spec, device, path=paths["flow"], models_dir=models_dir)
+    elif fp8 == "native":
+        from flux.quant import load_flow_model_fp8
+
+        flow = load_flow_model_fp8(paths["flow"], spec.params, device, dtype)
+    else:
+        flow = load_flow_model_from_file(paths["flow"], spec.params, device, dtype)
     ae = load_autoencoder_from_file(paths["ae"], spec.ae_params, device)
     pulid = load_pulid_weights(
         paths["pulid"],
@@ -80,6 +101,11 @@ def load_pipeline(
     )
     eva = load_eva_clip(paths["eva"], device, dtype, models_dir=models_dir)
     id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, device, dtype)
+    if compile_blocks:
+        from flux.compile import compile_blocks as compile_repeated_blocks
+
+        compile_repeated_blocks(flow)
+        compile_repeated_blocks(pulid.pulid_ca)
     return PuLIDFluxPipeline(
         flow=flow,
         ae=ae,
@@ -89,5 +115,21 @@ def load_pipeline(
         id_encoder=id_encoder,
         device=device,
         dtype=dtype,
-        info={"model": model_name, "pulid_version": version},
+        info={"model": model_name, "pulid_version": version, "fp8": fp8 or "off"},
     )
+
+
+FP8_MODES = ("auto", "native", "quanto")
+
+
+def resolve_fp8_mode(fp8: str | None, device: torch.device | str) -> str | None:
+    """``auto`` becomes ``native`` on GPUs with fp8 matrix units (Ada, Hopper), else ``quanto``."""
+    if fp8 is None:
+        return None
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 mode must be one of {', '.join(FP8_MODES)}, not {fp8!r}")
+    if fp8 == "auto":
+        from flux.quant import fp8_matmul_supported
+
+        return "native" if fp8_matmul_supported(torch.device(device)) else "quanto"
+    return fp8

@@ -9,9 +9,12 @@ controls to :meth:`GenerationService.run`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -73,6 +76,13 @@ def load_upload(path: str | os.PathLike) -> np.ndarray:
         raise ServiceError(
             f"Could not read the image {Path(path).name}: upload a JPEG, PNG or WebP photo."
         ) from err
+
+
+def trim_host_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, after a large photo)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):  # not glibc (e.g. musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class GenerationService:
@@ -149,6 +159,7 @@ class GenerationService:
                 raise ServiceError(OOM_MESSAGE) from None
             finally:
                 self._cancel.pop(session, None)
+                trim_host_memory()
         path = save_png(result.image, result.metadata, self.output_dir / output_name(result.metadata))
         return ServiceResult(
             path=path, seed=result.seed, debug_images=result.debug_images, metadata=result.metadata
