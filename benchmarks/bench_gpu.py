@@ -30,7 +30,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GiB = 2**30
-ALL_MODES = ("resident", "compiled", "fp8-eager", "fp8")
+ALL_MODES = (
+    "resident",
+    "compiled",
+    "fp8-eager",
+    "fp8",
+    "compiled-cudnn",
+    "fp8-cudnn",
+    "offload",
+    "budget24",
+    "budget16",
+    "aggressive",
+    "fp8-budget12",
+)
+# memory-placement modes: (fp8, compile, vram budget GiB, offload, aggressive)
+PLACED = {
+    "offload": (False, False, None, True, False),
+    "budget24": (False, False, 24.0, False, False),
+    "budget16": (False, False, 16.0, False, False),
+    "aggressive": (False, False, None, False, True),
+    "fp8-budget12": (True, True, 12.0, False, False),
+    "compiled-budget24": (False, True, 24.0, False, False),
+}
 
 
 def init_random_(module, seed: int) -> None:
@@ -114,6 +135,33 @@ def apply_mode(pipeline, mode: str) -> None:
     """Turn the resident bf16 stack into ``mode`` (the way pulid.loading does for real weights)."""
     from flux.compile import compile_blocks
 
+    if mode in PLACED:
+        from pulid.loading import place_pipeline
+
+        fp8, compiled, budget, offload, aggressive = PLACED[mode]
+        if fp8:
+            from flux.quant import quantize_linears_to_fp8
+
+            quantize_linears_to_fp8(pipeline.flow)
+        for module in (
+            pipeline.flow,
+            pipeline.t5,
+            pipeline.clip,
+            pipeline.ae,
+            pipeline.pulid_ca,
+            pipeline.id_encoder.eva,
+            pipeline.id_encoder.id_former,
+        ):
+            module.to("cpu")
+        import torch
+
+        torch.cuda.empty_cache()
+        place_pipeline(pipeline, "cuda", budget, offload, aggressive)
+        print(str(pipeline.placement.plan), flush=True)
+        if compiled:
+            compile_blocks(pipeline.flow)
+            compile_blocks(pipeline.pulid_ca)
+        return
     if mode.startswith("fp8"):
         from flux.quant import quantize_linears_to_fp8
 
@@ -154,12 +202,19 @@ def run_mode(mode: str, args) -> dict:
     from pulid.pipeline import GenerationRequest
 
     torch.backends.cuda.matmul.allow_tf32 = True
+    if mode.endswith("-cudnn"):  # attention through cuDNN's fused kernel instead of flash/efficient
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        mode_base = mode.removesuffix("-cudnn")
+    else:
+        mode_base = mode
     device, dtype = "cuda", torch.bfloat16
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     t0 = time.perf_counter()
     pipeline = build_stack(device, dtype, folder)
     build_s = time.perf_counter() - t0
-    apply_mode(pipeline, mode)
+    apply_mode(pipeline, mode_base)
     photo = skimage_data.astronaut()
     request = GenerationRequest(
         prompt="portrait, color, cinematic",
@@ -265,7 +320,12 @@ def main() -> None:
             "--out",
             str(args.out),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # As the app does: expandable segments keep the allocator's reserve close to what is allocated.
+        env = {
+            **os.environ,
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+        }
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         (args.out / f"{mode}.log").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
         results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not results:

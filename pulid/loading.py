@@ -54,6 +54,9 @@ def load_pipeline(
     models_dir: str | os.PathLike | None = None,
     fp8: str | None = None,
     compile_blocks: bool = False,
+    vram_budget_gb: float | None = None,
+    offload: bool = False,
+    aggressive_offload: bool = False,
 ) -> PuLIDFluxPipeline:
     """The whole stack on ``device``, resident (memory modes wrap it; see the performance issue).
 
@@ -61,6 +64,11 @@ def load_pipeline(
     the GPU's fp8 matrix units; needs Ada/Hopper), ``"quanto"`` (XLabs' fp8 checkpoint through
     optimum-quanto) or ``"auto"`` (native where supported, else quanto). ``compile_blocks``
     compiles the repeated DiT and PuLID blocks with torch.compile.
+
+    Memory: with ``vram_budget_gb``, ``offload`` or ``aggressive_offload`` the weights load into
+    host memory and a :class:`~flux.offload.placement.PipelinePlacement` wraps the models, moving
+    them (or streaming the DiT's and T5's blocks) to ``device`` stage by stage, within the plan
+    that :func:`~flux.offload.plan.plan_from_flags` makes; the plan is logged as a table.
     """
     from pulid.face_analysis import FaceAnalyzer
 
@@ -79,34 +87,36 @@ def load_pipeline(
         },
         models_dir,
     )
+    placed = vram_budget_gb is not None or offload or aggressive_offload
+    weights_device = "cpu" if placed else device
     face_analysis = FaceAnalyzer(models_dir=models_dir, onnx_provider=onnx_provider, device=device)
-    t5 = load_t5(device, dtype, max_length=512, models_dir=models_dir)
-    clip = load_clip(device, dtype, models_dir=models_dir)
+    t5 = load_t5(weights_device, dtype, max_length=512, models_dir=models_dir)
+    clip = load_clip(weights_device, dtype, models_dir=models_dir)
     if fp8 == "quanto":
         from flux.quant import load_quanto_fp8_flow
 
-        flow = load_quanto_fp8_flow(spec, device, path=paths["flow"], models_dir=models_dir)
+        flow = load_quanto_fp8_flow(spec, weights_device, path=paths["flow"], models_dir=models_dir)
     elif fp8 == "native":
         from flux.quant import load_flow_model_fp8
 
-        flow = load_flow_model_fp8(paths["flow"], spec.params, device, dtype)
+        flow = load_flow_model_fp8(paths["flow"], spec.params, weights_device, dtype)
     else:
-        flow = load_flow_model_from_file(paths["flow"], spec.params, device, dtype)
-    ae = load_autoencoder_from_file(paths["ae"], spec.ae_params, device)
+        flow = load_flow_model_from_file(paths["flow"], spec.params, weights_device, dtype)
+    ae = load_autoencoder_from_file(paths["ae"], spec.ae_params, weights_device)
     pulid = load_pulid_weights(
         paths["pulid"],
-        device=device,
+        device=weights_device,
         dtype=dtype,
         num_ca=num_pulid_ca(spec.params.depth, spec.params.depth_single_blocks),
     )
-    eva = load_eva_clip(paths["eva"], device, dtype, models_dir=models_dir)
+    eva = load_eva_clip(paths["eva"], weights_device, dtype, models_dir=models_dir)
     id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, device, dtype)
     if compile_blocks:
         from flux.compile import compile_blocks as compile_repeated_blocks
 
         compile_repeated_blocks(flow)
         compile_repeated_blocks(pulid.pulid_ca)
-    return PuLIDFluxPipeline(
+    pipeline = PuLIDFluxPipeline(
         flow=flow,
         ae=ae,
         t5=t5,
@@ -117,6 +127,30 @@ def load_pipeline(
         dtype=dtype,
         info={"model": model_name, "pulid_version": version, "fp8": fp8 or "off"},
     )
+    if placed:
+        place_pipeline(pipeline, device, vram_budget_gb, offload, aggressive_offload)
+    return pipeline
+
+
+def place_pipeline(
+    pipeline: PuLIDFluxPipeline,
+    device: torch.device | str,
+    vram_budget_gb: float | None,
+    offload: bool,
+    aggressive_offload: bool,
+) -> None:
+    """Wrap the pipeline's host-resident models in the memory placement the flags ask for."""
+    from flux.offload import PipelinePlacement, plan_from_flags
+    from flux.offload.placement import component_sizes
+
+    plan = plan_from_flags(
+        component_sizes(pipeline),
+        vram_budget_gb=vram_budget_gb,
+        offload=offload,
+        aggressive_offload=aggressive_offload,
+    )
+    logger.info("Memory plan:\n%s", plan)
+    pipeline.placement = PipelinePlacement(pipeline, plan, device).attach()
 
 
 FP8_MODES = ("auto", "native", "quanto")

@@ -139,6 +139,9 @@ class PuLIDFluxPipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.info = dict(info or {})
+        # A memory placement (flux.offload) wrapping these models, when one is used; kept here so
+        # it lives as long as the pipeline. The pipeline itself never moves weights.
+        self.placement = None
 
     def encode_prompt(self, prompt: str, max_length: int) -> TextConditioning:
         txt = self.t5([prompt], max_length=max_length).to(self.device)
