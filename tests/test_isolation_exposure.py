@@ -1,0 +1,104 @@
+"""Concurrent users never mix, the server exposes nothing it should not, and a short soak stays clean."""
+
+import pickle
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_app import PHOTO, call, server  # noqa: F401 (the running app fixture)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """Two different people for the stand-in models: the astronaut, and her colours swapped."""
+    folder = tmp_path_factory.mktemp("faces")
+    a, b = folder / "a.png", folder / "b.png"
+    image = Image.open(PHOTO).convert("RGB")
+    image.save(a)
+    Image.fromarray(np.asarray(image)[:, :, ::-1].copy()).save(b)
+    return a, b
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_concurrent_requests_with_different_faces_never_mix(server, faces):  # noqa: F811
+    from gradio_client import Client
+
+    a, b = faces
+    reference = {
+        face: pixels(call(Client(server, verbose=False), id_image=face, seed="9")[0]) for face in faces
+    }
+    assert not np.array_equal(reference[a], reference[b])  # the two identities really differ
+
+    results, errors = [], []
+
+    def user(face):
+        try:
+            client = Client(server, verbose=False)
+            for _ in range(3):
+                results.append((face, pixels(call(client, id_image=face, seed="9")[0])))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=user, args=(face,)) for face in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    assert all(np.array_equal(image, reference[face]) for face, image in results)
+
+
+def test_files_outside_the_app_cannot_be_read(server):  # noqa: F811
+    for path in ["/etc/passwd", "../../../../etc/passwd", str(PHOTO)]:
+        response = httpx.get(f"{server}gradio_api/file={path}")
+        assert response.status_code in (403, 404), (path, response.status_code)
+        assert b"root:" not in response.content
+
+
+def test_uploads_are_limited_in_size(server):  # noqa: F811
+    big = b"\0" * (21 * 2**20)  # over the app's 20 MB limit
+    response = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.png", big, "image/png")})
+    assert response.status_code >= 400
+
+
+class Exploit:
+    """A pickle that would create a file if it were ever unpickled."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_checkpoints_are_never_unpickled_with_arbitrary_code(tmp_path):
+    from eva_clip.model import load_eva_clip
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "EVA02_CLIP_L_336_psz14_s6B.pt"
+    torch.save(
+        {"visual.cls_token": torch.zeros(1), "payload": Exploit(marker)},
+        path,
+        pickle_protocol=pickle.HIGHEST_PROTOCOL,
+    )
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; what matters is the marker
+        load_eva_clip(path, "cpu", torch.float32)
+    assert not marker.exists()
+
+
+def test_short_soak_has_no_crash_no_unexpected_error_and_no_memory_growth():
+    from scripts.soak import main as soak
+
+    report = soak(["--requests", "40", "--clients", "2", "--seed", "3"])
+    assert report["crashes"] == 0 and report["unexpected_messages"] == []
+    assert report["outcomes"].get("image", 0) >= 20
+    samples = [rss for _, rss in report["server_rss_mib_by_request"]]
+    settled = samples[len(samples) // 2]  # after the first half: every input size has been seen once
+    assert samples[-1] - settled < 150, samples
