@@ -44,7 +44,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--offload", action="store_true", help="keep each model on the GPU only while it is used"
     )
     parser.add_argument(
-        "--aggressive_offload", action="store_true", help="stream DiT blocks to fit small GPUs"
+        "--aggressive_offload",
+        action="store_true",
+        help="the smallest GPU footprint: stream the DiT's and T5's blocks (about 10 GB)",
+    )
+    parser.add_argument(
+        "--vram_budget",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="fit the whole app in this many GiB: as much resident as fits, the rest streamed",
     )
     parser.add_argument("--fp8", action="store_true", help="run the transformer in fp8 (see --fp8_mode)")
     parser.add_argument(
@@ -278,9 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
+    from flux.checkpoint import CheckpointError
+    from flux.hub import WeightsNotFoundError
     from pulid.service import GenerationService
 
-    demo = create_demo(args, GenerationService(build_pipeline(args)))
+    try:
+        pipeline = build_pipeline(args)
+    except (WeightsNotFoundError, CheckpointError) as err:  # the message says what to do; no traceback
+        raise SystemExit(f"\n{err}\n") from None
+    demo = create_demo(args, GenerationService(pipeline))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
 
 

@@ -103,7 +103,7 @@ def test_same_seed_same_image_and_extra_photos(client):
     [
         (dict(seed="abc"), "Seed must be a whole number"),
         (dict(width=1000), "width must be a multiple of 16"),
-    (dict(width=250), "less than minimum value 256"),
+        (dict(width=250), "less than minimum value 256"),
     ],
 )
 def test_bad_settings_get_a_clear_message_and_the_server_goes_on(client, kw, message):
@@ -188,3 +188,54 @@ def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):
         ("portrait", 2),
     ]
     assert "2/2" in proc.stderr  # the per-step progress bar
+
+
+def test_missing_weights_stop_the_app_with_the_message_and_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "app_flux.py", "--models_dir", str(tmp_path), "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "flux1-dev.safetensors" in proc.stderr and "HF_TOKEN" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_flags_reach_the_loader(monkeypatch):
+    import pulid.loading
+
+    seen = {}
+    monkeypatch.setattr(
+        pulid.loading, "load_pipeline", lambda *args, **kwargs: seen.update(args=args, **kwargs)
+    )
+    app_flux.build_pipeline(
+        app_flux.parse_args(
+            [
+                "--name",
+                "flux-krea-dev",
+                "--version",
+                "v0.9.0",
+                "--device",
+                "cuda:1",
+                "--fp8",
+                "--fp8_mode",
+                "native",
+                "--compile",
+                "--vram_budget",
+                "12",
+                "--onnx_provider",
+                "cpu",
+                "--pretrained_model",
+                "p.safetensors",
+            ]
+        )
+    )
+    assert seen["args"] == ("flux-krea-dev", "v0.9.0", "cuda:1")
+    assert seen["fp8"] == "native" and seen["compile_blocks"] is True and seen["vram_budget_gb"] == 12.0
+    assert seen["onnx_provider"] == "cpu" and seen["pretrained_model"] == "p.safetensors"
+    app_flux.build_pipeline(app_flux.parse_args(["--aggressive_offload", "--device", "cuda"]))
+    assert seen["aggressive_offload"] is True and seen["offload"] is True and seen["fp8"] is None
