@@ -162,6 +162,12 @@ def apply_mode(pipeline, mode: str) -> None:
             compile_blocks(pipeline.flow)
             compile_blocks(pipeline.pulid_ca)
         return
+    if mode == "quanto":  # the XLabs checkpoint's layout: every Linear qfloat8 through optimum-quanto
+        from flux.quant import xlabs_quantization_map
+        from flux.quant.quanto_compat import quantize_as_mapped
+
+        quantize_as_mapped(pipeline.flow, xlabs_quantization_map(pipeline.flow), "benchmark")
+        return
     if mode.startswith("fp8"):
         from flux.quant import quantize_linears_to_fp8
 
