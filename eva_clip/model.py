@@ -215,7 +215,10 @@ def load_eva_clip(
 
     ``path=None`` resolves :data:`EVA_CLIP_WEIGHTS` (models folder, then the HF cache/download).
     The file is memory-mapped and read with ``weights_only=True``; only the visual tower is kept.
-    The rope tables are recomputed in float32 on ``device``. Returns the tower in eval mode.
+    The rope tables are recomputed on ``device`` and then cast to ``dtype``, as the official
+    ``model.to(torch.bfloat16)`` casts its rope buffers: in bf16 that changes the pooled embedding
+    by about 2%, so keeping them in float32 would not reproduce the official ID tokens. Returns the
+    tower in eval mode.
     """
     resolved = Path(path) if path is not None else resolve_weight(
         EVA_CLIP_WEIGHTS, models_dir=models_dir, allow_download=allow_download
@@ -223,6 +226,8 @@ def load_eva_clip(
     state_dict = _read_torch_checkpoint(resolved)
     tower = EvaVisionTower(device="meta", **tower_kwargs)
     tower.load_original_state_dict(state_dict, str(resolved), device=device, dtype=dtype)
+    if dtype is not None and getattr(tower.trunk, "rope", None) is not None:
+        tower.trunk.rope.to(dtype)
     tower.eval().requires_grad_(False)
     return tower
 

@@ -5,9 +5,10 @@ Module and parameter names follow the official ``pulid/encoders_flux.py`` exactl
 ``pulid_ca.{i}.*`` (one PerceiverAttentionCA per insertion point). Defaults are the released
 sizes; keyword arguments shrink them for tests.
 
-Attention uses ``scaled_dot_product_attention``. The official code scales q and k by
-``dim_head ** -0.25`` each and takes the softmax in float32; that is the same function, and the
-fused kernels also accumulate the softmax in float32.
+Attention follows the official arithmetic order exactly (q and k each scaled by
+``dim_head ** -0.25``, the product in the input dtype, softmax in float32, cast back), so bf16
+results match the official code; the key/value sequences are only 32 to 1,000 tokens long, so a
+fused kernel would save little.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUM_VIT_FEATURES = 5  # EVA-CLIP hidden states consumed, one group of IDFormer layers each
@@ -71,7 +71,11 @@ class _Perceiver(nn.Module):
         k, v = self.to_kv(context).chunk(2, dim=-1)
         k = k.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
         v = v.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        # The official arithmetic, step for step, so bf16 results match it: q and k each scaled by
+        # dim_head ** -0.25, the product in the input dtype, softmax in float32 and cast back.
+        scale = 1 / math.sqrt(math.sqrt(self.dim_head))
+        weight = (q * scale) @ (k * scale).transpose(-2, -1)
+        out = torch.softmax(weight.float(), dim=-1).type(weight.dtype) @ v
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 

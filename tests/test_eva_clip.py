@@ -279,3 +279,16 @@ def test_weight_file_and_models_dir_resolution(tmp_path, monkeypatch):
     torch.save(official_checkpoint(7), tmp_path / EVA_CLIP_WEIGHTS.local_name)
     tower = load_eva_clip(None, "cpu", torch.float32, models_dir=tmp_path, allow_download=False, **TINY)
     assert tower.trunk.cls_token.dtype == torch.float32
+
+
+def test_bf16_tower_keeps_rope_tables_in_bf16_like_the_official_cast(tmp_path):
+    ckpt = official_checkpoint(5)
+    torch.save(ckpt, tmp_path / "eva.pt")
+    bf16 = load_eva_clip(tmp_path / "eva.pt", "cpu", torch.bfloat16, **TINY)
+    f32 = load_eva_clip(tmp_path / "eva.pt", "cpu", torch.float32, **TINY)
+    assert all(b.dtype == torch.bfloat16 for b in bf16.trunk.rope.buffers())
+    assert all(b.dtype == torch.float32 for b in f32.trunk.rope.buffers())
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        low, high = bf16(pixels.bfloat16())[0], f32(pixels)[0]
+    assert 0 < rel_err(low, high) < 0.05  # bf16 throughout, as the official tower runs

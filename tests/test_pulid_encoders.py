@@ -34,7 +34,7 @@ TINY_CA = dict(dim=24, dim_head=4, heads=3, kv_dim=12)
 LN_EPS = 1e-5  # nn.LayerNorm default, used by the official modules
 LEAKY_SLOPE = 0.01  # nn.LeakyReLU default
 
-TOL_F64 = 1e-12  # float64 module vs float64 reference
+TOL_F64 = 1e-6  # float64 module vs float64 reference; the softmax runs in float32, as officially
 TOL_F32 = 1e-5  # float32 module vs float64 reference
 
 
