@@ -114,7 +114,7 @@ class StageReserves:
     """Device bytes a stage needs besides weights (activations, workspaces, the face models for ``id``).
 
     ``overhead`` is always there: the CUDA context and allocator slack. The defaults are for
-    1024x1024 images, from ``python -m flux.offload.bench`` on an H100 (bf16): the DiT's
+    1024x1024 images, from ``python benchmarks/bench_offload.py`` on an H100 (bf16): the DiT's
     activations peaked at 0.59 GiB (1.24 GiB at 1536x1536), the autoencoder decode at 3.53 GiB
     (11.9 GiB at 1536x1536), the CUDA context took 0.75 GiB. :meth:`for_image` scales them.
     """

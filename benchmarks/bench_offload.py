@@ -1,6 +1,6 @@
 """Measure offloading on a CUDA GPU: copy bandwidth, streaming overlap, activation peaks.
 
-``python -m flux.offload.bench`` builds a shortened full-width FLUX DiT with random bf16 weights
+``python benchmarks/bench_offload.py`` builds a shortened full-width FLUX DiT with random bf16 weights
 (no download) and prints one JSON line per measurement. It is how the defaults of
 :class:`flux.offload.plan.StageReserves` and the claims in the package docstrings were checked.
 """
@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flux.autoencoder import AutoEncoder
 from flux.model import Flux
