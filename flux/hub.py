@@ -59,7 +59,8 @@ def format_size(num_bytes: int) -> str:
     return f"{num_bytes} B"
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` forbids reaching the hub."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -99,7 +100,7 @@ def resolve_weight(
         return local
     if not allow_download:
         raise WeightsNotFoundError(how_to_get(spec, models_dir, "it is not in the models folder."))
-    if _offline():
+    if hub_offline():
         raise WeightsNotFoundError(
             how_to_get(spec, models_dir, "it is not in the models folder and HF_HUB_OFFLINE is set.")
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flux.hub import WeightsNotFoundError, default_models_dir, format_size
+from flux.hub import WeightsNotFoundError, default_models_dir, format_size, hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ class HFEmbedder(nn.Module):
         return outputs[self.output_key]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def resolve_text_encoder(
     source: TextEncoderSource, explicit: str | os.PathLike | None, models_dir: Path | None
 ) -> str:
@@ -114,8 +110,8 @@ def load_t5(
 
     where = resolve_text_encoder(T5_SOURCE, path, models_dir)
     try:
-        tokenizer = T5Tokenizer.from_pretrained(where, max_length=max_length, local_files_only=_offline())
-        model = T5EncoderModel.from_pretrained(where, dtype=dtype, local_files_only=_offline())
+        tokenizer = T5Tokenizer.from_pretrained(where, max_length=max_length, local_files_only=hub_offline())
+        model = T5EncoderModel.from_pretrained(where, dtype=dtype, local_files_only=hub_offline())
     except OSError as err:
         raise _missing_text_encoder(T5_SOURCE, models_dir, err) from err
     return HFEmbedder(model.to(device), tokenizer, max_length, "last_hidden_state")
@@ -133,9 +129,9 @@ def load_clip(
     where = resolve_text_encoder(CLIP_SOURCE, path, models_dir)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(
-            where, max_length=CLIP_MAX_LENGTH, local_files_only=_offline()
+            where, max_length=CLIP_MAX_LENGTH, local_files_only=hub_offline()
         )
-        model = CLIPTextModel.from_pretrained(where, dtype=dtype, local_files_only=_offline())
+        model = CLIPTextModel.from_pretrained(where, dtype=dtype, local_files_only=hub_offline())
     except OSError as err:
         raise _missing_text_encoder(CLIP_SOURCE, models_dir, err) from err
     return HFEmbedder(model.to(device), tokenizer, CLIP_MAX_LENGTH, "pooler_output")
