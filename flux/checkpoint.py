@@ -122,12 +122,13 @@ def load_safetensors_strict(
     dtype: torch.dtype | None = None,
     key_prefix: str | None = None,
     key_map: Callable[[str], str | None] | None = None,
-    hint: str = "",
+    hint: str | Callable[[set[str]], str] = "",
 ) -> None:
     """Load a safetensors file into ``module`` strictly, tensor by tensor, onto ``device``.
 
     ``key_prefix`` keeps only keys starting with it (and strips it); ``key_map`` renames keys or
-    drops them (returning None). The header is checked before any tensor is read.
+    drops them (returning None). The header is checked before any tensor is read. ``hint`` is
+    added to a mismatch error; given as a function, it gets the file's keys.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -142,7 +143,8 @@ def load_safetensors_strict(
 
     names = {k: rename(k) for k in header}
     found = {new: header[old][0] for old, new in names.items() if new is not None}
-    check_keys_and_shapes(expected_shapes(module), found, str(path), hint)
+    hint_text = hint(set(header)) if callable(hint) else hint
+    check_keys_and_shapes(expected_shapes(module), found, str(path), hint_text)
 
     state: dict[str, Tensor] = {}
     load_device = str(device) if torch.device(device).type in ("cpu", "cuda") else "cpu"

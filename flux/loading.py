@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from flux.autoencoder import AutoEncoder, AutoEncoderParams
-from flux.checkpoint import CheckpointError, load_safetensors_strict, read_safetensors_header
+from flux.checkpoint import load_safetensors_strict
 from flux.hub import resolve_weight
 from flux.model import Flux, FluxParams
 from flux.registry import ModelSpec
@@ -46,13 +46,6 @@ def layout_hint(keys: set[str]) -> str:
     return ""
 
 
-def _hint_for(path: Path) -> str:
-    try:
-        return layout_hint(set(read_safetensors_header(path)))
-    except CheckpointError:
-        return ""
-
-
 def build_flow_model(
     params: FluxParams, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16
 ) -> Flux:
@@ -70,7 +63,7 @@ def load_flow_model_from_file(
     path = Path(path)
     model = build_flow_model(params, "meta", dtype)
     logger.info("Loading the transformer from %s onto %s (%s)", path, device, dtype)
-    load_safetensors_strict(model, path, device=device, dtype=dtype, hint=_hint_for(path))
+    load_safetensors_strict(model, path, device=device, dtype=dtype, hint=layout_hint)
     return model.eval().requires_grad_(False)
 
 
@@ -85,7 +78,7 @@ def load_autoencoder_from_file(
     with torch.device("meta"):
         ae = AutoEncoder(params)
     logger.info("Loading the autoencoder from %s onto %s", path, device)
-    load_safetensors_strict(ae, path, device=device, dtype=dtype, hint=_hint_for(path))
+    load_safetensors_strict(ae, path, device=device, dtype=dtype, hint=layout_hint)
     return ae.eval().requires_grad_(False)
 
 
