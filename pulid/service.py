@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from flux.sampling import GenerationCancelled, StepInfo
-from pulid.errors import InvalidImageError, PuLIDError
+from pulid.errors import PuLIDError
 from pulid.outputs import output_name, save_png
 from pulid.pipeline import GenerationRequest, InvalidRequestError, PuLIDFluxPipeline
 
@@ -120,9 +120,7 @@ class GenerationService:
                 cfg_start_step=int(settings["cfg_start_step"]),
                 max_sequence_length=int(settings["max_sequence_length"]),
             )
-        except (TypeError, ValueError) as err:
-            if isinstance(err, ServiceError):
-                raise
+        except (TypeError, ValueError) as err:  # parse_seed's ServiceError passes through as it is
             raise ServiceError(f"A setting is not a number: {err}") from None
 
     def run(
@@ -149,8 +147,8 @@ class GenerationService:
                 result = self.pipeline.generate(request, callback=on_step)
             except GenerationCancelled:
                 raise ServiceError("Generation cancelled.") from None
-            except (PuLIDError, InvalidImageError) as err:
-                raise ServiceError(getattr(err, "user_message", str(err))) from None
+            except PuLIDError as err:  # no face, unreadable image: the message is for the user
+                raise ServiceError(err.user_message) from None
             except InvalidRequestError as err:
                 raise ServiceError(str(err)) from None
             except torch.OutOfMemoryError:
