@@ -1,7 +1,6 @@
 """The app over HTTP: gradio_client against the running app on the tiny preset, the CLI, --help."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,10 @@ import app_flux
 from pulid.outputs import read_png_metadata
 from pulid.service import GenerationService
 from pulid.tiny import tiny_face_analyzer, tiny_pipeline
+from scripts.soak import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "example_inputs" / "astronaut.png"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

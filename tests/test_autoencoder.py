@@ -3,15 +3,12 @@
 import torch
 
 from flux.autoencoder import AutoEncoder
+from tests.numerics import rel_err
 from tests.reference_flux import ae_decode, ae_encode_mean
 from tests.tiny_configs import tiny_ae_params
 
 TOL_F64 = 1e-10  # float64 module vs float64 reference: rounding order only
 TOL_F32 = 1e-5
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def random_ae(params, dtype=torch.float64):

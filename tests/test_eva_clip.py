@@ -24,6 +24,7 @@ from eva_clip import (
 )
 from flux.checkpoint import CheckpointError
 from flux.hub import WeightsNotFoundError
+from tests.numerics import rel_err
 
 MANIFEST = Path("/work/shared/checkpoints/eva02_clip_l_14_336_visual.manifest.json")
 
@@ -54,10 +55,6 @@ def official_name(timm_key: str) -> str:
     for a, b in TIMM_TO_OFFICIAL.items():
         timm_key = timm_key.replace(a, b)
     return "visual." + timm_key
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def official_checkpoint(seed: int = 0, **tiny) -> dict[str, torch.Tensor]:

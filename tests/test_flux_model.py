@@ -5,6 +5,7 @@ import torch
 
 from flux.model import Flux
 from flux.sampling import image_ids, pack, text_ids
+from tests.numerics import rel_err
 from tests.reference_flux import flux_forward
 from tests.tiny_configs import tiny_flux_params
 
@@ -13,10 +14,6 @@ from tests.tiny_configs import tiny_flux_params
 TOL_F64 = 1e-5
 # float32 module vs float64 reference.
 TOL_F32 = 2e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def random_model(params, dtype=torch.float64, seed=0) -> Flux:

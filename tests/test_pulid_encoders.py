@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from flux.checkpoint import CheckpointError
 from pulid.encoders import IDFormer, PerceiverAttentionCA, PuLIDWeights, load_pulid_weights, num_pulid_ca
+from tests.numerics import rel_err
 
 MANIFEST = Path("/work/shared/checkpoints/pulid_flux_v0.9.x.manifest.json")
 
@@ -36,10 +37,6 @@ LEAKY_SLOPE = 0.01  # nn.LeakyReLU default
 
 TOL_F64 = 1e-6  # float64 module vs float64 reference; the softmax runs in float32, as officially
 TOL_F32 = 1e-5  # float32 module vs float64 reference
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -6,8 +6,9 @@ import torch
 from flux.model import Flux, IDInjection
 from pulid.encoders import PerceiverAttentionCA, PuLIDWeights, num_pulid_ca
 from pulid.injection import PuLIDInjection
+from tests.numerics import rel_err
 from tests.reference_flux import flux_forward
-from tests.test_flux_model import TOL_F64, random_inputs, random_model, rel_err
+from tests.test_flux_model import TOL_F64, random_inputs, random_model
 from tests.tiny_configs import tiny_flux_params
 
 TINY_CA = dict(dim=64, dim_head=16, heads=2, kv_dim=48)
