@@ -31,7 +31,9 @@ class FaceFeatures(Protocol):
     debug_images: list[np.ndarray]
 
 
-class FaceAnalysis(Protocol):
+class FaceAnalyzing(Protocol):
+    """Anything with ``analyze`` (:class:`pulid.face_analysis.FaceAnalyzer`, or a test stand-in)."""
+
     def analyze(self, image_rgb: np.ndarray) -> FaceFeatures: ...
 
 
@@ -55,7 +57,7 @@ class IDEncoder:
 
     def __init__(
         self,
-        face_analysis: FaceAnalysis,
+        face_analysis: FaceAnalyzing,
         eva: nn.Module,
         id_former: nn.Module,
         device: torch.device | str,

@@ -16,7 +16,7 @@ from flux.autoencoder import AutoEncoder
 from flux.model import Flux
 from flux.tiny import tiny_ae_params, tiny_flux_params, tiny_text_encoders
 from pulid.encoders import PuLIDWeights, num_pulid_ca
-from pulid.id_encoder import FaceAnalysis, IDEncoder
+from pulid.id_encoder import FaceAnalyzing, IDEncoder
 from pulid.pipeline import PuLIDFluxPipeline
 
 TINY_EVA = dict(img_size=336, patch_size=28, embed_dim=32, depth=6, num_heads=4, num_classes=24)
@@ -50,7 +50,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def tiny_pipeline(
     folder: Path,
-    face_analysis: FaceAnalysis,
+    face_analysis: FaceAnalyzing,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
