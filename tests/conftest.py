@@ -21,6 +21,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """Stand-in antelopev2 and facexlib files (real formats, built once per test session)."""
-    from pulid.tiny import build_tiny_face_models
+    from tiny_random.pipeline import build_tiny_face_models
 
     return build_tiny_face_models(tmp_path_factory.mktemp("models"))

@@ -6,9 +6,7 @@ renames done by the converter, timm's RoPE layout and the pooled/hidden-state se
 checked against the formulas in the manifest notes rather than against the module itself.
 """
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ import torch
 from eva_clip import (
     EVA_CLIP_MEAN,
     EVA_CLIP_STD,
-    EVA_CLIP_WEIGHTS,
     EvaVisionTower,
     convert_original_state_dict,
     default_hidden_state_indices,
@@ -24,9 +21,12 @@ from eva_clip import (
 )
 from flux.checkpoint import CheckpointError
 from flux.hub import WeightsNotFoundError
+from pulid.catalogue import required_weights
+from pulid.loading import locate_weights
+from tests.manifests import read_manifest
 from tests.numerics import rel_err
 
-MANIFEST = Path("/work/shared/checkpoints/eva02_clip_l_14_336_visual.manifest.json")
+MANIFEST = "eva02_clip_l_14_336_visual.manifest.json"
 
 TINY = dict(img_size=28, patch_size=7, embed_dim=32, depth=12, num_heads=4, num_classes=24)
 TINY_HEAD_DIM = 8
@@ -157,7 +157,7 @@ def reference_tower(sd, pixels, *, patch, heads, indices):
 
 
 def test_full_size_conversion_matches_manifest():
-    manifest = json.loads(MANIFEST.read_text())
+    manifest = read_manifest(MANIFEST)
     tower = EvaVisionTower(device="meta")
     original = {f"visual.{k}": torch.empty(v["shape"], device="meta") for k, v in manifest["tensors"].items()}
     original["text.positional_embedding"] = torch.empty(77, 768, device="meta")
@@ -267,14 +267,17 @@ def test_non_eva_file_and_unreadable_file(tmp_path):
         load_eva_clip(tmp_path / "broken.pt", "cpu", torch.float32, **TINY)
 
 
-def test_weight_file_and_models_dir_resolution(tmp_path, monkeypatch):
-    assert EVA_CLIP_WEIGHTS.repo_id == "QuanSun/EVA-CLIP"
-    assert EVA_CLIP_WEIGHTS.filename == "EVA02_CLIP_L_336_psz14_s6B.pt"
-    assert 850e6 < EVA_CLIP_WEIGHTS.size_bytes < 860e6
+def test_catalogue_entry_is_found_in_the_models_folder_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    entry = required_weights()["eva"]
+    weights = entry.weights
+    assert weights.repo_id == "QuanSun/EVA-CLIP" and weights.filename == "EVA02_CLIP_L_336_psz14_s6B.pt"
+    assert 850e6 < weights.size_bytes < 860e6
     with pytest.raises(WeightsNotFoundError, match="EVA02_CLIP_L_336_psz14_s6B.pt"):
-        load_eva_clip(None, models_dir=tmp_path, allow_download=False, **TINY)
-    torch.save(official_checkpoint(7), tmp_path / EVA_CLIP_WEIGHTS.local_name)
-    tower = load_eva_clip(None, "cpu", torch.float32, models_dir=tmp_path, allow_download=False, **TINY)
+        locate_weights({"eva": entry}, tmp_path)
+    torch.save(official_checkpoint(7), tmp_path / weights.local_name)
+    path = locate_weights({"eva": entry}, tmp_path)["eva"]
+    tower = load_eva_clip(path, "cpu", torch.float32, **TINY)
     assert tower.trunk.cls_token.dtype == torch.float32
 
 

@@ -1,23 +1,17 @@
 """The full-size models, built on the meta device, are exactly the official checkpoints' layout."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from flux.autoencoder import AutoEncoder
 from flux.loading import build_flow_model
 from flux.registry import MODELS
-
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
+from pulid.catalogue import required_weights
+from tests.manifests import read_manifest
 
 
 def manifest(name: str) -> dict:
-    path = MANIFESTS / name
-    if not path.is_file():  # a checkout without shared/ beside it cannot check the contract
-        pytest.fail(f"checkpoint manifest {path} is missing: shared/ must sit beside the repository")
-    return json.loads(path.read_text())["tensors"]
+    return read_manifest(name)["tensors"]
 
 
 def layout(state_dict) -> list[tuple[str, list[int], str]]:
@@ -41,8 +35,15 @@ def test_autoencoder_matches_the_ae_manifest():
     assert layout(ae.state_dict()) == manifest_layout(manifest("ae.manifest.json"))
 
 
-def test_registry_sizes_match_the_manifests():
-    flux = json.loads((MANIFESTS / "flux1-dev.manifest.json").read_text())
-    ae = json.loads((MANIFESTS / "ae.manifest.json").read_text())
-    assert MODELS["flux-dev"].flow.size_bytes == flux["total_bytes_in_tensors"]
-    assert MODELS["flux-dev"].ae.size_bytes == ae["total_bytes_in_tensors"]
+def test_catalogue_sizes_match_the_manifests():
+    needed = required_weights("flux-dev")
+    for role, name in [
+        ("flow", "flux1-dev.manifest.json"),
+        ("ae", "ae.manifest.json"),
+        ("pulid", "pulid_flux_v0.9.x.manifest.json"),
+    ]:
+        assert needed[role].weights.size_bytes == read_manifest(name)["total_bytes_in_tensors"], role
+    fp8 = required_weights("flux-dev", fp8="quanto")["flow"].weights
+    assert (
+        fp8.size_bytes == read_manifest("flux-dev-fp8.xlabs-quanto.manifest.json")["total_bytes_in_tensors"]
+    )

@@ -4,9 +4,7 @@ The reference functions below re-implement the official ``pulid/encoders_flux.py
 with plain tensor ops, reading weights by key from the module's state dict.
 """
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,10 @@ from safetensors.torch import save_file
 
 from flux.checkpoint import CheckpointError
 from pulid.encoders import IDFormer, PerceiverAttentionCA, PuLIDWeights, load_pulid_weights, num_pulid_ca
+from tests.manifests import read_manifest
 from tests.numerics import rel_err
 
-MANIFEST = Path("/work/shared/checkpoints/pulid_flux_v0.9.x.manifest.json")
+MANIFEST = "pulid_flux_v0.9.x.manifest.json"
 
 TINY_IDFORMER = dict(
     dim=16,
@@ -116,7 +115,7 @@ def reference_idformer(sd, id_cond, hidden, cfg):
 
 
 def test_full_size_container_matches_manifest():
-    manifest = json.loads(MANIFEST.read_text())
+    manifest = read_manifest(MANIFEST)
     with torch.device("meta"):
         weights = PuLIDWeights()
     weights = weights.to(torch.bfloat16)

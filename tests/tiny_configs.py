@@ -1,7 +1,7 @@
-"""Tiny hyper-parameters for the numeric tests (see :mod:`flux.tiny`)."""
+"""Tiny hyper-parameters for the numeric tests (see :mod:`tiny_random.models`)."""
 
-from flux.tiny import tiny_ae_params as _tiny_ae_params
-from flux.tiny import tiny_flux_params as _tiny_flux_params
+from tiny_random.models import tiny_ae_params as _tiny_ae_params
+from tiny_random.models import tiny_flux_params as _tiny_flux_params
 
 
 def tiny_flux_params(**overrides):

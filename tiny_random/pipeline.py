@@ -14,10 +14,10 @@ import torch
 from eva_clip.model import EvaVisionTower
 from flux.autoencoder import AutoEncoder
 from flux.model import Flux
-from flux.tiny import tiny_ae_params, tiny_flux_params, tiny_text_encoders
 from pulid.encoders import PuLIDWeights, num_pulid_ca
 from pulid.id_encoder import FaceAnalyzing, IDEncoder
 from pulid.pipeline import PuLIDFluxPipeline
+from tiny_random.models import tiny_ae_params, tiny_flux_params, tiny_text_encoders
 
 TINY_EVA = dict(img_size=336, patch_size=28, embed_dim=32, depth=6, num_heads=4, num_classes=24)
 TINY_IDFORMER = dict(
@@ -83,7 +83,7 @@ def tiny_pipeline(
 
 def build_tiny_face_models(models_dir: Path) -> Path:
     """Write the stand-in antelopev2 and facexlib files into ``models_dir`` (skipped if present)."""
-    from pulid.tiny_face_models import build_antelopev2, build_facexlib_models
+    from tiny_random.face_models import build_antelopev2, build_facexlib_models
 
     models_dir = Path(models_dir)
     if not (models_dir / "antelopev2" / "glintr100.onnx").is_file():
@@ -93,12 +93,20 @@ def build_tiny_face_models(models_dir: Path) -> Path:
     return models_dir
 
 
-def tiny_face_analyzer(models_dir: Path):
-    """The real :class:`pulid.face_analysis.FaceAnalyzer` over the stand-in face models, on CPU."""
-    from pulid.face_analysis import FaceAnalyzer
+def tiny_face_model_paths(models_dir: Path) -> dict[str, Path]:
+    """The stand-in face models (built once) by catalogue role, at their catalogue places."""
+    from pulid.catalogue import FACE_MODEL_ROLES, ID_MODELS
 
     build_tiny_face_models(models_dir)
-    return FaceAnalyzer(models_dir=models_dir, onnx_provider="cpu", device="cpu", allow_download=False)
+    places = {entry.role: entry.weights.local_path(models_dir) for entry in ID_MODELS}
+    return {role: places[role] for role in FACE_MODEL_ROLES}
+
+
+def tiny_face_analyzer(models_dir: Path):
+    """The real :class:`pulid.face_analysis.FaceAnalyzer` over the stand-in face models, on CPU."""
+    from pulid.face_analysis import load_face_analyzer
+
+    return load_face_analyzer(tiny_face_model_paths(Path(models_dir)), onnx_provider="cpu", device="cpu")
 
 
 def tiny_pipeline_with_face_models(folder: Path, seed: int = 0) -> PuLIDFluxPipeline:

@@ -18,6 +18,17 @@ from flux.text_encoders import HFEmbedder, load_clip, load_t5
 WORDS = ["a", "photo", "of", "woman", "man", "portrait", "cinematic", "color", "in", "snow", "the", "with"]
 TINY_T5_DIM = 24
 TINY_CLIP_DIM = 16
+# The architecture of the tiny encoders: what their loaders expect in place of T5-XXL's and CLIP-L's.
+TINY_T5_CONFIG = dict(
+    d_model=TINY_T5_DIM, d_kv=8, d_ff=48, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu"
+)
+TINY_CLIP_CONFIG = dict(
+    hidden_size=TINY_CLIP_DIM,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+)
 
 
 def tiny_flux_params(**overrides) -> FluxParams:
@@ -73,16 +84,7 @@ def write_tiny_t5(folder: Path, seed: int = 0) -> Path:
     tokenizer = tiny_t5_tokenizer()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=TINY_T5_DIM,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=3,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
-    )
+    config = T5Config(vocab_size=len(tokenizer), relative_attention_num_buckets=8, **TINY_T5_CONFIG)
     T5EncoderModel(config).save_pretrained(folder)
     return folder
 
@@ -120,11 +122,7 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TINY_CLIP_DIM,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
+        **TINY_CLIP_CONFIG,
         projection_dim=8,
         bos_token_id=0,
         eos_token_id=1,
@@ -143,4 +141,6 @@ def tiny_text_encoders(
         write_tiny_t5(t5_dir)
     if not (clip_dir / "config.json").is_file():
         write_tiny_clip(clip_dir)
-    return load_t5(device, dtype, max_length=512, path=t5_dir), load_clip(device, dtype, path=clip_dir)
+    t5 = load_t5(t5_dir, device, dtype, max_length=512, expected=TINY_T5_CONFIG)
+    clip = load_clip(clip_dir, device, dtype, expected=TINY_CLIP_CONFIG)
+    return t5, clip
