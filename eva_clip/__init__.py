@@ -3,7 +3,6 @@
 from eva_clip.model import (
     EVA_CLIP_MEAN,
     EVA_CLIP_STD,
-    EVA_CLIP_WEIGHTS,
     EvaVisionTower,
     convert_original_state_dict,
     default_hidden_state_indices,
@@ -14,7 +13,6 @@ from eva_clip.model import (
 __all__ = [
     "EVA_CLIP_MEAN",
     "EVA_CLIP_STD",
-    "EVA_CLIP_WEIGHTS",
     "EvaVisionTower",
     "convert_original_state_dict",
     "default_hidden_state_indices",

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from flux.checkpoint import CheckpointError, check_keys_and_shapes, expected_shapes, load_state_dict_strict
-from flux.hub import WeightFile, resolve_weight
 
 TIMM_VARIANT = "eva02_large_patch14_clip_336"
 
@@ -29,15 +28,6 @@ EVA_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 EVA_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 NUM_HIDDEN_STATES = 5
-
-EVA_CLIP_WEIGHTS = WeightFile(
-    repo_id="QuanSun/EVA-CLIP",
-    filename="EVA02_CLIP_L_336_psz14_s6B.pt",
-    # Approximate: 428,083,137 parameters of the full CLIP stored as fp16 plus pickle overhead.
-    size_bytes=856_200_000,
-    local_name="EVA02_CLIP_L_336_psz14_s6B.pt",
-    description="the EVA02-CLIP-L-14-336 checkpoint (face features for PuLID)",
-)
 
 # Original EVA-CLIP name fragment -> timm name fragment, as checkpoint_filter_fn renames them.
 # Only used to name keys in both layouts in error messages.
@@ -73,6 +63,9 @@ class EvaVisionTower(nn.Module):
     tests can build tiny towers; the defaults are the real model. ``device="meta"`` builds it
     without allocating weights (the loader fills them).
     """
+
+    #: The repeated transformer blocks (see :mod:`flux.repeated`).
+    block_lists = ("trunk.blocks",)
 
     def __init__(
         self,
@@ -127,8 +120,14 @@ class EvaVisionTower(nn.Module):
     ) -> None:
         """Convert an original EVA-CLIP state dict and load it strictly into ``self.trunk``."""
         converted = convert_original_state_dict(state_dict, self.trunk, source)
-        load_state_dict_strict(self.trunk, converted, source, device=device, dtype=dtype,
-                               hint=_naming_hint(self.trunk, converted))
+        load_state_dict_strict(
+            self.trunk,
+            converted,
+            source,
+            device=device,
+            dtype=dtype,
+            hint=_naming_hint(self.trunk, converted),
+        )
         target = torch.device(device) if device is not None else _first_param_device(self.trunk)
         _materialise_non_persistent_buffers(self.trunk, target)
         if device is not None:
@@ -182,8 +181,12 @@ def convert_original_state_dict(
     for key in ("pos_embed", "patch_embed.proj.weight"):
         found = flat.get(prefix + key)
         if found is not None and tuple(found.shape) != model_shapes[key]:
-            check_keys_and_shapes({key: model_shapes[key]}, {key: tuple(found.shape)}, source,
-                                  "The checkpoint is for another image or patch size.")
+            check_keys_and_shapes(
+                {key: model_shapes[key]},
+                {key: tuple(found.shape)},
+                source,
+                "The checkpoint is for another image or patch size.",
+            )
     return checkpoint_filter_fn(flat, trunk)
 
 
@@ -203,29 +206,23 @@ def _materialise_non_persistent_buffers(module: nn.Module, device: torch.device)
 
 
 def load_eva_clip(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.bfloat16,
-    *,
-    models_dir: str | os.PathLike | None = None,
-    allow_download: bool = True,
     **tower_kwargs,
 ) -> EvaVisionTower:
     """Build the tower on the meta device and fill it from the original EVA-CLIP ``.pt`` file.
 
-    ``path=None`` resolves :data:`EVA_CLIP_WEIGHTS` (models folder, then the HF cache/download).
-    The file is memory-mapped and read with ``weights_only=True``; only the visual tower is kept.
-    The rope tables are recomputed on ``device`` and then cast to ``dtype``, as the official
-    ``model.to(torch.bfloat16)`` casts its rope buffers: in bf16 that changes the pooled embedding
-    by about 2%, so keeping them in float32 would not reproduce the official ID tokens. Returns the
-    tower in eval mode.
+    The file is memory-mapped and read with ``weights_only=True`` (no code is unpickled); only the
+    visual tower is kept. The rope tables are recomputed on ``device`` and then cast to ``dtype``,
+    as the official ``model.to(torch.bfloat16)`` casts its rope buffers: in bf16 that changes the
+    pooled embedding by about 2%, so keeping them in float32 would not reproduce the official ID
+    tokens. Returns the tower in eval mode.
     """
-    resolved = Path(path) if path is not None else resolve_weight(
-        EVA_CLIP_WEIGHTS, models_dir=models_dir, allow_download=allow_download
-    )
-    state_dict = _read_torch_checkpoint(resolved)
+    path = Path(path)
+    state_dict = _read_torch_checkpoint(path)
     tower = EvaVisionTower(device="meta", **tower_kwargs)
-    tower.load_original_state_dict(state_dict, str(resolved), device=device, dtype=dtype)
+    tower.load_original_state_dict(state_dict, str(path), device=device, dtype=dtype)
     if dtype is not None and getattr(tower.trunk, "rope", None) is not None:
         tower.trunk.rope.to(dtype)
     tower.eval().requires_grad_(False)

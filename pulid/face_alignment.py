@@ -81,6 +81,28 @@ def tensor_to_rgb8(x: torch.Tensor) -> np.ndarray:
     return (x[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
+FACEXLIB_FILES = ("detection_Resnet50_Final.pth", "parsing_parsenet.pth", "parsing_bisenet.pth")
+
+
+def _facexlib_error(root: Path, err: Exception):
+    """A CheckpointError naming the facexlib file that cannot be read (each is tried on its own)."""
+    from flux.checkpoint import CheckpointError
+
+    for name in FACEXLIB_FILES:
+        path = root / name
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as file_err:  # noqa: BLE001 - any unreadable file is the answer
+            return CheckpointError(
+                f"{path} could not be loaded as a facexlib model ({type(file_err).__name__}: "
+                f"{str(file_err)[:300]}). It may be truncated or corrupt: delete it and download it again."
+            )
+    return CheckpointError(
+        f"The facexlib models in {root} could not be loaded ({type(err).__name__}: {str(err)[:300]}): "
+        f"check that {', '.join(FACEXLIB_FILES)} are the files of facexlib's releases."
+    )
+
+
 @dataclass(frozen=True)
 class Alignment:
     """The landmarks used to align one face and the 512x512 aligned crop (BGR)."""
@@ -115,20 +137,26 @@ class FaceAligner:
 
         self.device = torch.device(device)
         root = str(model_root)
-        with warnings.catch_warnings():  # facexlib builds its ResNet-50 with torchvision's old `pretrained=`
-            warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum).*", category=UserWarning)
-            self.helper = FaceRestoreHelper(
-                upscale_factor=1,
-                face_size=FACE_SIZE,
-                crop_ratio=(1, 1),
-                det_model="retinaface_resnet50",
-                save_ext="png",
-                device=self.device,
-                model_rootpath=root,
+        try:
+            # facexlib builds its ResNet-50 with torchvision's old `pretrained=`
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", message=r".*(pretrained|weight enum).*", category=UserWarning
+                )
+                self.helper = FaceRestoreHelper(
+                    upscale_factor=1,
+                    face_size=FACE_SIZE,
+                    crop_ratio=(1, 1),
+                    det_model="retinaface_resnet50",
+                    save_ext="png",
+                    device=self.device,
+                    model_rootpath=root,
+                )
+            self.helper.face_parse = init_parsing_model(
+                model_name="bisenet", device=self.device, model_rootpath=root
             )
-        self.helper.face_parse = init_parsing_model(
-            model_name="bisenet", device=self.device, model_rootpath=root
-        )
+        except Exception as err:  # noqa: BLE001 - facexlib surfaces torch.load's and its own errors
+            raise _facexlib_error(Path(model_root), err) from err
 
     def detect(self, image_bgr: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """RetinaFace boxes (x1, y1, x2, y2, score) and (5, 2) landmarks, as FaceRestoreHelper finds them."""

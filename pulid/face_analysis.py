@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -31,7 +32,6 @@ import cv2
 import numpy as np
 import torch
 
-from flux.hub import WeightFile, default_models_dir, resolve_weight
 from pulid.errors import InvalidImageError, NoFaceError
 from pulid.face_alignment import Alignment, FaceAligner, tensor_to_rgb8
 from pulid.face_detection import DetectedFace, FaceDetector, largest_face
@@ -46,56 +46,6 @@ ImageLike = Union[np.ndarray, "PILImage"]  # an RGB photo: HxWx3 uint8 array (gr
 MAX_SIDE = 1024  # the official app resizes the ID image so that its long side is at most 1024
 MIN_SIDE = 32  # smaller images cannot hold a face the models can use
 SMALL_FACE_PX = 64  # below this the identity is weak; the result says so
-
-_INSIGHTFACE_LICENCE = "https://github.com/deepinsight/insightface#license"
-_FACEXLIB_RELEASES = "https://github.com/xinntao/facexlib/releases/download"
-
-SCRFD_WEIGHTS = WeightFile(
-    repo_id="DIAMONIK7777/antelopev2",
-    filename="scrfd_10g_bnkps.onnx",
-    size_bytes=16_923_827,
-    local_name="antelopev2/scrfd_10g_bnkps.onnx",
-    description="the insightface antelopev2 face detector (SCRFD-10GF)",
-    licence_url=_INSIGHTFACE_LICENCE,
-)
-ARCFACE_WEIGHTS = WeightFile(
-    repo_id="DIAMONIK7777/antelopev2",
-    filename="glintr100.onnx",
-    size_bytes=260_665_334,
-    local_name="antelopev2/glintr100.onnx",
-    description="the insightface antelopev2 ArcFace face recogniser (glintr100)",
-    licence_url=_INSIGHTFACE_LICENCE,
-)
-# facexlib publishes these as GitHub release assets, not on the hub; leonelhs/facexlib mirrors them.
-RETINAFACE_WEIGHTS = WeightFile(
-    repo_id="leonelhs/facexlib",
-    filename="detection_Resnet50_Final.pth",
-    size_bytes=109_497_761,
-    local_name="facexlib/detection_Resnet50_Final.pth",
-    description=(
-        "facexlib's RetinaFace-ResNet50 face detector "
-        f"(original: {_FACEXLIB_RELEASES}/v0.1.0/detection_Resnet50_Final.pth)"
-    ),
-)
-BISENET_WEIGHTS = WeightFile(
-    repo_id="leonelhs/facexlib",
-    filename="parsing_bisenet.pth",
-    size_bytes=53_289_463,
-    local_name="facexlib/parsing_bisenet.pth",
-    description=f"facexlib's BiSeNet face parser (original: {_FACEXLIB_RELEASES}/v0.2.0/parsing_bisenet.pth)",
-)
-PARSENET_WEIGHTS = WeightFile(
-    repo_id="leonelhs/facexlib",
-    filename="parsing_parsenet.pth",
-    size_bytes=85_331_193,
-    local_name="facexlib/parsing_parsenet.pth",
-    description=(
-        "facexlib's ParseNet face parser, which FaceRestoreHelper loads even though PuLID uses BiSeNet "
-        f"(original: {_FACEXLIB_RELEASES}/v0.2.2/parsing_parsenet.pth)"
-    ),
-)
-INSIGHTFACE_WEIGHTS = (SCRFD_WEIGHTS, ARCFACE_WEIGHTS)
-FACEXLIB_WEIGHTS = (RETINAFACE_WEIGHTS, BISENET_WEIGHTS, PARSENET_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -188,60 +138,14 @@ def resize_long_side(image: np.ndarray, max_side: int = MAX_SIDE) -> tuple[np.nd
     return resized, nw / w
 
 
-def _common_folder(paths: list[Path]) -> Path:
-    """A folder holding all ``paths`` under their own names (facexlib wants one model_rootpath).
-
-    Usually that is ``<models_dir>/facexlib`` or one hub snapshot; when the files were resolved
-    to different places, a temporary folder of symbolic links to them is made (removed at exit).
-    """
-    parents = {p.parent for p in paths}
-    if len(parents) == 1:
-        return parents.pop()
-    folder = Path(tempfile.mkdtemp(prefix="pulid-facexlib-"))
-    atexit.register(shutil.rmtree, folder, True)
-    for p in paths:
-        os.symlink(p.resolve(), folder / p.name)
-    return folder
-
-
 class FaceAnalyzer:
     """insightface antelopev2 + facexlib, as PuLID-FLUX uses them, behind one ``analyze`` call.
 
-    ``onnx_provider`` ("gpu" or "cpu") picks onnxruntime's providers for insightface; ``device``
-    is the torch device of facexlib's RetinaFace and BiSeNet. Weights are found with
-    :func:`flux.hub.resolve_weight`: ``<models_dir>/antelopev2/`` and ``<models_dir>/facexlib/``,
-    then the hub. One analyzer may be shared between threads (calls are serialised).
+    Made from loaded models (:func:`load_face_analyzer` loads them from files); the constructor
+    does no I/O. One analyzer may be shared between threads (calls are serialised).
     """
 
-    def __init__(
-        self,
-        models_dir: str | Path | None = None,
-        onnx_provider: str = "gpu",
-        device: str | torch.device | None = None,
-        allow_download: bool = True,
-        max_side: int = MAX_SIDE,
-    ) -> None:
-        models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
-        paths = {
-            spec.filename: resolve_weight(spec, models_dir=models_dir, allow_download=allow_download)
-            for spec in INSIGHTFACE_WEIGHTS + FACEXLIB_WEIGHTS
-        }
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        detector = FaceDetector(paths[SCRFD_WEIGHTS.filename], paths[ARCFACE_WEIGHTS.filename], onnx_provider)
-        aligner = FaceAligner(_common_folder([paths[s.filename] for s in FACEXLIB_WEIGHTS]), device)
-        self._setup(detector, aligner, max_side)
-
-    @classmethod
-    def from_parts(
-        cls, detector: FaceDetector, aligner: FaceAligner, max_side: int = MAX_SIDE
-    ) -> FaceAnalyzer:
-        """An analyzer over already loaded models (e.g. one facexlib set shared by two detectors)."""
-        self = cls.__new__(cls)
-        self._setup(detector, aligner, max_side)
-        return self
-
-    def _setup(self, detector: FaceDetector, aligner: FaceAligner, max_side: int) -> None:
+    def __init__(self, detector: FaceDetector, aligner: FaceAligner, max_side: int = MAX_SIDE) -> None:
         self.detector = detector
         self.aligner = aligner
         self.max_side = int(max_side)
@@ -308,3 +212,38 @@ class FaceAnalyzer:
             attempt=attempt_text,
             notes=tuple(notes),
         )
+
+
+def _common_folder(paths: list[Path]) -> Path:
+    """A folder holding all ``paths`` under their own names (facexlib wants one model_rootpath).
+
+    Usually that is ``<models_dir>/facexlib`` or one hub snapshot; when the files were found in
+    different places, a temporary folder of symbolic links to them is made (removed at exit).
+    """
+    parents = {p.parent for p in paths}
+    if len(parents) == 1:
+        return parents.pop()
+    folder = Path(tempfile.mkdtemp(prefix="pulid-facexlib-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for p in paths:
+        os.symlink(p.resolve(), folder / p.name)
+    return folder
+
+
+def load_face_analyzer(
+    paths: Mapping[str, Path],
+    onnx_provider: str = "gpu",
+    device: str | torch.device = "cpu",
+    max_side: int = MAX_SIDE,
+) -> FaceAnalyzer:
+    """Load the face models from files: ``paths`` maps the catalogue's roles (``detector``,
+    ``recognizer``, ``retinaface``, ``bisenet``, ``parsenet``) to local files.
+
+    ``onnx_provider`` ("gpu" or "cpu") picks onnxruntime's providers for insightface; ``device``
+    is the torch device of facexlib's RetinaFace and BiSeNet. A file that is not the model it
+    should be (truncated, another model) is a :class:`~flux.checkpoint.CheckpointError` naming it.
+    """
+    detector = FaceDetector(paths["detector"], paths["recognizer"], onnx_provider)
+    facexlib_files = [Path(paths[role]) for role in ("retinaface", "bisenet", "parsenet")]
+    aligner = FaceAligner(_common_folder(facexlib_files), device)
+    return FaceAnalyzer(detector, aligner, max_side)

@@ -72,6 +72,26 @@ def onnx_providers(onnx_provider: str) -> list[str]:
     return wanted or [CPU_PROVIDER]
 
 
+def _load_onnx_model(model_zoo, path: str | Path, task: str, providers: list[str]):
+    """An insightface model from an ONNX file, or a CheckpointError naming the file."""
+    from flux.checkpoint import CheckpointError
+
+    path = Path(path)
+    try:
+        model = model_zoo.get_model(str(path), providers=providers)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+        raise CheckpointError(
+            f"{path} could not be loaded as the insightface {task} model ({type(err).__name__}: "
+            f"{str(err)[:300]}). It may be truncated or corrupt: delete it and download it again."
+        ) from err
+    if getattr(model, "taskname", None) != task:  # get_model gives None for unknown graphs
+        raise CheckpointError(
+            f"{path} is not an insightface {task} model "
+            f"(insightface took it for {getattr(model, 'taskname', 'nothing it knows')!r})"
+        )
+    return model
+
+
 def _session_providers(model) -> list[str]:
     session = getattr(model, "session", None)
     getter = getattr(session, "get_providers", None)
@@ -154,17 +174,8 @@ class FaceDetector:
         self.large_det_size = int(large_det_size)
         self.pad_fraction = float(pad_fraction)
         self.det_thresh = float(det_thresh)
-        self.detector = model_zoo.get_model(str(detector_path), providers=providers)
-        self.recognizer = model_zoo.get_model(str(recognizer_path), providers=providers)
-        for path, model, task in (
-            (detector_path, self.detector, "detection"),
-            (recognizer_path, self.recognizer, "recognition"),
-        ):
-            if getattr(model, "taskname", None) != task:  # get_model gives None for unknown graphs
-                raise ValueError(
-                    f"{path} is not an insightface {task} model "
-                    f"(insightface took it for {getattr(model, 'taskname', 'nothing it knows')!r})"
-                )
+        self.detector = _load_onnx_model(model_zoo, detector_path, "detection", providers)
+        self.recognizer = _load_onnx_model(model_zoo, recognizer_path, "recognition", providers)
         first = self.det_sizes[0] if self.det_sizes else 640
         self.detector.prepare(0, input_size=(first, first), det_thresh=self.det_thresh)
         self.recognizer.prepare(0)

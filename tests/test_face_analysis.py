@@ -1,6 +1,6 @@
 """Face analysis of the ID image, through the real insightface, onnxruntime and facexlib code.
 
-The models are small stand-ins built at test time (``pulid/tiny_face_models.py`` says what
+The models are small stand-ins built at test time (``tiny_random/face_models.py`` says what
 each one does); the photo is scikit-image's public-domain astronaut portrait.
 """
 
@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from flux.hub import WeightsNotFoundError
+from flux.checkpoint import CheckpointError
 from pulid import face_detection
 from pulid.errors import InvalidImageError, NoFaceError
 from pulid.face_alignment import BACKGROUND_LABELS, CLIP_MEAN, CLIP_STD, MIN_IOU, FaceAligner, box_iou
-from pulid.face_analysis import FaceAnalyzer, _common_folder, prepare_image
+from pulid.face_analysis import FaceAnalyzer, _common_folder, load_face_analyzer, prepare_image
 from pulid.face_detection import DetectedFace, DetectionAttempt, FaceDetector, largest_face, onnx_providers
-from pulid.tiny_face_models import (
+from tiny_random.face_models import (
     ASTRONAUT_FACE,
     FaceSpec,
     arcface_reference,
     build_antelopev2,
 )
+from tiny_random.pipeline import tiny_face_model_paths
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -51,7 +52,7 @@ def astronaut() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def analyzer(models_dir) -> FaceAnalyzer:
-    return FaceAnalyzer(models_dir=models_dir, onnx_provider="cpu", device="cpu", allow_download=False)
+    return load_face_analyzer(tiny_face_model_paths(models_dir), onnx_provider="cpu", device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +73,7 @@ def detector_factory(tmp_path_factory):
 
 
 def analyzer_with(detector: FaceDetector, analyzer: FaceAnalyzer) -> FaceAnalyzer:
-    return FaceAnalyzer.from_parts(detector, analyzer.aligner)
+    return FaceAnalyzer(detector, analyzer.aligner)
 
 
 def spy_attempts(monkeypatch, detector: FaceDetector) -> list[DetectionAttempt]:
@@ -440,22 +441,34 @@ def test_gpu_without_onnxruntime_gpu_warns_and_logs_real_providers(models_dir, m
     }
 
 
-def test_missing_weights_say_where_to_put_them(tmp_path, models_dir):
-    with pytest.raises(WeightsNotFoundError) as caught:
-        FaceAnalyzer(models_dir=tmp_path, onnx_provider="cpu", device="cpu", allow_download=False)
-    assert str(tmp_path / "antelopev2" / "scrfd_10g_bnkps.onnx") in str(caught.value)
-    (tmp_path / "antelopev2").symlink_to(models_dir / "antelopev2")
-    with pytest.raises(WeightsNotFoundError) as caught:
-        FaceAnalyzer(models_dir=tmp_path, onnx_provider="cpu", device="cpu", allow_download=False)
-    message = str(caught.value)
-    assert "github.com/xinntao/facexlib/releases" in message
-    assert str(tmp_path / "facexlib" / "detection_Resnet50_Final.pth") in message
-
-
 def test_model_files_swapped_are_refused(models_dir):
     folder = models_dir / "antelopev2"
-    with pytest.raises(ValueError, match="not an insightface detection model"):
+    with pytest.raises(CheckpointError, match="not an insightface detection model"):
         FaceDetector(folder / "glintr100.onnx", folder / "scrfd_10g_bnkps.onnx", onnx_provider="cpu")
+
+
+@pytest.mark.parametrize("role", ["detector", "recognizer", "retinaface", "bisenet", "parsenet"])
+def test_a_truncated_model_file_is_named(models_dir, tmp_path, role):
+    paths = {}
+    for name, path in tiny_face_model_paths(models_dir).items():
+        paths[name] = tmp_path / path.parent.name / path.name
+        paths[name].parent.mkdir(exist_ok=True)
+        data = path.read_bytes()
+        paths[name].write_bytes(data[: len(data) // 3] if name == role else data)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as caught:
+        load_face_analyzer(paths, onnx_provider="cpu", device="cpu")
+    assert str(paths[role]) in str(caught.value)
+
+
+def test_the_analyzer_constructor_does_no_io(analyzer, monkeypatch):
+    import builtins
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("FaceAnalyzer() opened a file")
+
+    monkeypatch.setattr(builtins, "open", no_io)
+    made = FaceAnalyzer(analyzer.detector, analyzer.aligner, max_side=512)
+    assert made.detector is analyzer.detector and made.max_side == 512
 
 
 def test_facexlib_files_from_different_folders_are_gathered(tmp_path):

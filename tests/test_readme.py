@@ -3,12 +3,7 @@
 import re
 from pathlib import Path
 
-from eva_clip.model import EVA_CLIP_WEIGHTS
-from flux.hub import format_size
-from flux.registry import MODELS
-from flux.text_encoders import CLIP_SOURCE, T5_SOURCE
-from pulid.face_analysis import FACEXLIB_WEIGHTS, INSIGHTFACE_WEIGHTS
-from pulid.weights import PULID_VERSIONS
+from pulid.catalogue import CATALOGUE, markdown_table
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -26,26 +21,9 @@ def test_space_front_matter():
     assert re.search(r"^sdk: gradio$", front, re.M) and re.search(r"^app_file: app_flux.py$", front, re.M)
 
 
-def test_every_weight_file_is_listed_with_its_place_and_size():
-    specs = [
-        MODELS["flux-dev"].flow,
-        MODELS["flux-dev"].ae,
-        EVA_CLIP_WEIGHTS,
-        *PULID_VERSIONS.values(),
-        *INSIGHTFACE_WEIGHTS,
-        *FACEXLIB_WEIGHTS,
-    ]
-    for spec in specs:
-        rows = [line for line in README.splitlines() if f"`models/{spec.local_name}`" in line]
-        assert len(rows) == 1, spec.local_name
-        assert f"`{spec.repo_id}`" in rows[0] and f"`{spec.filename}`" in rows[0]
-        number, unit = re.search(r"\| ([\d.]+) (GB|MB) \|", rows[0]).groups()
-        stated = float(number) * {"GB": 1e9, "MB": 1e6}[unit]
-        assert abs(stated - spec.size_bytes) / spec.size_bytes < 0.05, (
-            spec.filename,
-            format_size(spec.size_bytes),
-        )
-    for source in (T5_SOURCE, CLIP_SOURCE):
-        assert f"`models/{source.local_name}/`" in README and source.repo_id in README
-    for name in ("flux1-krea-dev.safetensors", "krea-ae.safetensors", "flux-dev-fp8.safetensors"):
-        assert name in README
+def test_the_weights_table_is_the_catalogue():
+    """README's table of weight files is made from pulid/catalogue.py and must stay identical."""
+    table = markdown_table()
+    assert table in README, "README's weights table is stale: paste pulid.catalogue.markdown_table()"
+    for entry in CATALOGUE:  # every file the product can load has its row
+        assert f"`models/{entry.weights.local_name}" in table

@@ -1,0 +1,304 @@
+"""Every weight file the product can load, in one place: where it comes from, its size, where it goes.
+
+Each :class:`CatalogueEntry` is a :class:`flux.hub.HubWeights` (hub repo, file or folder of files,
+size, place under ``models/``) plus a role and the flags that need it. :func:`required_weights`
+says which entries a set of flags needs; the loader (:mod:`pulid.loading`), the download command
+(``python -m pulid.download``) and the README's table (:func:`markdown_table`, kept in step by a
+test) all come from here.
+
+Sizes are the files' tensor bytes from the checkpoint manifests (the files add a small header), or
+the hub's listed sizes where no manifest exists (the text encoders, the face models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flux.hub import HubWeights, format_size
+
+DEFAULT_VERSION = "v0.9.1"
+PULID_VERSIONS = ("v0.9.0", "v0.9.1")
+FP8_MODES = ("auto", "native", "quanto")
+
+FLUX_DEV_LICENCE = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
+FLUX_KREA_LICENCE = "https://huggingface.co/black-forest-labs/FLUX.1-Krea-dev/blob/main/LICENSE.md"
+INSIGHTFACE_LICENCE = "https://github.com/deepinsight/insightface#license"
+FACEXLIB_RELEASES = "https://github.com/xinntao/facexlib/releases/download"
+
+FLUX_DIT_BYTES = 23_802_816_640  # 11,901,408,320 bf16 parameters
+AE_BYTES = 335_278_732  # float32
+FP8_DIT_BYTES = 11_910_628_048  # fp8 weights, bf16 scales and biases
+PULID_BYTES = 1_142_067_200  # 571,033,600 bf16 parameters
+# google/t5-v1_1-xxl encoder in bf16 (two shards) and its tokenizer files, as the hub lists them.
+T5_XXL_FILES = (
+    "config.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "spiece.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+T5_XXL_BYTES = 9_525_486_640  # about: the shards 4,994,582,224 + 4,530,066,360 and small files
+# The CLIP ViT-L/14 repo holds four copies of the weights (PyTorch, safetensors, TF, Flax): only
+# the safetensors one is fetched, with the config and the tokenizer files.
+CLIP_L_FILES = (
+    "config.json",
+    "model.safetensors",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+CLIP_L_BYTES = 1_712_032_155  # model.safetensors 1,710,540,580 and small files
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One weight file (or folder) of the product: its role, its source, and the flags that need it."""
+
+    role: str  # what the loader uses it as: "flow", "ae", "t5", "clip", "pulid", "eva", ...
+    weights: HubWeights
+    needed_by: str  # for people: the flags that make the app load it
+
+
+def _flux(name: str, repo: str, licence: str, flow_file: str, ae_local: str) -> tuple[CatalogueEntry, ...]:
+    model = repo.split("/")[1]
+    return (
+        CatalogueEntry(
+            "flow",
+            HubWeights(
+                repo,
+                (flow_file,),
+                FLUX_DIT_BYTES,
+                flow_file,
+                f"the {model} transformer",
+                gated=True,
+                licence_url=licence,
+            ),
+            f"`--name {name}`"
+            + (" (default)" if name == "flux-dev" else "")
+            + ", unless `--fp8_mode quanto`",
+        ),
+        CatalogueEntry(
+            "ae",
+            HubWeights(
+                repo,
+                ("ae.safetensors",),
+                AE_BYTES,
+                ae_local,
+                f"the {model} autoencoder",
+                gated=True,
+                licence_url=licence,
+            ),
+            f"`--name {name}`" + (" (default)" if name == "flux-dev" else ""),
+        ),
+    )
+
+
+FLUX_WEIGHTS: dict[str, tuple[CatalogueEntry, ...]] = {
+    "flux-dev": _flux(
+        "flux-dev",
+        "black-forest-labs/FLUX.1-dev",
+        FLUX_DEV_LICENCE,
+        "flux1-dev.safetensors",
+        "ae.safetensors",
+    ),
+    "flux-krea-dev": _flux(
+        "flux-krea-dev",
+        "black-forest-labs/FLUX.1-Krea-dev",
+        FLUX_KREA_LICENCE,
+        "flux1-krea-dev.safetensors",
+        "krea-ae.safetensors",
+    ),
+}
+FP8_FLOW = CatalogueEntry(
+    "flow",
+    HubWeights(
+        "XLabs-AI/flux-dev-fp8",
+        ("flux-dev-fp8.safetensors",),
+        FP8_DIT_BYTES,
+        "flux-dev-fp8.safetensors",
+        "the FLUX.1-dev transformer in fp8 (XLabs, optimum-quanto)",
+    ),
+    "`--fp8 --fp8_mode quanto` (or `--fp8` on GPUs without fp8 units), flux-dev only",
+)
+FP8_MAP = CatalogueEntry(
+    "fp8_map",
+    HubWeights(
+        "XLabs-AI/flux-dev-fp8",
+        ("flux_dev_quantization_map.json",),
+        26_537,
+        "flux_dev_quantization_map.json",
+        "the quantization map of XLabs' fp8 transformer",
+        optional=True,
+    ),
+    "as the fp8 file (optional: the built-in map is the same)",
+)
+TEXT_ENCODERS = (
+    CatalogueEntry(
+        "t5",
+        HubWeights(
+            "xlabs-ai/xflux_text_encoders",
+            T5_XXL_FILES,
+            T5_XXL_BYTES,
+            "xflux_text_encoders",
+            "the T5-XXL text encoder (bf16)",
+            folder=True,
+        ),
+        "always",
+    ),
+    CatalogueEntry(
+        "clip",
+        HubWeights(
+            "openai/clip-vit-large-patch14",
+            CLIP_L_FILES,
+            CLIP_L_BYTES,
+            "clip-vit-large-patch14",
+            "the CLIP ViT-L/14 text encoder",
+            folder=True,
+        ),
+        "always",
+    ),
+)
+PULID_WEIGHTS: dict[str, CatalogueEntry] = {
+    version: CatalogueEntry(
+        "pulid",
+        HubWeights(
+            "guozinan/PuLID",
+            (f"pulid_flux_{version}.safetensors",),
+            PULID_BYTES,
+            f"pulid_flux_{version}.safetensors",
+            f"the PuLID-FLUX {version} weights",
+        ),
+        f"`--version {version}`" + (" (default)" if version == DEFAULT_VERSION else ""),
+    )
+    for version in PULID_VERSIONS
+}
+ID_MODELS = (
+    CatalogueEntry(
+        "eva",
+        HubWeights(
+            "QuanSun/EVA-CLIP",
+            ("EVA02_CLIP_L_336_psz14_s6B.pt",),
+            # 428,083,137 parameters of the full CLIP in fp16, plus pickle overhead (approximate)
+            856_200_000,
+            "EVA02_CLIP_L_336_psz14_s6B.pt",
+            "the EVA02-CLIP-L-14-336 checkpoint (face features)",
+        ),
+        "always",
+    ),
+    CatalogueEntry(
+        "detector",
+        HubWeights(
+            "DIAMONIK7777/antelopev2",
+            ("scrfd_10g_bnkps.onnx",),
+            16_923_827,
+            "antelopev2/scrfd_10g_bnkps.onnx",
+            "the insightface antelopev2 face detector (SCRFD-10GF)",
+            licence_url=INSIGHTFACE_LICENCE,
+        ),
+        "always",
+    ),
+    CatalogueEntry(
+        "recognizer",
+        HubWeights(
+            "DIAMONIK7777/antelopev2",
+            ("glintr100.onnx",),
+            260_665_334,
+            "antelopev2/glintr100.onnx",
+            "the insightface antelopev2 ArcFace recogniser (glintr100)",
+            licence_url=INSIGHTFACE_LICENCE,
+        ),
+        "always",
+    ),
+    # facexlib publishes these as GitHub release assets (v0.1.0/detection_Resnet50_Final.pth,
+    # v0.2.0/parsing_bisenet.pth, v0.2.2/parsing_parsenet.pth under FACEXLIB_RELEASES), not on the
+    # hub; leonelhs/facexlib mirrors them.
+    CatalogueEntry(
+        "retinaface",
+        HubWeights(
+            "leonelhs/facexlib",
+            ("detection_Resnet50_Final.pth",),
+            109_497_761,
+            "facexlib/detection_Resnet50_Final.pth",
+            "facexlib's RetinaFace-ResNet50 face detector",
+        ),
+        "always",
+    ),
+    CatalogueEntry(
+        "bisenet",
+        HubWeights(
+            "leonelhs/facexlib",
+            ("parsing_bisenet.pth",),
+            53_289_463,
+            "facexlib/parsing_bisenet.pth",
+            "facexlib's BiSeNet face parser",
+        ),
+        "always",
+    ),
+    CatalogueEntry(
+        "parsenet",
+        HubWeights(
+            "leonelhs/facexlib",
+            ("parsing_parsenet.pth",),
+            85_331_193,
+            "facexlib/parsing_parsenet.pth",
+            "facexlib's ParseNet face parser (its helper loads it; PuLID uses BiSeNet)",
+        ),
+        "always",
+    ),
+)
+FACE_MODEL_ROLES = ("detector", "recognizer", "retinaface", "bisenet", "parsenet")
+
+CATALOGUE: tuple[CatalogueEntry, ...] = (
+    *(entry for entries in FLUX_WEIGHTS.values() for entry in entries),
+    FP8_FLOW,
+    FP8_MAP,
+    *TEXT_ENCODERS,
+    *PULID_WEIGHTS.values(),
+    *ID_MODELS,
+)
+
+
+def check_choice(model: str, version: str, fp8: str | None) -> None:
+    """Raise ValueError naming the allowed values when a flag is not one of them."""
+    if model not in FLUX_WEIGHTS:
+        raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(FLUX_WEIGHTS)}")
+    if version not in PULID_WEIGHTS:
+        raise ValueError(f"Unknown PuLID version {version!r}; choose one of {', '.join(PULID_WEIGHTS)}")
+    if fp8 not in (None, "native", "quanto"):
+        raise ValueError(f"fp8 must be None, 'native' or 'quanto' once resolved, not {fp8!r}")
+    if fp8 == "quanto" and model != "flux-dev":
+        raise ValueError(f"There is no fp8 (quanto) checkpoint for {model}: use --fp8_mode native or bf16.")
+
+
+def required_weights(
+    model: str = "flux-dev", version: str = DEFAULT_VERSION, fp8: str | None = None
+) -> dict[str, CatalogueEntry]:
+    """Role -> entry for what these flags load (``fp8``: None, "native" or "quanto", resolved)."""
+    check_choice(model, version, fp8)
+    flow, ae = FLUX_WEIGHTS[model]
+    entries = [FP8_FLOW, FP8_MAP] if fp8 == "quanto" else [flow]
+    entries += [ae, *TEXT_ENCODERS, PULID_WEIGHTS[version], *ID_MODELS]
+    return {entry.role: entry for entry in entries}
+
+
+def markdown_table(entries: Iterable[CatalogueEntry] = CATALOGUE) -> str:
+    """The README's table of weight files (a test keeps README in step with it)."""
+    lines = [
+        "| what | needed for | hub repo | file(s) | size | place it at |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        weights = entry.weights
+        files = ", ".join(f"`{name}`" for name in weights.files)
+        gated = " (gated: accept the licence, set `HF_TOKEN`)" if weights.gated else ""
+        where = f"`models/{weights.local_name}{'/' if weights.folder else ''}`"
+        lines.append(
+            f"| {weights.description}{gated} | {entry.needed_by} | `{weights.repo_id}` | {files} | "
+            f"{format_size(weights.size_bytes)} | {where} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Download the weight files the chosen flags need into ``models/``: ``python -m pulid.download``.
+
+    python -m pulid.download --dry-run                 # what flux-dev + PuLID v0.9.1 need, and where
+    python -m pulid.download                           # fetch what is missing (progress, resume)
+    python -m pulid.download --name flux-krea-dev --version v0.9.0 --fp8 --models_dir /data/models
+
+The flags are the app's (``--name``, ``--version``, ``--fp8``, ``--fp8_mode``, ``--models_dir``), so
+the same line that starts the app says what to download. Files already in the models folder or
+the Hugging Face cache are skipped. FLUX.1-dev is gated: accept its licence on the hub and set
+``HF_TOKEN`` (or run ``hf auth login``) first; a refused download says so. Interrupted downloads
+resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flux.hub import (
+    WeightsNotFoundError,
+    default_models_dir,
+    download,
+    find_local,
+    format_size,
+    hub_offline,
+    hub_reachable,
+)
+from pulid.catalogue import CATALOGUE, DEFAULT_VERSION, FP8_MODES, PULID_VERSIONS, required_weights
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from flux.registry import MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pulid.download",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
+    parser.add_argument("--version", default=DEFAULT_VERSION, choices=PULID_VERSIONS, help="PuLID weights")
+    parser.add_argument("--fp8", action="store_true", help="the files --fp8 needs (see --fp8_mode)")
+    parser.add_argument(
+        "--fp8_mode",
+        default="auto",
+        choices=FP8_MODES,
+        help="auto: native on this machine's GPU if it has fp8 units (no extra file), else quanto",
+    )
+    parser.add_argument("--models_dir", type=Path, default=None, help="where to put them (default: models/)")
+    parser.add_argument("--all", action="store_true", help="every file of the catalogue, for every flag")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the files, sizes and places; fetch nothing"
+    )
+    return parser.parse_args(argv)
+
+
+def chosen_entries(args: argparse.Namespace):
+    """The catalogue entries the flags need (``--fp8 --fp8_mode auto`` resolved on this machine)."""
+    if args.all:
+        return list(CATALOGUE)
+    fp8 = None
+    if args.fp8:
+        fp8 = args.fp8_mode
+        if fp8 == "auto":
+            from flux.devices import resolve_device
+            from flux.quant import fp8_matmul_supported
+
+            fp8 = "native" if fp8_matmul_supported(resolve_device(None)) else "quanto"
+            print(f"--fp8_mode auto on this machine is {fp8}")
+    return list(required_weights(args.name, args.version, fp8).values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    models_dir = args.models_dir if args.models_dir is not None else default_models_dir()
+    entries = chosen_entries(args)
+    missing = []
+    print(f"{'status':<9}{'size':>10}  {'what':<58} place")
+    for entry in entries:
+        weights = entry.weights
+        try:
+            found = find_local(weights, models_dir)
+        except WeightsNotFoundError:
+            found = None
+        status = "present" if found is not None else "optional" if weights.optional else "missing"
+        where = found if found is not None else weights.local_path(models_dir)
+        print(f"{status:<9}{format_size(weights.size_bytes):>10}  {weights.description[:56]:<58} {where}")
+        if found is None:
+            missing.append(entry)
+    total = sum(entry.weights.size_bytes for entry in missing)
+    print(f"{len(missing)} to download ({format_size(total)}) into {models_dir}")
+    if args.dry_run or not missing:
+        return 0
+    if not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub cannot be reached"
+        print(f"Cannot download: {why}.", file=sys.stderr)
+        return 1
+    failures = 0
+    for entry in missing:
+        try:
+            path = download(entry.weights, models_dir)
+        except WeightsNotFoundError as err:
+            print(err, file=sys.stderr)
+            failures += 1
+            continue
+        print(f"done: {path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

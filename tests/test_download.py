@@ -1,0 +1,98 @@
+"""``python -m pulid.download``: what the flags need, where it goes, and fetching only what is missing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pulid.download
+from flux.hub import format_size
+from pulid.catalogue import CATALOGUE, required_weights
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_dry_run_lists_every_file_with_size_and_place(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pulid.download",
+            "--dry-run",
+            "--models_dir",
+            str(tmp_path),
+            "--version",
+            "v0.9.0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    needed = required_weights("flux-dev", "v0.9.0")
+    for entry in needed.values():
+        line = next(
+            line for line in proc.stdout.splitlines() if str(tmp_path / entry.weights.local_name) in line
+        )
+        assert line.startswith("missing") and format_size(entry.weights.size_bytes) in line
+    total = sum(e.weights.size_bytes for e in needed.values())
+    assert f"{len(needed)} to download ({format_size(total)})" in proc.stdout
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub's download, writing a small file where the real one would land."""
+    import huggingface_hub
+
+    monkeypatch.setattr(pulid.download, "hub_reachable", lambda: True)
+    fetched = []
+
+    def fake_download(repo_id, filename, local_dir=None, **kwargs):
+        fetched.append((repo_id, filename))
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"weights")
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return fetched
+
+
+def test_fetches_what_is_missing_into_its_place_then_nothing(tmp_path, fake_hub, capsys):
+    (tmp_path / "ae.safetensors").write_bytes(b"already here")
+    assert pulid.download.main(["--models_dir", str(tmp_path), "--name", "flux-krea-dev"]) == 0
+    needed = required_weights("flux-krea-dev")
+    for entry in needed.values():
+        weights = entry.weights
+        place = tmp_path / weights.local_name
+        if weights.folder:
+            assert all((place / name).read_bytes() == b"weights" for name in weights.files)
+        else:
+            assert place.read_bytes() == b"weights", place
+    assert ("black-forest-labs/FLUX.1-Krea-dev", "ae.safetensors") in fake_hub  # lands as krea-ae.safetensors
+    assert (tmp_path / "ae.safetensors").read_bytes() == b"already here"  # flux-dev's, untouched
+    fake_hub.clear()
+    assert pulid.download.main(["--models_dir", str(tmp_path), "--name", "flux-krea-dev"]) == 0
+    assert fake_hub == [] and "0 to download" in capsys.readouterr().out
+
+
+def test_quanto_fp8_needs_xlabs_file_and_all_lists_the_whole_catalogue(tmp_path, capsys):
+    assert (
+        pulid.download.main(["--dry-run", "--fp8", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "flux-dev-fp8.safetensors" in out and "flux1-dev.safetensors" not in out
+    assert "optional" in out  # the quantization map: the built-in one replaces it
+    assert pulid.download.main(["--dry-run", "--all", "--models_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(str(tmp_path / entry.weights.local_name) in out for entry in CATALOGUE)
+
+
+def test_offline_says_so_and_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert pulid.download.main(["--models_dir", str(tmp_path)]) == 1
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
