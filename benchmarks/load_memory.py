@@ -57,13 +57,13 @@ def rss_mib() -> float:
 def child(mode: str, path: str, args) -> None:
     import torch
 
-    from flux.loading import build_flow_model, load_flow_model_from_file
+    from flux.loading import build_flow_model, load_flow_model
 
     params = params_for(args)
     base = rss_mib()
     start = time.perf_counter()
     if mode == "strict_meta_loader":
-        model = load_flow_model_from_file(path, params, "cpu", torch.bfloat16)
+        model = load_flow_model(path, params, "cpu", torch.bfloat16)
     else:  # what the official load_flow_model does on CPU
         from safetensors.torch import load_file
 

@@ -1,17 +1,22 @@
-"""Strict checkpoint loading: every key present, none extra, every shape right.
+"""Strict checkpoint loading: every key present, none extra, every shape and dtype right.
 
 The official loaders call ``load_state_dict(strict=False)`` and print a warning, so a truncated or
 mismatched file silently leaves random weights in the model. Here any mismatch is an error that
 names the file and the keys, raised after reading only the file header, before any long work.
 
-Models are built on the meta device and filled with ``assign=True``: tensors go from the file
-straight to the target device and dtype, one at a time, with no float32 copy of the whole model.
+There is one loading loop, :func:`load_safetensors_strict`. Models are built on the meta device
+and filled with ``assign=True``: tensors go from the file straight to the target device and
+dtype, one at a time, with no float32 copy of the whole model. What differs between checkpoints
+(plain weights, weights quantised to fp8 as they are read, a quanto file) is a
+:class:`CheckpointFormat`: a per-tensor transform handed to that loop, the way timm hands a
+checkpoint filter to its one model builder.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,9 +24,27 @@ from torch import Tensor, nn
 
 MAX_LISTED_KEYS = 12
 
+# safetensors header dtype codes.
+DTYPE_CODES = {
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+# A tensor stored in one of these may be cast to the model's float dtype as it is read (fp8 codes never are).
+FLOAT_CODES = frozenset({"BF16", "F16", "F32", "F64"})
+FLOAT_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
+
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing keys, has unexpected keys or shapes, or cannot be read."""
+    """A checkpoint is missing keys, has unexpected keys, shapes or dtypes, or cannot be read."""
 
 
 def _listing(keys: Iterable[str]) -> str:
@@ -31,6 +54,20 @@ def _listing(keys: Iterable[str]) -> str:
     return shown + more
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor of a file must be: its shape, and the dtype codes it may be stored in."""
+
+    shape: tuple[int, ...]
+    dtypes: frozenset[str] = FLOAT_CODES
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> TensorSpec:
+        """A model tensor's spec: float tensors may come in any float dtype, others exactly."""
+        code = DTYPE_CODES.get(tensor.dtype, str(tensor.dtype))
+        return cls(tuple(tensor.shape), FLOAT_CODES if code in FLOAT_CODES else frozenset({code}))
+
+
 def check_keys_and_shapes(
     expected: Mapping[str, tuple[int, ...]],
     found: Mapping[str, tuple[int, ...]],
@@ -38,12 +75,36 @@ def check_keys_and_shapes(
     hint: str = "",
 ) -> None:
     """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys."""
-    missing = expected.keys() - found.keys()
-    unexpected = found.keys() - expected.keys()
+    check_header(
+        {k: TensorSpec(tuple(v), frozenset()) for k, v in expected.items()},
+        {k: (tuple(v), "") for k, v in found.items()},
+        source,
+        hint,
+        check_dtypes=False,
+    )
+
+
+def check_header(
+    expected: Mapping[str, TensorSpec],
+    header: Mapping[str, tuple[tuple[int, ...], str]],
+    source: str,
+    hint: str = "",
+    *,
+    check_dtypes: bool = True,
+) -> None:
+    """Raise :class:`CheckpointError` unless ``header`` (key -> (shape, dtype code)) holds ``expected``."""
+    missing = expected.keys() - header.keys()
+    unexpected = header.keys() - expected.keys()
+    common = sorted(expected.keys() & header.keys())
     misshaped = [
-        f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
-        for k in sorted(expected.keys() & found.keys())
-        if tuple(found[k]) != tuple(expected[k])
+        f"{k}: file {tuple(header[k][0])} vs model {tuple(expected[k].shape)}"
+        for k in common
+        if tuple(header[k][0]) != tuple(expected[k].shape)
+    ]
+    mistyped = [
+        f"{k}: file {header[k][1]} vs model {'/'.join(sorted(expected[k].dtypes))}"
+        for k in common
+        if check_dtypes and header[k][1] not in expected[k].dtypes
     ]
     problems = []
     if missing:
@@ -53,6 +114,10 @@ def check_keys_and_shapes(
     if misshaped:
         problems.append(
             f"{len(misshaped)} key(s) with the wrong shape: {'; '.join(misshaped[:MAX_LISTED_KEYS])}"
+        )
+    if mistyped:
+        problems.append(
+            f"{len(mistyped)} tensor(s) of the wrong dtype: {'; '.join(mistyped[:MAX_LISTED_KEYS])}"
         )
     if problems:
         message = f"Checkpoint {source} does not match the model:\n  " + "\n  ".join(problems)
@@ -70,10 +135,41 @@ def _is_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in module.state_dict().values())
 
 
-def _cast(tensor: Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
-    if dtype is not None and tensor.is_floating_point():
+def cast(tensor: Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
+    """``tensor`` on ``device``; bf16/fp16/fp32/fp64 tensors in ``dtype`` too (others keep theirs)."""
+    if dtype is not None and tensor.dtype in FLOAT_DTYPES:
         return tensor.to(device=device, dtype=dtype)
     return tensor.to(device=device)
+
+
+class CheckpointFormat:
+    """How a file's tensors become a module's state: the per-tensor transform of the one loader.
+
+    The base class reads a file whose keys are the module's state-dict keys, floats in any float
+    dtype, cast to the load dtype. Subclasses change the module before loading (:meth:`prepare`,
+    e.g. swap Linear layers for quantised ones on the meta device), say what the file must then
+    hold (:meth:`file_layout`) and turn each file tensor into state entries (:meth:`convert`).
+    """
+
+    def prepare(self, module: nn.Module) -> None:
+        """Change the (meta-device) module before it is filled; the default changes nothing."""
+
+    def file_layout(self, module: nn.Module) -> dict[str, TensorSpec]:
+        """Key -> what the file must hold for the prepared ``module``."""
+        return {k: TensorSpec.of(v) for k, v in module.state_dict().items()}
+
+    def convert(
+        self, key: str, tensor: Tensor, device: torch.device | str, dtype: torch.dtype | None
+    ) -> dict[str, Tensor]:
+        """The state entries made from one file tensor."""
+        return {key: cast(tensor, device, dtype)}
+
+    def hint(self, keys: set[str]) -> str:
+        """A sentence for a mismatch error, from the file's keys (e.g. "this is another model")."""
+        return ""
+
+
+PLAIN = CheckpointFormat()
 
 
 def load_state_dict_strict(
@@ -85,16 +181,16 @@ def load_state_dict_strict(
     dtype: torch.dtype | None = None,
     hint: str = "",
 ) -> None:
-    """Check then load ``state_dict`` into ``module``, casting floating tensors to ``dtype``."""
+    """Check then load an in-memory ``state_dict`` into ``module``, casting floating tensors to ``dtype``."""
     check_keys_and_shapes(
         expected_shapes(module), {k: tuple(v.shape) for k, v in state_dict.items()}, source, hint
     )
-    converted = {k: _cast(v, device, dtype) for k, v in state_dict.items()}
+    converted = {k: cast(v, device, dtype) for k, v in state_dict.items()}
     module.load_state_dict(converted, strict=True, assign=_is_meta(module))
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Key -> (shape, dtype string) from the file header, without reading tensor data."""
+    """Key -> (shape, dtype code) from the file header, without reading tensor data."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -120,41 +216,35 @@ def load_safetensors_strict(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    key_prefix: str | None = None,
-    key_map: Callable[[str], str | None] | None = None,
-    hint: str | Callable[[set[str]], str] = "",
+    fmt: CheckpointFormat = PLAIN,
+    hint: Callable[[set[str]], str] | None = None,
 ) -> None:
-    """Load a safetensors file into ``module`` strictly, tensor by tensor, onto ``device``.
+    """Fill ``module`` (built on the meta device, or materialised) from a safetensors file, strictly.
 
-    ``key_prefix`` keeps only keys starting with it (and strips it); ``key_map`` renames keys or
-    drops them (returning None). The header is checked before any tensor is read. ``hint`` is
-    added to a mismatch error; given as a function, it gets the file's keys.
+    ``fmt`` prepares the module and converts each tensor (see :class:`CheckpointFormat`). The
+    header is checked against the prepared module before any tensor is read; a mismatch names
+    the keys, plus ``hint(keys)`` (or the format's hint) when the file is recognisably something
+    else. Afterwards no tensor may be left on the meta device.
     """
     from safetensors import SafetensorError, safe_open
 
     header = read_safetensors_header(path)
-
-    def rename(key: str) -> str | None:
-        if key_prefix is not None:
-            if not key.startswith(key_prefix):
-                return None
-            key = key[len(key_prefix) :]
-        return key_map(key) if key_map is not None else key
-
-    names = {k: rename(k) for k in header}
-    found = {new: header[old][0] for old, new in names.items() if new is not None}
-    hint_text = hint(set(header)) if callable(hint) else hint
-    check_keys_and_shapes(expected_shapes(module), found, str(path), hint_text)
+    fmt.prepare(module)
+    keys = set(header)
+    hint_text = fmt.hint(keys) or (hint(keys) if hint is not None else "")
+    check_header(fmt.file_layout(module), header, str(path), hint_text)
 
     state: dict[str, Tensor] = {}
     load_device = str(device) if torch.device(device).type in ("cpu", "cuda") else "cpu"
     try:
         with safe_open(str(path), framework="pt", device=load_device) as handle:
-            for old, new in names.items():
-                if new is not None:
-                    state[new] = _cast(handle.get_tensor(old), device, dtype)
+            for key in header:
+                state.update(fmt.convert(key, handle.get_tensor(key), device, dtype))
     except SafetensorError as err:
         raise CheckpointError(
             f"Checkpoint {path} could not be read ({err}): it may be truncated or corrupt."
         ) from err
     module.load_state_dict(state, strict=True, assign=_is_meta(module))
+    left = [k for k, v in module.state_dict().items() if v.is_meta]
+    if left:  # a format that forgot a tensor: never run with uninitialised weights
+        raise CheckpointError(f"Checkpoint {path} left tensors unloaded: {_listing(left)}")

@@ -1,8 +1,11 @@
-"""Load the DiT and the autoencoder from the official checkpoints, strictly and without copies.
+"""Load the DiT and the autoencoder from checkpoint files, strictly and without copies.
 
-The model is built on the meta device (no memory, no random init) and each tensor goes from the
-safetensors file straight to the target device and dtype. Any key mismatch is an error naming the
-keys, with a hint when the file is recognisably another model or layout.
+:func:`load_flow_model` is the one DiT loader: it builds the model on the meta device (no memory,
+no random initialisation) and fills it from the file through :func:`flux.checkpoint.load_safetensors_strict`.
+Whether the file holds plain weights, weights to quantise to fp8 as they are read
+(:class:`flux.quant.NativeFp8Format`) or XLabs' quanto checkpoint (:class:`flux.quant.QuantoFormat`)
+is the ``fmt`` argument: a per-tensor transform of that one path. Any key mismatch is an error
+naming the keys, with a hint when the file is recognisably another model or layout.
 """
 
 from __future__ import annotations
@@ -14,10 +17,8 @@ from pathlib import Path
 import torch
 
 from flux.autoencoder import AutoEncoder, AutoEncoderParams
-from flux.checkpoint import load_safetensors_strict
-from flux.hub import resolve_weight
+from flux.checkpoint import PLAIN, CheckpointFormat, load_safetensors_strict
 from flux.model import Flux, FluxParams
-from flux.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 def layout_hint(keys: set[str]) -> str:
     """Recognise common wrong files by their keys, to tell the user what they gave us."""
     if any(k.endswith("._data") or k.endswith("._scale") for k in keys):
-        return "This looks like a quanto fp8 checkpoint: load it with --fp8."
+        return "This looks like a quanto fp8 checkpoint: load it with --fp8 --fp8_mode quanto."
     if any(k.startswith("transformer_blocks.") or k.startswith("single_transformer_blocks.") for k in keys):
         return (
             "This looks like a diffusers-format transformer: use the original single-file "
@@ -33,17 +34,28 @@ def layout_hint(keys: set[str]) -> str:
         )
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "This looks like a ComfyUI/SD-style checkpoint with a 'model.diffusion_model.' prefix."
-    if any(k.startswith("encoder.") or k.startswith("decoder.") for k in keys) and not any(
-        k.startswith("double_blocks.") for k in keys
-    ):
-        return "This looks like an autoencoder checkpoint (ae.safetensors), not the transformer."
-    if any(k.startswith("double_blocks.") for k in keys) and not any(
-        k.startswith("guidance_in.") for k in keys
-    ):
-        return "This transformer has no guidance embedding: it looks like FLUX.1-schnell (not supported)."
     if any(k.startswith("pulid_") for k in keys):
         return "This is a PuLID weight file, not a FLUX checkpoint."
+    has_dit = any(k.startswith("double_blocks.") for k in keys)
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys) and not has_dit:
+        return "This looks like an autoencoder checkpoint (ae.safetensors)."
+    if has_dit and not any(k.startswith("guidance_in.") for k in keys):
+        return "This transformer has no guidance embedding: it looks like FLUX.1-schnell (not supported)."
+    if has_dit:
+        return "This looks like a FLUX transformer (flux1-dev.safetensors)."
     return ""
+
+
+def dit_hint(keys: set[str]) -> str:
+    """:func:`layout_hint` for a file given as the transformer (silent when it looks like one)."""
+    hint = layout_hint(keys)
+    return "" if hint.startswith("This looks like a FLUX transformer") else hint
+
+
+def ae_hint(keys: set[str]) -> str:
+    """:func:`layout_hint` for a file given as the autoencoder (silent when it looks like one)."""
+    hint = layout_hint(keys)
+    return "" if hint.startswith("This looks like an autoencoder") else hint
 
 
 def build_flow_model(
@@ -53,21 +65,26 @@ def build_flow_model(
         return Flux(params).to(dtype)
 
 
-def load_flow_model_from_file(
+def load_flow_model(
     path: str | os.PathLike,
     params: FluxParams,
     device: torch.device | str,
     dtype: torch.dtype = torch.bfloat16,
+    fmt: CheckpointFormat = PLAIN,
 ) -> Flux:
-    """Flux from a single-file checkpoint in the official (BFL) key layout."""
+    """The FLUX DiT from a single-file checkpoint in the official (BFL) key layout.
+
+    ``fmt`` turns the file's tensors into the model's (see :mod:`flux.checkpoint`); the default
+    casts plain weights to ``dtype``. The peak memory is the model plus one tensor of the file.
+    """
     path = Path(path)
     model = build_flow_model(params, "meta", dtype)
-    logger.info("Loading the transformer from %s onto %s (%s)", path, device, dtype)
-    load_safetensors_strict(model, path, device=device, dtype=dtype, hint=layout_hint)
+    logger.info("Loading the transformer from %s onto %s (%s, %s)", path, device, dtype, type(fmt).__name__)
+    load_safetensors_strict(model, path, device=device, dtype=dtype, fmt=fmt, hint=dit_hint)
     return model.eval().requires_grad_(False)
 
 
-def load_autoencoder_from_file(
+def load_autoencoder(
     path: str | os.PathLike,
     params: AutoEncoderParams,
     device: torch.device | str,
@@ -78,28 +95,5 @@ def load_autoencoder_from_file(
     with torch.device("meta"):
         ae = AutoEncoder(params)
     logger.info("Loading the autoencoder from %s onto %s", path, device)
-    load_safetensors_strict(ae, path, device=device, dtype=dtype, hint=layout_hint)
+    load_safetensors_strict(ae, path, device=device, dtype=dtype, hint=ae_hint)
     return ae.eval().requires_grad_(False)
-
-
-def load_flow_model(
-    spec: ModelSpec,
-    device: torch.device | str,
-    dtype: torch.dtype = torch.bfloat16,
-    path: str | os.PathLike | None = None,
-    models_dir: str | os.PathLike | None = None,
-) -> Flux:
-    """Resolve (explicit path, ``models/``, hub) and load the transformer of ``spec``."""
-    return load_flow_model_from_file(resolve_weight(spec.flow, path, models_dir), spec.params, device, dtype)
-
-
-def load_autoencoder(
-    spec: ModelSpec,
-    device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
-    path: str | os.PathLike | None = None,
-    models_dir: str | os.PathLike | None = None,
-) -> AutoEncoder:
-    return load_autoencoder_from_file(
-        resolve_weight(spec.ae, path, models_dir), spec.ae_params, device, dtype
-    )

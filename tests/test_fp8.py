@@ -13,30 +13,35 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flux.checkpoint import CheckpointError
-from flux.loading import load_flow_model_from_file
+from flux.checkpoint import CheckpointError, check_header
+from flux.loading import load_flow_model
 from flux.model import Flux
 from flux.quant import (
     FP8_MODULATION,
     Fp8Linear,
-    load_flow_model_fp8,
-    load_quanto_fp8_flow_model,
+    NativeFp8Format,
     quantize_linears_to_fp8,
     quantize_rowwise,
+    quanto_format,
     xlabs_quantization_map,
 )
 from flux.quant.fp8_linear import emulated_mm_rowwise
-from flux.quant.quanto_compat import check_quanto_header, expected_state, quantize_as_mapped
+from flux.quant.quanto_compat import expected_state, quantize_as_mapped
 from flux.registry import flux_dev_params
+from tests.manifests import read_manifest
 from tests.test_flux_model import random_inputs, rel_err
 from tests.tiny_configs import tiny_flux_params
 
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"  # as test_manifests_flux
 F64 = torch.float64
 
 
 def fresh_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def load_quanto(path, map_path, params, device):
+    """XLabs' layout through the one DiT loader, as pulid.loading does with --fp8_mode quanto."""
+    return load_flow_model(path, params, device, fmt=quanto_format(map_path))
 
 
 def tiny_model(seed: int) -> Flux:
@@ -60,35 +65,32 @@ def quanto():
 
 
 def test_full_size_quanto_layout_is_the_manifest_and_the_map(quanto):
-    if not CHECKPOINTS.is_dir():
-        pytest.fail(f"{CHECKPOINTS} is missing: shared/ must sit beside the repository")
     with torch.device("meta"):
         model = Flux(flux_dev_params()).to(torch.bfloat16)
     qmap = xlabs_quantization_map(model)
-    assert qmap == json.loads((CHECKPOINTS / "flux_dev_quantization_map.reconstructed.json").read_text())
+    assert qmap == read_manifest("flux_dev_quantization_map.reconstructed.json")
     quantize_as_mapped(model, qmap, "built-in")
     assert quanto.quantization_map(model) == qmap and len(qmap) == 314
 
-    manifest = json.loads((CHECKPOINTS / "flux-dev-fp8.xlabs-quanto.manifest.json").read_text())["tensors"]
-    ours = expected_state(model)
-    assert list(ours) == list(manifest)  # same keys, same order
-    assert all(list(shape) == manifest[k]["shape"] for k, (shape, _) in ours.items())
+    manifest = read_manifest("flux-dev-fp8.xlabs-quanto.manifest.json")["tensors"]
+    state = model.state_dict()
+    assert list(state) == list(manifest)  # same keys, same order
+    assert all(list(v.shape) == manifest[k]["shape"] for k, v in state.items())
     # The manifest records quanto 0.2.4 dtypes: float32 input/output scales. quanto 0.2.7 registers them
     # in the weight dtype (bf16). Every other dtype must be identical.
-    differing = {
-        k for k, (_, dtype) in ours.items() if str(dtype).removeprefix("torch.") != manifest[k]["dtype"]
-    }
-    scale_keys = {k for k in ours if k.endswith((".input_scale", ".output_scale"))}
+    differing = {k for k, v in state.items() if str(v.dtype).removeprefix("torch.") != manifest[k]["dtype"]}
+    scale_keys = {k for k in state if k.endswith((".input_scale", ".output_scale"))}
     assert differing == scale_keys and len(scale_keys) == 628
     assert {manifest[k]["dtype"] for k in scale_keys} == {"float32"}
-    assert {ours[k][1] for k in scale_keys} == {torch.bfloat16}
+    assert {state[k].dtype for k in scale_keys} == {torch.bfloat16}
     # A file laid out as the manifest says (either scale dtype) passes the loader's strict check.
+    ours = expected_state(model)
     codes = {"float8_e4m3fn": "F8_E4M3", "bfloat16": "BF16", "float32": "F32"}
     header = {k: (tuple(v["shape"]), codes[v["dtype"]]) for k, v in manifest.items()}
-    check_quanto_header(ours, header, "manifest")
+    check_header(ours, header, "manifest")
     header["img_in.weight._data"] = ((3072, 64), "BF16")
     with pytest.raises(CheckpointError, match=r"img_in.weight._data: file BF16 vs model F8_E4M3"):
-        check_quanto_header(ours, header, "manifest")
+        check_header(ours, header, "manifest")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def test_quanto_round_trip_is_exact_and_close_to_bf16(quanto, quanto_checkpoint,
         {k: v.to(scale_dtype) if k.endswith("_scale") and v.ndim == 0 else v for k, v in state.items()},
         str(path),
     )
-    loaded = load_quanto_fp8_flow_model(path, folder / "map.json", tiny_flux_params(), "cpu")
+    loaded = load_quanto(path, folder / "map.json", tiny_flux_params(), "cpu")
     assert same_state(loaded.state_dict(), state)
     assert not any(p.requires_grad for p in loaded.parameters())
 
@@ -159,7 +161,7 @@ def test_quanto_checkpoint_mismatch_names_file_and_keys(quanto_checkpoint, tmp_p
     folder, _, _, state = quanto_checkpoint
     path = _save_edited(state, tmp_path, edit)
     with pytest.raises(CheckpointError) as err:
-        load_quanto_fp8_flow_model(path, folder / "map.json", tiny_flux_params(), "cpu")
+        load_quanto(path, folder / "map.json", tiny_flux_params(), "cpu")
     assert expected in str(err.value) and str(path) in str(err.value)
 
 
@@ -169,7 +171,7 @@ def test_wrong_files_for_the_quanto_loader_are_explained(quanto_checkpoint, tmp_
     bf16 = tmp_path / "flux1-dev.safetensors"
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in reference.state_dict().items()}, str(bf16))
     with pytest.raises(CheckpointError, match="high-precision checkpoint") as err:
-        load_quanto_fp8_flow_model(bf16, folder / "map.json", params, "cpu")
+        load_quanto(bf16, folder / "map.json", params, "cpu")
     assert "missing key(s): double_blocks.0.img_attn.proj.input_scale" in str(err.value)
     assert "unexpected key(s): double_blocks.0.img_attn.proj.weight," in str(err.value)
 
@@ -177,26 +179,26 @@ def test_wrong_files_for_the_quanto_loader_are_explained(quanto_checkpoint, tmp_
     del qmap["img_in"]  # the map and the file disagree: the file is then wrong for that map
     (tmp_path / "short.json").write_text(json.dumps(qmap))
     with pytest.raises(CheckpointError, match=r"missing key\(s\): img_in.weight\n") as err:
-        load_quanto_fp8_flow_model(folder / "fp8.safetensors", tmp_path / "short.json", params, "cpu")
+        load_quanto(folder / "fp8.safetensors", tmp_path / "short.json", params, "cpu")
     message = str(err.value)
     assert "short.json" in message
     assert "unexpected key(s): img_in.input_scale, img_in.output_scale, img_in.weight._data" in message
 
     (tmp_path / "extra.json").write_text(json.dumps({**qmap, "pulid_ca.0": qmap["txt_in"]}))
     with pytest.raises(CheckpointError, match="does not have: pulid_ca.0"):
-        load_quanto_fp8_flow_model(folder / "fp8.safetensors", tmp_path / "extra.json", params, "cpu")
+        load_quanto(folder / "fp8.safetensors", tmp_path / "extra.json", params, "cpu")
 
     with pytest.raises(CheckpointError, match=r"map.json is not a readable safetensors file"):
-        load_quanto_fp8_flow_model(folder / "map.json", folder / "map.json", params, "cpu")
+        load_quanto(folder / "map.json", folder / "map.json", params, "cpu")
     with pytest.raises(CheckpointError, match=r"map .*fp8.safetensors is not a readable JSON file"):
-        load_quanto_fp8_flow_model(folder / "fp8.safetensors", folder / "fp8.safetensors", params, "cpu")
+        load_quanto(folder / "fp8.safetensors", folder / "fp8.safetensors", params, "cpu")
 
 
 def test_missing_quanto_says_how_to_install(monkeypatch, quanto_checkpoint):
     folder, _, _, _ = quanto_checkpoint
     monkeypatch.setitem(sys.modules, "optimum.quanto", None)
     with pytest.raises(ImportError, match=r"pip install -r requirements-fp8.txt"):
-        load_quanto_fp8_flow_model(folder / "fp8.safetensors", None, tiny_flux_params(), "cpu")
+        load_quanto(folder / "fp8.safetensors", None, tiny_flux_params(), "cpu")
 
 
 # ---------------------------------------------------------------- native fp8 fast path
@@ -357,8 +359,8 @@ def test_streaming_fp8_load_equals_quantizing_the_loaded_model(tmp_path):
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     path = tmp_path / "flux1-dev.safetensors"
     save_file(state, str(path))
-    streamed = load_flow_model_fp8(path, tiny_flux_params(), "cpu")
-    in_place = load_flow_model_from_file(path, tiny_flux_params(), "cpu")
+    streamed = load_flow_model(path, tiny_flux_params(), "cpu", fmt=NativeFp8Format())
+    in_place = load_flow_model(path, tiny_flux_params(), "cpu")
     quantize_linears_to_fp8(in_place)
     assert same_state(streamed.state_dict(), in_place.state_dict())
     assert not any(t.is_meta for t in streamed.state_dict().values())
@@ -366,7 +368,7 @@ def test_streaming_fp8_load_equals_quantizing_the_loaded_model(tmp_path):
     del state["single_blocks.2.linear2.weight"]
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"missing key\(s\): single_blocks.2.linear2.weight"):
-        load_flow_model_fp8(path, tiny_flux_params(), "cpu")
+        load_flow_model(path, tiny_flux_params(), "cpu", fmt=NativeFp8Format())
 
 
 def test_fp8_linear_compiles_to_one_graph():

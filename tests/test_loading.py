@@ -1,6 +1,6 @@
 """Strict loading of tiny checkpoints written in the official key layout, and every error path."""
 
-import dataclasses
+from pathlib import Path
 
 import httpx
 import pytest
@@ -9,22 +9,12 @@ from safetensors.torch import save_file
 
 from flux.autoencoder import AutoEncoder
 from flux.checkpoint import CheckpointError
-from flux.hub import WeightFile, WeightsNotFoundError, resolve_weight
-from flux.loading import load_autoencoder, load_flow_model, load_flow_model_from_file
+from flux.hub import HubWeights, WeightsNotFoundError, download, find_local
+from flux.loading import load_autoencoder, load_flow_model
 from flux.model import Flux
-from flux.registry import MODELS, ModelSpec
+from pulid.catalogue import required_weights
+from pulid.loading import locate_weights
 from tests.tiny_configs import tiny_ae_params, tiny_flux_params
-
-
-def tiny_spec() -> ModelSpec:
-    base = MODELS["flux-dev"]
-    return dataclasses.replace(
-        base,
-        params=tiny_flux_params(),
-        ae_params=tiny_ae_params(),
-        flow=dataclasses.replace(base.flow, local_name="tiny-flux.safetensors"),
-        ae=dataclasses.replace(base.ae, local_name="tiny-ae.safetensors"),
-    )
 
 
 @pytest.fixture
@@ -37,9 +27,9 @@ def tiny_checkpoint(tmp_path):
     return path, state
 
 
-def test_loads_every_tensor_to_target_dtype_from_models_folder(tiny_checkpoint, tmp_path):
+def test_loads_every_tensor_to_target_dtype(tiny_checkpoint, tmp_path):
     path, state = tiny_checkpoint
-    model = load_flow_model(tiny_spec(), device="cpu", dtype=torch.bfloat16, models_dir=tmp_path)
+    model = load_flow_model(path, tiny_flux_params(), device="cpu", dtype=torch.bfloat16)
     loaded = model.state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
@@ -48,12 +38,21 @@ def test_loads_every_tensor_to_target_dtype_from_models_folder(tiny_checkpoint, 
     )
 
 
-def test_cast_on_load_and_explicit_path_wins(tiny_checkpoint, tmp_path):
+def test_cast_on_load(tiny_checkpoint, tmp_path):
     path, state = tiny_checkpoint
     other = tmp_path / "elsewhere.safetensors"
     save_file({k: torch.zeros_like(v) for k, v in state.items()}, str(other))
-    model = load_flow_model(tiny_spec(), device="cpu", dtype=torch.float32, path=other, models_dir=tmp_path)
+    model = load_flow_model(other, tiny_flux_params(), device="cpu", dtype=torch.float32)
     assert all(p.dtype == torch.float32 and p.abs().sum() == 0 for p in model.parameters())
+
+
+def test_a_file_of_another_dtype_kind_is_refused_with_the_keys(tiny_checkpoint, tmp_path):
+    path, state = tiny_checkpoint
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()}
+    bad = tmp_path / "fp8.safetensors"
+    save_file(fp8, str(bad))
+    with pytest.raises(CheckpointError, match=r"wrong dtype: .*file F8_E4M3 vs model BF16/F16/F32/F64"):
+        load_flow_model(bad, tiny_flux_params(), "cpu")
 
 
 @pytest.mark.parametrize(
@@ -77,7 +76,7 @@ def test_mismatched_checkpoint_names_the_file_and_keys(tiny_checkpoint, tmp_path
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad))
     with pytest.raises(CheckpointError) as err:
-        load_flow_model_from_file(bad, tiny_flux_params(), "cpu")
+        load_flow_model(bad, tiny_flux_params(), "cpu")
     assert expected in str(err.value) and str(bad) in str(err.value)
 
 
@@ -93,7 +92,7 @@ def test_wrong_model_gets_a_hint(tmp_path, keys, hint):
     path = tmp_path / "other.safetensors"
     save_file(keys, str(path))
     with pytest.raises(CheckpointError, match=hint):
-        load_flow_model_from_file(path, tiny_flux_params(), "cpu")
+        load_flow_model(path, tiny_flux_params(), "cpu")
 
 
 def test_truncated_and_non_safetensors_files_are_named(tiny_checkpoint, tmp_path):
@@ -103,7 +102,7 @@ def test_truncated_and_non_safetensors_files_are_named(tiny_checkpoint, tmp_path
         bad = tmp_path / name
         bad.write_bytes(content)
         with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
-            load_flow_model_from_file(bad, tiny_flux_params(), "cpu")
+            load_flow_model(bad, tiny_flux_params(), "cpu")
         assert name in str(err.value)
 
 
@@ -111,15 +110,16 @@ def test_autoencoder_loads_in_float32(tmp_path):
     ae = AutoEncoder(tiny_ae_params())
     state = {k: v.contiguous() for k, v in ae.state_dict().items()}
     save_file(state, str(tmp_path / "tiny-ae.safetensors"))
-    loaded = load_autoencoder(tiny_spec(), "cpu", models_dir=tmp_path)
+    loaded = load_autoencoder(tmp_path / "tiny-ae.safetensors", tiny_ae_params(), "cpu")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     assert next(loaded.parameters()).dtype == torch.float32
 
 
 def test_missing_gated_file_offline_explains_everything(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    entries = {"flow": required_weights()["flow"]}
     with pytest.raises(WeightsNotFoundError) as err:
-        load_flow_model(MODELS["flux-dev"], "cpu", models_dir=tmp_path)
+        locate_weights(entries, tmp_path, command="python -m pulid.download")
     message = str(err.value)
     for fact in [
         "black-forest-labs/FLUX.1-dev",
@@ -129,6 +129,7 @@ def test_missing_gated_file_offline_explains_everything(tmp_path, monkeypatch):
         "licence",
         "HF_TOKEN",
         "HF_HUB_OFFLINE",
+        "python -m pulid.download",
     ]:
         assert fact in message
 
@@ -137,12 +138,11 @@ def test_refused_download_is_explained(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    spec = MODELS["flux-dev"].ae
+    entry = required_weights()["ae"].weights
     response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co/x"))
     for error, expected in [
-        (GatedRepoError("gated", response=response), "refused"),
-        (LocalEntryNotFoundError("offline"), "cannot be reached"),
+        (GatedRepoError("gated", response=response), "accept its licence"),
+        (LocalEntryNotFoundError("offline"), "the download of black-forest-labs/FLUX.1-dev failed"),
     ]:
 
         def refuse(*args, _error=error, **kwargs):
@@ -150,26 +150,31 @@ def test_refused_download_is_explained(tmp_path, monkeypatch):
 
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
         with pytest.raises(WeightsNotFoundError, match=expected) as err:
-            resolve_weight(spec, models_dir=tmp_path)
-        assert "ae.safetensors" in str(err.value) and "HF_TOKEN" in str(err.value)
+            download(entry, tmp_path)
+        assert "autoencoder" in str(err.value)
 
 
-def test_download_goes_to_the_hf_cache_when_not_local(tmp_path, monkeypatch):
+def test_download_lands_at_the_catalogue_place_or_in_the_cache(tmp_path, monkeypatch):
     import huggingface_hub
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    fetched = tmp_path / "cache" / "file.safetensors"
     calls = []
 
-    def fake_download(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename, kwargs))
-        return str(fetched)
+    def fake_download(repo_id, filename, local_dir=None, **kwargs):
+        calls.append((repo_id, filename, local_dir))
+        target = Path(local_dir or tmp_path / "cache") / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"x")
+        return str(target)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    spec = WeightFile("org/repo", "w.safetensors", 10, "w.safetensors", "a test file")
-    assert resolve_weight(spec, models_dir=tmp_path) == fetched
-    assert calls == [("org/repo", "w.safetensors", {})]  # no local_dir: the HF cache
-    (tmp_path / "w.safetensors").write_bytes(b"x")
-    assert resolve_weight(spec, models_dir=tmp_path) == tmp_path / "w.safetensors"
-    with pytest.raises(WeightsNotFoundError, match="not a file"):
-        resolve_weight(spec, explicit_path=tmp_path / "nope.safetensors", models_dir=tmp_path)
+    renamed = HubWeights("org/repo", ("ae.safetensors",), 10, "krea-ae.safetensors", "a test file")
+    assert download(renamed, tmp_path / "models") == tmp_path / "models" / "krea-ae.safetensors"
+    assert (tmp_path / "models" / "krea-ae.safetensors").read_bytes() == b"x"
+    folder = HubWeights("org/enc", ("config.json", "w.safetensors"), 10, "enc", "an encoder", folder=True)
+    assert download(folder, tmp_path / "models") == tmp_path / "models" / "enc"
+    assert calls[-1] == ("org/enc", "w.safetensors", tmp_path / "models" / "enc")
+    assert download(renamed) == tmp_path / "cache" / "ae.safetensors"  # no models dir: the HF cache
+    assert calls[-1][2] is None
+    assert find_local(folder, tmp_path / "models") == tmp_path / "models" / "enc"
+    with pytest.raises(WeightsNotFoundError, match="is not a file"):
+        find_local(renamed, tmp_path, explicit_path=tmp_path / "nope.safetensors")

@@ -10,7 +10,7 @@ float32 and scaled afterwards. CPU tests therefore check the numbers the GPU pat
 
 :func:`quantize_rowwise` is a separate function on purpose: under ``torch.compile`` it fuses with
 whatever produced the activation (a LayerNorm and modulation, a GELU), which is what makes fp8 pay
-off; done eagerly it costs more than the faster matmul saves (see shared/env/NOTES.md). Measured on
+off; done eagerly it costs more than the faster matmul saves (measured for the fp8 work). Measured on
 an H100 (torch 2.11, 4160 tokens, LayerNorm + modulation prologue, the DiT's layer shapes): compiled
 fp8 layers took 0.28-0.58 ms against 0.34-0.84 ms for compiled bf16 (1.2-1.6x); eager fp8 was slower
 than bf16. Eager CUDA and CPU give bit-identical codes and scales; under inductor about 3 codes in
