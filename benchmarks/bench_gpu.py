@@ -2,7 +2,7 @@
 
 Builds full-size T5-XXL, CLIP-L, the FLUX.1-dev DiT with the 20 PuLID cross-attention blocks, the
 AE, EVA02-CLIP-L and the IDFormer with random weights (no download), and the face models as the
-stand-ins of ``pulid.tiny_face_models`` (the real insightface/facexlib code on CPU onnxruntime).
+stand-ins of ``tiny_random.face_models`` (the real insightface/facexlib code on CPU onnxruntime).
 Each mode runs in its own subprocess so that its peak GPU and CPU memory are its own. Output:
 ``bench.json`` and ``bench.md`` in ``--out``, and the table on stdout.
 
@@ -78,36 +78,18 @@ def build_stack(device: str, dtype, folder: Path):
     from flux.autoencoder import AutoEncoder
     from flux.loading import build_flow_model
     from flux.registry import MODELS
-    from flux.text_encoders import CLIP_MAX_LENGTH, HFEmbedder
-    from flux.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from flux.text_encoders import CLIP_L_TEXT_CONFIG, CLIP_MAX_LENGTH, T5_XXL_CONFIG, HFEmbedder
     from pulid.encoders import PuLIDWeights
     from pulid.id_encoder import IDEncoder
     from pulid.pipeline import PuLIDFluxPipeline
-    from pulid.tiny import tiny_face_analyzer
+    from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from tiny_random.pipeline import tiny_face_analyzer
 
     spec = MODELS["flux-dev"]
     torch.manual_seed(1234)  # every mode's subprocess builds the very same random models
     with torch.device(device):
-        t5_config = T5Config(
-            vocab_size=32128,
-            d_model=4096,
-            d_kv=64,
-            d_ff=10240,
-            num_layers=24,
-            num_heads=64,
-            feed_forward_proj="gated-gelu",
-            relative_attention_num_buckets=32,
-        )
-        t5_model = T5EncoderModel._from_config(t5_config, dtype=dtype)
-        clip_config = CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-        )
-        clip_model = CLIPTextModel._from_config(clip_config, dtype=dtype)
+        t5_model = T5EncoderModel._from_config(T5Config(**T5_XXL_CONFIG), dtype=dtype)
+        clip_model = CLIPTextModel._from_config(CLIPTextConfig(**CLIP_L_TEXT_CONFIG), dtype=dtype)
         ae = AutoEncoder(spec.ae_params)
         pulid = PuLIDWeights().to(dtype)
         eva = EvaVisionTower(device=device).to(dtype)
@@ -133,9 +115,10 @@ def build_stack(device: str, dtype, folder: Path):
 
 def apply_mode(pipeline, mode: str) -> None:
     """Turn the resident bf16 stack into ``mode`` (the way pulid.loading does for real weights)."""
-    from flux.compile import compile_blocks
+    from flux.compile import compile_blocks, compile_repeated_blocks
 
     if mode in PLACED:
+        from flux.offload import MemoryPolicy
         from pulid.loading import place_pipeline
 
         fp8, compiled, budget, offload, aggressive = PLACED[mode]
@@ -156,10 +139,11 @@ def apply_mode(pipeline, mode: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
-        place_pipeline(pipeline, "cuda", budget, offload, aggressive)
+        policy = MemoryPolicy(vram_budget_gb=budget, offload=offload or aggressive, aggressive=aggressive)
+        place_pipeline(pipeline, policy, "cuda")
         print(str(pipeline.placement.plan), flush=True)
         if compiled:
-            compile_blocks(pipeline.flow)
+            compile_repeated_blocks(pipeline.flow)
             compile_blocks(pipeline.pulid_ca)
         return
     if mode == "quanto":  # the XLabs checkpoint's layout: every Linear qfloat8 through optimum-quanto
@@ -175,7 +159,7 @@ def apply_mode(pipeline, mode: str) -> None:
     if mode == "fp8-whole":  # one graph for the whole DiT forward, ID injection included
         pipeline.flow.compile(dynamic=False)
     if mode in ("compiled", "fp8"):
-        compile_blocks(pipeline.flow)
+        compile_repeated_blocks(pipeline.flow)
         compile_blocks(pipeline.pulid_ca)
 
 
@@ -207,7 +191,7 @@ def run_mode(mode: str, args) -> dict:
     import torch
     from skimage import data as skimage_data
 
-    from pulid.pipeline import GenerationRequest
+    from pulid.request import GenerationRequest
 
     torch.backends.cuda.matmul.allow_tf32 = True
     if mode == "fp8-cdt":  # inductor's coordinate-descent tuning of the generated kernels

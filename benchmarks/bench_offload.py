@@ -2,7 +2,7 @@
 
 ``python benchmarks/bench_offload.py`` builds a shortened full-width FLUX DiT with random bf16 weights
 (no download) and prints one JSON line per measurement. It is how the defaults of
-:class:`flux.offload.plan.StageReserves` and the claims in the package docstrings were checked.
+stage reserves of :data:`pulid.pipeline.STAGES` and the claims in the package docstrings were checked.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flux.autoencoder import AutoEncoder
 from flux.model import Flux
-from flux.offload.blocks import StreamedBlocks, choose_resident, flux_blocks
+from flux.offload.blocks import StreamedBlocks, choose_resident
 from flux.offload.layout import FlatLayout
 from flux.offload.transfer import CudaTransfer
 from flux.registry import MODELS
+from flux.repeated import block_modules
 from flux.sampling import image_ids, text_ids
 
 GiB = 1024**3
@@ -79,7 +80,7 @@ def streaming(depth: int, single: int, sizes: tuple[int, int]) -> None:
     with torch.device("cuda"):
         flow = Flux(params).to(torch.bfloat16).eval().requires_grad_(False)
     inputs = dit_inputs(*sizes)
-    blocks = flux_blocks(flow)
+    blocks = block_modules(flow)
     block_bytes = [FlatLayout(b).nbytes for b in blocks]
     with torch.inference_mode():
         torch.cuda.reset_peak_memory_stats()
@@ -146,7 +147,7 @@ def main() -> None:
     parts = args.parts.split(",")
     sides = [int(side) for side in args.sides.split(",")]
     if "bandwidth" in parts:
-        copy_bandwidth(FlatLayout(flux_blocks(_meta_flux())[0]).nbytes)
+        copy_bandwidth(FlatLayout(block_modules(_meta_flux())[0]).nbytes)
     for side in sides:
         if "decode" in parts:
             decode_peak((side, side))

@@ -54,6 +54,9 @@ class IDInjection(Protocol):
 class Flux(nn.Module):
     """Transformer for flow matching on packed latent sequences."""
 
+    #: The repeated blocks in execution order (see :mod:`flux.repeated`): 19 double then 38 single.
+    block_lists = ("double_blocks", "single_blocks")
+
     def __init__(self, params: FluxParams):
         super().__init__()
         self.params = params

@@ -7,9 +7,11 @@ transfer; these check the CUDA side stream, events and page-locked memory for re
 import pytest
 import torch
 
-from flux.offload import ComponentOffload, StreamedBlocks, flux_blocks
+from flux.offload import ComponentOffload, StreamedBlocks, measure
+from flux.repeated import block_modules
 from tests.test_flux_model import random_model
 from tests.test_offload import (
+    NO_RESERVES,
     PARAMS,
     generation_requests,
     injection,
@@ -41,7 +43,7 @@ def test_cuda_streaming_matches_resident_model_and_counts_device_bytes(pin):
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         transfer = CudaTransfer("cuda", pin)
-        streamer = StreamedBlocks(flux_blocks(model), "cuda", 10**9, transfer=transfer, resident=[0, 3])
+        streamer = StreamedBlocks(block_modules(model), "cuda", 10**9, transfer=transfer, resident=[0, 3])
         torch.cuda.synchronize()
         buffers = len(streamer.resident) + streamer.num_slots  # the allocator rounds each up to 512 B
         allocated = torch.cuda.memory_allocated() - baseline
@@ -50,7 +52,7 @@ def test_cuda_streaming_matches_resident_model_and_counts_device_bytes(pin):
             assert torch.equal(model(**inputs), expected[0])
             assert torch.equal(model(**inputs, id_injection=id_injection), expected[1])
         streamer.close()
-        assert all(p.device.type == "cpu" for b in flux_blocks(model) for p in b.parameters())
+        assert all(p.device.type == "cpu" for b in block_modules(model) for p in b.parameters())
         assert torch.cuda.memory_allocated() == baseline
 
 
@@ -76,18 +78,19 @@ def test_cuda_component_offload_frees_device_memory_after_use():
 
 def test_cuda_pipeline_placements_all_give_the_resident_images(tmp_path):
     pytest.importorskip("timm")
-    from flux.offload.placement import PipelinePlacement, component_sizes
-    from pulid.tiny import tiny_pipeline
+    from flux.offload import PipelinePlacement
     from tests.test_pipeline import StubFaceAnalysis
+    from tiny_random.pipeline import tiny_pipeline
 
     pipe = tiny_pipeline(tmp_path, StubFaceAnalysis())  # built on the host, run on the GPU
     pipe.device = pipe.id_encoder.device = torch.device("cuda")
-    plans = tiny_plans(component_sizes(pipe))
+    components = pipe.components()
+    plans = tiny_plans(measure(components))
     baseline = torch.cuda.memory_allocated()
     results = {}
     for which in ["resident", "all-streamed", "partly-resident", "offload-flag"]:
         pipe.id_encoder._cache.clear()
-        with PipelinePlacement(pipe, plans[which], "cuda").attach() as placement:
+        with PipelinePlacement(components, NO_RESERVES, plans[which], "cuda").attach() as placement:
             results[which] = [pipe.generate(r).latents for r in generation_requests()]
             assert placement.log == ["text", "id", "denoise", "decode", "text", "denoise", "decode"]
         pipe.id_encoder._uncond = None  # made on the GPU with the first placement's weights

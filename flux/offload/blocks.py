@@ -57,19 +57,30 @@ def _greedy_fill(sizes: Sequence[int], candidates: list[int], room: int) -> tupl
     return sorted(resident), room
 
 
-def choose_resident(sizes: Sequence[int], capacity: int, num_slots: int = DEFAULT_SLOTS) -> list[int]:
+def choose_resident(
+    sizes: Sequence[int],
+    capacity: int,
+    num_slots: int = DEFAULT_SLOTS,
+    max_resident: int | None = None,
+) -> list[int]:
     """Indices of the blocks to keep resident, maximising resident bytes within ``capacity``.
 
     ``capacity`` pays for the resident blocks plus ``num_slots`` slots of the largest streamed
-    block. Every possible largest-streamed size is tried (the blocks above it must be resident),
-    and the rest is filled largest first. Raises :class:`BudgetError` when not even the slots fit.
+    block; ``max_resident`` (when given) bounds the resident blocks alone, for a caller whose slots
+    exist only part of the time. Every possible largest-streamed size is tried (the blocks above it
+    must be resident), and the rest is filled largest first. Raises :class:`BudgetError` when not
+    even the slots fit.
     """
-    if sum(sizes) <= capacity:
+    limit = capacity if max_resident is None else min(capacity, max_resident)
+    if sum(sizes) <= limit:
         return list(range(len(sizes)))
     best: tuple[int, list[int]] | None = None
     for largest in sorted(set(sizes), reverse=True):
         forced = [i for i, s in enumerate(sizes) if s > largest]
-        room = capacity - sum(sizes[i] for i in forced) - num_slots * largest
+        forced_bytes = sum(sizes[i] for i in forced)
+        room = capacity - forced_bytes - num_slots * largest
+        if max_resident is not None:
+            room = min(room, max_resident - forced_bytes)
         if room < 0:
             continue
         chosen, _ = _greedy_fill(sizes, [i for i, s in enumerate(sizes) if s <= largest], room)
@@ -85,6 +96,15 @@ def choose_resident(sizes: Sequence[int], capacity: int, num_slots: int = DEFAUL
             f"{num_slots} slots needs at least {minimum_capacity(sizes, num_slots):,} bytes"
         )
     return best[1]
+
+
+def fewest_resident(sizes: Sequence[int], num_slots: int = DEFAULT_SLOTS) -> list[int]:
+    """The resident blocks of the smallest footprint that still streams: for each candidate slot
+    size, the blocks larger than it must stay; the candidate with the fewest bytes wins."""
+    if not sizes:
+        return []
+    best = min(set(sizes), key=lambda largest: sum(s for s in sizes if s > largest) + num_slots * largest)
+    return [i for i, s in enumerate(sizes) if s > best]
 
 
 def minimum_capacity(sizes: Sequence[int], num_slots: int = DEFAULT_SLOTS) -> int:
@@ -186,6 +206,11 @@ class StreamedBlocks:
         for n in range(self.num_slots):
             self.ledger.allocate(("slot", self._owner, n), self.slot_bytes)
             self._slots.append(_Slot(self.transfer.device_buffer(self.slot_bytes)))
+        # The allocator may hand back memory that kernels already queued on the compute stream still
+        # read (activations of the stage before): the first copy into each slot waits for this point.
+        allocated = self.transfer.record(label="slots")
+        for slot in self._slots:
+            slot.released = allocated
         if self.streamed:
             self._ensure_loaded(first, protected=set())  # the next pass starts with its copy under way
 
@@ -278,8 +303,3 @@ class StreamedBlocks:
 
     def home_buffer(self, index: int) -> torch.Tensor:
         return self._homes[index]
-
-
-def flux_blocks(flow: nn.Module) -> list[nn.Module]:
-    """The DiT's blocks in execution order: double blocks, then single blocks."""
-    return [*flow.double_blocks, *flow.single_blocks]
