@@ -1,26 +1,26 @@
-"""PuLID for FLUX: the Gradio app. The UI only wires controls to :class:`pulid.pipeline.PuLIDFluxPipeline`.
+"""PuLID for FLUX: the Gradio app. The UI only wires controls to :class:`pulid.service.GenerationService`.
 
 python app_flux.py                        # FLUX.1-dev + PuLID v0.9.1 on CUDA (downloads or models/)
 python app_flux.py --preset tiny-random   # tiny random weights on CPU: noise, but the whole path runs
+
+The controls are made from the declared generation settings (:mod:`pulid.request`). No
+``from __future__ import annotations`` here: gradio finds the ``gr.Request`` parameter of a handler
+by its annotation, which must be the class itself, or every visitor would share one session.
 """
 
-from __future__ import annotations
-
 import argparse
+import inspect
 import logging
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
-from flux.registry import MODELS
-from pulid.weights import DEFAULT_VERSION, PULID_VERSIONS
+from pulid.startup import add_model_arguments, load_or_exit
 
 logger = logging.getLogger("app_flux")
 
 MAX_UPLOAD = "20mb"
-NEGATIVE_PROMPT = "bad quality, worst quality, text, signature, watermark, extra limbs"
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
 TIPS = """
@@ -29,54 +29,6 @@ TIPS = """
 - **true CFG scale**: 1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass
   with the negative prompt (then set guidance near 1).
 """
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags shared by the app and the command line (official names and meanings)."""
-    parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
-    parser.add_argument(
-        "--version", default=DEFAULT_VERSION, choices=sorted(PULID_VERSIONS), help="PuLID weights"
-    )
-    parser.add_argument(
-        "--device", default=None, help="torch device for the models (default: cuda if present)"
-    )
-    parser.add_argument(
-        "--offload", action="store_true", help="keep each model on the GPU only while it is used"
-    )
-    parser.add_argument(
-        "--aggressive_offload",
-        action="store_true",
-        help="the smallest GPU footprint: stream the DiT's and T5's blocks (about 10 GB)",
-    )
-    parser.add_argument(
-        "--vram_budget",
-        type=float,
-        default=None,
-        metavar="GB",
-        help="fit the whole app in this many GiB: as much resident as fits, the rest streamed",
-    )
-    parser.add_argument("--fp8", action="store_true", help="run the transformer in fp8 (see --fp8_mode)")
-    parser.add_argument(
-        "--fp8_mode",
-        default="auto",
-        choices=["auto", "native", "quanto"],
-        help="native: quantise flux1-dev to fp8 at load and use the GPU's fp8 units (Ada/Hopper); "
-        "quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the repeated blocks (slower start, faster steps; see BENCHMARKS.md)",
-    )
-    parser.add_argument("--onnx_provider", default="gpu", choices=["gpu", "cpu"], help="onnxruntime provider")
-    parser.add_argument("--pretrained_model", default=None, help="path to a PuLID weight file")
-    parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
-    parser.add_argument(
-        "--preset",
-        default=None,
-        choices=["tiny-random"],
-        help="tiny-random: random tiny models on CPU, no download; produces noise",
-    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,45 +48,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
     )
-    args = parser.parse_args(argv)
-    if args.aggressive_offload:
-        args.offload = True
-    return args
+    return parser.parse_args(argv)
 
 
-def build_pipeline(args: argparse.Namespace):
-    if args.preset == "tiny-random":
-        from pulid.tiny import tiny_pipeline_with_face_models
-
-        return tiny_pipeline_with_face_models(Path(tempfile.gettempdir()) / "pulid-flux-tiny-random")
-    import torch
-
-    from pulid.loading import load_pipeline
-
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.device == "cpu":
-            logger.warning("No CUDA GPU found: running the full models on the CPU will be very slow.")
-
-    return load_pipeline(
-        args.name,
-        args.version,
-        args.device,
-        fp8=args.fp8_mode if args.fp8 else None,
-        compile_blocks=args.compile,
-        vram_budget_gb=args.vram_budget,
-        offload=args.offload,
-        aggressive_offload=args.aggressive_offload,
-        onnx_provider=args.onnx_provider,
-        pretrained_model=args.pretrained_model,
-        models_dir=args.models_dir,
+def control(setting, gr, visible: bool = True):
+    """The Gradio control of one declared setting."""
+    if setting.widget == "textbox":
+        return gr.Textbox(
+            value=str(setting.default),
+            label=setting.label,
+            info=setting.help or None,
+            max_length=setting.max_length,
+            visible=visible,
+        )
+    low, high = (
+        (min(setting.choices), max(setting.choices))
+        if setting.choices
+        else (setting.minimum, setting.maximum)
     )
+    return gr.Slider(
+        low,
+        high,
+        value=setting.default,
+        step=setting.step,
+        label=setting.label,
+        info=setting.help or None,
+        visible=visible,
+    )
+
+
+def with_signature(handler, names: list[str], gr):
+    """``handler(values, request, progress)`` as a function of the named inputs, for gradio.
+
+    Gradio reads the parameter names (the API's argument names) and finds ``gr.Request`` and
+    ``gr.Progress`` from the signature; the values arrive as one dict in input order.
+    """
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    parameters += [
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
+        inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
+    ]
+    signature = inspect.Signature(parameters)
+
+    def wired(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        values = {name: bound.arguments.get(name) for name in names}
+        return handler(values, bound.arguments.get("request"), bound.arguments.get("progress"))
+
+    wired.__signature__ = signature
+    wired.__annotations__ = {"request": gr.Request}  # how gradio recognises the parameter to fill
+    wired.__name__ = handler.__name__
+    return wired
 
 
 def create_demo(args: argparse.Namespace, service):
     """The UI: controls wired to :meth:`pulid.service.GenerationService.run`, nothing else."""
     import gradio as gr
 
+    from pulid.request import generation_settings
     from pulid.service import UNREADABLE_IMAGE, ServiceError
 
     class IDImage(gr.Image):
@@ -148,41 +119,13 @@ def create_demo(args: argparse.Namespace, service):
             except (OSError, ValueError, SyntaxError) as err:
                 raise gr.Error(UNREADABLE_IMAGE.format(name="the ID image")) from err
 
-    def generate(
-        prompt,
-        id_image,
-        extra_images,
-        id_weight,
-        width,
-        height,
-        num_steps,
-        start_step,
-        guidance,
-        seed,
-        max_sequence_length,
-        neg_prompt,
-        true_cfg,
-        cfg_start_step,
-        request: gr.Request,
-        progress=gr.Progress(),  # noqa: B008 (gradio injects the tracker through this default)
-    ):
+    settings = {s.name: s for s in generation_settings()}
+    controls: dict = {}
+
+    def generate(values: dict, request: gr.Request, progress: gr.Progress):
+        photo, extra = values.pop("id_image"), values.pop("extra_images")
         try:
-            generation = service.build_request(
-                prompt,
-                id_image,
-                extra_images,
-                id_weight=id_weight,
-                width=width,
-                height=height,
-                num_steps=num_steps,
-                start_step=start_step,
-                guidance=guidance,
-                seed=seed,
-                max_sequence_length=max_sequence_length,
-                neg_prompt=neg_prompt,
-                true_cfg=true_cfg,
-                cfg_start_step=cfg_start_step,
-            )
+            generation = service.build_request(photo, extra, **values)
             result = service.run(
                 generation,
                 session=_session(request),
@@ -204,28 +147,21 @@ def create_demo(args: argparse.Namespace, service):
         gr.Markdown(TIPS)
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", value="portrait, color, cinematic", max_length=2000)
-                id_image = IDImage(label="ID image", type="numpy", image_mode="RGB")
-                extra_images = gr.File(
+                controls["prompt"] = control(settings["prompt"], gr)
+                controls["id_image"] = IDImage(label="ID image", type="numpy", image_mode="RGB")
+                controls["extra_images"] = gr.File(
                     label="More photos of the same person (optional)",
                     file_count="multiple",
                     file_types=["image"],
                     type="filepath",
                 )
-                id_weight = gr.Slider(0.0, 3.0, 1.0, step=0.05, label="ID weight")
-                width = gr.Slider(256, 1536, 896, step=16, label="Width")
-                height = gr.Slider(256, 1536, 1152, step=16, label="Height")
-                num_steps = gr.Slider(1, 50, 20, step=1, label="Number of steps")
-                start_step = gr.Slider(0, 10, 0, step=1, label="Timestep to start inserting ID")
-                guidance = gr.Slider(1.0, 10.0, 4.0, step=0.1, label="Guidance")
-                seed = gr.Textbox("-1", label="Seed (-1 for random)")
-                max_sequence_length = gr.Slider(128, 512, 128, step=128, label="T5 max sequence length")
+                for setting in settings.values():
+                    if setting.group == "main" and setting.name != "prompt":
+                        controls[setting.name] = control(setting, gr)
                 with gr.Accordion("Advanced: true CFG (1 = distilled guidance only)", open=False):
-                    neg_prompt = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT)
-                    true_cfg = gr.Slider(1.0, 10.0, 1.0, step=0.1, label="True CFG scale")
-                    cfg_start_step = gr.Slider(
-                        0, 20, 1, step=1, label="Timestep to start CFG", visible=args.dev
-                    )
+                    for setting in settings.values():
+                        if setting.group in ("advanced", "dev"):
+                            controls[setting.name] = control(setting, gr, setting.group != "dev" or args.dev)
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary")
                     cancel_button = gr.Button("Cancel")
@@ -237,28 +173,15 @@ def create_demo(args: argparse.Namespace, service):
                 output_file = gr.File(label="PNG with prompt, seed and settings")
                 debug_gallery = gr.Gallery(label="Detected, aligned and parsed face", visible=args.dev)
         if EXAMPLE_PHOTO.is_file():
+            example_inputs = ["prompt", "id_image", "start_step", "guidance", "seed", "true_cfg"]
             gr.Examples(
                 [["portrait, color, cinematic", str(EXAMPLE_PHOTO), 0, 4.0, "42", 1.0]],
-                inputs=[prompt, id_image, start_step, guidance, seed, true_cfg],
+                inputs=[controls[name] for name in example_inputs],
             )
+        names = list(controls)
         event = generate_button.click(
-            generate,
-            inputs=[
-                prompt,
-                id_image,
-                extra_images,
-                id_weight,
-                width,
-                height,
-                num_steps,
-                start_step,
-                guidance,
-                seed,
-                max_sequence_length,
-                neg_prompt,
-                true_cfg,
-                cfg_start_step,
-            ],
+            with_signature(generate, names, gr),
+            inputs=[controls[name] for name in names],
             outputs=[output_image, used_seed, output_file, debug_gallery],
             api_name="generate",
             concurrency_limit=1,
@@ -268,7 +191,11 @@ def create_demo(args: argparse.Namespace, service):
 
 
 def _session(request) -> str:
-    return getattr(request, "session_hash", None) or "default"
+    """The caller's session: cancel flags are kept per session, so a visitor stops only their own job."""
+    session = getattr(request, "session_hash", None)
+    if not session:
+        raise RuntimeError("gradio gave no session for this request: cancelling would reach other users")
+    return session
 
 
 def configure_space() -> None:
@@ -287,14 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
-    from flux.checkpoint import CheckpointError
-    from flux.hub import WeightsNotFoundError
     from pulid.service import GenerationService
 
-    try:
-        pipeline = build_pipeline(args)
-    except (WeightsNotFoundError, CheckpointError) as err:  # the message says what to do; no traceback
-        raise SystemExit(f"\n{err}\n") from None
+    pipeline = load_or_exit(args)
     demo = create_demo(args, GenerationService(pipeline))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
 

@@ -4,7 +4,8 @@
         --prompt "portrait, color, cinematic" --seed 1 --seed 2 --out outputs/
 
 Every (prompt, seed) pair becomes one PNG in ``--out`` with the settings in its metadata. Models
-load once for the whole batch. Prompts can also come from a text file, one per line.
+load once for the whole batch. Prompts can also come from a text file, one per line. The setting
+flags (``--width``, ``--num_steps``...) are made from the same declaration as the app's controls.
 """
 
 from __future__ import annotations
@@ -14,19 +15,31 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
+from pulid.startup import add_model_arguments, load_or_exit
 
-from app_flux import add_model_arguments, build_pipeline
-from pulid.errors import PuLIDError
-from pulid.outputs import output_name, save_png
-from pulid.pipeline import GenerationRequest, InvalidRequestError
+REPEATABLE = ("prompt", "seed")  # a batch is every prompt with every seed
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per declared generation setting (its official spelling too), checked on use."""
+    from pulid.request import generation_settings
+
+    group = parser.add_argument_group("generation settings")
+    for setting in generation_settings():
+        flags = [f"--{setting.name}", *setting.flags]
+        help_text = f"{setting.label}: {setting.describe_range()}"
+        if setting.name in REPEATABLE:
+            group.add_argument(*flags, action="append", default=[], help=f"{help_text} (repeatable)")
+        else:
+            group.add_argument(
+                *flags, default=setting.default, help=f"{help_text} (default {setting.default})"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    add_setting_arguments(parser)
     parser.add_argument("--prompts_file", type=Path, help="a text file with one prompt per line")
     parser.add_argument(
         "--id_image",
@@ -35,30 +48,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="photo of the person (repeat for several photos of the same person)",
     )
-    parser.add_argument("--seed", action="append", type=int, default=[], help="seed (repeatable; -1 random)")
-    parser.add_argument("--width", type=int, default=896)
-    parser.add_argument("--height", type=int, default=1152)
-    parser.add_argument("--num_steps", type=int, default=20)
-    parser.add_argument("--start_step", type=int, default=0, help="step to start inserting the ID")
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--id_weight", type=float, default=1.0)
-    parser.add_argument("--neg_prompt", default=GenerationRequest.neg_prompt)
-    parser.add_argument("--true_cfg", type=float, default=1.0)
-    parser.add_argument("--timestep_to_start_cfg", type=int, default=1)
-    parser.add_argument("--max_sequence_length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     args = parser.parse_args(argv)
     if args.prompts_file:
-        args.prompt += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            parser.error(f"cannot read --prompts_file: {err}")
+        args.prompt += [line.strip() for line in lines if line.strip()]
     if not args.prompt:
         parser.error("give at least one --prompt or a --prompts_file")
-    args.seed = args.seed or [-1]
+    args.seed = args.seed or ["-1"]
+    try:
+        args.requests = requests_of(args)
+    except ValueError as err:  # InvalidRequestError: the message names the flag's setting
+        parser.error(str(err))
     return args
 
 
-def load_photo(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+def requests_of(args: argparse.Namespace) -> list:
+    """Every (prompt, seed) request of the batch, checked before any model loads."""
+    from pulid.request import GenerationRequest, generation_settings
+
+    shared = {s.name: getattr(args, s.name) for s in generation_settings() if s.name not in REPEATABLE}
+    return [
+        GenerationRequest.from_values(prompt=prompt, seed=seed, **shared)
+        for prompt in args.prompt
+        for seed in args.seed
+    ]
 
 
 def progress_bar(prefix: str):
@@ -74,30 +91,25 @@ def progress_bar(prefix: str):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    photos = [load_photo(p) for p in args.id_image]
-    pipeline = build_pipeline(args)
-    jobs = [(prompt, seed) for prompt in args.prompt for seed in args.seed]
+    from pulid.errors import PuLIDError
+    from pulid.outputs import output_name, save_png
+    from pulid.request import InvalidRequestError
+    from pulid.service import ServiceError, load_upload
+
+    try:
+        photos = [load_upload(path) for path in args.id_image]
+    except ServiceError as err:
+        print(err, file=sys.stderr)
+        return 2
+    pipeline = load_or_exit(args)
     failures = 0
-    for index, (prompt, seed) in enumerate(jobs):
-        request = GenerationRequest(
-            prompt=prompt,
-            id_images=photos,
-            width=args.width,
-            height=args.height,
-            num_steps=args.num_steps,
-            start_step=args.start_step,
-            guidance=args.guidance,
-            seed=seed,
-            id_weight=args.id_weight,
-            neg_prompt=args.neg_prompt,
-            true_cfg=args.true_cfg,
-            cfg_start_step=args.timestep_to_start_cfg,
-            max_sequence_length=args.max_sequence_length,
-        )
+    for index, request in enumerate(args.requests):
+        request.id_images = photos
+        label = f"image {index + 1}/{len(args.requests)}"
         try:
-            result = pipeline.generate(request, callback=progress_bar(f"image {index + 1}/{len(jobs)}"))
+            result = pipeline.generate(request, callback=progress_bar(label))
         except (PuLIDError, InvalidRequestError) as err:
-            print(f"image {index + 1}/{len(jobs)} ({prompt!r}, seed {seed}): {err}", file=sys.stderr)
+            print(f"{label} ({request.prompt!r}, seed {request.seed}): {err}", file=sys.stderr)
             failures += 1
             continue
         path = save_png(result.image, result.metadata, args.out / output_name(result.metadata, index))

@@ -1,121 +1,242 @@
-"""Load the full PuLID-FLUX pipeline from the official weight files.
+"""Load the full PuLID-FLUX pipeline from the official weight files, after checking everything first.
 
-Each file is resolved (explicit path, ``models/``, then the Hugging Face cache) and loaded
-strictly; a missing file raises :class:`flux.hub.WeightsNotFoundError` that says where to get it,
-and a mismatched one :class:`flux.checkpoint.CheckpointError` that names the keys. The files are
-all checked for presence before any large one is loaded, so the user learns everything that is
-missing at once instead of after minutes of loading.
+:func:`load_pipeline` checks, before anything large is read: that the device can do what the flags
+ask (:mod:`flux.devices`), that a memory budget can be met (planned on the full-size models built
+on the meta device), and where every weight file of :func:`pulid.catalogue.required_weights` is
+(:func:`locate_weights`). Every missing file is reported in one error with its size, source and
+destination and the command that downloads them all; offline is detected once, in seconds. Then
+each file is loaded strictly; a mismatched one raises :class:`flux.checkpoint.CheckpointError`
+naming the file and keys.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from eva_clip.model import EVA_CLIP_WEIGHTS, load_eva_clip
-from flux.hub import WeightFile, WeightsNotFoundError, default_models_dir, resolve_weight
-from flux.loading import load_autoencoder_from_file, load_flow_model_from_file
+from eva_clip.model import load_eva_clip
+from flux.devices import HardwareError, describe, resolve_device
+from flux.hub import (
+    WeightsNotFoundError,
+    default_models_dir,
+    download,
+    find_local,
+    hub_offline,
+    hub_reachable,
+    missing_report,
+)
+from flux.loading import load_autoencoder, load_flow_model
+from flux.offload import MemoryPolicy, PipelinePlacement, measure
 from flux.registry import get_model_spec
 from flux.text_encoders import load_clip, load_t5
+from pulid.catalogue import DEFAULT_VERSION, FACE_MODEL_ROLES, FP8_MODES, CatalogueEntry, required_weights
 from pulid.encoders import load_pulid_weights, num_pulid_ca
 from pulid.id_encoder import IDEncoder
-from pulid.pipeline import PuLIDFluxPipeline
-from pulid.weights import DEFAULT_VERSION, pulid_weight_file
+from pulid.pipeline import STAGES, PuLIDFluxPipeline
+from pulid.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_all(
-    specs: dict[str, tuple[WeightFile, str | os.PathLike | None]], models_dir: Path
+def plan_counts(request: GenerationRequest | None = None) -> dict[str, int]:
+    """How often each kind of use happens for one image of ``request`` (default: the default request)."""
+    request = request or GenerationRequest(prompt="")
+    cfg = 2 if request.uses_true_cfg else 1
+    return {"image": 1, "prompt": cfg, "step": request.num_steps * cfg}
+
+
+def download_command(model: str, version: str, fp8: str | None, models_dir: Path) -> str:
+    """The ``python -m pulid.download`` line that fetches what these flags need."""
+    parts = ["python", "-m", "pulid.download", "--name", model, "--version", version]
+    if fp8 is not None:
+        parts += ["--fp8", "--fp8_mode", fp8]
+    parts += ["--models_dir", str(models_dir)]
+    return shlex.join(parts)
+
+
+def locate_weights(
+    entries: Mapping[str, CatalogueEntry],
+    models_dir: Path,
+    explicit: Mapping[str, str | os.PathLike | None] | None = None,
+    *,
+    allow_download: bool = True,
+    command: str | None = None,
 ) -> dict[str, Path]:
-    """Resolve every file first; report all that are missing in one error."""
-    paths, problems = {}, []
-    for key, (spec, explicit) in specs.items():
+    """Role -> local path of every entry: explicit path, ``models_dir``, the HF cache, or a download.
+
+    Nothing large is read. When something is missing and cannot be downloaded (``HF_HUB_OFFLINE``,
+    no network, downloads disabled, a gated repo without a token), one
+    :class:`~flux.hub.WeightsNotFoundError` lists every missing file.
+    """
+    explicit = explicit or {}
+    found: dict[str, Path] = {}
+    missing: dict[str, CatalogueEntry] = {}
+    problems: list[str] = []
+    for role, entry in entries.items():
         try:
-            paths[key] = resolve_weight(spec, explicit, models_dir)
+            path = find_local(entry.weights, models_dir, explicit.get(role))
         except WeightsNotFoundError as err:
             problems.append(str(err))
+            continue
+        if path is not None:
+            found[role] = path
+        elif not entry.weights.optional:
+            missing[role] = entry
     if problems:
-        raise WeightsNotFoundError("\n\n".join(problems))
-    return paths
+        raise WeightsNotFoundError("\n".join(problems))
+    if not missing:
+        return found
+    if not allow_download:
+        reason = "downloads are disabled."
+    elif hub_offline():
+        reason = "HF_HUB_OFFLINE is set, so nothing is downloaded."
+    elif not hub_reachable():
+        reason = "the Hugging Face hub cannot be reached (no network?), so nothing can be downloaded."
+    else:
+        failures = []
+        for role, entry in missing.items():
+            try:
+                found[role] = download(entry.weights)
+            except WeightsNotFoundError as err:
+                failures.append(str(err))
+        if failures:
+            raise WeightsNotFoundError("\n".join(failures))
+        return found
+    weights = [entry.weights for entry in missing.values()]
+    raise WeightsNotFoundError(missing_report(weights, models_dir, reason, command))
+
+
+def resolve_fp8_mode(fp8: str | None, device: torch.device) -> str | None:
+    """``auto`` becomes ``native`` on GPUs with fp8 matrix units (Ada, Hopper), else ``quanto``;
+    ``native`` without those units is a :class:`~flux.devices.HardwareError`."""
+    from flux.quant import fp8_matmul_supported
+
+    if fp8 is None:
+        return None
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 mode must be one of {', '.join(FP8_MODES)}, not {fp8!r}")
+    supported = fp8_matmul_supported(device)
+    if fp8 == "auto":
+        return "native" if supported else "quanto"
+    if fp8 == "native" and not supported:
+        raise HardwareError(
+            f"--fp8_mode native computes with fp8 matrix units (NVIDIA compute capability 8.9 or newer: "
+            f"Ada, Hopper, Blackwell), which {describe(device)} does not have: use --fp8_mode quanto "
+            "(XLabs' fp8 file, which saves memory but not time) or run without --fp8."
+        )
+    return fp8
+
+
+def meta_pipeline(model_name: str = "flux-dev", fp8: str | None = None) -> PuLIDFluxPipeline:
+    """The full-size pipeline on the meta device (no memory, no weights): for planning memory.
+
+    Native fp8 swaps the DiT's block Linears as the loader does; the quanto layout is planned as
+    native fp8 (the same fp8 bytes per weight, bf16 scales instead of float32 ones).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from eva_clip.model import EvaVisionTower
+    from flux.autoencoder import AutoEncoder
+    from flux.loading import build_flow_model
+    from flux.text_encoders import CLIP_L_TEXT_CONFIG, CLIP_MAX_LENGTH, T5_XXL_CONFIG, HFEmbedder
+    from pulid.encoders import PuLIDWeights
+
+    spec = get_model_spec(model_name)
+    flow = build_flow_model(spec.params, "meta", torch.bfloat16)
+    if fp8 is not None:
+        from flux.quant import quantize_linears_to_fp8
+
+        quantize_linears_to_fp8(flow)
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(torch.bfloat16)
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)).to(torch.bfloat16)
+        pulid = PuLIDWeights(num_pulid_ca(spec.params.depth, spec.params.depth_single_blocks))
+        pulid = pulid.to(torch.bfloat16)
+        ae = AutoEncoder(spec.ae_params)
+    eva = EvaVisionTower(device="meta").to(torch.bfloat16)
+    return PuLIDFluxPipeline(
+        flow=flow,
+        ae=ae,
+        t5=HFEmbedder(t5, None, 512, "last_hidden_state"),
+        clip=HFEmbedder(clip, None, CLIP_MAX_LENGTH, "pooler_output"),
+        pulid_ca=pulid.pulid_ca,
+        id_encoder=IDEncoder(None, eva, pulid.pulid_encoder, "meta", torch.bfloat16),
+        device="meta",
+    )
 
 
 def load_pipeline(
     model_name: str = "flux-dev",
     version: str = DEFAULT_VERSION,
-    device: torch.device | str = "cuda",
+    device: torch.device | str | None = None,
     *,
     dtype: torch.dtype = torch.bfloat16,
     onnx_provider: str = "gpu",
     pretrained_model: str | os.PathLike | None = None,
     models_dir: str | os.PathLike | None = None,
     fp8: str | None = None,
-    compile_blocks: bool = False,
-    vram_budget_gb: float | None = None,
-    offload: bool = False,
-    aggressive_offload: bool = False,
+    compiled: bool = False,
+    memory: MemoryPolicy | None = None,
+    allow_download: bool = True,
 ) -> PuLIDFluxPipeline:
-    """The whole stack on ``device``, resident (memory modes wrap it; see the performance issue).
+    """The whole stack on ``device`` (default: the first CUDA GPU, else the CPU).
 
-    ``fp8``: None (bf16), ``"native"`` (the bf16 checkpoint quantised to fp8 at load, computed with
-    the GPU's fp8 matrix units; needs Ada/Hopper), ``"quanto"`` (XLabs' fp8 checkpoint through
-    optimum-quanto) or ``"auto"`` (native where supported, else quanto). ``compile_blocks``
+    ``fp8``: None (bf16), ``"native"`` (the bf16 checkpoint quantised to fp8 as it is read, computed
+    with the GPU's fp8 matrix units; needs Ada/Hopper), ``"quanto"`` (XLabs' fp8 checkpoint through
+    optimum-quanto) or ``"auto"`` (native where supported, else quanto). ``compiled``
     compiles the repeated DiT and PuLID blocks with torch.compile.
 
-    Memory: with ``vram_budget_gb``, ``offload`` or ``aggressive_offload`` the weights load into
-    host memory and a :class:`~flux.offload.placement.PipelinePlacement` wraps the models, moving
-    them (or streaming the DiT's and T5's blocks) to ``device`` stage by stage, within the plan
-    that :func:`~flux.offload.plan.plan_from_flags` makes; the plan is logged as a table.
+    Memory: with a placed ``memory`` policy (a VRAM budget, offload, aggressive offload) the weights
+    load into host memory and a :class:`~flux.offload.PipelinePlacement` moves them (or streams
+    the DiT's and T5's blocks) to ``device`` stage by stage, within the plan the policy makes from
+    the pipeline's declared components; the plan is logged as a table.
     """
-    from pulid.face_analysis import FaceAnalyzer
-
+    memory = memory or MemoryPolicy()
+    device = resolve_device(device)
+    fp8 = resolve_fp8_mode(fp8, device)
+    memory.check_device(device)
     spec = get_model_spec(model_name)
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
-    fp8 = resolve_fp8_mode(fp8, device)
-    flow_file = spec.fp8_flow if fp8 == "quanto" else spec.flow
-    if flow_file is None:
-        raise ValueError(f"There is no fp8 checkpoint for {model_name}: use --fp8 native or bf16.")
-    paths = resolve_all(
-        {
-            "flow": (flow_file, None),
-            "ae": (spec.ae, None),
-            "pulid": (pulid_weight_file(version), pretrained_model),
-            "eva": (EVA_CLIP_WEIGHTS, None),
-        },
+    entries = required_weights(model_name, version, fp8)
+    if memory.placed:  # a budget that cannot be met fails now, not after loading 36 GB
+        memory.plan(measure(meta_pipeline(model_name, fp8).components()), STAGES, plan_counts())
+    paths = locate_weights(
+        entries,
         models_dir,
+        {"pulid": pretrained_model},
+        allow_download=allow_download,
+        command=download_command(model_name, version, fp8, models_dir),
     )
-    placed = vram_budget_gb is not None or offload or aggressive_offload
-    weights_device = "cpu" if placed else device
-    face_analysis = FaceAnalyzer(models_dir=models_dir, onnx_provider=onnx_provider, device=device)
-    t5 = load_t5(weights_device, dtype, max_length=512, models_dir=models_dir)
-    clip = load_clip(weights_device, dtype, models_dir=models_dir)
-    if fp8 == "quanto":
-        from flux.quant import load_quanto_fp8_flow
 
-        flow = load_quanto_fp8_flow(spec, weights_device, path=paths["flow"], models_dir=models_dir)
-    elif fp8 == "native":
-        from flux.quant import load_flow_model_fp8
+    from pulid.face_analysis import load_face_analyzer
 
-        flow = load_flow_model_fp8(paths["flow"], spec.params, weights_device, dtype)
-    else:
-        flow = load_flow_model_from_file(paths["flow"], spec.params, weights_device, dtype)
-    ae = load_autoencoder_from_file(paths["ae"], spec.ae_params, weights_device)
+    weights_device = "cpu" if memory.placed else device
+    logger.info("Loading PuLID-FLUX (%s, PuLID %s) for %s", model_name, version, describe(device))
+    face_analysis = load_face_analyzer(
+        {role: paths[role] for role in FACE_MODEL_ROLES}, onnx_provider=onnx_provider, device=device
+    )
+    t5 = load_t5(paths["t5"], weights_device, dtype, max_length=512)
+    clip = load_clip(paths["clip"], weights_device, dtype)
+    flow = load_flow_model(paths["flow"], spec.params, weights_device, dtype, fmt=_dit_format(fp8, paths))
+    ae = load_autoencoder(paths["ae"], spec.ae_params, weights_device)
     pulid = load_pulid_weights(
         paths["pulid"],
         device=weights_device,
         dtype=dtype,
         num_ca=num_pulid_ca(spec.params.depth, spec.params.depth_single_blocks),
     )
-    eva = load_eva_clip(paths["eva"], weights_device, dtype, models_dir=models_dir)
+    eva = load_eva_clip(paths["eva"], weights_device, dtype)
     id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, device, dtype)
-    if compile_blocks:
-        from flux.compile import compile_blocks as compile_repeated_blocks
+    if compiled:
+        from flux.compile import compile_blocks, compile_repeated_blocks
 
         compile_repeated_blocks(flow)
-        compile_repeated_blocks(pulid.pulid_ca)
+        compile_blocks(pulid.pulid_ca)
     pipeline = PuLIDFluxPipeline(
         flow=flow,
         ae=ae,
@@ -127,43 +248,34 @@ def load_pipeline(
         dtype=dtype,
         info={"model": model_name, "pulid_version": version, "fp8": fp8 or "off"},
     )
-    if placed:
-        place_pipeline(pipeline, device, vram_budget_gb, offload, aggressive_offload)
+    if memory.placed:
+        place_pipeline(pipeline, memory, device)
     return pipeline
+
+
+def _dit_format(fp8: str | None, paths: Mapping[str, Path]):
+    if fp8 == "quanto":
+        from flux.quant import quanto_format
+
+        return quanto_format(paths.get("fp8_map"))
+    if fp8 == "native":
+        from flux.quant import NativeFp8Format
+
+        return NativeFp8Format()
+    from flux.checkpoint import PLAIN
+
+    return PLAIN
 
 
 def place_pipeline(
     pipeline: PuLIDFluxPipeline,
+    memory: MemoryPolicy,
     device: torch.device | str,
-    vram_budget_gb: float | None,
-    offload: bool,
-    aggressive_offload: bool,
-) -> None:
-    """Wrap the pipeline's host-resident models in the memory placement the flags ask for."""
-    from flux.offload import PipelinePlacement, plan_from_flags
-    from flux.offload.placement import component_sizes
-
-    plan = plan_from_flags(
-        component_sizes(pipeline),
-        vram_budget_gb=vram_budget_gb,
-        offload=offload,
-        aggressive_offload=aggressive_offload,
-    )
-    logger.info("Memory plan:\n%s", plan)
-    pipeline.placement = PipelinePlacement(pipeline, plan, device).attach()
-
-
-FP8_MODES = ("auto", "native", "quanto")
-
-
-def resolve_fp8_mode(fp8: str | None, device: torch.device | str) -> str | None:
-    """``auto`` becomes ``native`` on GPUs with fp8 matrix units (Ada, Hopper), else ``quanto``."""
-    if fp8 is None:
-        return None
-    if fp8 not in FP8_MODES:
-        raise ValueError(f"fp8 mode must be one of {', '.join(FP8_MODES)}, not {fp8!r}")
-    if fp8 == "auto":
-        from flux.quant import fp8_matmul_supported
-
-        return "native" if fp8_matmul_supported(torch.device(device)) else "quanto"
-    return fp8
+    request: GenerationRequest | None = None,
+) -> PipelinePlacement:
+    """Wrap the pipeline's host-resident models in the placement the policy plans for them."""
+    components = pipeline.components()
+    plan = memory.plan(measure(components), pipeline.stages, plan_counts(request))
+    logger.info("Memory plan (%s):\n%s", memory.describe(), plan)
+    pipeline.placement = PipelinePlacement(components, pipeline.stages, plan, device).attach()
+    return pipeline.placement

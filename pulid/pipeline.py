@@ -9,10 +9,9 @@ decoding under bf16 autocast).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +20,8 @@ from torch import Tensor, nn
 
 from flux.autoencoder import AutoEncoder
 from flux.model import Flux
+from flux.offload.structure import Component, Stage
+from flux.repeated import block_modules
 from flux.sampling import (
     StepInfo,
     TextConditioning,
@@ -34,68 +35,19 @@ from flux.sampling import (
 )
 from pulid.id_encoder import IDEncoder
 from pulid.injection import PuLIDInjection
+from pulid.request import GenerationRequest, InvalidRequestError
 
-MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1536, 16
-MAX_SEED = 2**64 - 1
+GiB = 1024**3
 
-
-class InvalidRequestError(ValueError):
-    """A request setting is out of range; the message says which and what is allowed."""
-
-
-@dataclass
-class GenerationRequest:
-    """Everything one image depends on. Defaults are the official demo's."""
-
-    prompt: str
-    id_images: list[np.ndarray] = field(default_factory=list)
-    width: int = 896
-    height: int = 1152
-    num_steps: int = 20
-    start_step: int = 0
-    guidance: float = 4.0
-    seed: int = -1
-    id_weight: float = 1.0
-    neg_prompt: str = "bad quality, worst quality, text, signature, watermark, extra limbs"
-    true_cfg: float = 1.0
-    cfg_start_step: int = 1
-    max_sequence_length: int = 128
-
-    @property
-    def uses_true_cfg(self) -> bool:
-        return abs(self.true_cfg - 1.0) > 1e-2
-
-    def validate(self, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE) -> None:
-        problems = []
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not (min_side <= value <= max_side) or value % SIDE_STEP:
-                problems.append(
-                    f"{name} must be a multiple of {SIDE_STEP} from {min_side} to {max_side} (got {value})"
-                )
-        if not 1 <= self.num_steps <= 100:
-            problems.append(f"number of steps must be from 1 to 100 (got {self.num_steps})")
-        if not 0.0 <= self.id_weight <= 3.0 or math.isnan(self.id_weight):
-            problems.append(f"id weight must be from 0 to 3 (got {self.id_weight})")
-        if not -1 <= self.seed <= MAX_SEED:
-            problems.append(f"seed must be -1 (random) or from 0 to {MAX_SEED} (got {self.seed})")
-        if self.max_sequence_length not in (128, 256, 384, 512):
-            problems.append(
-                f"max sequence length must be 128, 256, 384 or 512 (got {self.max_sequence_length})"
-            )
-        if self.start_step < 0 or self.cfg_start_step < 0:
-            problems.append("start steps cannot be negative")
-        if not 0.0 <= self.guidance <= 100.0 or not 1.0 <= self.true_cfg <= 100.0:
-            problems.append("guidance must be from 0 to 100 and true CFG scale from 1 to 100")
-        if problems:
-            raise InvalidRequestError("; ".join(problems))
-
-    def settings(self) -> dict:
-        """The request without the photos: what the PNG metadata records."""
-        values = asdict(self)
-        values.pop("id_images")
-        values["num_id_images"] = len(self.id_images)
-        return values
+# The stages of a generation, in order, and the device memory each needs besides weights, for
+# 1024x1024 images (``python benchmarks/bench_offload.py`` on an H100, bf16: the DiT's activations
+# peaked at 0.59 GiB, the autoencoder decode at 3.53 GiB; the ID stage holds the face models).
+STAGES = (
+    Stage("text", reserve=1 * GiB),
+    Stage("id", reserve=2 * GiB),
+    Stage("denoise", reserve=3 * GiB // 2),
+    Stage("decode", reserve=4 * GiB),
+)
 
 
 @dataclass
@@ -109,9 +61,12 @@ class GenerationResult:
 
 
 def to_pil(decoded: Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> PIL, truncating like the official app does."""
+    """(1, 3, H, W) in [-1, 1] -> PIL, in the official arithmetic: clamp, ``127.5 * (x + 1)`` and the
+    truncating uint8 conversion, all in the decoder's output dtype (bf16 under autocast), on its
+    device; only the uint8 pixels cross to the host."""
     x = decoded.clamp(-1, 1)[0].permute(1, 2, 0)
-    return Image.fromarray((127.5 * (x + 1.0)).cpu().byte().numpy())
+    pixels = (127.5 * (x + 1.0)).to(torch.uint8).contiguous()
+    return Image.fromarray(pixels.cpu().numpy())
 
 
 class PuLIDFluxPipeline:
@@ -143,10 +98,42 @@ class PuLIDFluxPipeline:
         # it lives as long as the pipeline. The pipeline itself never moves weights.
         self.placement = None
 
+    stages = STAGES
+
+    def components(self) -> list[Component]:
+        """The models by stage, for memory placement: what runs when, and what may stream.
+
+        T5's layers and the DiT's blocks may stream (the T5 runs once per prompt, the DiT and the
+        ID cross-attentions once per denoising pass); the autoencoder's stage begins at its decoder.
+        """
+        parts = [
+            Component("t5", "text", (self.t5,), blocks=tuple(block_modules(self.t5)), uses="prompt"),
+            Component("clip", "text", (self.clip,), uses="prompt"),
+        ]
+        if self.id_encoder is not None:
+            parts.append(Component("id_encoder", "id", (self.id_encoder.eva, self.id_encoder.id_former)))
+        parts += [
+            Component("pulid_ca", "denoise", (self.pulid_ca,), uses="step"),
+            Component("dit", "denoise", (self.flow,), blocks=tuple(block_modules(self.flow)), uses="step"),
+            Component("ae", "decode", (self.ae,), entry=(self.ae.decoder,)),
+        ]
+        return parts
+
     def encode_prompt(self, prompt: str, max_length: int) -> TextConditioning:
         txt = self.t5([prompt], max_length=max_length).to(self.device)
         vec = self.clip([prompt]).to(self.device)
         return TextConditioning(txt=txt, txt_ids=text_ids(1, txt.shape[1], self.device), vec=vec)
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
+        """Packed latents -> the image, as the official app decodes: float32 latents into the
+        autoencoder under autocast to the pipeline's dtype (bf16), then :func:`to_pil`. A float32
+        pipeline (the tiny one) decodes in float32 throughout."""
+        unpacked = unpack(latents.float(), height, width)
+        low_precision = self.dtype != torch.float32
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
+            decoded = self.ae.decode(unpacked)
+        return to_pil(decoded)
 
     def injection(self, tokens: Tensor | None, weight: float) -> PuLIDInjection | None:
         if tokens is None:
@@ -158,7 +145,7 @@ class PuLIDFluxPipeline:
     def generate(
         self, request: GenerationRequest, callback: Callable[[StepInfo], None] | None = None
     ) -> GenerationResult:
-        request.validate()
+        request = request.checked()
         timings: dict[str, float] = {}
         start = time.perf_counter()
         seed = request.seed if request.seed != -1 else torch.Generator(device="cpu").seed()
@@ -208,10 +195,7 @@ class PuLIDFluxPipeline:
         timings["denoise_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        unpacked = unpack(latents.float(), request.height, request.width)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-            decoded = self.ae.decode(unpacked)
-        image = to_pil(decoded.float())
+        image = self.decode(latents, request.height, request.width)
         timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
 

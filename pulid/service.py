@@ -27,7 +27,8 @@ import torch
 from flux.sampling import GenerationCancelled, StepInfo
 from pulid.errors import PuLIDError
 from pulid.outputs import output_name, save_png
-from pulid.pipeline import GenerationRequest, InvalidRequestError, PuLIDFluxPipeline
+from pulid.pipeline import PuLIDFluxPipeline
+from pulid.request import GenerationRequest, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,6 @@ class ServiceResult:
     seed: int
     debug_images: list[np.ndarray]
     metadata: dict
-
-
-def parse_seed(value: object) -> int:
-    text = str(value).strip()
-    if text in ("", "None"):
-        return -1
-    try:
-        return int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise ServiceError(
-            f"Seed must be a whole number, or -1 for a random seed (got {text[:40]!r})."
-        ) from None
 
 
 def load_upload(path: str | os.PathLike) -> np.ndarray:
@@ -100,28 +89,15 @@ class GenerationService:
             event.set()
 
     def build_request(
-        self, prompt: str, id_image: np.ndarray | None, extra_images: Sequence[str] | None, **settings
+        self, id_image: np.ndarray | None, extra_images: Sequence[str] | None, **settings
     ) -> GenerationRequest:
+        """A request from what the browser sent: the photo, uploaded file paths and raw setting values."""
         photos = [] if id_image is None else [np.asarray(id_image)]
         photos += [load_upload(path) for path in (extra_images or [])]
         try:
-            return GenerationRequest(
-                prompt=str(prompt or ""),
-                id_images=photos,
-                width=int(settings["width"]),
-                height=int(settings["height"]),
-                num_steps=int(settings["num_steps"]),
-                start_step=int(settings["start_step"]),
-                guidance=float(settings["guidance"]),
-                seed=parse_seed(settings["seed"]),
-                id_weight=float(settings["id_weight"]),
-                neg_prompt=str(settings.get("neg_prompt") or ""),
-                true_cfg=float(settings["true_cfg"]),
-                cfg_start_step=int(settings["cfg_start_step"]),
-                max_sequence_length=int(settings["max_sequence_length"]),
-            )
-        except (TypeError, ValueError) as err:  # parse_seed's ServiceError passes through as it is
-            raise ServiceError(f"A setting is not a number: {err}") from None
+            return GenerationRequest.from_values(id_images=photos, **settings)
+        except InvalidRequestError as err:
+            raise ServiceError(str(err)) from None
 
     def run(
         self,
@@ -130,7 +106,7 @@ class GenerationService:
         progress: Callable[[StepInfo], None] | None = None,
     ) -> ServiceResult:
         try:
-            request.validate()
+            request = request.checked()
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
         cancel = self._cancel.setdefault(session, threading.Event())

@@ -33,9 +33,11 @@ KINDS = {  # phrase of the message -> outcome kind
     "must be a multiple of 16": "bad_size",
     "less than minimum": "out_of_range_setting",
     "greater than maximum": "out_of_range_setting",
-    "Seed must be": "bad_seed",
-    "number of steps": "bad_steps",
-    "id weight": "bad_id_weight",
+    "Seed (-1 for random) must be": "bad_seed",
+    "Number of steps must be": "bad_steps",
+    "Number of steps: Value": "bad_steps",
+    "ID weight must be": "bad_id_weight",
+    "is too long": "text_too_long",
 }
 
 
@@ -54,7 +56,7 @@ def rss_mib(pid: int) -> float:
 def random_request(rng: random.Random, files: dict[str, Path], good: Path) -> tuple[str, dict]:
     """(what was sent, settings) with about one bad input in three."""
     settings = dict(
-        prompt=rng.choice(["portrait", "a photo of a woman in snow", "", "cinematic " * 300]),
+        prompt=rng.choice(["portrait", "a photo of a woman in snow", "", ("cinematic " * 200)[:2000]]),
         id_image=good,
         extra_images=[],
         id_weight=round(rng.uniform(0, 3), 2),
@@ -86,6 +88,9 @@ def random_request(rng: random.Random, files: dict[str, Path], good: Path) -> tu
                 ("num_steps", 0),
                 ("id_weight", 3.5),
                 ("seed", str(2**70)),
+                ("seed", "1e400"),
+                ("num_steps", 2.5),
+                ("neg_prompt", "x" * 100_000),
             ]
         )
         settings[key] = value
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
             values = dict(settings)
             values["id_image"] = handle_file(str(values["id_image"])) if values["id_image"] else None
             values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
-            return client.predict(*values.values(), api_name="/generate")
+            return client.predict(**values, api_name="/generate")
 
         rng = random.Random(args.seed)
         jobs = [random_request(rng, files, good) for _ in range(args.requests)]

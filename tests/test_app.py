@@ -12,8 +12,8 @@ from PIL import Image
 import app_flux
 from pulid.outputs import read_png_metadata
 from pulid.service import GenerationService
-from pulid.tiny import tiny_face_analyzer, tiny_pipeline
 from scripts.soak import free_port
+from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "example_inputs" / "astronaut.png"
@@ -71,7 +71,7 @@ def call(client, **kw):
     if values["id_image"] is not None:
         values["id_image"] = handle_file(str(values["id_image"]))
     values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
-    return client.predict(*values.values(), api_name="/generate")
+    return client.predict(**values, api_name="/generate")
 
 
 def test_client_gets_an_image_and_the_used_seed(client):
@@ -95,8 +95,8 @@ def test_same_seed_same_image_and_extra_photos(client):
 @pytest.mark.parametrize(
     "kw,message",
     [
-        (dict(seed="abc"), "Seed must be a whole number"),
-        (dict(width=1000), "width must be a multiple of 16"),
+        (dict(seed="abc"), r"Seed \(-1 for random\) must be a whole number"),
+        (dict(width=1000), "Width must be a multiple of 16"),
         (dict(width=250), "less than minimum value 256"),
     ],
 )
@@ -184,29 +184,64 @@ def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):
     assert "2/2" in proc.stderr  # the per-step progress bar
 
 
-def test_missing_weights_stop_the_app_with_the_message_and_no_traceback(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def start_without_weights(tmp_path, **env):
+    """Run the app as a new user would, with an empty models folder; time it."""
+    import time
+
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    environment.update(HF_HOME=str(tmp_path / "hf"), **env)
+    start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "app_flux.py", "--models_dir", str(tmp_path), "--device", "cpu"],
+        [sys.executable, "app_flux.py", "--models_dir", str(tmp_path / "models"), "--device", "cpu"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env=env,
-        timeout=300,
+        env=environment,
+        timeout=120,
     )
-    assert proc.returncode == 1
-    assert "flux1-dev.safetensors" in proc.stderr and "HF_TOKEN" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    return proc, time.perf_counter() - start
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A port that accepts connections and never answers: a hub behind a dropping firewall."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+@pytest.mark.parametrize("case", ["offline-flag", "refused", "silent"])
+def test_a_start_without_weights_lists_every_file_at_once_within_seconds(tmp_path, case, request):
+    from pulid.catalogue import required_weights
+
+    env, reason = {
+        "offline-flag": ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        "refused": ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "hub cannot be reached"),
+        "silent": ({"HF_ENDPOINT": request.getfixturevalue("silent_endpoint")}, "hub cannot be reached"),
+    }[case]
+    proc, seconds = start_without_weights(tmp_path, **env)
+    assert proc.returncode == 1 and seconds < 10, (seconds, proc.stderr[-2000:])
+    message = proc.stderr
+    assert reason in message and "Traceback" not in message and "Retrying" not in message
+    for entry in required_weights().values():
+        assert str(tmp_path / "models" / entry.weights.local_name) in message
+    assert "python -m pulid.download" in message and message.count("HF_TOKEN") == 2
 
 
 def test_flags_reach_the_loader(monkeypatch):
     import pulid.loading
+    from flux.offload import MemoryPolicy
+    from pulid.startup import build_pipeline
 
     seen = {}
     monkeypatch.setattr(
         pulid.loading, "load_pipeline", lambda *args, **kwargs: seen.update(args=args, **kwargs)
     )
-    app_flux.build_pipeline(
+    build_pipeline(
         app_flux.parse_args(
             [
                 "--name",
@@ -229,7 +264,35 @@ def test_flags_reach_the_loader(monkeypatch):
         )
     )
     assert seen["args"] == ("flux-krea-dev", "v0.9.0", "cuda:1")
-    assert seen["fp8"] == "native" and seen["compile_blocks"] is True and seen["vram_budget_gb"] == 12.0
+    assert seen["fp8"] == "native" and seen["compiled"] is True
+    assert seen["memory"] == MemoryPolicy(vram_budget_gb=12.0)
     assert seen["onnx_provider"] == "cpu" and seen["pretrained_model"] == "p.safetensors"
-    app_flux.build_pipeline(app_flux.parse_args(["--aggressive_offload", "--device", "cuda"]))
-    assert seen["aggressive_offload"] is True and seen["offload"] is True and seen["fp8"] is None
+    build_pipeline(app_flux.parse_args(["--aggressive_offload", "--device", "cuda"]))
+    assert seen["memory"] == MemoryPolicy(offload=True, aggressive=True) and seen["fp8"] is None
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-4", "0", "lots"])
+def test_a_hostile_vram_budget_is_refused_by_the_parser(value, capsys):
+    with pytest.raises(SystemExit):
+        app_flux.parse_args(["--vram_budget", value])
+    assert "--vram_budget" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without CUDA answers")
+def test_a_flag_the_machine_cannot_honour_stops_the_start_with_one_message(tmp_path):
+    for flags, message in [
+        (["--device", "cuda"], "--device cuda needs a CUDA build of PyTorch"),
+        (["--device", "cpu", "--fp8", "--fp8_mode", "native"], "fp8 matrix units"),
+        (["--device", "cpu", "--vram_budget", "12"], "--vram_budget 12 moves weights"),
+        (["--device", "cpu", "--offload"], "--offload moves weights"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "app_flux.py", "--models_dir", str(tmp_path), *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-1500:]
+        assert "Traceback" not in proc.stderr

@@ -3,9 +3,9 @@
 import pytest
 
 from pulid.service import GenerationService, ServiceError, load_upload
-from pulid.tiny import tiny_face_analyzer, tiny_pipeline
 from tests.bad_inputs import EXPECTED, write_bad_inputs
 from tests.test_app import call, client, server  # noqa: F401 (the running app fixtures)
+from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,12 @@ SETTINGS = dict(
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_python_api(service, bad_files, name):
     def run():
-        request = service.build_request("portrait", None, [str(bad_files[name])], **SETTINGS)
+        request = service.build_request(None, [str(bad_files[name])], prompt="portrait", **SETTINGS)
         service.run(request)
 
     result = outcome(run)
     assert matches(result, EXPECTED[name]), result
-    assert service.run(service.build_request("portrait", None, None, **SETTINGS)).seed == 1
+    assert service.run(service.build_request(None, None, prompt="portrait", **SETTINGS)).seed == 1
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -87,7 +87,10 @@ def test_exif_rotation_is_applied(bad_files):
     assert np.abs(upright - sideways).mean() > 30
 
 
-def test_prompts_empty_and_very_long(service):
-    for prompt in ["", "a portrait, " * 900]:
-        request = service.build_request(prompt, None, None, **SETTINGS)
+def test_prompts_empty_long_and_too_long(service):
+    for prompt in ["", ("a portrait, " * 200)[:2000]]:
+        request = service.build_request(None, None, prompt=prompt, **SETTINGS)
         assert service.run(request).seed == 1
+    for name in ("prompt", "neg_prompt"):  # 2 MB of text is refused before anything runs
+        with pytest.raises(ServiceError, match=r"too long \(2,000,000 characters; at most 2,000\)"):
+            service.build_request(None, None, **{**SETTINGS, "prompt": "portrait", name: "x" * 2_000_000})

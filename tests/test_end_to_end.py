@@ -11,8 +11,8 @@ from skimage import data as skimage_data
 
 from pulid.errors import NoFaceError
 from pulid.outputs import read_png_metadata, save_png
-from pulid.pipeline import GenerationRequest
-from pulid.tiny import tiny_face_analyzer, tiny_pipeline
+from pulid.request import GenerationRequest
+from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from flux.sampling import GenerationCancelled
-from pulid.pipeline import GenerationRequest, InvalidRequestError
-from pulid.tiny import tiny_pipeline
+from pulid.request import GenerationRequest, InvalidRequestError
+from tiny_random.pipeline import tiny_pipeline
 
 
 @dataclass
@@ -127,12 +127,17 @@ def test_the_t5_length_is_chosen_per_request(pipeline):
 @pytest.mark.parametrize(
     "kw,message",
     [
-        (dict(width=250), "width must be a multiple of 16"),
-        (dict(height=2048), "height must be a multiple of 16"),
-        (dict(num_steps=0), "number of steps"),
-        (dict(id_weight=3.5), "id weight"),
-        (dict(seed=-2), "seed"),
-        (dict(max_sequence_length=100), "max sequence length"),
+        (dict(width=250), r"Width must be a multiple of 16 from 256 to 1536 \(got 250\)"),
+        (dict(height=2048), "Height must be a multiple of 16"),
+        (dict(num_steps=0), "Number of steps must be a whole number from 1 to 50"),
+        (dict(num_steps=2.5), r"Number of steps must be a whole number .*\(got 2.5\)"),
+        (dict(id_weight=3.5), "ID weight must be a number from 0 to 3"),
+        (dict(guidance=float("nan")), "Guidance must be a number"),
+        (dict(seed=-2), "Seed"),
+        (dict(seed=2**70), "Seed"),
+        (dict(max_sequence_length=100), "T5 max sequence length must be one of 128, 256, 384, 512"),
+        (dict(prompt=None, id_images=[None]), "ID photos must be a list of images"),
+        (dict(prompt="x" * 2001), r"Prompt is too long \(2,001 characters; at most 2,000\)"),
     ],
 )
 def test_invalid_requests_are_refused_with_a_clear_message(pipeline, kw, message):

@@ -1,9 +1,16 @@
-"""The full pipeline loader: every missing weight file is reported at once, before any loading."""
+"""The full pipeline loader: what it checks before loading anything, and every missing file at once."""
+
+import re
 
 import pytest
+import torch
 
-from flux.hub import WeightsNotFoundError
-from pulid.loading import load_pipeline
+from flux.devices import HardwareError, resolve_device
+from flux.hub import WeightsNotFoundError, format_size
+from flux.offload import BudgetError, MemoryPolicy, measure
+from pulid.catalogue import CATALOGUE, FP8_MAP, required_weights
+from pulid.loading import load_pipeline, meta_pipeline, plan_counts, resolve_fp8_mode
+from pulid.pipeline import STAGES
 
 
 def test_all_missing_files_are_listed_in_one_error(tmp_path, monkeypatch):
@@ -11,18 +18,20 @@ def test_all_missing_files_are_listed_in_one_error(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFoundError) as err:
         load_pipeline("flux-dev", "v0.9.0", "cpu", models_dir=tmp_path)
     message = str(err.value)
-    for name in [
-        "flux1-dev.safetensors",
-        "ae.safetensors",
-        "pulid_flux_v0.9.0.safetensors",
-        "EVA02_CLIP_L_336_psz14_s6B.pt",
-    ]:
-        assert name in message and str(tmp_path) in message
-    assert "HF_TOKEN" in message  # the gated FLUX repo
+    needed = required_weights("flux-dev", "v0.9.0")
+    assert f"{len(needed)} weight file(s) are missing" in message
+    for entry in needed.values():
+        weights = entry.weights
+        assert weights.description in message and format_size(weights.size_bytes) in message
+        assert str(tmp_path / weights.local_name) in message
+    assert message.count("HF_TOKEN") == 2  # the two gated FLUX files
+    assert "HF_HUB_OFFLINE is set" in message
+    assert f"python -m pulid.download --name flux-dev --version v0.9.0 --models_dir {tmp_path}" in message
 
 
-def test_explicit_pulid_path_is_used(tmp_path, monkeypatch):
+def test_present_files_are_not_reported_and_a_missing_explicit_path_is(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "ae.safetensors").write_bytes(b"x")
     with pytest.raises(WeightsNotFoundError) as err:
         load_pipeline(
             "flux-krea-dev",
@@ -32,11 +41,85 @@ def test_explicit_pulid_path_is_used(tmp_path, monkeypatch):
             pretrained_model=tmp_path / "mine.safetensors",
         )
     assert "mine.safetensors is not a file" in str(err.value)
-    assert "flux1-krea-dev.safetensors" in str(err.value)
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_pipeline("flux-krea-dev", "v0.9.1", "cpu", models_dir=tmp_path)
+    message = str(err.value)
+    assert "flux1-krea-dev.safetensors" in message and "krea-ae.safetensors" in message
+    assert "FLUX.1-dev autoencoder" not in message  # ae.safetensors is flux-dev's, not krea's
 
 
-def test_unknown_model_or_version_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="flux-dev"):
-        load_pipeline("flux-pro", "v0.9.1", "cpu", models_dir=tmp_path)
-    with pytest.raises(ValueError, match="v0.9.1"):
-        load_pipeline("flux-dev", "v2", "cpu", models_dir=tmp_path)
+def test_unreachable_hub_is_detected_once_and_quickly(tmp_path, monkeypatch):
+    import time
+
+    import flux.hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(flux.hub, "hub_reachable", lambda: probes.append(1) or False)
+    import pulid.loading
+
+    monkeypatch.setattr(pulid.loading, "hub_reachable", flux.hub.hub_reachable)
+    start = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError, match="cannot be reached"):
+        load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path)
+    assert probes == [1] and time.perf_counter() - start < 10
+
+
+def test_the_probe_gives_up_within_its_timeout(monkeypatch):
+    import time
+
+    import flux.hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(flux.hub, "_reachable", {})
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    start = time.perf_counter()
+    assert flux.hub.hub_reachable(timeout=2.0) is False
+    assert time.perf_counter() - start < 3
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert flux.hub.hub_reachable() is False
+
+
+def test_the_catalogue_is_consistent():
+    places = [entry.weights.local_name for entry in CATALOGUE]
+    assert len(places) == len(set(places)), "two entries would share one place under models/"
+    assert required_weights(fp8="quanto")["flow"].weights.filename == "flux-dev-fp8.safetensors"
+    assert required_weights(fp8="quanto")["fp8_map"] is FP8_MAP and FP8_MAP.weights.optional
+    assert "fp8_map" not in required_weights(fp8="native")
+    with pytest.raises(ValueError, match="flux-dev, flux-krea-dev"):
+        required_weights("flux-pro")
+    with pytest.raises(ValueError, match="v0.9.0, v0.9.1"):
+        required_weights("flux-dev", "v2")
+    with pytest.raises(ValueError, match="no fp8 \\(quanto\\) checkpoint for flux-krea-dev"):
+        required_weights("flux-krea-dev", fp8="quanto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA refuses")
+def test_flags_this_machine_cannot_honour_stop_the_start(tmp_path):
+    message = "CPU build" if torch.version.cuda is None else "no CUDA GPU"
+    with pytest.raises(HardwareError, match=message):
+        load_pipeline(device="cuda", models_dir=tmp_path)
+    with pytest.raises(HardwareError, match="fp8 matrix units"):
+        load_pipeline(device="cpu", fp8="native", models_dir=tmp_path)
+    for policy in (
+        MemoryPolicy(vram_budget_gb=12),
+        MemoryPolicy(offload=True),
+        MemoryPolicy(aggressive=True),
+    ):
+        with pytest.raises(HardwareError, match=re.escape(policy.describe()) + ".* CUDA GPU"):
+            load_pipeline(device="cpu", memory=policy, models_dir=tmp_path)
+    assert resolve_fp8_mode("auto", torch.device("cpu")) == "quanto"  # no fp8 units: XLabs' file
+    with pytest.raises(HardwareError, match="not a device"):
+        resolve_device("gpu0")
+    assert resolve_device(None) == torch.device("cpu")
+
+
+def test_a_budget_that_cannot_be_met_is_known_before_loading():
+    sizes = measure(meta_pipeline("flux-dev").components())
+    with pytest.raises(BudgetError, match="smallest plan needs"):
+        MemoryPolicy(vram_budget_gb=2).plan(sizes, STAGES, plan_counts())
+    assert MemoryPolicy(vram_budget_gb=24).plan(sizes, STAGES, plan_counts()).peak <= 24 * 1024**3
+    with pytest.raises(ValueError, match="positive number of GiB"):
+        MemoryPolicy(vram_budget_gb=float("nan"))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pulid.outputs import read_png_metadata
-from pulid.service import OOM_MESSAGE, GenerationService, ServiceError, load_upload, parse_seed
-from pulid.tiny import tiny_pipeline
+from pulid.service import OOM_MESSAGE, GenerationService, ServiceError, load_upload
 from tests.test_pipeline import StubFaceAnalysis, photo
+from tiny_random.pipeline import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def request(service, **kw):
         max_sequence_length=128,
     )
     values.update(kw)
-    return service.build_request("a photo of a woman", photo(1), None, **values)
+    return service.build_request(photo(1), None, prompt="a photo of a woman", **values)
 
 
 def test_result_is_a_png_with_the_settings(service):
@@ -72,22 +72,29 @@ def test_out_of_memory_is_caught_and_the_next_request_succeeds(service, monkeypa
     assert service.run(request(service)).seed == 3
 
 
-@pytest.mark.parametrize("value,expected", [("-1", -1), ("", -1), (" 42 ", 42), ("1e3", 1000), (7, 7)])
-def test_seed_parsing(value, expected):
-    assert parse_seed(value) == expected
+@pytest.mark.parametrize(
+    "value,expected",
+    [("-1", -1), ("", -1), (" 42 ", 42), ("1e3", 1000), (7, 7), (3.0, 3), (2**64 - 1, 2**64 - 1)],
+)
+def test_seed_parsing(service, value, expected):
+    assert request(service, seed=value).seed == expected
 
 
-@pytest.mark.parametrize("value", ["abc", "1.5.2", "0x12"])
-def test_bad_seed_is_a_clear_error(value):
-    with pytest.raises(ServiceError, match="whole number"):
-        parse_seed(value)
+@pytest.mark.parametrize(
+    "value", ["abc", "1.5.2", "0x12", "1e400", "1.5", 1.5, float("inf"), None, True, 2**64]
+)
+def test_bad_seed_is_a_clear_error(service, value):
+    with pytest.raises(ServiceError, match=r"Seed \(-1 for random\) must be a whole number from -1 to"):
+        request(service, seed=value)
 
 
 def test_invalid_settings_become_messages(service):
-    with pytest.raises(ServiceError, match="number of steps"):
+    with pytest.raises(ServiceError, match="Number of steps"):
         service.run(request(service, num_steps=0))
-    with pytest.raises(ServiceError, match="not a number"):
+    with pytest.raises(ServiceError, match=r"Width must be a multiple of 16 .*\(got 'wide'\)"):
         request(service, width="wide")
+    with pytest.raises(ServiceError, match="Width must .* Height must"):  # every problem at once
+        request(service, width="1e400", height=float("inf"))
 
 
 def test_uploads_are_read_rotated_and_bad_files_refused(tmp_path):

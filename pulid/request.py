@@ -1,0 +1,163 @@
+"""What one image depends on: the generation settings, declared once, with the official defaults.
+
+:class:`GenerationRequest` is the declaration (:mod:`pulid.settings`): each field carries its
+type, default, range, label and help. The app's controls, ``generate.py``'s flags, the request
+validation and the PNG metadata are made from it, so a setting is added or changed here only.
+Defaults and ranges are the official PuLID-FLUX demo's (28 steps, 896x1152, guidance 4, ID from
+step 0, T5 length 128, true CFG 1); the step slider goes to 50.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
+
+MAX_SEED = 2**64 - 1
+MAX_PROMPT_CHARS = 2000  # T5 reads at most 512 tokens (about 2,000 characters) and CLIP 77
+DEFAULT_PROMPT = "portrait, color, cinematic"
+DEFAULT_NEGATIVE_PROMPT = "bad quality, worst quality, text, signature, watermark, extra limbs"
+
+START_STEP_HELP = (
+    "Smaller keeps the face closer, larger leaves more room for the prompt; 0-4 works best "
+    "(4 for photorealistic scenes, 0-1 for stylised ones)."
+)
+TRUE_CFG_HELP = (
+    "1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass with the "
+    "negative prompt (then set guidance near 1)."
+)
+
+__all__ = ["GenerationRequest", "InvalidRequestError", "MAX_SEED", "generation_settings"]
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one image depends on: the photos of the person and every generation setting."""
+
+    prompt: str = setting(
+        str,
+        DEFAULT_PROMPT,
+        "Prompt",
+        required=True,
+        max_length=MAX_PROMPT_CHARS,
+        widget="textbox",
+        help="What the image shows; the person is the one in the ID photos.",
+    )
+    id_images: list[np.ndarray] = field(default_factory=list)
+    id_weight: float = setting(
+        float,
+        1.0,
+        "ID weight",
+        minimum=0.0,
+        maximum=3.0,
+        step=0.05,
+        help="How strongly the face is imposed; 0 turns the identity off.",
+    )
+    width: int = setting(int, 896, "Width", minimum=256, maximum=1536, step=16, multiple_of=16)
+    height: int = setting(int, 1152, "Height", minimum=256, maximum=1536, step=16, multiple_of=16)
+    num_steps: int = setting(
+        int,
+        28,
+        "Number of steps",
+        minimum=1,
+        maximum=50,
+        step=1,
+        help="Denoising steps: more is slower and usually finer.",
+    )
+    start_step: int = setting(
+        int, 0, "Timestep to start inserting ID", minimum=0, maximum=10, step=1, help=START_STEP_HELP
+    )
+    guidance: float = setting(
+        float,
+        4.0,
+        "Guidance",
+        minimum=1.0,
+        maximum=10.0,
+        step=0.1,
+        help="FLUX's distilled guidance: higher follows the prompt more literally.",
+    )
+    seed: int = setting(
+        int,
+        -1,
+        "Seed (-1 for random)",
+        minimum=-1,
+        maximum=MAX_SEED,
+        widget="textbox",
+        help="The same seed and settings give the same image.",
+    )
+    max_sequence_length: int = setting(
+        int,
+        128,
+        "T5 max sequence length",
+        choices=(128, 256, 384, 512),
+        step=128,
+        help="Prompt tokens T5 reads: longer prompts need more, 128 is fastest.",
+    )
+    neg_prompt: str = setting(
+        str,
+        DEFAULT_NEGATIVE_PROMPT,
+        "Negative prompt",
+        max_length=MAX_PROMPT_CHARS,
+        widget="textbox",
+        group="advanced",
+        help="Used only with true CFG above 1.",
+    )
+    true_cfg: float = setting(
+        float,
+        1.0,
+        "True CFG scale",
+        minimum=1.0,
+        maximum=10.0,
+        step=0.1,
+        group="advanced",
+        help=TRUE_CFG_HELP,
+    )
+    cfg_start_step: int = setting(
+        int,
+        1,
+        "Timestep to start CFG",
+        minimum=0,
+        maximum=20,
+        step=1,
+        group="dev",
+        flags=("--timestep_to_start_cfg",),
+        help="First step of the negative pass of true CFG.",
+    )
+
+    @classmethod
+    def from_values(cls, id_images: list | None = None, **values: Any) -> GenerationRequest:
+        """A request from raw values (strings, JSON numbers): each coerced and checked."""
+        return cls(id_images=list(id_images or []), **coerce_all(generation_settings(), values))
+
+    @property
+    def uses_true_cfg(self) -> bool:
+        return abs(self.true_cfg - 1.0) > 1e-2
+
+    def checked(self) -> GenerationRequest:
+        """This request with every setting coerced to its type, or :class:`InvalidRequestError`
+        naming every setting that is not allowed. The request itself is not changed."""
+        values = coerce_all(
+            generation_settings(), {s.name: getattr(self, s.name) for s in generation_settings()}
+        )
+        if not isinstance(self.id_images, (list, tuple)) or any(
+            not isinstance(image, np.ndarray) for image in self.id_images
+        ):
+            raise InvalidRequestError("The ID photos must be a list of images (numpy arrays).")
+        return GenerationRequest(id_images=list(self.id_images), **values)
+
+    def settings(self) -> dict[str, Any]:
+        """The request without the photos: what the PNG metadata records."""
+        values = {s.name: getattr(self, s.name) for s in generation_settings()}
+        values["num_id_images"] = len(self.id_images)
+        return values
+
+
+def generation_settings() -> tuple[Setting, ...]:
+    """The declared settings of :class:`GenerationRequest`, in order."""
+    return _SETTINGS
+
+
+_SETTINGS = declared_settings(GenerationRequest)

@@ -1,0 +1,134 @@
+"""From command-line flags to a loaded pipeline, shared by the app and ``generate.py``.
+
+The model flags keep the official app's names and meanings (``--name``, ``--version``,
+``--device``, ``--offload``, ``--aggressive_offload``, ``--fp8``, ``--onnx_provider``,
+``--pretrained_model``) plus this project's (``--vram_budget``, ``--fp8_mode``, ``--compile``,
+``--models_dir``, ``--preset``). The memory flags are parsed once, here, into a
+:class:`~flux.offload.MemoryPolicy`. Everything that can stop a start (a missing or mismatched
+weight file, a flag the machine cannot honour, a budget too small) is one of :data:`LOAD_ERRORS`,
+whose message is meant for the user as it is: :func:`load_or_exit` prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("tiny-random",)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags shared by the app and the command line."""
+    from flux.registry import MODELS
+    from pulid.catalogue import DEFAULT_VERSION, FP8_MODES, PULID_VERSIONS
+
+    parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
+    parser.add_argument("--version", default=DEFAULT_VERSION, choices=PULID_VERSIONS, help="PuLID weights")
+    parser.add_argument(
+        "--device", default=None, help="torch device for the models (default: cuda if present)"
+    )
+    parser.add_argument(
+        "--offload", action="store_true", help="keep each model on the GPU only while it is used"
+    )
+    parser.add_argument(
+        "--aggressive_offload",
+        action="store_true",
+        help="the smallest GPU footprint: stream the DiT's and T5's blocks (about 5 GiB)",
+    )
+    parser.add_argument(
+        "--vram_budget",
+        type=gib,
+        default=None,
+        metavar="GB",
+        help="fit the whole app in this many GiB: as much resident as fits, the rest streamed",
+    )
+    parser.add_argument("--fp8", action="store_true", help="run the transformer in fp8 (see --fp8_mode)")
+    parser.add_argument(
+        "--fp8_mode",
+        default="auto",
+        choices=FP8_MODES,
+        help="native: quantise flux1-dev to fp8 at load and use the GPU's fp8 units (Ada/Hopper); "
+        "quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the repeated blocks (slower start, faster steps; see BENCHMARKS.md)",
+    )
+    parser.add_argument("--onnx_provider", default="gpu", choices=["gpu", "cpu"], help="onnxruntime provider")
+    parser.add_argument("--pretrained_model", default=None, help="path to a PuLID weight file")
+    parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESETS,
+        help="tiny-random: random tiny models on CPU, no download; produces noise",
+    )
+
+
+def gib(text: str) -> float:
+    """A ``--vram_budget`` value: a positive, finite number of GiB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be a positive number of GiB")
+    return value
+
+
+def memory_policy(args: argparse.Namespace):
+    """The :class:`~flux.offload.MemoryPolicy` of the flags (``--aggressive_offload`` implies offload)."""
+    from flux.offload import MemoryPolicy
+
+    return MemoryPolicy(
+        vram_budget_gb=args.vram_budget,
+        offload=args.offload or args.aggressive_offload,
+        aggressive=args.aggressive_offload,
+    )
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """The errors that stop a start with a message for the user (no traceback needed)."""
+    from flux.checkpoint import CheckpointError
+    from flux.devices import HardwareError
+    from flux.hub import WeightsNotFoundError
+    from flux.offload import BudgetError
+    from flux.quant.quanto_compat import QuantoMissingError
+
+    return (WeightsNotFoundError, CheckpointError, HardwareError, BudgetError, QuantoMissingError)
+
+
+def build_pipeline(args: argparse.Namespace):
+    """The pipeline the flags ask for (the tiny-random preset, or the real models)."""
+    if args.preset == "tiny-random":
+        from tiny_random.pipeline import tiny_pipeline_with_face_models
+
+        return tiny_pipeline_with_face_models(Path(tempfile.gettempdir()) / "pulid-flux-tiny-random")
+    from pulid.loading import load_pipeline
+
+    return load_pipeline(
+        args.name,
+        args.version,
+        args.device,
+        fp8=args.fp8_mode if args.fp8 else None,
+        compiled=args.compile,
+        memory=memory_policy(args),
+        onnx_provider=args.onnx_provider,
+        pretrained_model=args.pretrained_model,
+        models_dir=args.models_dir,
+    )
+
+
+def load_or_exit(args: argparse.Namespace):
+    """:func:`build_pipeline`, or exit with status 1 and the reason when the start cannot go on."""
+    try:
+        return build_pipeline(args)
+    except load_errors() as err:
+        logger.debug("start-up failed", exc_info=True)
+        raise SystemExit(f"\nCannot start: {err}\n") from None

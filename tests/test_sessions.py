@@ -1,0 +1,82 @@
+"""Sessions: a visitor's Cancel stops that visitor's job and nobody else's (two concurrent HTTP clients)."""
+
+import time
+
+import pytest
+
+import app_flux
+from pulid.service import GenerationService
+from scripts.soak import free_port
+from tests.test_app import PHOTO, settings
+from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
+
+STEPS = 40
+STEP_SECONDS = 0.05
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory, models_dir):
+    """The app over a tiny pipeline whose DiT takes STEP_SECONDS per pass, counting the passes."""
+    pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
+    passes = []
+
+    def slow_step(module, args):  # test instrumentation: the real model, made slow enough to race
+        passes.append(time.perf_counter())
+        time.sleep(STEP_SECONDS)
+
+    pipeline.flow.register_forward_pre_hook(slow_step)
+    args = app_flux.parse_args(["--preset", "tiny-random"])
+    demo = app_flux.create_demo(args, GenerationService(pipeline, tmp_path_factory.mktemp("outputs")))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", passes
+    demo.close()
+
+
+def submit(client, **kw):
+    from gradio_client import handle_file
+
+    values = settings(**{"num_steps": STEPS, **kw})
+    values["id_image"] = handle_file(str(PHOTO))
+    return client.submit(**values, api_name="/generate")
+
+
+def wait_until_running(passes, before: int, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while len(passes) < before + 3:  # a few denoising steps done: the job is surely under way
+        assert time.time() < deadline, "the job never started"
+        time.sleep(0.02)
+
+
+def test_another_clients_cancel_does_not_stop_my_job(slow_server):
+    from gradio_client import Client
+
+    url, passes = slow_server
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    assert alice.session_hash != bob.session_hash
+    before = len(passes)
+    job = submit(alice, seed="11")
+    wait_until_running(passes, before)
+    bob.predict(api_name="/cancel")  # Bob cancels: his own (idle) session only
+    image, seed, _, _ = job.result(timeout=120)
+    assert seed == "11" and image
+    assert len(passes) - before == STEPS  # Alice's job ran every step
+
+
+def test_my_cancel_stops_my_job_and_the_work_stops(slow_server):
+    from gradio_client import Client
+
+    url, passes = slow_server
+    alice = Client(url, verbose=False)
+    before = len(passes)
+    job = submit(alice, seed="12")
+    wait_until_running(passes, before)
+    alice.predict(api_name="/cancel")
+    with pytest.raises(Exception):  # noqa: B017 - cancelled: no image comes back, whatever gradio reports
+        job.result(timeout=120)
+    time.sleep(10 * STEP_SECONDS)
+    ran = len(passes) - before
+    assert ran < STEPS // 2, f"{ran} of {STEPS} steps ran after the cancel"
+    # and the server serves the next request
+    again = Client(url, verbose=False)
+    assert submit(again, seed="13", num_steps=2).result(timeout=120)[1] == "13"

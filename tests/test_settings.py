@@ -1,0 +1,99 @@
+"""The generation settings are declared once, and every surface is made from that declaration."""
+
+import math
+import re
+
+import pytest
+
+import generate
+from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
+from pulid.settings import Setting
+from tests.test_app import client, server  # noqa: F401 (the running app fixtures)
+
+SETTINGS = generation_settings()
+NUMERIC = [s for s in SETTINGS if s.kind is not str]
+
+
+def test_the_declaration_is_the_request_dataclass():
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(GenerationRequest) if f.name != "id_images"]
+    assert [s.name for s in SETTINGS] == fields
+    assert all(s.label and (s.kind in (int, float, str)) for s in SETTINGS)
+    for setting in SETTINGS:  # every default is a value of its own setting
+        assert setting.coerce(setting.default) == setting.default
+
+
+def test_the_command_line_flags_are_the_declared_settings():
+    args = generate.parse_args(["--prompt", "x"])
+    for setting in SETTINGS:
+        assert hasattr(args, setting.name)
+    # the official spelling works too, and values are checked by the declaration
+    args = generate.parse_args(["--prompt", "x", "--timestep_to_start_cfg", "3", "--num_steps", "4"])
+    assert args.requests[0].cfg_start_step == 3 and args.requests[0].num_steps == 4
+
+
+@pytest.mark.parametrize("flag,value", [("--num_steps", "2.5"), ("--width", "1e400"), ("--guidance", "nan")])
+def test_a_bad_flag_value_is_refused_by_the_command_line_before_loading(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generate.parse_args(["--prompt", "x", flag, value])
+    assert exit_.value.code == 2
+    label = {s.name: s.label for s in SETTINGS}[flag[2:]]
+    assert f"{label} must be" in capsys.readouterr().err
+
+
+def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
+    api = client.view_api(return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    by_name = {p["parameter_name"]: p for p in api}
+    settings = [s.name for s in SETTINGS if s.name != "prompt"]
+    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings]
+    for setting in SETTINGS:
+        default = by_name[setting.name]["parameter_default"]
+        assert setting.coerce(default) == setting.default, setting.name
+
+
+def test_png_metadata_records_every_setting(tmp_path):
+    from PIL import Image
+
+    from pulid.outputs import read_png_metadata, save_png
+
+    request = GenerationRequest(prompt="a", seed=5)
+    path = save_png(Image.new("RGB", (8, 8)), request.settings(), tmp_path / "x.png")
+    meta = read_png_metadata(path)
+    assert {s.name for s in SETTINGS} | {"num_id_images"} == set(meta)
+    assert GenerationRequest.from_values(**{s.name: meta[s.name] for s in SETTINGS}) == request
+
+
+@pytest.mark.parametrize("setting", NUMERIC, ids=lambda s: s.name)
+def test_every_number_is_checked_at_its_bounds_and_against_hostile_values(setting: Setting):
+    if setting.choices:
+        inside, outside = list(setting.choices), [min(setting.choices) - 1, max(setting.choices) + 1]
+    else:
+        inside, outside = [setting.minimum, setting.maximum], [setting.minimum - 1, setting.maximum + 1]
+        if setting.multiple_of:
+            outside.append(setting.minimum + setting.multiple_of // 2)
+    for value in inside:
+        assert setting.coerce(value) == value and setting.coerce(str(value)) == value
+    hostile = [*outside, "1e400", float("inf"), float("-inf"), float("nan"), None, True, "abc", [], {}]
+    if setting.kind is int:
+        hostile += [2.5, "2.5", 10**30]
+    for value in hostile:
+        with pytest.raises(InvalidRequestError, match="^" + re.escape(f"{setting.label} must be")):
+            setting.coerce(value)
+    assert setting.coerce("") == setting.default  # an emptied box
+
+
+def test_floats_accept_numbers_and_ints_accept_whole_floats():
+    declared = {s.name: s for s in SETTINGS}
+    assert declared["guidance"].coerce("3.5") == 3.5 and declared["guidance"].coerce(3) == 3.0
+    assert declared["num_steps"].coerce(4.0) == 4 and isinstance(declared["num_steps"].coerce(4.0), int)
+    assert declared["seed"].coerce("1e3") == 1000 and declared["seed"].coerce(str(2**64 - 1)) == 2**64 - 1
+    assert not math.isnan(declared["true_cfg"].coerce(1))
+
+
+def test_unknown_settings_and_several_problems_are_reported_together():
+    with pytest.raises(InvalidRequestError, match="Unknown setting"):
+        GenerationRequest.from_values(prompt="a", steps=3)
+    with pytest.raises(InvalidRequestError) as err:
+        GenerationRequest.from_values(prompt="a", width=1000, num_steps=0)
+    assert "Width" in str(err.value) and "Number of steps" in str(err.value)
