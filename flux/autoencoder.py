@@ -42,14 +42,17 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
 
     def attention(self, h: Tensor) -> Tensor:
+        """Pixels as tokens, in the official memory layout: q, k and v contiguous (b, 1, h*w, c), so
+        SDPA takes its fused kernels (a strided view sends it to the slow math path, with other
+        roundings under bf16 autocast), and the result viewed back as (b, c, h, w) channels-last."""
         h = self.norm(h)
         b, c, height, width = h.shape
 
         def tokens(t: Tensor) -> Tensor:
-            return t.reshape(b, 1, c, height * width).transpose(-1, -2)
+            return t.permute(0, 2, 3, 1).reshape(b, 1, height * width, c).contiguous()
 
         out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
-        return out.transpose(-1, -2).reshape(b, c, height, width)
+        return out.reshape(b, height, width, c).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.proj_out(self.attention(x))

@@ -1,0 +1,123 @@
+"""Official parity: the defaults of the official demo, and the decoded image bit for bit.
+
+The reference below is the official app's decoding written out in its own arithmetic (einops
+rearranges around the autoencoder's attention, clamp and ``127.5 * (x + 1)`` on the decoder's
+output dtype, truncating ``.byte()``), run on a copy of the same autoencoder. The pipeline's
+:meth:`~pulid.pipeline.PuLIDFluxPipeline.decode` must give the same pixels exactly, on fresh
+random weights and latents, under bf16 autocast (the official setting) and in float32.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torch import nn
+
+from flux.autoencoder import AttnBlock, AutoEncoder
+from flux.sampling import pack, unpack
+from pulid.pipeline import PuLIDFluxPipeline
+from pulid.request import GenerationRequest, generation_settings
+from tiny_random.models import tiny_ae_params  # 8x upsampling, as the real AE
+
+
+class OfficialAttnBlock(nn.Module):
+    """The official ``AttnBlock.attention`` arithmetic, over the weights of one of ours."""
+
+    def __init__(self, ours: AttnBlock):
+        super().__init__()
+        self.norm, self.q, self.k, self.v, self.proj_out = ours.norm, ours.q, ours.k, ours.v, ours.proj_out
+
+    def forward(self, x):
+        h_ = self.norm(x)
+        q, k, v = self.q(h_), self.k(h_), self.v(h_)
+        b, c, h, w = q.shape
+        q = rearrange(q, "b c h w -> b 1 (h w) c").contiguous()
+        k = rearrange(k, "b c h w -> b 1 (h w) c").contiguous()
+        v = rearrange(v, "b c h w -> b 1 (h w) c").contiguous()
+        h_ = F.scaled_dot_product_attention(q, k, v)
+        h_ = rearrange(h_, "b 1 (h w) c -> b c h w", h=h, w=w, c=c, b=b)
+        return x + self.proj_out(h_)
+
+
+def official_autoencoder(ae: AutoEncoder) -> AutoEncoder:
+    """A copy of ``ae`` whose attention blocks compute in the official arithmetic (same weights)."""
+    reference = copy.deepcopy(ae)
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, AttnBlock):
+            parent, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent), child, OfficialAttnBlock(module))
+    return reference
+
+
+def official_decode(reference: AutoEncoder, latents: torch.Tensor, height: int, width: int, autocast: bool):
+    """``generate_image``'s last lines: unpack, decode under bf16 autocast, then to PIL."""
+    x = unpack(latents.float(), height, width)
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        x = reference.decode(x)
+    x = x.clamp(-1, 1)
+    x = rearrange(x[0], "c h w -> h w c")
+    return Image.fromarray((127.5 * (x + 1.0)).cpu().byte().numpy())
+
+
+def random_ae(seed: int) -> AutoEncoder:
+    generator = torch.Generator().manual_seed(seed)
+    ae = AutoEncoder(tiny_ae_params())
+    with torch.no_grad():
+        for param in ae.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * noise if param.ndim == 1 else noise / param[0].numel() ** 0.5)
+    return ae.eval()
+
+
+@pytest.mark.parametrize(
+    "dtype,side",
+    # bf16 autocast is the official setting; bf16 convolutions are slow on CPUs without bf16 units,
+    # so that case decodes a 64x64 image (the attention still covers every pixel of its latent).
+    [(torch.bfloat16, 64), (torch.float32, 128)],
+    ids=["bf16-autocast", "float32"],
+)
+def test_decoded_image_equals_the_official_bit_for_bit(dtype, side):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    ae = random_ae(seed)
+    latents = pack(torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(seed)))
+    pipeline = PuLIDFluxPipeline(
+        flow=None, ae=ae, t5=None, clip=None, pulid_ca=None, id_encoder=None, device="cpu", dtype=dtype
+    )
+    ours = np.asarray(pipeline.decode(latents, side, side))
+    reference = official_autoencoder(ae)
+    official = np.asarray(official_decode(reference, latents, side, side, autocast=dtype == torch.bfloat16))
+    assert ours.dtype == np.uint8 and ours.shape == (side, side, 3)
+    assert np.array_equal(ours, official), f"{(ours != official).mean():.1%} of values differ (seed {seed})"
+    assert ours.std() > 10  # a real image of noise, not a constant that would match trivially
+
+
+def test_defaults_are_the_official_demos():
+    """The official app_flux.py: sliders (min, max, value, step) and text defaults."""
+    official = {
+        "id_weight": 1.0,
+        "width": 896,
+        "height": 1152,
+        "num_steps": 28,
+        "start_step": 0,
+        "guidance": 4.0,
+        "seed": -1,
+        "max_sequence_length": 128,
+        "neg_prompt": "bad quality, worst quality, text, signature, watermark, extra limbs",
+        "true_cfg": 1.0,
+        "cfg_start_step": 1,
+    }
+    request = GenerationRequest(prompt="portrait, color, cinematic")
+    assert {name: getattr(request, name) for name in official} == official
+    declared = {s.name: s for s in generation_settings()}
+    assert declared["prompt"].default == "portrait, color, cinematic"
+    assert (declared["num_steps"].minimum, declared["num_steps"].maximum) >= (
+        1,
+        30,
+    )  # the slider may go higher
+    assert (declared["width"].minimum, declared["width"].maximum, declared["width"].step) == (256, 1536, 16)
+    assert (declared["start_step"].minimum, declared["start_step"].maximum) == (0, 10)
+    assert (declared["guidance"].minimum, declared["guidance"].maximum) == (1.0, 10.0)
