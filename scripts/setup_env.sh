@@ -6,9 +6,10 @@
 #   --cpu       CPU-only host: install torch==2.13.0+cpu and torchvision==0.28.0 (pinned by
 #               .ci/constraints-cpu.txt); patch torchvision for CPU torch when it does not import.
 #               Chosen automatically when the machine has no NVIDIA GPU (nvidia-smi fails).
-#   --gpu       install the default (CUDA) torch even when no GPU is visible
-#   --test      also install requirements-test.txt (pytest, ruff, onnx, scikit-image, playwright,
-#               optimum-quanto) and, as root with apt-get, Debian's chromium for browser tests
+#   --gpu       install the default (CUDA) torch even when no GPU is visible; on a GPU machine the
+#               setup replaces onnxruntime by onnxruntime-gpu and prints the providers it really has
+#   --test      also install requirements-fp8.txt and requirements-test.txt (pytest, ruff, onnx,
+#               scikit-image, playwright, optimum-quanto) and, as root with apt-get, Debian's chromium
 #   --force     ignore the "already up to date" stamp and run pip again
 # Environment: PYTHON (interpreter for a new venv, default python3), TV_SHIM (path of
 #   torchvision-cpu-shim.sh), SKIP_CHROMIUM=1, TORCH_CPU_INDEX (fallback index for the CPU torch).
@@ -65,9 +66,9 @@ PY=$VENV/bin/python
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { log "Python >= 3.10 required"; exit 1; }
 
 # Modules that must import once setup is done.
-MODULES="torch torchvision einops safetensors numpy transformers sentencepiece tokenizers huggingface_hub
-timm insightface onnxruntime facexlib cv2 PIL gradio psutil"
-[ $TEST = 0 ] || MODULES="$MODULES optimum.quanto pytest onnx skimage gradio_client playwright"
+MODULES="torch torchvision safetensors numpy transformers sentencepiece tokenizers huggingface_hub httpx
+timm insightface onnxruntime onnx facexlib cv2 PIL gradio psutil"
+[ $TEST = 0 ] || MODULES="$MODULES optimum.quanto pytest einops skimage gradio_client playwright"
 
 verify() {  # prints versions; fails if anything does not import
   "$PY" - $MODULES <<'EOF'
@@ -86,9 +87,21 @@ vers = " ".join(f"{n}={getattr(m, '__version__', '?')}" for n, m in mods.items()
 print(f"[setup_env] imports OK ({time.time() - t:.1f}s): {vers}")
 prov = onnxruntime.get_available_providers()
 print(f"[setup_env] torch CUDA: {torch.cuda.is_available()}; onnxruntime providers: {prov}")
-if torch.cuda.is_available() and "CUDAExecutionProvider" not in prov:
-    print("[setup_env] hint: for GPU face detection run: pip uninstall -y onnxruntime && "
-          "pip install onnxruntime-gpu (keep only one of the two)")
+if torch.cuda.is_available():
+    # What a session really runs on: the CUDA provider can be listed yet fail to load (CUDA/cuDNN).
+    import onnx
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    active = session.get_providers()
+    print(f"[setup_env] onnxruntime providers really active in a session: {active}")
+    if "CUDAExecutionProvider" not in active:
+        print("[setup_env] WARNING: face detection will run on the CPU: onnxruntime-gpu is missing or "
+              "cannot load CUDA/cuDNN (see README, Troubleshooting)")
 EOF
 }
 
@@ -127,7 +140,7 @@ rm -f "$STAMP"
 
 # 2. torch (CPU build) and the pinned torchvision
 REQS=(-r "$REPO_ROOT/requirements.txt")
-[ $TEST = 0 ] || REQS+=(-r "$REPO_ROOT/requirements-test.txt")
+[ $TEST = 0 ] || REQS+=(-r "$REPO_ROOT/requirements-fp8.txt" -r "$REPO_ROOT/requirements-test.txt")
 if [ $CPU = 1 ]; then
   if "$PY" -c "import torch, sys; sys.exit(torch.__version__ != '$CPU_TORCH')" 2>/dev/null; then
     log "torch $CPU_TORCH already installed"
@@ -139,14 +152,18 @@ if [ $CPU = 1 ]; then
   pip_install -c "$CONSTRAINTS" "${REQS[@]}"
 else
   pip_install "${REQS[@]}"
+  # onnxruntime and onnxruntime-gpu write the same onnxruntime/ folder and insightface depends on the
+  # CPU one: remove both, then install the GPU build alone so its CUDA provider is the one that loads.
+  log "GPU machine: replacing onnxruntime by onnxruntime-gpu for face detection on the GPU"
+  "$PY" -m pip uninstall -y -q onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
+  pip_install onnxruntime-gpu
 fi
 
 # 4. torchvision: the PyPI 0.28.0 wheel is CUDA-built and does not import on CPU torch; patch it
 if "$PY" -c 'import torchvision; from torchvision.ops import nms' 2>/dev/null; then
   log "torchvision imports; no shim needed"
 elif "$PY" -c 'import torch, sys; sys.exit(torch.version.cuda is not None)'; then
-  SHIM=${TV_SHIM:-$REPO_ROOT/../shared/env/torchvision-cpu-shim.sh}
-  [ -f "$SHIM" ] || SHIM=$REPO_ROOT/scripts/torchvision-cpu-shim.sh  # a copy, for checkouts without shared/
+  SHIM=${TV_SHIM:-$REPO_ROOT/scripts/torchvision-cpu-shim.sh}
   if [ ! -f "$SHIM" ]; then
     log "ERROR: torchvision does not import on CPU torch and the shim is missing: $SHIM (set TV_SHIM)"
     exit 1
