@@ -57,11 +57,9 @@ class Setting:
         return " ".join(parts)
 
     def _refuse(self, value: Any) -> InvalidRequestError:
-        shown = (
-            repr(value)
-            if not isinstance(value, str)
-            else repr(value[:40] + ("..." if len(value) > 40 else ""))
-        )
+        shown = repr(value)
+        if len(shown) > 45:  # a hostile value is named, not echoed whole
+            shown = shown[:42] + "..."
         return InvalidRequestError(f"{self.label} must be {self.describe_range()} (got {shown}).")
 
     def coerce(self, value: Any) -> Any:
@@ -92,9 +90,10 @@ class Setting:
             )
         return value
 
-    def _coerce_number(self, value: Any) -> int | float:
+    def _coerce_number(self, given: Any) -> int | float:
+        value = given
         if isinstance(value, bool) or value is None:
-            raise self._refuse(value)
+            raise self._refuse(given)
         if isinstance(value, str):
             text = value.strip()
             if not text:  # an emptied box means the default (an empty seed: a random one)
@@ -105,18 +104,18 @@ class Setting:
                 try:
                     value = float(text)
                 except ValueError:
-                    raise self._refuse(text) from None
+                    raise self._refuse(given) from None
         if isinstance(value, int):
             return value if self.kind is int else float(value)
         try:
             number = float(value)  # numpy scalars and the like
         except (TypeError, ValueError, OverflowError):
-            raise self._refuse(value) from None
+            raise self._refuse(given) from None
         if not math.isfinite(number):
-            raise self._refuse(value)
+            raise self._refuse(given)
         if self.kind is int:
             if not number.is_integer():
-                raise self._refuse(value)
+                raise self._refuse(given)
             return int(number)
         return number
 
