@@ -72,6 +72,9 @@ def to_pil(decoded: Tensor) -> Image.Image:
 class PuLIDFluxPipeline:
     """Holds the loaded models (see :func:`pulid.loading.load_pipeline`) and generates images."""
 
+    #: The stages a generation runs through, in order (see :meth:`components` for what runs in each).
+    stages = STAGES
+
     def __init__(
         self,
         *,
@@ -97,8 +100,6 @@ class PuLIDFluxPipeline:
         # A memory placement (flux.offload) wrapping these models, when one is used; kept here so
         # it lives as long as the pipeline. The pipeline itself never moves weights.
         self.placement = None
-
-    stages = STAGES
 
     def components(self) -> list[Component]:
         """The models by stage, for memory placement: what runs when, and what may stream.

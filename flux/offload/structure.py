@@ -65,13 +65,10 @@ class ComponentSize:
 
 def measure(components: Sequence[Component]) -> tuple[ComponentSize, ...]:
     """The sizes the planner needs, for loaded models or models on the meta device."""
-    return tuple(
-        ComponentSize(
-            name=c.name,
-            stage=c.stage,
-            total=FlatLayout(c.modules, c.blocks).nbytes + sum(FlatLayout(b).nbytes for b in c.blocks),
-            blocks=tuple(FlatLayout(b).nbytes for b in c.blocks),
-            uses=c.uses,
-        )
-        for c in components
-    )
+    sizes = []
+    for component in components:
+        blocks = tuple(FlatLayout(block).nbytes for block in component.blocks)
+        rest = FlatLayout(component.modules, component.blocks).nbytes
+        total = rest + sum(blocks)
+        sizes.append(ComponentSize(component.name, component.stage, total, blocks, component.uses))
+    return tuple(sizes)
