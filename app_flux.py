@@ -92,6 +92,7 @@ def with_signature(handler, names: list[str], gr):
 
     def wired(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
         values = {name: bound.arguments.get(name) for name in names}
         return handler(values, bound.arguments.get("request"), bound.arguments.get("progress"))
 
