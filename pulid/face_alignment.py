@@ -84,23 +84,23 @@ def tensor_to_rgb8(x: torch.Tensor) -> np.ndarray:
 FACEXLIB_FILES = ("detection_Resnet50_Final.pth", "parsing_parsenet.pth", "parsing_bisenet.pth")
 
 
-def _facexlib_error(root: Path, err: Exception):
-    """A CheckpointError naming the facexlib file that cannot be read (each is tried on its own)."""
+def check_plain_weights(path: Path) -> None:
+    """Read a ``.pth`` with ``weights_only=True`` before facexlib reads it its own way.
+
+    facexlib calls ``torch.load`` without ``weights_only``; PyTorch 2.6 and newer default it to True,
+    older ones do not. Reading each file here first, as plain tensors, means a file that carries
+    code (or is corrupt) is refused, by name, before facexlib sees it, whatever the torch version.
+    """
     from flux.checkpoint import CheckpointError
 
-    for name in FACEXLIB_FILES:
-        path = root / name
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as file_err:  # noqa: BLE001 - any unreadable file is the answer
-            return CheckpointError(
-                f"{path} could not be loaded as a facexlib model ({type(file_err).__name__}: "
-                f"{str(file_err)[:300]}). It may be truncated or corrupt: delete it and download it again."
-            )
-    return CheckpointError(
-        f"The facexlib models in {root} could not be loaded ({type(err).__name__}: {str(err)[:300]}): "
-        f"check that {', '.join(FACEXLIB_FILES)} are the files of facexlib's releases."
-    )
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable as plain weights, whatever the reason
+        raise CheckpointError(
+            f"{path} could not be read as plain facexlib weights ({type(err).__name__}: {str(err)[:300]}). "
+            "It may be truncated or corrupt, or hold code (which is never run): delete it and download "
+            "it again."
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ class FaceAligner:
         from facexlib.utils.face_restoration_helper import FaceRestoreHelper
 
         self.device = torch.device(device)
+        for name in FACEXLIB_FILES:
+            check_plain_weights(Path(model_root) / name)
         root = str(model_root)
         try:
             # facexlib builds its ResNet-50 with torchvision's old `pretrained=`
@@ -156,7 +158,12 @@ class FaceAligner:
                 model_name="bisenet", device=self.device, model_rootpath=root
             )
         except Exception as err:  # noqa: BLE001 - facexlib surfaces torch.load's and its own errors
-            raise _facexlib_error(Path(model_root), err) from err
+            from flux.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"The facexlib models in {model_root} could not be built ({type(err).__name__}: "
+                f"{str(err)[:300]}): check that {', '.join(FACEXLIB_FILES)} are facexlib's released files."
+            ) from err
 
     def detect(self, image_bgr: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """RetinaFace boxes (x1, y1, x2, y2, score) and (5, 2) landmarks, as FaceRestoreHelper finds them."""

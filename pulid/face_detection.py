@@ -72,11 +72,33 @@ def onnx_providers(onnx_provider: str) -> list[str]:
     return wanted or [CPU_PROVIDER]
 
 
+def check_onnx_file(path: Path, task: str) -> None:
+    """Parse an ONNX file before onnxruntime sees it: it must be a complete model whose weights are
+    all inside it (a reference to external data could make onnxruntime read another file)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from flux.checkpoint import CheckpointError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf and onnx raise their own types
+        raise CheckpointError(
+            f"{path} could not be loaded as the insightface {task} model ({type(err).__name__}: "
+            f"{str(err)[:300]}). It may be truncated or corrupt: delete it and download it again."
+        ) from err
+    external = [t.name for t in model.graph.initializer if uses_external_data(t)]
+    if external or not model.graph.node:
+        reason = f"refers to external data ({', '.join(external[:3])})" if external else "has an empty graph"
+        raise CheckpointError(f"{path} is not a self-contained insightface {task} model: it {reason}.")
+
+
 def _load_onnx_model(model_zoo, path: str | Path, task: str, providers: list[str]):
     """An insightface model from an ONNX file, or a CheckpointError naming the file."""
     from flux.checkpoint import CheckpointError
 
     path = Path(path)
+    check_onnx_file(path, task)
     try:
         model = model_zoo.get_model(str(path), providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a bad file

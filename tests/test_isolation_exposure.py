@@ -93,6 +93,44 @@ def test_checkpoints_are_never_unpickled_with_arbitrary_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("role", ["retinaface", "bisenet", "parsenet"])
+def test_a_face_model_file_with_code_is_refused_by_name_and_nothing_runs(tmp_path, models_dir, role):
+    from flux.checkpoint import CheckpointError
+    from pulid.face_analysis import load_face_analyzer
+    from tiny_random.pipeline import tiny_face_model_paths
+
+    marker = tmp_path / "pwned"
+    paths = {}
+    for name, path in tiny_face_model_paths(models_dir).items():
+        paths[name] = tmp_path / path.parent.name / path.name
+        paths[name].parent.mkdir(exist_ok=True)
+        paths[name].write_bytes(path.read_bytes())
+    state = torch.load(paths[role], weights_only=True)
+    torch.save({**state, "payload": Exploit(marker)}, paths[role])  # real weights plus a payload
+    with pytest.raises(CheckpointError, match="could not be read as plain facexlib weights") as caught:
+        load_face_analyzer(paths, onnx_provider="cpu", device="cpu")
+    assert str(paths[role]) in str(caught.value) and not marker.exists()
+
+
+def test_an_onnx_model_pointing_at_another_file_is_refused(tmp_path, models_dir):
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    from flux.checkpoint import CheckpointError
+    from pulid.face_detection import FaceDetector
+
+    folder = models_dir / "antelopev2"
+    model = onnx.load(str(folder / "glintr100.onnx"))
+    tensor = model.graph.initializer[0]
+    set_external_data(tensor, location="/etc/passwd")  # the weights "live" in a file of the server
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    (tmp_path / "glintr100.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(CheckpointError, match="refers to external data") as caught:
+        FaceDetector(folder / "scrfd_10g_bnkps.onnx", tmp_path / "glintr100.onnx", onnx_provider="cpu")
+    assert str(tmp_path / "glintr100.onnx") in str(caught.value)
+
+
 def test_short_soak_has_no_crash_no_unexpected_error_and_no_memory_growth():
     from scripts.soak import main as soak
 
