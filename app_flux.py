@@ -16,11 +16,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_UPLOAD_BYTES
 from pulid.startup import add_model_arguments, load_or_exit
 
 logger = logging.getLogger("app_flux")
 
-MAX_UPLOAD = "20mb"
+MAX_UPLOAD = f"{MAX_UPLOAD_BYTES // 10**6}mb"  # gradio refuses larger files at the upload route
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
 TIPS = """
@@ -107,18 +108,47 @@ def create_demo(args: argparse.Namespace, service):
     import gradio as gr
 
     from pulid.request import generation_settings
-    from pulid.service import UNREADABLE_IMAGE, ServiceError
+    from pulid.service import ServiceError
+    from pulid.uploads import UNREADABLE_IMAGE, UploadError, check_header, check_upload
+
+    def uploaded(payload) -> None:
+        """Refuse, before gradio opens anything, a file input that is not an upload of this app."""
+        path = getattr(payload, "path", None)
+        if path is None:
+            raise gr.Error("Upload the photo itself (links and paths on the server are not read).")
+        try:
+            check_upload(path, service.upload_roots)
+        except UploadError as err:
+            raise gr.Error(str(err)) from None
 
     class IDImage(gr.Image):
-        """An image input that answers an unreadable upload with a message, not a server error."""
+        """An image input that takes only uploads, checks their size from the header, and answers an
+        unreadable file with a message, not a server error."""
 
         is_template = True  # rendered by the front end's own Image component
 
         def preprocess(self, payload):
+            if payload is None:
+                return None
+            uploaded(payload)
             try:
+                check_header(payload.path, "the ID image")
                 return super().preprocess(payload)
+            except UploadError as err:
+                raise gr.Error(str(err)) from None
             except (OSError, ValueError, SyntaxError) as err:
                 raise gr.Error(UNREADABLE_IMAGE.format(name="the ID image")) from err
+
+    class Photos(gr.File):
+        """Extra photos: uploads of this app only (gradio would fetch a URL or read any path)."""
+
+        is_template = True
+
+        def preprocess(self, payload):
+            items = payload.root if hasattr(payload, "root") else [payload] if payload is not None else []
+            for item in items:
+                uploaded(item)
+            return super().preprocess(payload)
 
     settings = {s.name: s for s in generation_settings()}
     controls: dict = {}
@@ -150,8 +180,8 @@ def create_demo(args: argparse.Namespace, service):
             with gr.Column():
                 controls["prompt"] = control(settings["prompt"], gr)
                 controls["id_image"] = IDImage(label="ID image", type="numpy", image_mode="RGB")
-                controls["extra_images"] = gr.File(
-                    label="More photos of the same person (optional)",
+                controls["extra_images"] = Photos(
+                    label=f"More photos of the same person (optional, up to {MAX_EXTRA_PHOTOS})",
                     file_count="multiple",
                     file_types=["image"],
                     type="filepath",
@@ -188,7 +218,16 @@ def create_demo(args: argparse.Namespace, service):
             concurrency_limit=1,
         )
         cancel_button.click(cancel, None, None, cancels=[event], api_name="cancel", queue=False)
-    return demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
+
+
+def make_service(pipeline, output_dir=None):
+    """The service under the app: file inputs are read only from gradio's upload folder."""
+    from gradio.utils import get_upload_folder
+
+    from pulid.service import GenerationService
+
+    return GenerationService(pipeline, output_dir, upload_roots=[get_upload_folder()])
 
 
 def _session(request) -> str:
@@ -215,10 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
-    from pulid.service import GenerationService
-
     pipeline = load_or_exit(args)
-    demo = create_demo(args, GenerationService(pipeline))
+    demo = create_demo(args, make_service(pipeline))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
 
 

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt += [line.strip() for line in lines if line.strip()]
     if not args.prompt:
         parser.error("give at least one --prompt or a --prompts_file")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder for the images")
     args.seed = args.seed or ["-1"]
     try:
         args.requests = requests_of(args)
@@ -94,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     from pulid.errors import PuLIDError
     from pulid.outputs import output_name, save_png
     from pulid.request import InvalidRequestError
-    from pulid.service import ServiceError, load_upload
+    from pulid.uploads import UploadError, load_upload
 
     try:
         photos = [load_upload(path) for path in args.id_image]
-    except ServiceError as err:
-        print(err, file=sys.stderr)
+    except UploadError as err:
+        print(f"--id_image: {err}", file=sys.stderr)
         return 2
     pipeline = load_or_exit(args)
     failures = 0

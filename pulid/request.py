@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from pulid.limits import MAX_PROMPT_CHARS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 
 MAX_SEED = 2**64 - 1
-MAX_PROMPT_CHARS = 2000  # T5 reads at most 512 tokens (about 2,000 characters) and CLIP 77
 DEFAULT_PROMPT = "portrait, color, cinematic"
 DEFAULT_NEGATIVE_PROMPT = "bad quality, worst quality, text, signature, watermark, extra limbs"
 

@@ -26,9 +26,11 @@ import torch
 
 from flux.sampling import GenerationCancelled, StepInfo
 from pulid.errors import PuLIDError
+from pulid.limits import MAX_EXTRA_PHOTOS
 from pulid.outputs import output_name, save_png
 from pulid.pipeline import PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.uploads import UploadError, load_upload
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +38,6 @@ OOM_MESSAGE = (
     "The GPU ran out of memory. Try a smaller width and height, a shorter T5 length, true CFG scale 1, "
     "or start the app with --offload."
 )
-
-
-UNREADABLE_IMAGE = "Could not read {name}: upload a JPEG, PNG or WebP photo."
 
 
 class ServiceError(Exception):
@@ -53,20 +52,6 @@ class ServiceResult:
     metadata: dict
 
 
-def load_upload(path: str | os.PathLike) -> np.ndarray:
-    """An uploaded image file as RGB uint8, rotated as its EXIF says (first frame of animations)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.seek(0)
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ServiceError(
-            f"Could not read the image {Path(path).name}: upload a JPEG, PNG or WebP photo."
-        ) from err
-
-
 def trim_host_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise, after a large photo)."""
     if sys.platform.startswith("linux"):
@@ -77,8 +62,16 @@ def trim_host_memory() -> None:
 class GenerationService:
     """Holds one pipeline, serialises requests on it, and keeps per-session cancel flags."""
 
-    def __init__(self, pipeline: PuLIDFluxPipeline, output_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        pipeline: PuLIDFluxPipeline,
+        output_dir: str | os.PathLike | None = None,
+        upload_roots: Sequence[str | os.PathLike] | None = None,
+    ):
+        """``upload_roots``: the only folders file inputs may come from (the app passes gradio's
+        upload cache); ``None`` accepts any regular file (local use)."""
         self.pipeline = pipeline
+        self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="pulid-flux-outputs-"))
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
@@ -92,8 +85,17 @@ class GenerationService:
         self, id_image: np.ndarray | None, extra_images: Sequence[str] | None, **settings
     ) -> GenerationRequest:
         """A request from what the browser sent: the photo, uploaded file paths and raw setting values."""
+        extra_images = list(extra_images or [])
+        if len(extra_images) > MAX_EXTRA_PHOTOS:
+            raise ServiceError(
+                f"{len(extra_images)} extra photos were sent; at most {MAX_EXTRA_PHOTOS} can be used: "
+                "keep the best."
+            )
         photos = [] if id_image is None else [np.asarray(id_image)]
-        photos += [load_upload(path) for path in (extra_images or [])]
+        try:
+            photos += [load_upload(path, self.upload_roots) for path in extra_images]
+        except UploadError as err:
+            raise ServiceError(str(err)) from None
         try:
             return GenerationRequest.from_values(id_images=photos, **settings)
         except InvalidRequestError as err:

@@ -38,6 +38,10 @@ KINDS = {  # phrase of the message -> outcome kind
     "Number of steps: Value": "bad_steps",
     "ID weight must be": "bad_id_weight",
     "is too long": "text_too_long",
+    "megapixels": "too_many_pixels",
+    "was not uploaded to this app": "not_uploaded",
+    "is not a regular file": "not_a_regular_file",
+    "extra photos were sent": "too_many_photos",
 }
 
 

@@ -14,6 +14,23 @@ def astronaut() -> Image.Image:
     return Image.fromarray(skimage_data.astronaut())
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A small PNG whose header declares ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
 def write_bad_inputs(folder: Path) -> dict[str, Path]:
     """name -> file. Images that hold the (stand-in detectable) astronaut unless the name says not."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -25,7 +42,10 @@ def write_bad_inputs(folder: Path) -> dict[str, Path]:
         image.save(files[name], **kw)
 
     save("tiny_32px.png", face.resize((32, 32)))
-    save("huge_8000px.jpg", face.resize((8000, 8000), Image.NEAREST), quality=60)
+    save("large_7000px.jpg", face.resize((7000, 7000), Image.NEAREST), quality=60)  # 49 MP: accepted
+    save("huge_8000px.jpg", face.resize((8000, 8000), Image.NEAREST), quality=60)  # 64 MP: over the limit
+    files["bomb.png"] = folder / "bomb.png"
+    files["bomb.png"].write_bytes(png_header_only(100_000, 100_000))
     save("grey.png", face.convert("L"))
     save("rgba.png", face.convert("RGBA"))
     sixteen = np.asarray(face.convert("L")).astype(np.uint16) * 257
@@ -51,7 +71,9 @@ def write_bad_inputs(folder: Path) -> dict[str, Path]:
 # What each file must give: "ok" (an image comes back) or a phrase of the user-facing message.
 EXPECTED = {
     "tiny_32px.png": ("ok", "No face found", "too small"),
-    "huge_8000px.jpg": ("ok",),
+    "large_7000px.jpg": ("ok",),
+    "huge_8000px.jpg": ("8000 x 8000 pixels; photos may have at most 50 megapixels",),
+    "bomb.png": ("100000 x 100000 pixels", "far more than 50 megapixels"),
     "grey.png": ("ok",),
     "rgba.png": ("ok",),
     "grey16.png": ("ok",),

@@ -11,7 +11,6 @@ from PIL import Image
 
 import app_flux
 from pulid.outputs import read_png_metadata
-from pulid.service import GenerationService
 from scripts.soak import free_port
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
@@ -23,7 +22,7 @@ PHOTO = REPO / "example_inputs" / "astronaut.png"
 def server(tmp_path_factory, models_dir):
     args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
-    demo = app_flux.create_demo(args, GenerationService(pipeline, tmp_path_factory.mktemp("outputs")))
+    demo = app_flux.create_demo(args, app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")))
     port = free_port()
     demo.launch(
         server_name="127.0.0.1",

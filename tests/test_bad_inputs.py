@@ -2,7 +2,8 @@
 
 import pytest
 
-from pulid.service import GenerationService, ServiceError, load_upload
+from pulid.service import GenerationService, ServiceError
+from pulid.uploads import load_upload
 from tests.bad_inputs import EXPECTED, write_bad_inputs
 from tests.test_app import call, client, server  # noqa: F401 (the running app fixtures)
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pulid.outputs import read_png_metadata
-from pulid.service import OOM_MESSAGE, GenerationService, ServiceError, load_upload
+from pulid.service import OOM_MESSAGE, GenerationService, ServiceError
+from pulid.uploads import UploadError, load_upload
 from tests.test_pipeline import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
 
@@ -108,6 +109,6 @@ def test_uploads_are_read_rotated_and_bad_files_refused(tmp_path):
     assert load_upload(rotated).shape == (40, 20, 3)
     fake = tmp_path / "notes.png"
     fake.write_text("not an image")
-    with pytest.raises(ServiceError, match="Could not read the image notes.png"):
+    with pytest.raises(UploadError, match="Could not read the image notes.png"):
         load_upload(fake)
     assert np.asarray(load_upload(rotated)).dtype == np.uint8

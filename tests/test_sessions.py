@@ -5,7 +5,6 @@ import time
 import pytest
 
 import app_flux
-from pulid.service import GenerationService
 from scripts.soak import free_port
 from tests.test_app import PHOTO, settings
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
@@ -26,7 +25,7 @@ def slow_server(tmp_path_factory, models_dir):
 
     pipeline.flow.register_forward_pre_hook(slow_step)
     args = app_flux.parse_args(["--preset", "tiny-random"])
-    demo = app_flux.create_demo(args, GenerationService(pipeline, tmp_path_factory.mktemp("outputs")))
+    demo = app_flux.create_demo(args, app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")))
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", passes

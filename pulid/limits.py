@@ -1,0 +1,11 @@
+"""What one request may ask of the server, in one place (README lists these limits).
+
+A public app must bound the work and memory a single visitor can cause: every value here is
+checked before the work it bounds starts, and a request over a limit gets a message naming it.
+"""
+
+MAX_UPLOAD_BYTES = 20 * 10**6  # one uploaded file; gradio refuses larger uploads at the door
+MAX_IMAGE_PIXELS = 50 * 10**6  # one photo (8,660 x 5,770, a 50 MP camera); checked from its header first
+MAX_EXTRA_PHOTOS = 4  # photos besides the ID image: a person in five photos is plenty
+MAX_PROMPT_CHARS = 2000  # prompt and negative prompt; T5 reads at most 512 tokens of it, CLIP 77
+MAX_QUEUED = 32  # requests waiting at once, all visitors together

@@ -1,0 +1,98 @@
+"""Photos from outside: only files that were uploaded, only regular files, only sizes a server can take.
+
+A file-typed input of the HTTP API is a path on the server. A hostile client can name a path that
+was never uploaded (``/etc/passwd``, the app's own files), a FIFO or a device (which blocks the
+worker that opens it), or a small file whose header declares a huge image (which decodes to
+gigabytes). :func:`check_upload` refuses all of these before anything is opened, and
+:func:`load_upload` reads only the header before it decides to decode. Both raise
+:class:`UploadError` with a message for the user.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pulid.limits import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES
+
+UNREADABLE_IMAGE = "Could not read {name}: upload a JPEG, PNG or WebP photo."
+
+
+class UploadError(ValueError):
+    """A file the user sent cannot be used; the message says why and what to send instead."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> Path:
+    """``path`` resolved, if it is a regular file within ``roots`` (when given) and not too large.
+
+    ``roots``: the folders uploads are stored in (gradio's upload cache); ``None`` for paths a
+    local user gave (the command line), where any regular file may be read.
+    """
+    name = Path(str(path)).name or str(path)
+    if "://" in str(path):
+        raise UploadError(f"{name[:60]} is a URL: upload the photo itself.")
+    resolved = Path(path).resolve()  # symbolic links and '..' are followed before the check
+    if roots is not None and not any(_inside(resolved, Path(root).resolve()) for root in roots):
+        raise UploadError(f"{name[:60]} was not uploaded to this app: upload the photo itself.")
+    try:
+        info = resolved.stat()
+    except OSError:
+        raise UploadError(f"{name[:60]} does not exist.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UploadError(f"{name[:60]} is not a regular file: upload a JPEG, PNG or WebP photo.")
+    if info.st_size > MAX_UPLOAD_BYTES:
+        raise UploadError(
+            f"{name[:60]} is {info.st_size / 1e6:.0f} MB; photos may be at most "
+            f"{MAX_UPLOAD_BYTES / 1e6:.0f} MB."
+        )
+    return resolved
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Refuse an image whose header declares more than :data:`MAX_IMAGE_PIXELS`."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UploadError(
+            f"{name[:60]} is {width} x {height} pixels; photos may have at most "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: send a smaller copy."
+        )
+
+
+def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
+    """(width, height) from the image header, checked against the pixel limit; nothing is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except Image.DecompressionBombError:  # PIL's own guard, far above ours
+        raise UploadError(
+            f"{name[:60]} has far more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: send a smaller copy."
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise UploadError(UNREADABLE_IMAGE.format(name=name)) from err
+    check_pixels(*size, name)
+    return size
+
+
+def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> np.ndarray:
+    """An image file as RGB uint8, rotated as its EXIF says (first frame of animations), checked
+    with :func:`check_upload` and, from its header, against the pixel limit before decoding."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    resolved = check_upload(path, roots)
+    name = f"the image {resolved.name}"
+    check_header(resolved, name)
+    try:
+        with Image.open(resolved) as image:
+            image.seek(0)
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+        raise UploadError(UNREADABLE_IMAGE.format(name=name)) from err

@@ -1,0 +1,168 @@
+"""A hostile visitor at every front door: raw HTTP to the gradio routes, the Python API, the CLI.
+
+Each test sends what an attacker of a public Space would and checks that the answer is a message
+naming the problem, that nothing outside the uploads is read, and that the server goes on.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
+from tests.test_app import PHOTO, call, client, server  # noqa: F401 (the running app fixtures)
+
+REPO = Path(__file__).resolve().parent.parent
+FILE = {"meta": {"_type": "gradio.FileData"}}
+
+
+def raw_generate(url: str, **overrides) -> tuple[str, str]:
+    """POST /gradio_api/call/generate with JSON as any HTTP client may send it: (event, data)."""
+    from tests.test_app import settings as defaults
+
+    values = {**defaults(), **overrides}
+    posted = httpx.post(f"{url}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30)
+    posted.raise_for_status()
+    event_id = posted.json()["event_id"]
+    with httpx.stream("GET", f"{url}gradio_api/call/generate/{event_id}", timeout=120) as stream:
+        event = ""
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                return event, line.split(":", 1)[1].strip()
+    raise AssertionError("no answer")
+
+
+@pytest.mark.parametrize("field", ["id_image", "extra_images"])
+@pytest.mark.parametrize(
+    "path",
+    [str(PHOTO), "/etc/passwd", "../../../../etc/passwd", "https://example.com/face.jpg"],
+    ids=["server-photo", "system-file", "relative", "url"],
+)
+def test_a_file_input_that_was_not_uploaded_is_refused(server, field, path):  # noqa: F811
+    """gradio's preprocessing refuses these first (with an empty message); the app's own check,
+    which the next test drives directly, stands behind it. Either way nothing is read: the server
+    photo holds a face, so reading it would have given an image."""
+    value = {**FILE, "path": path}
+    event, data = raw_generate(server, **{field: value if field == "id_image" else [value]})
+    assert event == "error", data
+    assert "/etc" not in data and str(REPO) not in data  # no server path in the reply
+    assert int(call_ok(server)) == 5  # and the server serves the next request
+
+
+def test_the_services_own_guard_reads_only_from_the_upload_folder(tmp_path):
+    from pulid.service import GenerationService, ServiceError
+    from pulid.uploads import UploadError, check_upload
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "face.png").write_bytes(PHOTO.read_bytes())
+    (uploads / "link.png").symlink_to(PHOTO)  # a link out of the folder counts as outside
+    assert check_upload(uploads / "face.png", [uploads]) == (uploads / "face.png").resolve()
+    for path in (PHOTO, uploads / "link.png", uploads / ".." / PHOTO.name, "/etc/passwd"):
+        with pytest.raises(UploadError, match="was not uploaded to this app"):
+            check_upload(path, [uploads])
+    service = GenerationService(pipeline=None, output_dir=tmp_path / "out", upload_roots=[uploads])
+    with pytest.raises(ServiceError, match="was not uploaded to this app"):
+        service.build_request(None, [str(PHOTO)], prompt="a")
+
+
+def call_ok(url):
+    from gradio_client import Client
+
+    return call(Client(url, verbose=False))[1]
+
+
+@pytest.mark.parametrize("field", ["id_image", "extra_images"])
+def test_a_special_file_in_the_upload_folder_is_refused_without_blocking(server, field, tmp_path):  # noqa: F811
+    from gradio.utils import get_upload_folder
+
+    fifo = Path(get_upload_folder()) / f"hostile-{os.getpid()}-{field}"
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    try:
+        start = time.perf_counter()
+        value = {**FILE, "path": str(fifo)}
+        event, data = raw_generate(server, **{field: value if field == "id_image" else [value]})
+        assert event == "error" and "is not a regular file" in data, data
+        assert time.perf_counter() - start < 30  # opening a FIFO would wait forever
+    finally:
+        fifo.unlink()
+
+
+def test_too_many_extra_photos_are_refused(client):  # noqa: F811
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="5 extra photos were sent; at most 4"):
+        call(client, id_image=PHOTO, extra_images=[PHOTO] * 5)
+
+
+# -- one validation gate: random values of every type -----------------------------------------
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=60),
+    st.sampled_from(["1e400", "-inf", "nan", "0x10", "2.5", " 7 ", "", "１２"]),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.binary(max_size=8),
+)
+NAMES = [s.name for s in generation_settings()]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(NAMES), ANY_VALUE, min_size=1, max_size=len(NAMES)))
+def test_any_value_of_any_type_becomes_a_request_or_a_typed_error(values):
+    values.setdefault("prompt", "a portrait")
+    try:
+        request = GenerationRequest.from_values(**values)
+    except InvalidRequestError as err:
+        assert str(err)  # a message, and only this exception type
+        return
+    checked = request.checked()  # what the pipeline runs on: every value of its declared type
+    for declared in generation_settings():
+        value = getattr(checked, declared.name)
+        assert type(value) is declared.kind, (declared.name, value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(), st.text(max_size=5)), min_size=1, max_size=3))
+def test_photos_that_are_not_images_are_a_typed_error(photos):
+    with pytest.raises(InvalidRequestError, match="ID photos must be a list of images"):
+        GenerationRequest(prompt="a", id_images=photos).checked()
+
+
+# -- the command line: every user error is one line and a non-zero status ---------------------
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--id_image", "missing.png"], "does not exist"),
+        (["--id_image", "."], "is not a regular file"),
+        (["--id_image", "README.md"], "Could not read the image README.md"),
+        (["--out", "README.md"], "--out README.md is a file"),
+        (["--prompts_file", "nothere.txt"], "cannot read --prompts_file"),
+    ],
+)
+def test_cli_user_errors_are_one_line_messages(flags, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "generate.py", "--preset", "tiny-random", "--prompt", "x", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
