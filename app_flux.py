@@ -22,6 +22,8 @@ from pulid.startup import add_model_arguments, load_or_exit
 logger = logging.getLogger("app_flux")
 
 MAX_UPLOAD = f"{MAX_UPLOAD_BYTES // 10**6}mb"  # gradio refuses larger files at the upload route
+POLL_SECONDS = 0.5  # how often a running job's handler yields, so that a cancel is noticed
+UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
 TIPS = """
@@ -79,7 +81,7 @@ def control(setting, gr, visible: bool = True):
 
 
 def with_signature(handler, names: list[str], gr):
-    """``handler(values, request, progress)`` as a function of the named inputs, for gradio.
+    """The generator ``handler(values, request, progress)`` as a function of the named inputs.
 
     Gradio reads the parameter names (the API's argument names) and finds ``gr.Request`` and
     ``gr.Progress`` from the signature; the values arrive as one dict in input order.
@@ -91,11 +93,11 @@ def with_signature(handler, names: list[str], gr):
     ]
     signature = inspect.Signature(parameters)
 
-    def wired(*args, **kwargs):
+    def wired(*args, **kwargs):  # a generator, as the handler: gradio streams it and can close it
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = {name: bound.arguments.get(name) for name in names}
-        return handler(values, bound.arguments.get("request"), bound.arguments.get("progress"))
+        yield from handler(values, bound.arguments.get("request"), bound.arguments.get("progress"))
 
     wired.__signature__ = signature
     wired.__annotations__ = {"request": gr.Request}  # how gradio recognises the parameter to fill
@@ -154,22 +156,38 @@ def create_demo(args: argparse.Namespace, service):
     controls: dict = {}
 
     def generate(values: dict, request: gr.Request, progress: gr.Progress):
+        """Runs the job in the service's worker thread and yields while it runs: when the visitor
+        cancels or leaves, gradio closes this generator, and the ``finally`` stops the work."""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         try:
             generation = service.build_request(photo, extra, **values)
-            result = service.run(
-                generation,
-                session=_session(request),
-                progress=lambda info: progress((info.step + 1, info.total), desc="denoising"),
-            )
         except ServiceError as err:
             raise gr.Error(str(err)) from None
-        return str(result.path), str(result.seed), str(result.path), result.debug_images
+
+        def show(info) -> None:
+            if isinstance(info, str):
+                progress(None, desc=info)
+            else:
+                progress((info.step + 1, info.total), desc="denoising")
+
+        job = service.start(generation, session=_session(request), progress=show)
+        try:
+            while not job.wait(POLL_SECONDS):
+                yield WAITING
+            try:
+                result = job.result()
+            except ServiceError as err:
+                raise gr.Error(str(err)) from None
+            yield str(result.path), str(result.seed), str(result.path), result.debug_images
+        finally:
+            job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
 
     def cancel(request: gr.Request):
         service.cancel(_session(request))
 
-    with gr.Blocks(title="PuLID for FLUX") as demo:
+    WAITING = (gr.skip(),) * 4  # a keep-alive while the job runs: no output changes
+
+    with gr.Blocks(title="PuLID for FLUX", delete_cache=UPLOAD_CACHE) as demo:
         gr.Markdown("# PuLID for FLUX\nPut the face from a photo into new FLUX.1-dev images.")
         if args.preset == "tiny-random":
             gr.Markdown(

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from flux.autoencoder import AutoEncoder
+from flux.autoencoder import AttnBlock, AutoEncoder, ResnetBlock
 from flux.model import Flux
 from flux.offload.structure import Component, Stage
 from flux.repeated import block_modules
@@ -126,14 +126,28 @@ class PuLIDFluxPipeline:
         return TextConditioning(txt=txt, txt_ids=text_ids(1, txt.shape[1], self.device), vec=vec)
 
     @torch.inference_mode()
-    def decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
+    def decode(
+        self, latents: Tensor, height: int, width: int, on_block: Callable[[str], None] | None = None
+    ) -> Image.Image:
         """Packed latents -> the image, as the official app decodes: float32 latents into the
         autoencoder under autocast to the pipeline's dtype (bf16), then :func:`to_pil`. A float32
-        pipeline (the tiny one) decodes in float32 throughout."""
+        pipeline (the tiny one) decodes in float32 throughout.
+
+        ``on_block("decoding")`` runs before each of the decoder's blocks (hooks that live only for
+        this call), so a large decode can be cancelled between them.
+        """
         unpacked = unpack(latents.float(), height, width)
         low_precision = self.dtype != torch.float32
-        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
-            decoded = self.ae.decode(unpacked)
+        hooks = []
+        if on_block is not None:
+            blocks = [m for m in self.ae.decoder.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
+            hooks = [block.register_forward_pre_hook(lambda *_: on_block("decoding")) for block in blocks]
+        try:
+            with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
+                decoded = self.ae.decode(unpacked)
+        finally:
+            for hook in hooks:
+                hook.remove()
         return to_pil(decoded)
 
     def injection(self, tokens: Tensor | None, weight: float) -> PuLIDInjection | None:
@@ -144,8 +158,15 @@ class PuLIDFluxPipeline:
 
     @torch.inference_mode()
     def generate(
-        self, request: GenerationRequest, callback: Callable[[StepInfo], None] | None = None
+        self,
+        request: GenerationRequest,
+        callback: Callable[[StepInfo], None] | None = None,
+        on_stage: Callable[[str], None] | None = None,
     ) -> GenerationResult:
+        """One image. ``callback`` gets each denoising step; ``on_stage`` the name of each stage
+        ("encoding the prompt", "reading the face", "decoding") as it starts, and again between the
+        decoder's blocks. Either may raise :class:`~flux.sampling.GenerationCancelled` to stop."""
+        stage = on_stage or (lambda name: None)
         request = request.checked()
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -155,6 +176,7 @@ class PuLIDFluxPipeline:
         timesteps = get_schedule(request.num_steps, noise.shape[-1] * noise.shape[-2] // 4, shift=True)
 
         t0 = time.perf_counter()
+        stage("encoding the prompt")
         cond = self.encode_prompt(request.prompt, request.max_sequence_length)
         neg_cond = (
             self.encode_prompt(request.neg_prompt, request.max_sequence_length)
@@ -167,6 +189,7 @@ class PuLIDFluxPipeline:
         debug_images: list[np.ndarray] = []
         id_tokens = uncond_tokens = None
         if request.id_images:
+            stage("reading the face")
             if self.id_encoder is None:
                 raise InvalidRequestError("this pipeline was built without an ID encoder")
             embedding = self.id_encoder(request.id_images, with_uncond=request.uses_true_cfg)
@@ -196,7 +219,8 @@ class PuLIDFluxPipeline:
         timings["denoise_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        image = self.decode(latents, request.height, request.width)
+        stage("decoding")
+        image = self.decode(latents, request.height, request.width, on_block=on_stage)
         timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
 

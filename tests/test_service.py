@@ -112,3 +112,60 @@ def test_uploads_are_read_rotated_and_bad_files_refused(tmp_path):
     with pytest.raises(UploadError, match="Could not read the image notes.png"):
         load_upload(fake)
     assert np.asarray(load_upload(rotated)).dtype == np.uint8
+
+
+def test_a_job_cancelled_while_decoding_stops_between_decoder_blocks(service):
+    from flux.autoencoder import ResnetBlock
+
+    blocks = [m for m in service.pipeline.ae.decoder.modules() if isinstance(m, ResnetBlock)]
+    ran = []
+    handles = [b.register_forward_pre_hook(lambda *_: ran.append(1)) for b in blocks]
+    stages = []
+
+    def cancel_when_decoding(info):
+        stages.append(info if isinstance(info, str) else "step")
+        if info == "decoding" and len(ran) == 2:
+            job.cancel()  # two decoder blocks in
+
+    try:
+        job = service.start(request(service), session="decoder", progress=cancel_when_decoding)
+        assert job.wait(120)
+        with pytest.raises(ServiceError, match="cancelled"):
+            job.result()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert 2 <= len(ran) < len(blocks)
+    assert stages[:2] == ["starting", "encoding the prompt"] and "reading the face" in stages
+    assert not any(b._forward_pre_hooks for b in blocks)  # the pipeline's decode hooks are gone
+
+
+def test_cancel_reaches_only_the_jobs_of_that_session(service):
+    import threading
+
+    gate = threading.Event()
+
+    def hold(info):
+        gate.wait(30)  # both jobs are under way before either may go on
+
+    mine = service.start(request(service, seed=1), session="mine", progress=hold)
+    other = service.start(request(service, seed=2), session="other", progress=hold)
+    service.cancel("mine")
+    gate.set()
+    assert mine.wait(120) and other.wait(120)
+    with pytest.raises(ServiceError, match="cancelled"):
+        mine.result()
+    assert other.result().seed == 2
+
+
+def test_the_same_request_twice_gives_two_files(service, tmp_path):
+    from PIL import Image
+
+    from pulid.outputs import save_new_png
+
+    first, second = service.run(request(service)), service.run(request(service))
+    assert first.path != second.path and first.path.is_file() and second.path.is_file()
+    assert first.path.name < second.path.name  # sortable: date, time, then the service's counter
+    image = Image.new("RGB", (4, 4))
+    names = {save_new_png(image, {"seed": 1, "prompt": "a"}, tmp_path, 7).name for _ in range(3)}
+    assert len(names) == 3  # the same name asked for three times: never a replaced file

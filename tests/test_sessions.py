@@ -79,3 +79,43 @@ def test_my_cancel_stops_my_job_and_the_work_stops(slow_server):
     # and the server serves the next request
     again = Client(url, verbose=False)
     assert submit(again, seed="13", num_steps=2).result(timeout=120)[1] == "13"
+
+
+def test_cancelled_jobs_stop_computing_and_the_next_request_starts_at_once(slow_server):
+    """Job.cancel() of gradio_client (the /cancel route with the event id) ends the work itself,
+    not only the client's wait: with three long jobs cancelled, a short one runs right away."""
+    from gradio_client import Client
+
+    url, passes = slow_server
+    clients = [Client(url, verbose=False) for _ in range(3)]
+    before = len(passes)
+    jobs = [submit(c, seed=str(20 + i)) for i, c in enumerate(clients)]
+    wait_until_running(passes, before)
+    for job in jobs:
+        job.cancel()
+    start = time.perf_counter()
+    assert submit(Client(url, verbose=False), seed="30", num_steps=2).result(timeout=120)[1] == "30"
+    waited = time.perf_counter() - start
+    ran = len(passes) - before
+    # Three jobs of 40 steps would take 6 s of passes; the short job waited for at most a few steps.
+    assert ran < STEPS and waited < 12 * STEP_SECONDS * 2 + 3, (ran, waited)
+
+
+def test_a_client_that_leaves_stops_its_job(slow_server):
+    import httpx
+
+    from tests.test_app import settings as defaults
+
+    url, passes = slow_server
+    before = len(passes)
+    values = {**defaults(), "num_steps": STEPS, "seed": "40"}
+    posted = httpx.post(f"{url}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30)
+    event_id = posted.json()["event_id"]
+    with httpx.stream("GET", f"{url}gradio_api/call/generate/{event_id}", timeout=60) as stream:
+        for _ in stream.iter_lines():
+            if len(passes) >= before + 3:
+                break  # the job is running: hang up
+    time.sleep(20 * STEP_SECONDS)
+    ran = len(passes) - before
+    time.sleep(10 * STEP_SECONDS)
+    assert len(passes) - before == ran < STEPS, "the job went on after its client left"
