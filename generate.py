@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from pulid.errors import PuLIDError
-    from pulid.outputs import output_name, save_png
+    from pulid.outputs import save_new_png
     from pulid.request import InvalidRequestError
     from pulid.uploads import UploadError, load_upload
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label} ({request.prompt!r}, seed {request.seed}): {err}", file=sys.stderr)
             failures += 1
             continue
-        path = save_png(result.image, result.metadata, args.out / output_name(result.metadata, index))
+        path = save_new_png(result.image, result.metadata, args.out, index + 1)
         print(f"{path}  seed={result.seed}  {result.timings['total_s']:.1f}s")
     return 1 if failures else 0
 
