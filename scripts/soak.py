@@ -1,9 +1,12 @@
-"""Soak the app: many generations through the HTTP API with random settings and bad inputs mixed in.
+"""Soak the app: many generations through the HTTP API with random settings and attacks mixed in.
 
 Starts the app on the tiny-random preset in a subprocess (127.0.0.1, a free port), sends
 ``--requests`` requests from ``--clients`` concurrent gradio clients, and counts outcomes by kind.
-It checks that every answer is an image or a clear message, that the server never dies, and that
-its memory does not grow. Writes a JSON report and prints a markdown summary.
+Besides good requests: bad photos and settings, jobs cancelled while they run (``Job.cancel()``),
+and raw HTTP calls naming files on the server that were never uploaded. It checks that every
+answer is an image or a clear message, that the server never dies, that its memory does not grow,
+that no file is left outside its upload and output folders, and how long the slowest good request
+took. Writes a JSON report and prints it.
 
     python scripts/soak.py --requests 200 --clients 3 --out soak.json
 """
@@ -102,7 +105,20 @@ def random_request(rng: random.Random, files: dict[str, Path], good: Path) -> tu
     if roll < 0.45:
         settings["id_image"] = None
         return "no_id", settings
+    if roll < 0.52:
+        settings["num_steps"] = 3
+        return "cancel", settings
+    if roll < 0.56:
+        settings["id_image"] = rng.choice(["/etc/passwd", str(good), "../../../etc/hostname"])
+        return "raw_path", settings
     return "good", settings
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` (the server's TMPDIR), relative to it, apart from the inputs."""
+    return [
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "inputs" not in p.parts[:2]
+    ]
 
 
 def classify(message: str) -> str:
@@ -153,6 +169,32 @@ def main(argv: list[str] | None = None) -> dict:
             values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
             return client.predict(**values, api_name="/generate")
 
+        def send_and_cancel(client, settings, delay: float) -> str:
+            values = dict(settings)
+            values["id_image"] = handle_file(str(values["id_image"]))
+            job = client.submit(**values, api_name="/generate")
+            time.sleep(delay)
+            job.cancel()
+            return "cancelled"
+
+        def send_raw_path(settings) -> str:
+            """A file input naming a server path, the way a hand-written HTTP client can."""
+            import httpx
+
+            values = {
+                **settings,
+                "id_image": {"path": settings["id_image"], "meta": {"_type": "gradio.FileData"}},
+            }
+            posted = httpx.post(
+                f"{url}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30
+            )
+            event_id = posted.json()["event_id"]
+            with httpx.stream("GET", f"{url}gradio_api/call/generate/{event_id}", timeout=120) as stream:
+                text = "\n".join(stream.iter_lines())
+            return "refused_path" if "event: error" in text else "path_was_read"
+
+        before = set(files_under(work))
+
         rng = random.Random(args.seed)
         jobs = [random_request(rng, files, good) for _ in range(args.requests)]
         send(clients[0], random_request(random.Random(1), files, good)[1] | {"id_image": good})  # warm-up
@@ -164,16 +206,28 @@ def main(argv: list[str] | None = None) -> dict:
         lock = threading.Lock()
         start = time.perf_counter()
 
+        latencies: list[float] = []
+
         def worker(index: int) -> None:
+            pacing = random.Random(args.seed + index)
             for what, settings in jobs[index :: args.clients]:
+                began = time.perf_counter()
                 try:
-                    send(clients[index], settings)
-                    kind = "image"
+                    if what == "cancel":
+                        kind = send_and_cancel(clients[index], settings, pacing.uniform(0.05, 0.6))
+                    elif what == "raw_path":
+                        kind = send_raw_path(settings)
+                    else:
+                        send(clients[index], settings)
+                        kind = "image"
+                        if what == "good":
+                            with lock:
+                                latencies.append(time.perf_counter() - began)
                 except Exception as err:  # noqa: BLE001 - the message is what we count
                     kind = classify(str(err))
                     if kind == "other_error":
                         with lock:
-                            unexpected.add(str(err)[:300])
+                            unexpected.add(f"{what}: {str(err)[:300]}")
                 with lock:
                     outcomes[kind] += 1
                     sent[what.split(":")[0]] += 1
@@ -189,6 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
         elapsed = time.perf_counter() - start
         alive = server.poll() is None
         rss_end = rss_mib(server.pid) if alive else float("nan")
+        new_files = sorted(set(files_under(work)) - before)
+        kept = ("gradio/", "pulid-flux-outputs-")  # the upload cache and the image folder
+        left_behind = [name for name in new_files if not name.startswith(kept)]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -203,6 +260,13 @@ def main(argv: list[str] | None = None) -> dict:
         "server_rss_mib_start": round(rss_start, 1),
         "server_rss_mib_end": round(rss_end, 1),
         "server_rss_mib_by_request": rss_samples,
+        "new_files_in_upload_and_output_folders": len(new_files) - len(left_behind),
+        "files_left_elsewhere": left_behind[:20],
+        "good_request_seconds": {
+            "count": len(latencies),
+            "median": round(sorted(latencies)[len(latencies) // 2], 2) if latencies else None,
+            "max": round(max(latencies), 2) if latencies else None,
+        },
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

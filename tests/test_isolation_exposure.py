@@ -136,7 +136,8 @@ def test_short_soak_has_no_crash_no_unexpected_error_and_no_memory_growth():
 
     report = soak(["--requests", "40", "--clients", "2", "--seed", "3"])
     assert report["crashes"] == 0 and report["unexpected_messages"] == []
-    assert report["outcomes"].get("image", 0) >= 20
+    assert report["outcomes"].get("image", 0) >= 20 and "path_was_read" not in report["outcomes"]
+    assert report["files_left_elsewhere"] == []  # nothing written outside the upload and output folders
     samples = [rss for _, rss in report["server_rss_mib_by_request"]]
     settled = samples[len(samples) // 2]  # after the first half: every input size has been seen once
     assert samples[-1] - settled < 150, samples

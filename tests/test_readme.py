@@ -27,3 +27,14 @@ def test_the_weights_table_is_the_catalogue():
     assert table in README, "README's weights table is stale: paste pulid.catalogue.markdown_table()"
     for entry in CATALOGUE:  # every file the product can load has its row
         assert f"`models/{entry.weights.local_name}" in table
+
+
+def test_the_limits_table_is_the_limits_module():
+    from pulid import limits
+
+    section = README.split("## Limits and safety")[1].split("## ")[0]
+    assert f"| one uploaded file | {limits.MAX_UPLOAD_BYTES // 10**6} MB" in section
+    assert f"| one photo | {limits.MAX_IMAGE_PIXELS // 10**6} megapixels" in section
+    assert f"| extra photos of the person | {limits.MAX_EXTRA_PHOTOS} " in section
+    assert f"| prompt, negative prompt | {limits.MAX_PROMPT_CHARS:,} characters" in section
+    assert f"all visitors together | {limits.MAX_QUEUED} |" in section
