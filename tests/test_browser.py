@@ -68,3 +68,15 @@ def test_no_face_shows_the_message_in_the_page(page, tmp_path):
     page.locator("input[type=file]").first.set_input_files(str(blank))
     page.get_by_role("button", name="Generate").click()
     page.get_by_text("No face found in the ID image").first.wait_for(timeout=120_000)
+
+
+def test_an_example_row_fills_the_photo_and_generates(page):
+    """The example photo comes from the app's own files: it must pass the upload-only check."""
+    page.reload(wait_until="networkidle")
+    page.get_by_text("portrait, color, cinematic", exact=True).last.click()  # the example row
+    set_slider(page, "Width", 256)
+    set_slider(page, "Height", 256)
+    set_slider(page, "Number of steps", 2)
+    page.get_by_role("button", name="Generate").click()
+    seed_box = page.get_by_label("Used seed")
+    page.wait_for_function("el => el.value === '42'", arg=seed_box.element_handle(), timeout=120_000)
