@@ -26,46 +26,29 @@ import sys
 import time
 from pathlib import Path
 
+import torch.nn.functional as F
+from torch import nn
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def previous_autoencoder(ae):
-    """A copy of ``ae`` with the attention of the release before the parity fix (strided q/k/v)."""
-    import copy
+class StridedAttnBlock(nn.Module):
+    """The attention of the release before the parity fix: strided q/k/v into SDPA."""
 
-    import torch.nn.functional as F
-    from torch import nn
+    def __init__(self, ours):
+        super().__init__()
+        self.norm, self.q, self.k, self.v, self.proj_out = ours.norm, ours.q, ours.k, ours.v, ours.proj_out
 
-    from flux.autoencoder import AttnBlock
+    def forward(self, x):
+        h = self.norm(x)
+        b, c, height, width = h.shape
 
-    class StridedAttnBlock(nn.Module):
-        def __init__(self, ours: AttnBlock):
-            super().__init__()
-            self.norm, self.q, self.k, self.v, self.proj_out = (
-                ours.norm,
-                ours.q,
-                ours.k,
-                ours.v,
-                ours.proj_out,
-            )
+        def tokens(t):
+            return t.reshape(b, 1, c, height * width).transpose(-1, -2)
 
-        def forward(self, x):
-            h = self.norm(x)
-            b, c, height, width = h.shape
-
-            def tokens(t):
-                return t.reshape(b, 1, c, height * width).transpose(-1, -2)
-
-            out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
-            return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, height, width))
-
-    previous = copy.deepcopy(ae)
-    for name, module in list(previous.named_modules()):
-        if isinstance(module, AttnBlock):
-            parent, _, child = name.rpartition(".")
-            setattr(previous.get_submodule(parent), child, StridedAttnBlock(module))
-    return previous
+        out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
+        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, height, width))
 
 
 def previous_decode(previous, latents, height: int, width: int, device_type: str):
@@ -105,7 +88,7 @@ def main() -> None:
     from flux.registry import flux_ae_params
     from flux.sampling import pack
     from pulid.pipeline import PuLIDFluxPipeline
-    from tests.test_official_parity import official_autoencoder, official_decode
+    from tests.test_official_parity import official_autoencoder, official_decode, with_attention
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -125,7 +108,7 @@ def main() -> None:
         device=device,
         dtype=torch.bfloat16,
     )
-    reference, previous = official_autoencoder(ae), previous_autoencoder(ae)
+    reference, previous = official_autoencoder(ae), with_attention(ae, StridedAttnBlock)
     variants = {
         "ours": lambda: pipeline.decode(latents, args.height, args.width),
         "official": lambda: official_decode(reference, latents, args.height, args.width, autocast=True),

@@ -43,14 +43,19 @@ class OfficialAttnBlock(nn.Module):
         return x + self.proj_out(h_)
 
 
-def official_autoencoder(ae: AutoEncoder) -> AutoEncoder:
-    """A copy of ``ae`` whose attention blocks compute in the official arithmetic (same weights)."""
-    reference = copy.deepcopy(ae)
-    for name, module in list(reference.named_modules()):
+def with_attention(ae: AutoEncoder, block_type) -> AutoEncoder:
+    """A copy of ``ae`` whose attention blocks are ``block_type(block)``, sharing their weights."""
+    copied = copy.deepcopy(ae)
+    for name, module in list(copied.named_modules()):
         if isinstance(module, AttnBlock):
             parent, _, child = name.rpartition(".")
-            setattr(reference.get_submodule(parent), child, OfficialAttnBlock(module))
-    return reference
+            setattr(copied.get_submodule(parent), child, block_type(module))
+    return copied
+
+
+def official_autoencoder(ae: AutoEncoder) -> AutoEncoder:
+    """A copy of ``ae`` whose attention blocks compute in the official arithmetic (same weights)."""
+    return with_attention(ae, OfficialAttnBlock)
 
 
 def official_decode(reference: AutoEncoder, latents: torch.Tensor, height: int, width: int, autocast: bool):
