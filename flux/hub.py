@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +135,15 @@ def hub_reachable(timeout: float = REACHABILITY_TIMEOUT_S) -> bool:
         if not _reachable[endpoint]:
             logger.info("The hub (%s) does not answer: nothing will be downloaded", endpoint)
         return _reachable[endpoint]
+
+
+def download_blocked() -> str | None:
+    """Why nothing can be downloaded now (``HF_HUB_OFFLINE``, an unreachable hub), or None."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    if not hub_reachable():
+        return "the Hugging Face hub cannot be reached (no network?), so nothing can be downloaded"
+    return None
 
 
 def _cached(entry: HubWeights) -> Path | None:
@@ -253,7 +262,3 @@ def download(entry: HubWeights, models_dir: Path | None = None) -> Path:
         raise WeightsNotFoundError(
             f"Cannot download {entry.description}: {_download_error(entry, err)}"
         ) from err
-
-
-def total_size(entries: Iterable[HubWeights]) -> int:
-    return sum(entry.size_bytes for entry in entries)

@@ -21,33 +21,22 @@ from flux.hub import (
     WeightsNotFoundError,
     default_models_dir,
     download,
+    download_blocked,
     find_local,
     format_size,
-    hub_offline,
-    hub_reachable,
 )
-from pulid.catalogue import CATALOGUE, DEFAULT_VERSION, FP8_MODES, PULID_VERSIONS, required_weights
+from pulid.catalogue import CATALOGUE, required_weights
+from pulid.startup import add_weight_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from flux.registry import MODELS
-
     parser = argparse.ArgumentParser(
         prog="python -m pulid.download",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
-    parser.add_argument("--version", default=DEFAULT_VERSION, choices=PULID_VERSIONS, help="PuLID weights")
-    parser.add_argument("--fp8", action="store_true", help="the files --fp8 needs (see --fp8_mode)")
-    parser.add_argument(
-        "--fp8_mode",
-        default="auto",
-        choices=FP8_MODES,
-        help="auto: native on this machine's GPU if it has fp8 units (no extra file), else quanto",
-    )
-    parser.add_argument("--models_dir", type=Path, default=None, help="where to put them (default: models/)")
+    add_weight_arguments(parser)
     parser.add_argument("--all", action="store_true", help="every file of the catalogue, for every flag")
     parser.add_argument(
         "--dry-run", action="store_true", help="list the files, sizes and places; fetch nothing"
@@ -59,21 +48,19 @@ def chosen_entries(args: argparse.Namespace):
     """The catalogue entries the flags need (``--fp8 --fp8_mode auto`` resolved on this machine)."""
     if args.all:
         return list(CATALOGUE)
-    fp8 = None
-    if args.fp8:
-        fp8 = args.fp8_mode
-        if fp8 == "auto":
-            from flux.devices import resolve_device
-            from flux.quant import fp8_matmul_supported
+    fp8 = args.fp8_mode if args.fp8 else None
+    if fp8 == "auto":  # as the app would decide on this machine
+        from flux.devices import resolve_device
+        from pulid.loading import resolve_fp8_mode
 
-            fp8 = "native" if fp8_matmul_supported(resolve_device(None)) else "quanto"
-            print(f"--fp8_mode auto on this machine is {fp8}")
+        fp8 = resolve_fp8_mode(fp8, resolve_device(None))
+        print(f"--fp8_mode auto on this machine is {fp8}")
     return list(required_weights(args.name, args.version, fp8).values())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    models_dir = args.models_dir if args.models_dir is not None else default_models_dir()
+    models_dir = Path(args.models_dir) if args.models_dir is not None else default_models_dir()
     entries = chosen_entries(args)
     missing = []
     print(f"{'status':<9}{'size':>10}  {'what':<58} place")
@@ -92,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(missing)} to download ({format_size(total)}) into {models_dir}")
     if args.dry_run or not missing:
         return 0
-    if not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub cannot be reached"
-        print(f"Cannot download: {why}.", file=sys.stderr)
+    blocked = download_blocked()
+    if blocked is not None:
+        print(f"Cannot download: {blocked}.", file=sys.stderr)
         return 1
     failures = 0
     for entry in missing:

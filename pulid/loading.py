@@ -25,9 +25,8 @@ from flux.hub import (
     WeightsNotFoundError,
     default_models_dir,
     download,
+    download_blocked,
     find_local,
-    hub_offline,
-    hub_reachable,
     missing_report,
 )
 from flux.loading import load_autoencoder, load_flow_model
@@ -91,13 +90,8 @@ def locate_weights(
         raise WeightsNotFoundError("\n".join(problems))
     if not missing:
         return found
-    if not allow_download:
-        reason = "downloads are disabled."
-    elif hub_offline():
-        reason = "HF_HUB_OFFLINE is set, so nothing is downloaded."
-    elif not hub_reachable():
-        reason = "the Hugging Face hub cannot be reached (no network?), so nothing can be downloaded."
-    else:
+    reason = "downloads are disabled" if not allow_download else download_blocked()
+    if reason is None:
         failures = []
         for role, entry in missing.items():
             try:
@@ -108,7 +102,7 @@ def locate_weights(
             raise WeightsNotFoundError("\n".join(failures))
         return found
     weights = [entry.weights for entry in missing.values()]
-    raise WeightsNotFoundError(missing_report(weights, models_dir, reason, command))
+    raise WeightsNotFoundError(missing_report(weights, models_dir, f"{reason}.", command))
 
 
 def resolve_fp8_mode(fp8: str | None, device: torch.device) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from flux.text_encoders import T5_MAX_LENGTHS
 from pulid.limits import MAX_PROMPT_CHARS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 
@@ -92,7 +93,7 @@ class GenerationRequest:
         int,
         128,
         "T5 max sequence length",
-        choices=(128, 256, 384, 512),
+        choices=T5_MAX_LENGTHS,
         step=128,
         help="Prompt tokens T5 reads: longer prompts need more, 128 is fastest.",
     )

@@ -22,13 +22,27 @@ logger = logging.getLogger(__name__)
 PRESETS = ("tiny-random",)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags shared by the app and the command line."""
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose which weight files load: the app's, the CLI's and the download command's."""
     from flux.registry import MODELS
     from pulid.catalogue import DEFAULT_VERSION, FP8_MODES, PULID_VERSIONS
 
     parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
     parser.add_argument("--version", default=DEFAULT_VERSION, choices=PULID_VERSIONS, help="PuLID weights")
+    parser.add_argument("--fp8", action="store_true", help="run the transformer in fp8 (see --fp8_mode)")
+    parser.add_argument(
+        "--fp8_mode",
+        default="auto",
+        choices=FP8_MODES,
+        help="native: quantise flux1-dev to fp8 at load and use the GPU's fp8 units (Ada/Hopper); "
+        "quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
+    )
+    parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags shared by the app and the command line."""
+    add_weight_arguments(parser)
     parser.add_argument(
         "--device", default=None, help="torch device for the models (default: cuda if present)"
     )
@@ -47,14 +61,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GB",
         help="fit the whole app in this many GiB: as much resident as fits, the rest streamed",
     )
-    parser.add_argument("--fp8", action="store_true", help="run the transformer in fp8 (see --fp8_mode)")
-    parser.add_argument(
-        "--fp8_mode",
-        default="auto",
-        choices=FP8_MODES,
-        help="native: quantise flux1-dev to fp8 at load and use the GPU's fp8 units (Ada/Hopper); "
-        "quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
-    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -62,7 +68,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--onnx_provider", default="gpu", choices=["gpu", "cpu"], help="onnxruntime provider")
     parser.add_argument("--pretrained_model", default=None, help="path to a PuLID weight file")
-    parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
     parser.add_argument(
         "--preset",
         default=None,

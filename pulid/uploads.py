@@ -10,9 +10,10 @@ gigabytes). :func:`check_upload` refuses all of these before anything is opened,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,34 +66,38 @@ def check_pixels(width: int, height: int, name: str) -> None:
         )
 
 
-def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
-    """(width, height) from the image header, checked against the pixel limit; nothing is decoded."""
+@contextlib.contextmanager
+def open_checked(path: str | os.PathLike, name: str) -> Iterator:
+    """The image opened lazily (header only), its size checked against the pixel limit; decoding
+    inside the block happens only for an image within the limit."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            size = image.size
+            check_pixels(*image.size, name)
+            yield image
+    except UploadError:
+        raise
     except Image.DecompressionBombError:  # PIL's own guard, far above ours
         raise UploadError(
             f"{name[:60]} has far more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: send a smaller copy."
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise UploadError(UNREADABLE_IMAGE.format(name=name)) from err
-    check_pixels(*size, name)
-    return size
+
+
+def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
+    """(width, height) from the image header, checked against the pixel limit; nothing is decoded."""
+    with open_checked(path, name) as image:
+        return image.size
 
 
 def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> np.ndarray:
     """An image file as RGB uint8, rotated as its EXIF says (first frame of animations), checked
     with :func:`check_upload` and, from its header, against the pixel limit before decoding."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
     resolved = check_upload(path, roots)
-    name = f"the image {resolved.name}"
-    check_header(resolved, name)
-    try:
-        with Image.open(resolved) as image:
-            image.seek(0)
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
-        raise UploadError(UNREADABLE_IMAGE.format(name=name)) from err
+    with open_checked(resolved, f"the image {resolved.name}") as image:
+        image.seek(0)
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))

@@ -47,7 +47,7 @@ def fake_hub(monkeypatch):
     """huggingface_hub's download, writing a small file where the real one would land."""
     import huggingface_hub
 
-    monkeypatch.setattr(pulid.download, "hub_reachable", lambda: True)
+    monkeypatch.setattr(pulid.download, "download_blocked", lambda: None)  # as if online
     fetched = []
 
     def fake_download(repo_id, filename, local_dir=None, **kwargs):

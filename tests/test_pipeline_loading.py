@@ -56,9 +56,6 @@ def test_unreachable_hub_is_detected_once_and_quickly(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     probes = []
     monkeypatch.setattr(flux.hub, "hub_reachable", lambda: probes.append(1) or False)
-    import pulid.loading
-
-    monkeypatch.setattr(pulid.loading, "hub_reachable", flux.hub.hub_reachable)
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError, match="cannot be reached"):
         load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path)
