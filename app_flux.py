@@ -9,6 +9,7 @@ by its annotation, which must be the class itself, or every visitor would share 
 """
 
 import argparse
+import asyncio
 import inspect
 import logging
 import os
@@ -16,13 +17,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_UPLOAD_BYTES
+from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_QUEUED_PER_VISITOR, MAX_UPLOAD_BYTES
 from pulid.startup import add_model_arguments, load_or_exit
 
 logger = logging.getLogger("app_flux")
 
 MAX_UPLOAD = f"{MAX_UPLOAD_BYTES // 10**6}mb"  # gradio refuses larger files at the upload route
-POLL_SECONDS = 0.5  # how often a running job's handler yields, so that a cancel is noticed
+POLL_SECONDS = 0.5  # how often a job's handler yields while it runs or waits, so a cancel is noticed
 UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
@@ -47,6 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--share", action="store_true", help="create a public gradio.live link (off by default)"
+    )
+    parser.add_argument(
+        "--allowed_hosts",
+        default=None,
+        help="comma-separated host names the app answers to ('*' any, '*.example.org' subdomains); "
+        "default: local names when bound to 127.0.0.1, any name when bound to 0.0.0.0 or in a Space",
+    )
+    parser.add_argument(
+        "--behind_proxy",
+        action=argparse.BooleanOptionalAction,
+        default=IN_SPACE,
+        help="count visitors by the proxy's X-Forwarded-For entry (default: on in a Space)",
     )
     parser.add_argument(
         "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
@@ -81,7 +94,7 @@ def control(setting, gr, visible: bool = True):
 
 
 def with_signature(handler, names: list[str], gr):
-    """The generator ``handler(values, request, progress)`` as a function of the named inputs.
+    """The async generator ``handler(values, request, progress)`` as a function of the named inputs.
 
     Gradio reads the parameter names (the API's argument names) and finds ``gr.Request`` and
     ``gr.Progress`` from the signature; the values arrive as one dict in input order.
@@ -93,11 +106,13 @@ def with_signature(handler, names: list[str], gr):
     ]
     signature = inspect.Signature(parameters)
 
-    def wired(*args, **kwargs):  # a generator, as the handler: gradio streams it and can close it
+    async def wired(*args, **kwargs):  # an async generator, as the handler: gradio can close it
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = {name: bound.arguments.get(name) for name in names}
-        yield from handler(values, bound.arguments.get("request"), bound.arguments.get("progress"))
+        arguments = bound.arguments
+        async for item in handler(values, arguments.get("request"), arguments.get("progress")):
+            yield item
 
     wired.__signature__ = signature
     wired.__annotations__ = {"request": gr.Request}  # how gradio recognises the parameter to fill
@@ -111,7 +126,7 @@ def create_demo(args: argparse.Namespace, service):
 
     from pulid.request import generation_settings
     from pulid.service import ServiceError
-    from pulid.uploads import UNREADABLE_IMAGE, UploadError, check_header, check_upload
+    from pulid.uploads import UploadError, check_upload
 
     def uploaded(payload) -> None:
         """Refuse, before gradio opens anything, a file input that is not an upload of this app."""
@@ -124,8 +139,9 @@ def create_demo(args: argparse.Namespace, service):
             raise gr.Error(str(err)) from None
 
     class IDImage(gr.Image):
-        """An image input that takes only uploads, checks their size from the header, and answers an
-        unreadable file with a message, not a server error."""
+        """An image input that takes only uploads. It hands on the uploaded file, not pixels: the
+        service checks its header at once and decodes it when the job's turn comes, so requests
+        waiting in line hold no decoded images."""
 
         is_template = True  # rendered by the front end's own Image component
 
@@ -133,13 +149,7 @@ def create_demo(args: argparse.Namespace, service):
             if payload is None:
                 return None
             uploaded(payload)
-            try:
-                check_header(payload.path, "the ID image")
-                return super().preprocess(payload)
-            except UploadError as err:
-                raise gr.Error(str(err)) from None
-            except (OSError, ValueError, SyntaxError) as err:
-                raise gr.Error(UNREADABLE_IMAGE.format(name="the ID image")) from err
+            return payload.path
 
     class Photos(gr.File):
         """Extra photos: uploads of this app only (gradio would fetch a URL or read any path)."""
@@ -155,14 +165,12 @@ def create_demo(args: argparse.Namespace, service):
     settings = {s.name: s for s in generation_settings()}
     controls: dict = {}
 
-    def generate(values: dict, request: gr.Request, progress: gr.Progress):
-        """Runs the job in the service's worker thread and yields while it runs: when the visitor
-        cancels or leaves, gradio closes this generator, and the ``finally`` stops the work."""
+    async def generate(values: dict, request: gr.Request, progress: gr.Progress):
+        """Runs the job in the service's worker thread and yields while it waits and runs (holding
+        no server thread): when the visitor cancels or leaves, gradio closes this generator, and
+        the ``finally`` stops the work or takes the job out of the line."""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
-        try:
-            generation = service.build_request(photo, extra, **values)
-        except ServiceError as err:
-            raise gr.Error(str(err)) from None
+        photos = ([] if photo is None else [photo]) + list(extra or [])
 
         def show(info) -> None:
             if isinstance(info, str):
@@ -170,9 +178,15 @@ def create_demo(args: argparse.Namespace, service):
             else:
                 progress((info.step + 1, info.total), desc="denoising")
 
-        job = service.start(generation, session=_session(request), progress=show)
         try:
-            while not job.wait(POLL_SECONDS):
+            generation = service.build_request(None, None, **values)
+            visitor = visitor_of(request, args.behind_proxy)
+            job = service.start(generation, _session(request), show, client=visitor, photos=photos)
+        except ServiceError as err:
+            raise gr.Error(str(err)) from None
+        try:
+            while not job.wait(0):
+                await asyncio.sleep(POLL_SECONDS)
                 yield WAITING
             try:
                 result = job.result()
@@ -197,7 +211,7 @@ def create_demo(args: argparse.Namespace, service):
         with gr.Row():
             with gr.Column():
                 controls["prompt"] = control(settings["prompt"], gr)
-                controls["id_image"] = IDImage(label="ID image", type="numpy", image_mode="RGB")
+                controls["id_image"] = IDImage(label="ID image", type="filepath")
                 controls["extra_images"] = Photos(
                     label=f"More photos of the same person (optional, up to {MAX_EXTRA_PHOTOS})",
                     file_count="multiple",
@@ -233,19 +247,54 @@ def create_demo(args: argparse.Namespace, service):
             inputs=[controls[name] for name in names],
             outputs=[output_image, used_seed, output_file, debug_gallery],
             api_name="generate",
-            concurrency_limit=1,
+            # Every admitted request enters its handler at once and waits in the service's line,
+            # which bounds each visitor's share; gradio's own queue only holds the overflow.
+            concurrency_limit=MAX_QUEUED + 1,
         )
         cancel_button.click(cancel, None, None, cancels=[event], api_name="cancel", queue=False)
     return demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
 
 
 def make_service(pipeline, output_dir=None):
-    """The service under the app: file inputs are read only from gradio's upload folder."""
+    """The service under the app: file inputs are read only from gradio's upload folder, and the
+    line for the GPU is bounded, per visitor too."""
     from gradio.utils import get_upload_folder
 
     from pulid.service import GenerationService
 
-    return GenerationService(pipeline, output_dir, upload_roots=[get_upload_folder()])
+    return GenerationService(
+        pipeline,
+        output_dir,
+        upload_roots=[get_upload_folder()],
+        max_waiting=MAX_QUEUED,
+        max_per_client=MAX_QUEUED_PER_VISITOR,
+    )
+
+
+def launch(demo, args: argparse.Namespace, **options) -> None:
+    """Serve ``demo`` with the app's limits and its host-name check (:mod:`pulid.web_guard`)."""
+    from starlette.middleware import Middleware
+
+    from pulid.web_guard import HostCheck, allowed_hosts
+
+    hosts = allowed_hosts(args.host, args.share, IN_SPACE, args.allowed_hosts)
+    logger.info("answering to host names: %s", ", ".join(hosts))
+    options = {"server_name": args.host, "server_port": args.port, "share": args.share, **options}
+    demo.launch(
+        max_file_size=MAX_UPLOAD,
+        app_kwargs={"middleware": [Middleware(HostCheck, patterns=hosts)]},
+        **options,
+    )
+
+
+def visitor_of(request, behind_proxy: bool) -> str:
+    """Who sent the request (:func:`pulid.web_guard.visitor`): their share of the line counts by it."""
+    from pulid.web_guard import visitor
+
+    client = getattr(request, "client", None)
+    headers = getattr(request, "headers", None) or {}
+    forwarded = headers.get("x-forwarded-for")
+    return visitor(getattr(client, "host", None), forwarded, behind_proxy, _session(request))
 
 
 def _session(request) -> str:
@@ -274,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pipeline = load_or_exit(args)
     demo = create_demo(args, make_service(pipeline))
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
+    launch(demo, args)
 
 
 if __name__ == "__main__":

@@ -9,3 +9,4 @@ MAX_IMAGE_PIXELS = 50 * 10**6  # one photo (8,660 x 5,770, a 50 MP camera); chec
 MAX_EXTRA_PHOTOS = 4  # photos besides the ID image: a person in five photos is plenty
 MAX_PROMPT_CHARS = 2000  # prompt and negative prompt; T5 reads at most 512 tokens of it, CLIP 77
 MAX_QUEUED = 32  # requests waiting at once, all visitors together
+MAX_QUEUED_PER_VISITOR = 3  # one visitor's requests running or waiting (by network address)

@@ -19,8 +19,9 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from pulid.limits import MAX_EXTRA_PHOTOS
 from pulid.outputs import save_new_png
 from pulid.pipeline import PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
-from pulid.uploads import UploadError, load_upload
+from pulid.uploads import UploadError, check_header, check_upload, load_upload
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,85 @@ OOM_MESSAGE = (
 
 
 CANCELLED = "Generation cancelled."
+POLL_SECONDS = 0.25  # how often a job waiting for its turn looks at its cancel flag
 
 
 class ServiceError(Exception):
     """An expected failure with a message for the user."""
+
+
+class ServiceBusy(ServiceError):
+    """The line for the GPU is full, or this visitor already has their share of it in it."""
+
+
+PhotoSource = str | os.PathLike | np.ndarray  # an uploaded file (read when the job's turn comes) or pixels
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """A place in the line for the pipeline."""
+
+    client: str | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _Line:
+    """First come, first served turns on the one pipeline, with a cap on the line's length and on
+    each visitor's places in it (running job included), so one client cannot fill it."""
+
+    def __init__(self, max_waiting: int | None, max_per_client: int | None):
+        self.max_waiting = max_waiting
+        self.max_per_client = max_per_client
+        self._tickets: deque[_Ticket] = deque()  # the head is the running job
+        self._changed = threading.Condition()
+
+    def join(self, client: str | None, cancel: threading.Event) -> _Ticket:
+        with self._changed:
+            if client is not None and self.max_per_client is not None:
+                mine = sum(ticket.client == client for ticket in self._tickets)
+                if mine >= self.max_per_client:
+                    raise ServiceBusy(
+                        f"You already have {mine} requests running or waiting, the most one visitor "
+                        "may have: wait for one to finish, or cancel it, before sending another."
+                    )
+            waiting = max(len(self._tickets) - 1, 0)
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise ServiceBusy(
+                    f"The server is busy ({waiting} requests are waiting). Try again in a few minutes."
+                )
+            ticket = _Ticket(client, cancel)
+            self._tickets.append(ticket)
+            return ticket
+
+    def ahead_of(self, ticket: _Ticket) -> int:
+        with self._changed:
+            return self._tickets.index(ticket)
+
+    def wait_turn(self, ticket: _Ticket, report: Callable[[str], None]) -> None:
+        """Return when ``ticket`` is at the head; ``report`` hears the place while it waits and may
+        raise (a cancel) to leave the line."""
+        told = None
+        while True:
+            with self._changed:
+                ahead = self._tickets.index(ticket)
+                if ahead == 0:
+                    return
+                if ahead == told:
+                    self._changed.wait(POLL_SECONDS)
+                    ahead = self._tickets.index(ticket)
+                    if ahead == 0:
+                        return
+            if ahead != told or ticket.cancel.is_set():
+                report(f"waiting for the GPU: {ahead} ahead")  # raises if cancelled
+                told = ahead
+
+    def leave(self, ticket: _Ticket) -> None:
+        with self._changed:
+            self._tickets.remove(ticket)
+            self._changed.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
 
 
 class Job:
@@ -99,26 +175,33 @@ def trim_host_memory() -> None:
 
 
 class GenerationService:
-    """Holds one pipeline, serialises requests on it, and keeps per-session cancel flags."""
+    """Holds one pipeline, gives requests their turns on it in order, and keeps per-session cancel flags.
+
+    ``max_waiting`` and ``max_per_client`` bound the line (the app sets them from
+    :mod:`pulid.limits`; ``None``, the default for local use, is no bound).
+    """
 
     def __init__(
         self,
         pipeline: PuLIDFluxPipeline,
         output_dir: str | os.PathLike | None = None,
         upload_roots: Sequence[str | os.PathLike] | None = None,
+        max_waiting: int | None = None,
+        max_per_client: int | None = None,
     ):
         """``upload_roots``: the only folders file inputs may come from (the app passes gradio's
         upload cache); ``None`` accepts any regular file (local use)."""
         self.pipeline = pipeline
         self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="pulid-flux-outputs-"))
-        self._lock = threading.Lock()
+        self._line = _Line(max_waiting, max_per_client)
         self._counter = itertools.count(1)  # numbers this service's images in its output folder
         self._active: dict[str, set[threading.Event]] = {}  # session -> cancel flags of its jobs
         self._active_lock = threading.Lock()
 
     def cancel(self, session: str) -> None:
-        """Stop every job of ``session`` at its next step or block; other sessions' jobs go on."""
+        """Stop every job of ``session`` at its next step or block, or in the line; other sessions'
+        jobs go on."""
         with self._active_lock:
             for flag in self._active.get(session, ()):
                 flag.set()
@@ -128,17 +211,23 @@ class GenerationService:
         request: GenerationRequest,
         session: str = "default",
         progress: Callable[[StepInfo | str], None] | None = None,
+        client: str | None = None,
+        photos: Sequence[PhotoSource] = (),
     ) -> Job:
         """:meth:`run` in a worker thread: the caller can wait with a timeout and cancel the job.
 
-        The thread runs in a copy of the caller's context (gradio's progress reporting lives in
-        context variables).
+        Everything that can be refused at once is refused here, before the thread starts: bad
+        settings, photos that were not uploaded or are too large (checked from their headers), a
+        full line (:class:`ServiceBusy`). The photos are decoded only when the job's turn comes.
+        The thread runs in a copy of the caller's context (gradio's progress lives in context
+        variables).
         """
         job = Job()
+        admitted = self._admit(request, photos, session, client, job.cancelled)
         context = contextvars.copy_context()
         thread = threading.Thread(
             target=context.run,
-            args=(job._work, lambda: self.run(request, session, progress, cancel=job.cancelled)),
+            args=(job._work, lambda: self._run_admitted(*admitted, session, progress)),
             name=f"generation-{session[:8]}",
             daemon=True,
         )
@@ -150,11 +239,7 @@ class GenerationService:
     ) -> GenerationRequest:
         """A request from what the browser sent: the photo, uploaded file paths and raw setting values."""
         extra_images = list(extra_images or [])
-        if len(extra_images) > MAX_EXTRA_PHOTOS:
-            raise ServiceError(
-                f"{len(extra_images)} extra photos were sent; at most {MAX_EXTRA_PHOTOS} can be used: "
-                "keep the best."
-            )
+        self._check_photo_count(len(extra_images))
         photos = [] if id_image is None else [np.asarray(id_image)]
         try:
             photos += [load_upload(path, self.upload_roots) for path in extra_images]
@@ -171,17 +256,68 @@ class GenerationService:
         session: str = "default",
         progress: Callable[[StepInfo | str], None] | None = None,
         cancel: threading.Event | None = None,
+        client: str | None = None,
+        photos: Sequence[PhotoSource] = (),
     ) -> ServiceResult:
         """Generate and save one image; ``progress`` gets each step (:class:`StepInfo`) and the name
         of each stage. ``cancel`` (or :meth:`cancel` of the session) stops it at the next step or
-        decoder block, also while it waits for another job to finish."""
+        decoder block, also while it waits for its turn. ``photos`` are added to the request's
+        ID images (files are read when the turn comes)."""
+        cancel = cancel if cancel is not None else threading.Event()
+        admitted = self._admit(request, photos, session, client, cancel)
+        return self._run_admitted(*admitted, session, progress)
+
+    def waiting(self) -> int:
+        """Requests in the line, the running one included."""
+        return len(self._line)
+
+    @staticmethod
+    def _check_photo_count(extra: int) -> None:
+        if extra > MAX_EXTRA_PHOTOS:
+            raise ServiceError(
+                f"{extra} extra photos were sent; at most {MAX_EXTRA_PHOTOS} can be used: keep the best."
+            )
+
+    def _admit(
+        self,
+        request: GenerationRequest,
+        photos: Sequence[PhotoSource],
+        session: str,
+        client: str | None,
+        cancel: threading.Event,
+    ) -> tuple[GenerationRequest, list[PhotoSource], _Ticket]:
+        """The checks that need no turn, then a place in the line (the session's cancel reaches it)."""
         try:
             request = request.checked()
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
-        cancel = cancel if cancel is not None else threading.Event()
+        photos = list(photos)
+        self._check_photo_count(len(request.id_images) + len(photos) - 1)
+        checked: list[PhotoSource] = []
+        try:
+            for photo in photos:
+                if isinstance(photo, np.ndarray):
+                    checked.append(photo)
+                else:
+                    path = check_upload(photo, self.upload_roots)
+                    check_header(path, f"the image {path.name}")
+                    checked.append(path)
+        except UploadError as err:
+            raise ServiceError(str(err)) from None
+        ticket = self._line.join(client, cancel)
         with self._active_lock:
             self._active.setdefault(session, set()).add(cancel)
+        return request, checked, ticket
+
+    def _run_admitted(
+        self,
+        request: GenerationRequest,
+        photos: list[PhotoSource],
+        ticket: _Ticket,
+        session: str,
+        progress: Callable[[StepInfo | str], None] | None,
+    ) -> ServiceResult:
+        cancel = ticket.cancel
 
         def report(info: StepInfo | str) -> None:
             if cancel.is_set():
@@ -190,9 +326,11 @@ class GenerationService:
                 progress(info)
 
         try:
-            with self._lock:
-                report("starting")  # a job cancelled while it waited for the GPU stops here
-                result = self.pipeline.generate(request, callback=report, on_stage=report)
+            self._line.wait_turn(ticket, report)
+            report("starting")  # a job cancelled just as its turn came stops here
+            if photos:
+                request = replace(request, id_images=[*request.id_images, *self._decode(photos)])
+            result = self.pipeline.generate(request, callback=report, on_stage=report)
         except GenerationCancelled:
             raise ServiceError(CANCELLED) from None
         except PuLIDError as err:  # no face, unreadable image: the message is for the user
@@ -204,6 +342,7 @@ class GenerationService:
             self.release_memory()
             raise ServiceError(OOM_MESSAGE) from None
         finally:
+            self._line.leave(ticket)
             with self._active_lock:
                 flags = self._active.get(session, set())
                 flags.discard(cancel)
@@ -214,6 +353,16 @@ class GenerationService:
         return ServiceResult(
             path=path, seed=result.seed, debug_images=result.debug_images, metadata=result.metadata
         )
+
+    def _decode(self, photos: list[PhotoSource]) -> Iterator[np.ndarray]:
+        for photo in photos:
+            if isinstance(photo, np.ndarray):
+                yield photo
+                continue
+            try:
+                yield load_upload(photo, self.upload_roots)
+            except UploadError as err:
+                raise ServiceError(str(err)) from None
 
     @staticmethod
     def release_memory() -> None:

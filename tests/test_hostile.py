@@ -166,3 +166,19 @@ def test_cli_user_errors_are_one_line_messages(flags, message, tmp_path):
     )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr
+
+
+def test_replies_name_only_gradios_own_cache(server):  # noqa: F811
+    """Gradio serves results by path, so a reply carries one; it is always a copy in gradio's
+    cache, never the outputs folder, the models folder or the repository."""
+    import json
+
+    from gradio.utils import get_upload_folder
+
+    event, data = raw_generate(server)
+    assert event == "complete", data
+    paths = [item["path"] for item in json.loads(data) if isinstance(item, dict)]
+    assert len(paths) == 2
+    cache = Path(get_upload_folder()).resolve()
+    assert all(cache in Path(path).resolve().parents for path in paths), paths
+    assert str(REPO) not in data

@@ -38,3 +38,4 @@ def test_the_limits_table_is_the_limits_module():
     assert f"| extra photos of the person | {limits.MAX_EXTRA_PHOTOS} " in section
     assert f"| prompt, negative prompt | {limits.MAX_PROMPT_CHARS:,} characters" in section
     assert f"all visitors together | {limits.MAX_QUEUED} |" in section
+    assert f"one visitor, running or waiting | {limits.MAX_QUEUED_PER_VISITOR} " in section

@@ -171,3 +171,48 @@ def test_the_same_request_twice_gives_two_files(service, tmp_path):
     image = Image.new("RGB", (4, 4))
     names = {save_new_png(image, {"seed": 1, "prompt": "a"}, tmp_path, 7).name for _ in range(3)}
     assert len(names) == 3  # the same name asked for three times: never a replaced file
+
+
+def test_the_line_is_first_come_first_served_bounded_per_visitor_and_left_on_cancel(tmp_path):
+    """Jobs run in the order they came; a visitor's fourth place and the line's overflow are
+    refused at once; a job cancelled while it waits leaves the line without running."""
+    import threading
+
+    from pulid.service import ServiceBusy
+
+    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalysis())
+    service = GenerationService(pipeline, tmp_path / "out", max_waiting=4, max_per_client=3)
+    gate, order, heard = threading.Event(), [], {}
+
+    def track(name):
+        def progress(info):
+            heard.setdefault(name, []).append(info)
+            if info == "starting":
+                order.append(name)
+                if name == "a1":
+                    gate.wait(60)  # the first job holds the pipeline while the line forms
+
+        return progress
+
+    jobs = {}
+    for name, client in [("a1", "A"), ("a2", "A"), ("b1", "B"), ("a3", "A")]:
+        jobs[name] = service.start(
+            request(service, seed=len(jobs)), session=name, progress=track(name), client=client
+        )
+    with pytest.raises(ServiceBusy, match="already have 3 requests"):
+        service.start(request(service), session="a4", client="A")
+    jobs["c1"] = service.start(request(service), session="c1", progress=track("c1"), client="C")
+    with pytest.raises(ServiceBusy, match="busy \\(4 requests are waiting\\)"):
+        service.start(request(service), session="d1", client="D")
+    assert service.waiting() == 5
+    service.cancel("b1")  # waiting behind a1 and a2
+    assert jobs["b1"].wait(10), "a job cancelled in the line must leave it at once"
+    with pytest.raises(ServiceError, match="cancelled"):
+        jobs["b1"].result()
+    gate.set()
+    for name, job in jobs.items():
+        assert job.wait(120), name
+    assert order == ["a1", "a2", "a3", "c1"]
+    assert "waiting for the GPU: 2 ahead" in heard["a3"] and "waiting for the GPU: 1 ahead" in heard["a3"]
+    assert service.waiting() == 0
+    assert service.start(request(service), session="a5", client="A").wait(120)  # A's places came back

@@ -27,7 +27,7 @@ def slow_server(tmp_path_factory, models_dir):
     args = app_flux.parse_args(["--preset", "tiny-random"])
     demo = app_flux.create_demo(args, app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")))
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", passes
     demo.close()
 
@@ -119,3 +119,22 @@ def test_a_client_that_leaves_stops_its_job(slow_server):
     ran = len(passes) - before
     time.sleep(10 * STEP_SECONDS)
     assert len(passes) - before == ran < STEPS, "the job went on after its client left"
+
+
+def test_one_visitor_cannot_fill_the_line(slow_server):
+    """A client (one session from this machine) gets three places, running job included; the
+    fourth request is refused at once with a message, and other visitors are still served."""
+    from gradio_client import Client
+
+    from pulid.limits import MAX_QUEUED_PER_VISITOR
+
+    url, passes = slow_server
+    greedy = Client(url, verbose=False)
+    jobs = [submit(greedy, seed=str(50 + i)) for i in range(MAX_QUEUED_PER_VISITOR)]
+    wait_until_running(passes, len(passes))
+    extra = submit(greedy, seed="59")
+    with pytest.raises(Exception, match="already have 3 requests"):
+        extra.result(timeout=60)
+    for job in jobs:
+        job.cancel()
+    assert submit(Client(url, verbose=False), seed="60", num_steps=2).result(timeout=120)[1] == "60"

@@ -1,0 +1,99 @@
+"""Who is asking, and under which host name: the web app's two questions before any work.
+
+* **Host names.** A page on another site can make a browser send requests to a server on the
+  visitor's own machine by pointing its own name at 127.0.0.1 (DNS rebinding); the only sign is a
+  ``Host`` header naming the foreign site. :class:`HostCheck` answers such requests with 421 and a
+  message before gradio sees them. An app bound to the loopback interface answers only to local
+  names (plus ``*.gradio.live`` with ``--share``); one bound to all interfaces or running in a
+  Space answers to any name unless ``--allowed_hosts`` says otherwise, because nothing else can
+  know the names it is reached by.
+* **Visitors.** The per-visitor share of the line (:mod:`pulid.limits`) is counted by network
+  address, not by gradio's session, which a client chooses itself. Behind a proxy (a Hugging Face
+  Space, ``--behind_proxy``) the address is the last ``X-Forwarded-For`` entry: the one the proxy
+  itself added, which the client cannot forge. Requests from this machine (the local user, or
+  visitors through the ``--share`` tunnel, which all arrive from 127.0.0.1) are told apart by
+  session instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from collections.abc import Iterable
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+ANY_INTERFACE = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(bind: str, share: bool, in_space: bool, given: str | None) -> tuple[str, ...]:
+    """The host names the app answers to (patterns: ``*`` any, ``*.example.org`` subdomains)."""
+    if given:
+        names = [name.strip().lower() for name in given.split(",") if name.strip()]
+        return tuple(dict.fromkeys([*names, *LOCAL_NAMES]))
+    if in_space or bind in ANY_INTERFACE:
+        return ("*",)
+    names = [*LOCAL_NAMES, bind.lower()]
+    if share:
+        names.append("*.gradio.live")
+    return tuple(dict.fromkeys(names))
+
+
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, without port or IPv6 brackets, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [::1]:8080
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def host_allowed(header: str, patterns: Iterable[str]) -> bool:
+    name = host_name(header)
+    return bool(name) and any(pattern == "*" or fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+class HostCheck:
+    """ASGI middleware: requests whose ``Host`` is not an allowed name get 421 and go no further."""
+
+    def __init__(self, app, patterns: Iterable[str]):
+        self.app = app
+        self.patterns = tuple(patterns)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or "*" in self.patterns:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        header = headers.get(b"host", b"").decode("latin-1")
+        if host_allowed(header, self.patterns):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        body = (
+            f"This app does not answer to the host name {host_name(header)[:100]!r}. "
+            "If you reach it under that name on purpose, start it with --allowed_hosts "
+            f"{host_name(header)[:100] or 'NAME'}.\n"
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 421,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def visitor(client_host: str | None, forwarded_for: str | None, behind_proxy: bool, session: str) -> str:
+    """Who a request comes from: the proxy's last ``X-Forwarded-For`` entry behind a proxy, else
+    the peer address; the session when that address is this machine's own or unknown."""
+    address = client_host
+    if behind_proxy and forwarded_for:
+        address = forwarded_for.split(",")[-1].strip() or client_host
+    try:
+        if address and not ipaddress.ip_address(address).is_loopback:
+            return f"address {address}"
+    except ValueError:  # not an IP address (a test client's name, a unix socket)
+        pass
+    return f"session {session}"

@@ -1,0 +1,71 @@
+"""Host names and visitors: the DNS-rebinding check and who a request counts against."""
+
+import httpx
+import pytest
+
+import app_flux
+from pulid.web_guard import allowed_hosts, host_allowed, host_name, visitor
+from tests.test_app import server  # noqa: F401 (the running app fixture, bound to 127.0.0.1)
+
+
+@pytest.mark.parametrize(
+    "header, name",
+    [
+        ("LocalHost:8080", "localhost"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[::1]:7860", "::1"),
+        ("::1", "::1"),
+        ("owner-space.hf.space", "owner-space.hf.space"),
+        ("", ""),
+    ],
+)
+def test_host_names_are_read_without_port_or_brackets(header, name):
+    assert host_name(header) == name
+
+
+def test_which_names_are_answered_by_default_and_on_request():
+    local = allowed_hosts("127.0.0.1", share=False, in_space=False, given=None)
+    assert host_allowed("localhost:8080", local) and host_allowed("[::1]:8080", local)
+    assert not host_allowed("attacker.example:8080", local)
+    assert not host_allowed("", local)  # HTTP/1.0 without a Host header: refused when bound locally
+    shared = allowed_hosts("127.0.0.1", share=True, in_space=False, given=None)
+    assert host_allowed("abc123.gradio.live", shared) and not host_allowed("gradio.live.example", shared)
+    assert allowed_hosts("0.0.0.0", share=False, in_space=False, given=None) == ("*",)
+    assert allowed_hosts("127.0.0.1", share=False, in_space=True, given=None) == ("*",)
+    mine = allowed_hosts("0.0.0.0", share=False, in_space=False, given="studio.lan, *.example.org")
+    assert host_allowed("studio.lan:8080", mine) and host_allowed("a.example.org", mine)
+    assert host_allowed("localhost", mine) and not host_allowed("example.org.evil", mine)
+
+
+def test_a_forged_host_is_refused_before_gradio_and_the_real_one_served(server):  # noqa: F811
+    port = httpx.URL(server).port
+    forged = httpx.get(server, headers={"Host": f"rebound.attacker.example:{port}"}, timeout=10)
+    assert forged.status_code == 421 and "--allowed_hosts rebound.attacker.example" in forged.text
+    api = httpx.post(
+        f"{server}gradio_api/call/generate", json={"data": []}, headers={"Host": "evil"}, timeout=10
+    )
+    assert api.status_code == 421
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert httpx.get(server, headers={"Host": host}, timeout=10).status_code == 200
+
+
+class FakeRequest:
+    def __init__(self, host, forwarded=None, session="s1"):
+        self.client = type("Client", (), {"host": host})()
+        self.headers = {"x-forwarded-for": forwarded} if forwarded else {}
+        self.session_hash = session
+
+
+def test_visitors_are_counted_by_address_and_only_the_proxys_entry_is_trusted():
+    assert visitor("203.0.113.5", None, False, "s") == "address 203.0.113.5"
+    # Behind a proxy the last entry is the one the proxy added; a client's own entries come first.
+    assert visitor("10.0.0.2", "1.2.3.4, 198.51.100.7", True, "s") == "address 198.51.100.7"
+    assert visitor("10.0.0.2", "1.2.3.4", False, "s") == "address 10.0.0.2"  # not behind a proxy
+    # This machine's own address (the local user, the --share tunnel): counted by session.
+    assert visitor("127.0.0.1", None, False, "s9") == "session s9"
+    assert visitor("::1", None, False, "s9") == "session s9"
+    assert visitor("testclient", None, False, "s9") == "session s9"
+    a, b = FakeRequest("203.0.113.5", session="one"), FakeRequest("203.0.113.5", session="two")
+    assert app_flux.visitor_of(a, False) == app_flux.visitor_of(b, False)  # new session, same visitor
+    behind = FakeRequest("10.0.0.2", forwarded="203.0.113.9", session="three")
+    assert app_flux.visitor_of(behind, True) == "address 203.0.113.9"
