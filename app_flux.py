@@ -15,6 +15,8 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_QUEUED_PER_VISITOR, MAX_UPLOAD_BYTES
@@ -27,6 +29,15 @@ POLL_SECONDS = 0.5  # how often a job's handler yields while it runs or waits, s
 UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
+SPACE_KEEP_OUTPUTS = 500  # a Space's disk is small and shared by every visitor
+MIN_KEEP_OUTPUTS = 50  # below this a busy server could delete a batch before the visitor sees it
+HISTORY_SIZE = 48  # images the session gallery keeps (the files stay in the outputs folder)
+EXAMPLES = [  # prompt, ID start step, guidance, seed: photoreal scenes start at 4, stylised at 0-1
+    ("portrait, color, cinematic", 0, 4.0, "42"),
+    ("a woman in a red raincoat on a rainy Tokyo street at night, film photo, 35mm", 4, 4.0, "7"),
+    ("portrait, pixar style, 3d render, soft light", 1, 4.0, "12"),
+    ("watercolor painting of a woman in a sunflower field", 0, 4.0, "3"),
+]
 TIPS = """
 - **timestep to start inserting ID**: smaller keeps the face closer, larger leaves more room for the prompt;
   0-4 works best (4 for photorealistic scenes, 0-1 for stylised ones).
@@ -62,12 +73,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="count visitors by the proxy's X-Forwarded-For entry (default: on in a Space)",
     )
     parser.add_argument(
+        "--outputs_dir",
+        type=Path,
+        default=Path("outputs"),
+        help="where images are saved",
+    )
+    parser.add_argument(
+        "--keep_outputs",
+        type=keep_count,
+        default=SPACE_KEEP_OUTPUTS if IN_SPACE else 0,
+        help="keep only the newest N images in --outputs_dir (0: all; default 0, "
+        f"{SPACE_KEEP_OUTPUTS} in a Space; at least {MIN_KEEP_OUTPUTS})",
+    )
+    parser.add_argument(
         "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.outputs_dir.exists() and not args.outputs_dir.is_dir():
+        parser.error(f"--outputs_dir {args.outputs_dir} is a file: give a folder for the images")
+    return args
 
 
-def control(setting, gr, visible: bool = True):
+def keep_count(text: str) -> int:
+    """``--keep_outputs``: 0 (keep all) or enough that a finished batch is not deleted before it
+    is shown."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number is needed (got {text!r})") from None
+    if count != 0 and not MIN_KEEP_OUTPUTS <= count <= 10**7:
+        raise argparse.ArgumentTypeError(f"0 (keep all) or from {MIN_KEEP_OUTPUTS} (got {count})")
+    return count
+
+
+def control(setting, gr, visible: bool = True, **options):
     """The Gradio control of one declared setting."""
     if setting.widget == "textbox":
         return gr.Textbox(
@@ -76,6 +115,16 @@ def control(setting, gr, visible: bool = True):
             info=setting.help or None,
             max_length=setting.max_length,
             visible=visible,
+            **options,
+        )
+    if setting.widget == "radio":
+        return gr.Radio(
+            list(setting.choices),
+            value=setting.default,
+            label=setting.label,
+            info=setting.help or None,
+            visible=visible,
+            **options,
         )
     low, high = (
         (min(setting.choices), max(setting.choices))
@@ -90,18 +139,35 @@ def control(setting, gr, visible: bool = True):
         label=setting.label,
         info=setting.help or None,
         visible=visible,
+        **options,
     )
+
+
+def input_names() -> list[str]:
+    """The /generate endpoint's parameters, in order: the prompt, the photos, then every other
+    declared setting in declaration order."""
+    from pulid.request import generation_settings
+
+    return ["prompt", "id_image", "extra_images"] + [
+        s.name for s in generation_settings() if s.name != "prompt"
+    ]
 
 
 def with_signature(handler, names: list[str], gr):
     """The async generator ``handler(values, request, progress)`` as a function of the named inputs.
 
-    Gradio reads the parameter names (the API's argument names) and finds ``gr.Request`` and
-    ``gr.Progress`` from the signature; the values arrive as one dict in input order.
+    Gradio reads the parameter names (the API's argument names), fills ``gr.Request`` and
+    ``gr.Progress`` from the annotations, and passes the inputs positionally in ``names`` order;
+    the values arrive as one dict. Every parameter defaults to None, so the API marks the photo
+    inputs optional (the others show their controls' values as defaults).
     """
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in names
+    ]
     parameters += [
-        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
+        inspect.Parameter(
+            "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request
+        ),
         inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
     ]
     signature = inspect.Signature(parameters)
@@ -120,12 +186,82 @@ def with_signature(handler, names: list[str], gr):
     return wired
 
 
+STAGE_FRACTIONS = {  # where a request stands when each stage starts (the progress bar's fill)
+    "starting": 0.0,
+    "encoding the prompt": 0.01,
+    "reading the face": 0.03,
+    "decoding": 0.9,
+    "measuring the likeness": 0.96,
+    "saving": 0.98,
+}
+DENOISE_SPAN = (0.05, 0.9)  # the denoising steps fill this part of the bar
+
+
+def stage_fraction(stage: str) -> float:
+    return STAGE_FRACTIONS.get(stage, 0.0)  # "waiting for the GPU: n ahead": nothing done yet
+
+
+def face_files(images, folder: Path, keep: int = 96) -> list[str]:
+    """The ``--dev`` face images as PNG files with names of their own, keeping the newest ``keep``.
+
+    Gradio writes images given as arrays into its cache under a name made from their content,
+    truncating and rewriting the file in place; two requests showing the same face at once (the
+    same photo) would then serve a half-written file. Files are copied into the cache atomically.
+    """
+    import uuid
+
+    from PIL import Image
+
+    paths = []
+    for image in images:
+        path = folder / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    for old in sorted(folder.glob("*.png"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return paths
+
+
+def caption(image) -> str:
+    """What the gallery shows under an image: its seed and face similarity."""
+    from pulid.similarity import describe
+
+    photos = int(image.metadata.get("num_id_images", 0))
+    return f"seed {image.seed} · face similarity {describe(image.face_similarity, photos > 0)}"
+
+
+def summary(images, cancelled: bool = False) -> str:
+    """The text beside the results: one line per image, and what "no ID photo" means."""
+    from pulid.similarity import NO_ID_PHOTO
+
+    lines = [f"- `{image.path.name}`: {caption(image)}" for image in images]
+    if images and all(int(i.metadata.get("num_id_images", 0)) == 0 for i in images):
+        lines.append(f"\n{NO_ID_PHOTO}: these are plain FLUX.1-dev images.")
+    if cancelled:
+        lines.append("\n**Cancelled.** The images above were finished before the cancel.")
+    return "\n".join(lines)
+
+
+def details(images) -> list[dict]:
+    """Per image: file name, seed, face similarity and settings (the API's JSON output)."""
+    return [
+        {
+            "file": image.path.name,
+            "seed": image.seed,
+            "face_similarity": image.face_similarity,
+            "settings": image.metadata,
+        }
+        for image in images
+    ]
+
+
 def create_demo(args: argparse.Namespace, service):
-    """The UI: controls wired to :meth:`pulid.service.GenerationService.run`, nothing else."""
+    """The UI: controls wired to :meth:`pulid.service.GenerationService.start`, nothing else."""
     import gradio as gr
 
-    from pulid.request import generation_settings
-    from pulid.service import ServiceError
+    from pulid.request import SIZE_PRESETS, generation_settings
+    from pulid.service import Cancelled, SavedImage, ServiceError
+    from pulid.similarity import NO_ID_PHOTO
     from pulid.uploads import UploadError, check_upload
 
     def uploaded(payload) -> None:
@@ -162,21 +298,38 @@ def create_demo(args: argparse.Namespace, service):
                 uploaded(item)
             return super().preprocess(payload)
 
+        def example_payload(self):
+            return None  # gradio's own example is a remote PDF
+
+        def example_value(self):
+            return None
+
     settings = {s.name: s for s in generation_settings()}
     controls: dict = {}
+    faces_dir = Path(tempfile.mkdtemp(prefix="pulid-flux-faces-")) if args.dev else None
 
     async def generate(values: dict, request: gr.Request, progress: gr.Progress):
         """Runs the job in the service's worker thread and yields while it waits and runs (holding
-        no server thread): when the visitor cancels or leaves, gradio closes this generator, and
-        the ``finally`` stops the work or takes the job out of the line."""
+        no server thread), and again as each image is saved: when the visitor cancels or leaves,
+        gradio closes this generator, and the ``finally`` stops the work or takes the job out of
+        the line."""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         photos = ([] if photo is None else [photo]) + list(extra or [])
+        saved: list[SavedImage] = []
+        shown_stage = [None]
 
         def show(info) -> None:
-            if isinstance(info, str):
-                progress(None, desc=info)
+            """One progress bar: the stage's name, and how far the whole request has come."""
+            if isinstance(info, SavedImage):
+                saved.append(info)
+            elif isinstance(info, str):
+                if info != shown_stage[0]:  # "decoding" comes before each decoder block
+                    shown_stage[0] = info
+                    progress(stage_fraction(info), desc=info)
             else:
-                progress((info.step + 1, info.total), desc="denoising")
+                shown_stage[0] = "denoising"
+                done = DENOISE_SPAN[0] + (DENOISE_SPAN[1] - DENOISE_SPAN[0]) * (info.step + 1) / info.total
+                progress(done, desc=f"denoising step {info.step + 1}/{info.total}")
 
         try:
             generation = service.build_request(None, None, **values)
@@ -184,80 +337,184 @@ def create_demo(args: argparse.Namespace, service):
             job = service.start(generation, _session(request), show, client=visitor, photos=photos)
         except ServiceError as err:
             raise gr.Error(str(err)) from None
+
+        def outputs(result=None, cancelled=False):
+            images = list(saved)
+            return (
+                [(str(i.path), caption(i)) for i in images],
+                summary(images, cancelled),
+                [str(i.path) for i in images],
+                details(images),
+                gr.skip() if result is None or not args.dev else face_files(result.debug_images, faces_dir),
+                images,
+            )
+
+        shown = 0
         try:
             while not job.wait(0):
                 await asyncio.sleep(POLL_SECONDS)
-                yield WAITING
+                if len(saved) > shown:  # an image of the batch is ready: show it now
+                    shown = len(saved)
+                    yield outputs()
+                else:
+                    yield WAITING
             try:
                 result = job.result()
+            except Cancelled as err:
+                if not err.images:  # nothing finished: the API caller gets the error itself
+                    raise gr.Error(str(err)) from None
+                yield outputs(cancelled=True)
+                return
             except ServiceError as err:
                 raise gr.Error(str(err)) from None
-            yield str(result.path), str(result.seed), str(result.path), result.debug_images
+            yield outputs(result)
         finally:
             job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
 
     def cancel(request: gr.Request):
         service.cancel(_session(request))
+        return "**Cancelled.** Images finished before the cancel stay above."
 
-    WAITING = (gr.skip(),) * 4  # a keep-alive while the job runs: no output changes
+    def add_to_history(latest, history):
+        history = ([*latest, *history] if latest else history)[:HISTORY_SIZE]
+        return history, [(str(i.path), caption(i)) for i in history]
+
+    def pick(history, event: gr.SelectData):
+        image = history[event.index]
+        return image.seed, f"Selected: `{image.path.name}`, {caption(image)}", image.metadata
+
+    def size_of(preset):
+        width, height = SIZE_PRESETS.get(preset, (gr.skip(), gr.skip()))
+        return width, height
+
+    def photo_notice(photo):
+        return gr.update(visible=photo is None)
+
+    WAITING = (gr.skip(),) * 6  # a keep-alive while the job runs: no output changes
 
     with gr.Blocks(title="PuLID for FLUX", delete_cache=UPLOAD_CACHE) as demo:
-        gr.Markdown("# PuLID for FLUX\nPut the face from a photo into new FLUX.1-dev images.")
+        gr.Markdown("## PuLID for FLUX · put the face from a photo into new FLUX.1-dev images")
         if args.preset == "tiny-random":
             gr.Markdown(
                 "**tiny-random preset: random tiny models, the images are noise.** Use it to try the UI."
             )
-        gr.Markdown(TIPS)
-        with gr.Row():
-            with gr.Column():
-                controls["prompt"] = control(settings["prompt"], gr)
-                controls["id_image"] = IDImage(label="ID image", type="filepath")
-                controls["extra_images"] = Photos(
-                    label=f"More photos of the same person (optional, up to {MAX_EXTRA_PHOTOS})",
-                    file_count="multiple",
-                    file_types=["image"],
-                    type="filepath",
-                )
-                for setting in settings.values():
-                    if setting.group == "main" and setting.name != "prompt":
-                        controls[setting.name] = control(setting, gr)
-                with gr.Accordion("Advanced: true CFG (1 = distilled guidance only)", open=False):
-                    for setting in settings.values():
-                        if setting.group in ("advanced", "dev"):
-                            controls[setting.name] = control(setting, gr, setting.group != "dev" or args.dev)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=420):
+                controls["prompt"] = control(settings["prompt"], gr, lines=2, elem_id="prompt")
                 with gr.Row():
-                    generate_button = gr.Button("Generate", variant="primary")
-                    cancel_button = gr.Button("Cancel")
-            with gr.Column():
-                output_image = gr.Image(
-                    label="Generated image", type="filepath", format="png", elem_id="output-image"
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel_button = gr.Button("Cancel", elem_id="cancel")
+                with gr.Row(equal_height=False):
+                    controls["id_image"] = IDImage(
+                        label="ID photo", type="filepath", height=230, elem_id="id-image"
+                    )
+                    with gr.Column(min_width=160):
+                        notice = gr.Markdown(
+                            f"**{NO_ID_PHOTO}**: the image will be plain FLUX.1-dev. "
+                            "Add a photo of a face to put that person in it.",
+                            elem_id="no-photo-notice",
+                        )
+                        controls["extra_images"] = Photos(
+                            label=f"More photos of the same person (optional, up to {MAX_EXTRA_PHOTOS})",
+                            file_count="multiple",
+                            file_types=["image"],
+                            type="filepath",
+                            height=120,
+                        )
+                with gr.Row():
+                    controls["id_weight"] = control(settings["id_weight"], gr)
+                    controls["start_step"] = control(settings["start_step"], gr)
+                with gr.Row(equal_height=True):
+                    controls["num_images"] = control(settings["num_images"], gr)
+                    controls["seed"] = control(settings["seed"], gr, elem_id="seed")
+                with gr.Row():
+                    randomize = gr.Button("Random seed", size="sm")
+                    reuse = gr.Button("Use the selected image's seed", size="sm")
+            with gr.Column(scale=6, min_width=420):
+                results = gr.Gallery(
+                    label="Results",
+                    columns=2,
+                    height=520,
+                    object_fit="contain",
+                    elem_id="results",
+                    format="png",
                 )
-                used_seed = gr.Textbox(label="Used seed")
-                output_file = gr.File(label="PNG with prompt, seed and settings")
+                info = gr.Markdown(elem_id="result-info")
+                files = gr.File(label="Files (with prompt and settings inside)", file_count="multiple")
                 debug_gallery = gr.Gallery(label="Detected, aligned and parsed face", visible=args.dev)
+        with gr.Row(equal_height=False):
+            with gr.Column(), gr.Accordion("Size, steps and guidance", open=True):
+                preset = gr.Dropdown(
+                    ["custom", *SIZE_PRESETS],
+                    value=next(iter(SIZE_PRESETS)),
+                    label="Size preset",
+                    info="Sets width and height; pick 'custom' to use the sliders alone.",
+                )
+                for name, setting in settings.items():
+                    if setting.group == "image":
+                        controls[name] = control(setting, gr)
+            with gr.Column():
+                with gr.Accordion("Advanced: T5 length, true CFG", open=False):
+                    gr.Markdown(TIPS)
+                    for name, setting in settings.items():
+                        if setting.group in ("advanced", "dev"):
+                            controls[name] = control(setting, gr, setting.group != "dev" or args.dev)
+                with gr.Accordion("Output format", open=False):
+                    for name, setting in settings.items():
+                        if setting.group == "output":
+                            controls[name] = control(setting, gr)
+        with gr.Accordion("This session's images (select one to see its settings)", open=False):
+            history_gallery = gr.Gallery(columns=6, height=300, object_fit="contain", elem_id="history")
+            picked = gr.Markdown()
+            picked_settings = gr.JSON(label="Settings of the selected image")
+            picked_seed = gr.State(None)
+        result_details = gr.JSON(label="Result details", visible=False)
+        latest = gr.State([])
+        history = gr.State([])
         if EXAMPLE_PHOTO.is_file():
-            example_inputs = ["prompt", "id_image", "start_step", "guidance", "seed", "true_cfg"]
+            example_inputs = ["prompt", "id_image", "start_step", "guidance", "seed"]
             gr.Examples(
-                [["portrait, color, cinematic", str(EXAMPLE_PHOTO), 0, 4.0, "42", 1.0]],
+                [[prompt, str(EXAMPLE_PHOTO), *rest] for prompt, *rest in EXAMPLES],
                 inputs=[controls[name] for name in example_inputs],
+                label="Examples (photoreal prompts start the ID at step 4, stylised ones at 0-1)",
             )
-        names = list(controls)
+        names = input_names()
+        missing = set(names) ^ set(controls)
+        if missing:
+            raise RuntimeError(f"the UI and the declared settings disagree on: {sorted(missing)}")
         event = generate_button.click(
             with_signature(generate, names, gr),
             inputs=[controls[name] for name in names],
-            outputs=[output_image, used_seed, output_file, debug_gallery],
+            outputs=[results, info, files, result_details, debug_gallery, latest],
             api_name="generate",
+            show_progress_on=[results],
             # Every admitted request enters its handler at once and waits in the service's line,
             # which bounds each visitor's share; gradio's own queue only holds the overflow.
             concurrency_limit=MAX_QUEUED + 1,
         )
-        cancel_button.click(cancel, None, None, cancels=[event], api_name="cancel", queue=False)
+        event.then(add_to_history, [latest, history], [history, history_gallery], api_visibility="private")
+        cancel_button.click(cancel, None, info, cancels=[event], api_name="cancel", queue=False)
+        randomize.click(lambda: "-1", None, controls["seed"], api_visibility="private")
+        reuse.click(
+            lambda seed, current: current if seed is None else str(seed),
+            [picked_seed, controls["seed"]],
+            controls["seed"],
+            api_visibility="private",
+        )
+        shown_pick = [picked_seed, picked, picked_settings]
+        history_gallery.select(pick, history, shown_pick, api_visibility="private")
+        results.select(pick, latest, shown_pick, api_visibility="private")
+        preset.change(size_of, preset, [controls["width"], controls["height"]], api_visibility="private")
+        for side in ("width", "height"):  # a size set by hand is no longer the preset's
+            controls[side].input(lambda: "custom", None, preset, api_visibility="private")
+        controls["id_image"].change(photo_notice, controls["id_image"], notice, api_visibility="private")
     return demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
 
 
-def make_service(pipeline, output_dir=None):
-    """The service under the app: file inputs are read only from gradio's upload folder, and the
-    line for the GPU is bounded, per visitor too."""
+def make_service(pipeline, output_dir=None, keep_outputs: int = 0):
+    """The service under the app: file inputs are read only from gradio's upload folder, the
+    line for the GPU is bounded, per visitor too, and the outputs folder keeps ``keep_outputs``
+    images (0: all)."""
     from gradio.utils import get_upload_folder
 
     from pulid.service import GenerationService
@@ -268,6 +525,7 @@ def make_service(pipeline, output_dir=None):
         upload_roots=[get_upload_folder()],
         max_waiting=MAX_QUEUED,
         max_per_client=MAX_QUEUED_PER_VISITOR,
+        keep_outputs=keep_outputs,
     )
 
 
@@ -322,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
     pipeline = load_or_exit(args)
-    demo = create_demo(args, make_service(pipeline))
+    demo = create_demo(args, make_service(pipeline, args.outputs_dir, args.keep_outputs))
     launch(demo, args)
 
 

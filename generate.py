@@ -3,9 +3,12 @@
     python generate.py --preset tiny-random --id_image example_inputs/astronaut.png \\
         --prompt "portrait, color, cinematic" --seed 1 --seed 2 --out outputs/
 
-Every (prompt, seed) pair becomes one PNG in ``--out`` with the settings in its metadata. Models
-load once for the whole batch. Prompts can also come from a text file, one per line. The setting
-flags (``--width``, ``--num_steps``...) are made from the same declaration as the app's controls.
+Every (prompt, seed) pair becomes ``--num_images`` images (seeds seed, seed+1, ...) in ``--out``
+with the settings in their metadata; each line printed gives the file, the seed and the face
+similarity (see pulid/similarity.py). Models load once for the whole batch. Prompts can also come
+from a text file, one per line. Without ``--id_image`` the images are plain FLUX.1-dev, and it
+says so. The setting flags (``--width``, ``--num_steps``...) are made from the same declaration as
+the app's controls.
 """
 
 from __future__ import annotations
@@ -94,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from pulid.errors import PuLIDError
-    from pulid.outputs import save_new_png
+    from pulid.outputs import save_new_image
     from pulid.request import InvalidRequestError
+    from pulid.similarity import describe
     from pulid.uploads import UploadError, load_upload
 
     try:
@@ -103,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     except UploadError as err:
         print(f"--id_image: {err}", file=sys.stderr)
         return 2
+    if not photos:
+        print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)
     pipeline = load_or_exit(args)
-    failures = 0
+    failures, saved = 0, 0
     for index, request in enumerate(args.requests):
         request.id_images = photos
         label = f"image {index + 1}/{len(args.requests)}"
@@ -114,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label} ({request.prompt!r}, seed {request.seed}): {err}", file=sys.stderr)
             failures += 1
             continue
-        path = save_new_png(result.image, result.metadata, args.out, index + 1)
-        print(f"{path}  seed={result.seed}  {result.timings['total_s']:.1f}s")
+        for image in result.images:
+            saved += 1
+            path = save_new_image(
+                image.image, image.metadata, args.out, saved, request.output_format, request.quality
+            )
+            likeness = describe(image.face_similarity, bool(photos))
+            print(f"{path}  seed={image.seed}  face_similarity={likeness}  {result.timings['total_s']:.1f}s")
     return 1 if failures else 0
 
 

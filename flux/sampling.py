@@ -107,6 +107,16 @@ class TextConditioning:
     txt_ids: Tensor
     vec: Tensor
 
+    def expand(self, batch: int) -> TextConditioning:
+        """The same prompt for each image of a batch (views of the one encoding, no copies)."""
+        if self.txt.shape[0] == batch:
+            return self
+        return TextConditioning(
+            txt=self.txt.expand(batch, -1, -1),
+            txt_ids=self.txt_ids.expand(batch, -1, -1),
+            vec=self.vec.expand(batch, -1),
+        )
+
 
 @dataclass
 class StepInfo:

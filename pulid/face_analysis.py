@@ -159,6 +159,17 @@ class FaceAnalyzer:
         with self._lock:
             return self._analyze(original, bgr, scale)
 
+    def identity(self, image: ImageLike) -> np.ndarray | None:
+        """The ArcFace embedding of the largest face insightface finds, or None: what a generated
+        image is compared with the reference by (:mod:`pulid.similarity`)."""
+        work, _ = resize_long_side(prepare_image(image), self.max_side)
+        bgr = np.ascontiguousarray(work[:, :, ::-1])
+        with self._lock:
+            faces, _ = self.detector.detect(bgr)
+            if not faces:
+                return None
+            return np.asarray(self.detector.embedding(bgr, largest_face(faces).kps), np.float32)
+
     def _analyze(self, original: np.ndarray, bgr: np.ndarray, scale: float) -> FaceAnalysis:
         notes: list[str] = []
         faces, attempt = self.detector.detect(bgr)

@@ -32,9 +32,12 @@ class FaceFeatures(Protocol):
 
 
 class FaceAnalyzing(Protocol):
-    """Anything with ``analyze`` (:class:`pulid.face_analysis.FaceAnalyzer`, or a test stand-in)."""
+    """Anything with ``analyze`` and ``identity`` (:class:`pulid.face_analysis.FaceAnalyzer`, or a
+    test stand-in)."""
 
     def analyze(self, image_rgb: np.ndarray) -> FaceFeatures: ...
+
+    def identity(self, image_rgb: np.ndarray) -> np.ndarray | None: ...
 
 
 @dataclass
@@ -44,6 +47,7 @@ class IDEmbedding:
     tokens: Tensor
     uncond_tokens: Tensor | None = None
     debug_images: list[np.ndarray] = field(default_factory=list)
+    arcface: list[np.ndarray] = field(default_factory=list)  # each photo's ArcFace embedding
 
 
 def image_key(image: np.ndarray) -> str:
@@ -70,13 +74,14 @@ class IDEncoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[Tensor, list[np.ndarray]]] = OrderedDict()
+        self._cache: OrderedDict[str, _Encoded] = OrderedDict()
         # The unconditional ID of true CFG; made from the first photo's feature shapes.
         self._uncond: Tensor | None = None
 
     @torch.inference_mode()
-    def features(self, image_rgb: np.ndarray) -> tuple[Tensor, list[Tensor], list[np.ndarray]]:
-        """The IDFormer inputs for one photo: the 1280-d condition and EVA's hidden states."""
+    def features(self, image_rgb: np.ndarray) -> tuple[Tensor, list[Tensor], FaceFeatures]:
+        """The IDFormer inputs for one photo: the 1280-d condition and EVA's hidden states, and
+        the face analysis they came from."""
         face = self.face_analysis.analyze(image_rgb)
         arcface = torch.as_tensor(np.asarray(face.arcface_embedding), dtype=self.dtype, device=self.device)
         pooled, hidden = self.eva(face.clip_input.to(self.device, self.dtype))
@@ -84,16 +89,20 @@ class IDEncoder:
         cond = torch.cat([arcface.reshape(1, -1), pooled], dim=-1)
         if self._uncond is None:  # zeros through the IDFormer, as the official pipeline does
             self._uncond = self.id_former(torch.zeros_like(cond), [torch.zeros_like(h) for h in hidden])
-        return cond, hidden, list(face.debug_images)
+        return cond, hidden, face
 
     @torch.inference_mode()
-    def encode_one(self, image_rgb: np.ndarray) -> tuple[Tensor, list[np.ndarray]]:
+    def encode_one(self, image_rgb: np.ndarray) -> _Encoded:
         key = image_key(image_rgb)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        cond, hidden, debug = self.features(image_rgb)
-        result = (self.id_former(cond, hidden), debug)
+        cond, hidden, face = self.features(image_rgb)
+        result = _Encoded(
+            self.id_former(cond, hidden),
+            list(face.debug_images),
+            np.asarray(face.arcface_embedding, np.float32).reshape(-1),
+        )
         self._cache[key] = result
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -104,8 +113,25 @@ class IDEncoder:
         if not images:
             raise ValueError("at least one ID image is needed")
         encoded = [self.encode_one(image) for image in images]
-        tokens = torch.stack([t for t, _ in encoded]).mean(dim=0) if len(encoded) > 1 else encoded[0][0]
-        debug = [img for _, d in encoded for img in d]
-        return IDEmbedding(
-            tokens=tokens, uncond_tokens=self._uncond if with_uncond else None, debug_images=debug
+        tokens = (
+            torch.stack([e.tokens for e in encoded]).mean(dim=0) if len(encoded) > 1 else encoded[0].tokens
         )
+        return IDEmbedding(
+            tokens=tokens,
+            uncond_tokens=self._uncond if with_uncond else None,
+            debug_images=[image for e in encoded for image in e.debug_images],
+            arcface=[e.arcface for e in encoded],
+        )
+
+    def identity(self, image_rgb: np.ndarray) -> np.ndarray | None:
+        """The ArcFace embedding of the largest face in an image (a generated one), or None."""
+        return self.face_analysis.identity(image_rgb)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One photo's ID tokens, the images the UI's debug gallery shows, and its ArcFace embedding."""
+
+    tokens: Tensor
+    debug_images: list[np.ndarray]
+    arcface: np.ndarray

@@ -1,8 +1,16 @@
-"""Writing generated images with the settings that made them.
+"""Writing generated images with the settings that made them, and keeping the outputs folder bounded.
 
-The PNG carries the prompt, seed and every setting as text chunks: ``parameters`` (JSON, for
-tools) and one chunk per setting (readable in any PNG viewer), so an image can be reproduced
-from the file alone.
+Every image carries its prompt, seed and settings twice over:
+
+* as JSON (``pulid_flux``), for tools and for :func:`read_image_metadata`, which gives back the
+  settings dict exactly;
+* as the text that AUTOMATIC1111 writes (``parameters``: the prompt, ``Negative prompt: ...``, then
+  ``Steps: 28, Sampler: Euler, ...``), which PNG-info readers (A1111, Forge, Civitai, ComfyUI
+  loaders) show and parse.
+
+PNG keeps both as text chunks (plus one chunk per setting, readable in any viewer). JPEG and WebP
+keep the A1111 text in EXIF ``UserComment`` (where A1111 puts it) and the JSON in EXIF
+``ImageDescription``.
 """
 
 from __future__ import annotations
@@ -13,47 +21,136 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from PIL import Image
+from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
 SOFTWARE = "PuLID-FLUX studio"
+JSON_KEY = "pulid_flux"
+A1111_KEY = "parameters"
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+_NAME = re.compile(r"^\d{8}-\d{6}-\d{4}-seed\d+-.*\.(png|jpg|webp)$")  # what output_name makes
+_USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF's character-code prefix; the text follows in UTF-16 BE
 
 
-def save_png(image: Image.Image, metadata: dict, path: str | os.PathLike) -> Path:
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(metadata, sort_keys=True, default=str))
-    info.add_text("Software", SOFTWARE)
-    for key, value in metadata.items():
-        info.add_text(str(key), str(value))
+def a1111_parameters(metadata: dict) -> str:
+    """The settings in AUTOMATIC1111's ``parameters`` format (values with ``,:"`` are quoted)."""
+    lines = [str(metadata.get("prompt", ""))]
+    true_cfg = float(metadata.get("true_cfg", 1.0))
+    if metadata.get("neg_prompt") and abs(true_cfg - 1.0) > 1e-2:  # read only with true CFG
+        lines.append(f"Negative prompt: {metadata['neg_prompt']}")
+    fields = {
+        "Steps": metadata.get("num_steps"),
+        "Sampler": "Euler",
+        "Schedule type": "Simple",  # FLUX's shifted schedule, as Forge names it for FLUX
+        "CFG scale": true_cfg,
+        "Distilled CFG Scale": metadata.get("guidance"),
+        "Seed": metadata.get("seed"),
+        "Size": f"{metadata.get('width')}x{metadata.get('height')}",
+        "Model": metadata.get("model"),
+        "PuLID": metadata.get("pulid_version"),
+        "PuLID weight": metadata.get("id_weight"),
+        "PuLID start step": metadata.get("start_step"),
+        "PuLID photos": metadata.get("num_id_images"),
+        "Face similarity": metadata.get("face_similarity"),
+        "T5 length": metadata.get("max_sequence_length"),
+        "Version": SOFTWARE,
+    }
+    given = {key: value for key, value in fields.items() if value is not None}
+    lines.append(", ".join(f"{key}: {_a1111_value(value)}" for key, value in given.items()))
+    return "\n".join(lines)
+
+
+def _a1111_value(value) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+
+
+def save_image(image: Image.Image, metadata: dict, path: str | os.PathLike, quality: int = 95) -> Path:
+    """Write ``image`` with ``metadata`` in the format of ``path``'s extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
+    settings = json.dumps(metadata, sort_keys=True, default=str)
+    text = a1111_parameters(metadata)
+    if path.suffix == ".png":
+        info = PngInfo()
+        info.add_text(A1111_KEY, text)
+        info.add_text(JSON_KEY, settings)
+        info.add_text("Software", SOFTWARE)
+        for key, value in metadata.items():
+            info.add_text(str(key), str(value))
+        image.save(path, format="PNG", pnginfo=info)
+        return path
+    exif = Image.Exif()
+    exif[ExifTags.Base.Software] = SOFTWARE
+    exif[ExifTags.Base.ImageDescription] = settings  # JSON escapes every non-ASCII character
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _USER_COMMENT_UNICODE + text.encode(
+        "utf-16-be"
+    )
+    fmt = {".jpg": "JPEG", ".webp": "WEBP"}[path.suffix]
+    image.save(path, format=fmt, quality=int(quality), exif=exif.tobytes())
     return path
 
 
-def read_png_metadata(path: str | os.PathLike) -> dict:
+def read_image_metadata(path: str | os.PathLike) -> dict:
+    """The settings dict an image was saved with (PNG, JPEG or WebP written by :func:`save_image`)."""
     with Image.open(path) as image:
-        return json.loads(image.text["parameters"])
+        if image.format == "PNG":
+            return json.loads(image.text[JSON_KEY])
+        return json.loads(image.getexif()[ExifTags.Base.ImageDescription])
 
 
-def output_name(metadata: dict, index: int = 0, when: datetime | None = None) -> str:
+def read_a1111_parameters(path: str | os.PathLike) -> str:
+    """The A1111 ``parameters`` text of an image, from where A1111 itself reads it."""
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return image.text[A1111_KEY]
+        comment = image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+        if comment.startswith(_USER_COMMENT_UNICODE):
+            return comment[len(_USER_COMMENT_UNICODE) :].decode("utf-16-be")
+        return comment.decode("utf-8", "replace")
+
+
+def output_name(metadata: dict, index: int = 0, when: datetime | None = None, fmt: str = "png") -> str:
     """A unique, sortable file name: date and time, a counter, the seed and the start of the prompt,
     safe on every file system (``20261129-201530-0003-seed42-portrait-color.png``)."""
     when = when or datetime.now()
     words = re.sub(r"[^A-Za-z0-9]+", "-", str(metadata.get("prompt", ""))).strip("-")[:40] or "image"
-    return f"{when:%Y%m%d-%H%M%S}-{index:04d}-seed{metadata.get('seed', 'x')}-{words}.png"
+    return f"{when:%Y%m%d-%H%M%S}-{index:04d}-seed{metadata.get('seed', 'x')}-{words}{EXTENSIONS[fmt]}"
 
 
-def save_new_png(image: Image.Image, metadata: dict, folder: str | os.PathLike, index: int = 0) -> Path:
+def save_new_image(
+    image: Image.Image,
+    metadata: dict,
+    folder: str | os.PathLike,
+    index: int = 0,
+    fmt: str = "png",
+    quality: int = 95,
+) -> Path:
     """Save under :func:`output_name` in ``folder`` without ever replacing an existing file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    name = output_name(metadata, index)
+    name = output_name(metadata, index, fmt=fmt)
     path, copy = folder / name, 1
     while True:
         try:
             with open(path, "xb"):  # claims the name atomically: two savers never share one
                 break
         except FileExistsError:
-            path, copy = folder / f"{Path(name).stem}-{copy}.png", copy + 1
-    return save_png(image, metadata, path)
+            stem, suffix = Path(name).stem, Path(name).suffix
+            path, copy = folder / f"{stem}-{copy}{suffix}", copy + 1
+    return save_image(image, metadata, path, quality)
+
+
+def prune_outputs(folder: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` images this app wrote to ``folder`` (names sort by time);
+    other files are never touched. ``keep`` 0 keeps everything. Returns what was deleted."""
+    if keep <= 0:
+        return []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = sorted(p for p in folder.iterdir() if p.is_file() and _NAME.match(p.name))
+    doomed = ours[: max(len(ours) - keep, 0)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed

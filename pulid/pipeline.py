@@ -35,7 +35,9 @@ from flux.sampling import (
 )
 from pulid.id_encoder import IDEncoder
 from pulid.injection import PuLIDInjection
+from pulid.limits import MAX_IMAGES_PER_REQUEST
 from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.similarity import describe, identity_similarity
 
 GiB = 1024**3
 
@@ -51,13 +53,41 @@ STAGES = (
 
 
 @dataclass
-class GenerationResult:
+class GeneratedImage:
+    """One image of a request, with its seed, the settings that made it and its face similarity
+    (:mod:`pulid.similarity`; None when no face was found or no ID photo given)."""
+
     image: Image.Image
     seed: int
     metadata: dict
+    latents: Tensor  # (1, tokens, 64) packed, float32 as the sampler leaves them
+    face_similarity: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request (``num_images`` of them, seeds seed, seed+1, ...)."""
+
+    images: list[GeneratedImage]
     debug_images: list[np.ndarray]
-    latents: Tensor
     timings: dict[str, float]
+
+    @property
+    def image(self) -> Image.Image:
+        """The first image (the only one unless the request asked for more)."""
+        return self.images[0].image
+
+    @property
+    def seed(self) -> int:
+        return self.images[0].seed
+
+    @property
+    def metadata(self) -> dict:
+        return self.images[0].metadata
+
+    @property
+    def latents(self) -> Tensor:
+        return self.images[0].latents
 
 
 def to_pil(decoded: Tensor) -> Image.Image:
@@ -125,6 +155,11 @@ class PuLIDFluxPipeline:
         vec = self.clip([prompt]).to(self.device)
         return TextConditioning(txt=txt, txt_ids=text_ids(1, txt.shape[1], self.device), vec=vec)
 
+    def batch_limit(self) -> int:
+        """How many images denoise together: all of a request's when the models are resident; one
+        at a time under a memory placement, whose plan reserves activations for one image."""
+        return 1 if self.placement is not None else MAX_IMAGES_PER_REQUEST
+
     @torch.inference_mode()
     def decode(
         self, latents: Tensor, height: int, width: int, on_block: Callable[[str], None] | None = None
@@ -162,18 +197,22 @@ class PuLIDFluxPipeline:
         request: GenerationRequest,
         callback: Callable[[StepInfo], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
     ) -> GenerationResult:
-        """One image. ``callback`` gets each denoising step; ``on_stage`` the name of each stage
-        ("encoding the prompt", "reading the face", "decoding") as it starts, and again between the
-        decoder's blocks. Either may raise :class:`~flux.sampling.GenerationCancelled` to stop."""
+        """The request's images. ``callback`` gets each denoising step; ``on_stage`` the name of
+        each stage ("encoding the prompt", "reading the face", "decoding", ...) as it starts, and
+        again between the decoder's blocks; ``on_image`` each image as soon as it is decoded. Any
+        of them may raise :class:`~flux.sampling.GenerationCancelled` to stop.
+
+        Image ``i`` has seed ``seed + i`` and is the image that seed gives alone: its noise is drawn
+        from its own generator, and the images of a batch share only the conditioning.
+        """
         stage = on_stage or (lambda name: None)
         request = request.checked()
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        seed = request.seed if request.seed != -1 else torch.Generator(device="cpu").seed()
-
-        noise = get_noise(1, request.height, request.width, device=self.device, dtype=self.dtype, seed=seed)
-        timesteps = get_schedule(request.num_steps, noise.shape[-1] * noise.shape[-2] // 4, shift=True)
+        first = request.seed if request.seed != -1 else torch.Generator(device="cpu").seed()
+        seeds = request.seeds(first)
 
         t0 = time.perf_counter()
         stage("encoding the prompt")
@@ -186,29 +225,81 @@ class PuLIDFluxPipeline:
         timings["text_encoding_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        debug_images: list[np.ndarray] = []
-        id_tokens = uncond_tokens = None
+        embedding = None
         if request.id_images:
             stage("reading the face")
             if self.id_encoder is None:
                 raise InvalidRequestError("this pipeline was built without an ID encoder")
             embedding = self.id_encoder(request.id_images, with_uncond=request.uses_true_cfg)
-            id_tokens, uncond_tokens, debug_images = (
-                embedding.tokens,
-                embedding.uncond_tokens,
-                embedding.debug_images,
-            )
         timings["id_embedding_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        latents = denoise(
+        timings["denoise_s"] = timings["decode_s"] = timings["similarity_s"] = 0.0
+        images: list[GeneratedImage] = []
+        limit = self.batch_limit()
+        for offset in range(0, len(seeds), limit):
+            chunk = seeds[offset : offset + limit]
+            t0 = time.perf_counter()
+            latents = self._denoise(request, chunk, cond, neg_cond, embedding, callback)
+            timings["denoise_s"] += time.perf_counter() - t0
+            for seed, one in zip(chunk, latents.split(1), strict=True):
+                t0 = time.perf_counter()
+                stage("decoding")
+                image = self.decode(one, request.height, request.width, on_block=on_stage)
+                timings["decode_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                score = None
+                if embedding is not None:
+                    stage("measuring the likeness")
+                    found = self.id_encoder.identity(np.asarray(image))
+                    score = identity_similarity(embedding.arcface, found)
+                timings["similarity_s"] += time.perf_counter() - t0
+                metadata = {
+                    **request.settings(),
+                    "seed": seed,
+                    "face_similarity": describe(score, embedding is not None),
+                    **self.info,
+                }
+                images.append(GeneratedImage(image, seed, metadata, one, score))
+                if on_image is not None:
+                    on_image(images[-1])
+        timings["total_s"] = time.perf_counter() - start
+        return GenerationResult(
+            images=images,
+            debug_images=[] if embedding is None else embedding.debug_images,
+            timings=timings,
+        )
+
+    def _denoise(
+        self,
+        request: GenerationRequest,
+        seeds: list[int],
+        cond: TextConditioning,
+        neg_cond: TextConditioning | None,
+        embedding,
+        callback: Callable[[StepInfo], None] | None,
+    ) -> Tensor:
+        """Packed latents of one batch: each image's noise from its own seed, one shared condition."""
+        noise = torch.cat(
+            [
+                get_noise(1, request.height, request.width, device=self.device, dtype=self.dtype, seed=s)
+                for s in seeds
+            ]
+        )
+        batch = noise.shape[0]
+        timesteps = get_schedule(request.num_steps, noise.shape[-1] * noise.shape[-2] // 4, shift=True)
+        id_tokens = uncond_tokens = None
+        if embedding is not None:
+            id_tokens = _batched(embedding.tokens, batch)
+            if embedding.uncond_tokens is not None:
+                uncond_tokens = _batched(embedding.uncond_tokens, batch)
+        return denoise(
             self.flow,
             pack(noise),
-            image_ids(1, noise.shape[-2], noise.shape[-1], self.device),
-            cond,
+            image_ids(batch, noise.shape[-2], noise.shape[-1], self.device),
+            cond.expand(batch),
             timesteps,
             guidance=request.guidance,
-            neg_cond=neg_cond,
+            neg_cond=None if neg_cond is None else neg_cond.expand(batch),
             true_cfg=request.true_cfg,
             cfg_start_step=request.cfg_start_step,
             id_injection=self.injection(id_tokens, request.id_weight),
@@ -216,20 +307,8 @@ class PuLIDFluxPipeline:
             id_start_step=request.start_step,
             callback=callback,
         )
-        timings["denoise_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        stage("decoding")
-        image = self.decode(latents, request.height, request.width, on_block=on_stage)
-        timings["decode_s"] = time.perf_counter() - t0
-        timings["total_s"] = time.perf_counter() - start
 
-        metadata = {**request.settings(), "seed": seed, **self.info}
-        return GenerationResult(
-            image=image,
-            seed=seed,
-            metadata=metadata,
-            debug_images=debug_images,
-            latents=latents,
-            timings=timings,
-        )
+def _batched(tokens: Tensor, batch: int) -> Tensor:
+    """One request's ID tokens (1, 32, C) for each image of a batch (a view, no copy)."""
+    return tokens if tokens.shape[0] == batch else tokens.expand(batch, -1, -1)

@@ -15,10 +15,21 @@ from typing import Any
 import numpy as np
 
 from flux.text_encoders import T5_MAX_LENGTHS
-from pulid.limits import MAX_PROMPT_CHARS
+from pulid.limits import MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 
 MAX_SEED = 2**64 - 1
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# Common sizes near one megapixel, multiples of 16 (the UI's picker sets width and height).
+SIZE_PRESETS = {
+    "896 x 1152 (7:9 portrait, the official default)": (896, 1152),
+    "1024 x 1024 (square)": (1024, 1024),
+    "832 x 1216 (2:3 portrait)": (832, 1216),
+    "1216 x 832 (3:2 landscape)": (1216, 832),
+    "768 x 1344 (9:16 portrait)": (768, 1344),
+    "1344 x 768 (16:9 landscape)": (1344, 768),
+    "512 x 512 (small, fast)": (512, 512),
+}
 DEFAULT_PROMPT = "portrait, color, cinematic"
 DEFAULT_NEGATIVE_PROMPT = "bad quality, worst quality, text, signature, watermark, extra limbs"
 
@@ -57,8 +68,10 @@ class GenerationRequest:
         step=0.05,
         help="How strongly the face is imposed; 0 turns the identity off.",
     )
-    width: int = setting(int, 896, "Width", minimum=256, maximum=1536, step=16, multiple_of=16)
-    height: int = setting(int, 1152, "Height", minimum=256, maximum=1536, step=16, multiple_of=16)
+    width: int = setting(int, 896, "Width", minimum=256, maximum=1536, step=16, multiple_of=16, group="image")
+    height: int = setting(
+        int, 1152, "Height", minimum=256, maximum=1536, step=16, multiple_of=16, group="image"
+    )
     num_steps: int = setting(
         int,
         28,
@@ -66,6 +79,7 @@ class GenerationRequest:
         minimum=1,
         maximum=50,
         step=1,
+        group="image",
         help="Denoising steps: more is slower and usually finer.",
     )
     start_step: int = setting(
@@ -78,6 +92,7 @@ class GenerationRequest:
         minimum=1.0,
         maximum=10.0,
         step=0.1,
+        group="image",
         help="FLUX's distilled guidance: higher follows the prompt more literally.",
     )
     seed: int = setting(
@@ -89,12 +104,22 @@ class GenerationRequest:
         widget="textbox",
         help="The same seed and settings give the same image.",
     )
+    num_images: int = setting(
+        int,
+        1,
+        "Number of images",
+        minimum=1,
+        maximum=MAX_IMAGES_PER_REQUEST,
+        step=1,
+        help="Made together, with seeds seed, seed+1, ...: each is the image its own seed gives alone.",
+    )
     max_sequence_length: int = setting(
         int,
         128,
         "T5 max sequence length",
         choices=T5_MAX_LENGTHS,
         step=128,
+        group="advanced",
         help="Prompt tokens T5 reads: longer prompts need more, 128 is fastest.",
     )
     neg_prompt: str = setting(
@@ -127,6 +152,16 @@ class GenerationRequest:
         flags=("--timestep_to_start_cfg",),
         help="First step of the negative pass of true CFG.",
     )
+    output_format: str = setting(
+        str,
+        "png",
+        "Output format",
+        choices=OUTPUT_FORMATS,
+        widget="radio",
+        group="output",
+        help="PNG is lossless; JPEG and WebP are smaller. All keep the prompt and settings.",
+    )
+    quality: int = setting(int, 95, "JPEG/WebP quality", minimum=50, maximum=100, step=1, group="output")
 
     @classmethod
     def from_values(cls, id_images: list | None = None, **values: Any) -> GenerationRequest:
@@ -148,6 +183,10 @@ class GenerationRequest:
         ):
             raise InvalidRequestError("The ID photos must be a list of images (numpy arrays).")
         return GenerationRequest(id_images=list(self.id_images), **values)
+
+    def seeds(self, first: int) -> list[int]:
+        """The seed of each image: ``first``, ``first + 1``, ... (wrapping past :data:`MAX_SEED`)."""
+        return [(first + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
     def settings(self) -> dict[str, Any]:
         """The request without the photos: what the PNG metadata records."""

@@ -30,8 +30,8 @@ import torch
 from flux.sampling import GenerationCancelled, StepInfo
 from pulid.errors import PuLIDError
 from pulid.limits import MAX_EXTRA_PHOTOS
-from pulid.outputs import save_new_png
-from pulid.pipeline import PuLIDFluxPipeline
+from pulid.outputs import prune_outputs, save_new_image
+from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
 from pulid.uploads import UploadError, check_header, check_upload, load_upload
 
@@ -53,6 +53,14 @@ class ServiceError(Exception):
 
 class ServiceBusy(ServiceError):
     """The line for the GPU is full, or this visitor already has their share of it in it."""
+
+
+class Cancelled(ServiceError):
+    """The job was cancelled; ``images`` holds those of its images that were already saved."""
+
+    def __init__(self, images: list[SavedImage]):
+        super().__init__(CANCELLED)
+        self.images = images
 
 
 PhotoSource = str | os.PathLike | np.ndarray  # an uploaded file (read when the job's turn comes) or pixels
@@ -160,11 +168,36 @@ class Job:
 
 
 @dataclass
-class ServiceResult:
+class SavedImage:
+    """One finished image: its file, seed, settings and face similarity (None: no face or no photo)."""
+
     path: Path
     seed: int
-    debug_images: list[np.ndarray]
     metadata: dict
+    face_similarity: float | None
+
+
+@dataclass
+class ServiceResult:
+    """A request's saved images, in seed order, and the face images the ``--dev`` view shows."""
+
+    images: list[SavedImage]
+    debug_images: list[np.ndarray]
+
+    @property
+    def path(self) -> Path:
+        return self.images[0].path
+
+    @property
+    def seed(self) -> int:
+        return self.images[0].seed
+
+    @property
+    def metadata(self) -> dict:
+        return self.images[0].metadata
+
+
+Progress = Callable[[StepInfo | str | SavedImage], None]  # steps, stage names, and each saved image
 
 
 def trim_host_memory() -> None:
@@ -188,12 +221,16 @@ class GenerationService:
         upload_roots: Sequence[str | os.PathLike] | None = None,
         max_waiting: int | None = None,
         max_per_client: int | None = None,
+        keep_outputs: int = 0,
     ):
         """``upload_roots``: the only folders file inputs may come from (the app passes gradio's
-        upload cache); ``None`` accepts any regular file (local use)."""
+        upload cache); ``None`` accepts any regular file (local use). ``keep_outputs``: how many
+        images the output folder keeps, the newest (0: all)."""
         self.pipeline = pipeline
+        self.keep_outputs = keep_outputs
         self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="pulid-flux-outputs-"))
+        self._saving = threading.Lock()  # saving and pruning the output folder
         self._line = _Line(max_waiting, max_per_client)
         self._counter = itertools.count(1)  # numbers this service's images in its output folder
         self._active: dict[str, set[threading.Event]] = {}  # session -> cancel flags of its jobs
@@ -210,7 +247,7 @@ class GenerationService:
         self,
         request: GenerationRequest,
         session: str = "default",
-        progress: Callable[[StepInfo | str], None] | None = None,
+        progress: Progress | None = None,
         client: str | None = None,
         photos: Sequence[PhotoSource] = (),
     ) -> Job:
@@ -254,15 +291,16 @@ class GenerationService:
         self,
         request: GenerationRequest,
         session: str = "default",
-        progress: Callable[[StepInfo | str], None] | None = None,
+        progress: Progress | None = None,
         cancel: threading.Event | None = None,
         client: str | None = None,
         photos: Sequence[PhotoSource] = (),
     ) -> ServiceResult:
-        """Generate and save one image; ``progress`` gets each step (:class:`StepInfo`) and the name
-        of each stage. ``cancel`` (or :meth:`cancel` of the session) stops it at the next step or
-        decoder block, also while it waits for its turn. ``photos`` are added to the request's
-        ID images (files are read when the turn comes)."""
+        """Generate and save the request's images; ``progress`` gets each step (:class:`StepInfo`),
+        the name of each stage and each :class:`SavedImage` as soon as it is written. ``cancel``
+        (or :meth:`cancel` of the session) stops it at the next step or decoder block, also while
+        it waits for its turn; the :class:`Cancelled` error holds the images already saved.
+        ``photos`` are added to the request's ID images (files are read when the turn comes)."""
         cancel = cancel if cancel is not None else threading.Event()
         admitted = self._admit(request, photos, session, client, cancel)
         return self._run_admitted(*admitted, session, progress)
@@ -315,24 +353,31 @@ class GenerationService:
         photos: list[PhotoSource],
         ticket: _Ticket,
         session: str,
-        progress: Callable[[StepInfo | str], None] | None,
+        progress: Progress | None,
     ) -> ServiceResult:
         cancel = ticket.cancel
+        saved: list[SavedImage] = []
 
-        def report(info: StepInfo | str) -> None:
+        def report(info: StepInfo | str | SavedImage) -> None:
             if cancel.is_set():
                 raise GenerationCancelled
             if progress is not None:
                 progress(info)
+
+        def save(generated: GeneratedImage) -> None:
+            report("saving")
+            saved.append(self._save(generated, request))
+            if progress is not None:
+                progress(saved[-1])  # delivered even if a cancel comes next: it is finished
 
         try:
             self._line.wait_turn(ticket, report)
             report("starting")  # a job cancelled just as its turn came stops here
             if photos:
                 request = replace(request, id_images=[*request.id_images, *self._decode(photos)])
-            result = self.pipeline.generate(request, callback=report, on_stage=report)
+            result = self.pipeline.generate(request, callback=report, on_stage=report, on_image=save)
         except GenerationCancelled:
-            raise ServiceError(CANCELLED) from None
+            raise Cancelled(saved) from None
         except PuLIDError as err:  # no face, unreadable image: the message is for the user
             raise ServiceError(err.user_message) from None
         except InvalidRequestError as err:
@@ -349,10 +394,20 @@ class GenerationService:
                 if not flags:
                     self._active.pop(session, None)
             trim_host_memory()
-        path = save_new_png(result.image, result.metadata, self.output_dir, next(self._counter))
-        return ServiceResult(
-            path=path, seed=result.seed, debug_images=result.debug_images, metadata=result.metadata
-        )
+        return ServiceResult(images=saved, debug_images=result.debug_images)
+
+    def _save(self, generated: GeneratedImage, request: GenerationRequest) -> SavedImage:
+        with self._saving:
+            path = save_new_image(
+                generated.image,
+                generated.metadata,
+                self.output_dir,
+                next(self._counter),
+                fmt=request.output_format,
+                quality=request.quality,
+            )
+            prune_outputs(self.output_dir, self.keep_outputs)
+        return SavedImage(path, generated.seed, generated.metadata, generated.face_similarity)
 
     def _decode(self, photos: list[PhotoSource]) -> Iterator[np.ndarray]:
         for photo in photos:

@@ -35,8 +35,8 @@ class Setting:
     multiple_of: int | None = None
     choices: tuple | None = None
     max_length: int | None = None  # strings: characters
-    group: str = "main"  # where the UI shows it: "main", "advanced", or "dev" (only with --dev)
-    widget: str = "slider"  # "slider" or "textbox"
+    group: str = "main"  # where the UI shows it: "main", "image", "advanced", "output", "dev" (--dev)
+    widget: str = "slider"  # "slider", "textbox" or "radio" (text with choices)
     flags: tuple[str, ...] = ()  # other command-line spellings (the official names)
     name: str = ""  # set from the field it is attached to
 
@@ -80,10 +80,15 @@ class Setting:
         return number
 
     def _coerce_text(self, value: Any) -> str:
-        if value is None:
-            return ""
+        if value is None:  # an emptied box: empty text, or the default of a choice
+            return "" if self.choices is None else self.default
         if not isinstance(value, str):
             raise InvalidRequestError(f"{self.label} must be text (got {type(value).__name__}).")
+        if self.choices is not None:
+            choice = value.strip().lower() or self.default
+            if choice not in self.choices:
+                raise self._refuse(value)
+            return choice
         if self.max_length is not None and len(value) > self.max_length:
             raise InvalidRequestError(
                 f"{self.label} is too long ({len(value):,} characters; at most {self.max_length:,})."

@@ -77,6 +77,8 @@ def random_request(rng: random.Random, files: dict[str, Path], good: Path) -> tu
         neg_prompt="bad",
         true_cfg=rng.choice([1.0, 1.0, 2.5]),
         cfg_start_step=rng.randint(0, 2),
+        num_images=rng.choice([1, 1, 1, 2]),
+        output_format=rng.choice(["png", "png", "jpeg", "webp"]),
     )
     roll = rng.random()
     if roll < 0.2:
@@ -112,6 +114,15 @@ def random_request(rng: random.Random, files: dict[str, Path], good: Path) -> tu
         settings["id_image"] = rng.choice(["/etc/passwd", str(good), "../../../etc/hostname"])
         return "raw_path", settings
     return "good", settings
+
+
+def in_api_order(settings: dict) -> dict:
+    """Every /generate parameter in the endpoint's order (raw HTTP sends a positional list)."""
+    from app_flux import input_names
+    from pulid.request import generation_settings
+
+    defaults = {s.name: s.default for s in generation_settings()}
+    return {name: settings.get(name, defaults.get(name)) for name in input_names()}
 
 
 def files_under(folder: Path) -> list[str]:
@@ -181,10 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
             """A file input naming a server path, the way a hand-written HTTP client can."""
             import httpx
 
-            values = {
-                **settings,
-                "id_image": {"path": settings["id_image"], "meta": {"_type": "gradio.FileData"}},
-            }
+            values = in_api_order(
+                {**settings, "id_image": {"path": settings["id_image"], "meta": {"_type": "gradio.FileData"}}}
+            )
             posted = httpx.post(
                 f"{url}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30
             )

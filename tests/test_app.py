@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import app_flux
-from pulid.outputs import read_png_metadata
+from pulid.outputs import read_a1111_parameters, read_image_metadata
 from scripts.soak import free_port
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
@@ -37,52 +37,104 @@ def client(server):
 
 
 def settings(**kw):
-    values = dict(
-        prompt="portrait, color, cinematic",
-        id_image=None,
-        extra_images=[],
-        id_weight=1.0,
-        width=256,
-        height=256,
-        num_steps=2,
-        start_step=0,
-        guidance=4.0,
-        seed="5",
-        max_sequence_length=128,
-        neg_prompt="",
-        true_cfg=1.0,
-        cfg_start_step=1,
-    )
-    values.update(kw)
+    """Values for every /generate parameter, in the endpoint's order (small and fast by default)."""
+    from pulid.request import generation_settings
+
+    small = dict(id_image=None, extra_images=[], width=256, height=256, num_steps=2, seed="5")
+    small["max_sequence_length"] = 128
+    values = {}
+    for name in app_flux.input_names():
+        declared = {s.name: s.default for s in generation_settings()}
+        values[name] = kw.get(name, small.get(name, declared.get(name)))
+    unknown = set(kw) - set(values)
+    assert not unknown, unknown
     return values
 
 
-def call(client, **kw):
+class Reply:
+    """The outputs of /generate: results gallery, summary text, files, details, debug gallery."""
+
+    def __init__(self, outputs):
+        self.gallery, self.info, self.files, self.details, self.debug = outputs
+
+    @property
+    def seed(self) -> int:
+        return self.details[0]["seed"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [d["seed"] for d in self.details]
+
+    @property
+    def image(self) -> str:
+        """The first image's file, as saved (with its metadata)."""
+        return self.files[0]
+
+
+def call(client, **kw) -> Reply:
     from gradio_client import handle_file
 
     values = settings(**kw)
     if values["id_image"] is not None:
         values["id_image"] = handle_file(str(values["id_image"]))
     values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
-    return client.predict(**values, api_name="/generate")
+    return Reply(client.predict(**values, api_name="/generate"))
 
 
 def test_client_gets_an_image_and_the_used_seed(client):
-    image, seed, png, gallery = call(client, id_image=PHOTO, seed="-1")
-    assert int(seed) >= 0
-    with Image.open(image) as img:
+    reply = call(client, id_image=PHOTO, seed="-1")
+    assert reply.seed >= 0
+    with Image.open(reply.gallery[0]["image"]) as img:
         assert img.size == (256, 256)
-    meta = read_png_metadata(png)
-    assert meta["seed"] == int(seed) and meta["num_id_images"] == 1
-    assert len(gallery) == 3  # the --dev debug gallery: detected, aligned, parsed face
+    meta = read_image_metadata(reply.image)
+    assert meta["seed"] == reply.seed and meta["num_id_images"] == 1
+    assert len(reply.debug) == 3  # the --dev debug gallery: detected, aligned, parsed face
+    assert reply.details[0]["settings"]["seed"] == reply.seed
+    assert f"seed {reply.seed}" in reply.gallery[0]["caption"] and "face similarity" in reply.info
 
 
 def test_same_seed_same_image_and_extra_photos(client):
     first = call(client, id_image=PHOTO, seed="9")
     again = call(client, id_image=PHOTO, seed="9")
-    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(again[0])))
+    assert np.array_equal(np.asarray(Image.open(first.image)), np.asarray(Image.open(again.image)))
     with_extra = call(client, id_image=PHOTO, extra_images=[PHOTO], seed="9")
-    assert read_png_metadata(with_extra[2])["num_id_images"] == 2
+    assert read_image_metadata(with_extra.image)["num_id_images"] == 2
+
+
+def test_a_batch_gives_consecutive_seeds_each_the_image_its_seed_gives_alone(client):
+    batch = call(client, id_image=PHOTO, seed="20", num_images=3)
+    assert batch.seeds == [20, 21, 22] and len(batch.files) == 3 and len(batch.gallery) == 3
+    alone = call(client, id_image=PHOTO, seed="21")
+    second = np.asarray(Image.open(batch.files[1]), np.int16)
+    difference = np.abs(second - np.asarray(Image.open(alone.image), np.int16))
+    assert difference.max() <= 2, difference.max()  # batched float32 matmuls: at most rounding
+
+
+def test_no_id_photo_is_said_plainly_and_recorded(client):
+    reply = call(client, seed="4")
+    assert "plain FLUX.1-dev" in reply.info
+    assert reply.details[0]["face_similarity"] is None
+    assert read_image_metadata(reply.image)["face_similarity"] == "no ID photo"
+
+
+@pytest.mark.parametrize("fmt, suffix", [("jpeg", ".jpg"), ("webp", ".webp")])
+def test_jpeg_and_webp_outputs_keep_the_settings(client, fmt, suffix):
+    reply = call(client, id_image=PHOTO, seed="6", output_format=fmt, quality=80)
+    assert reply.image.endswith(suffix)
+    assert read_image_metadata(reply.image)["seed"] == 6
+    assert "Seed: 6" in read_a1111_parameters(reply.image)
+
+
+def test_the_api_marks_optional_inputs_and_shows_no_remote_example(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(info) >= {"/generate", "/cancel"}
+    parameters = {p["parameter_name"]: p for p in info["/generate"]["parameters"]}
+    assert list(parameters) == app_flux.input_names()
+    assert (
+        parameters["id_image"]["parameter_has_default"]
+        and parameters["extra_images"]["parameter_has_default"]
+    )
+    assert "pdf" not in str(parameters["extra_images"]).lower()
 
 
 @pytest.mark.parametrize(
@@ -98,7 +150,7 @@ def test_bad_settings_get_a_clear_message_and_the_server_goes_on(client, kw, mes
 
     with pytest.raises(AppError, match=message):
         call(client, **kw)
-    assert int(call(client)[1]) == 5
+    assert call(client).seed == 5
 
 
 def test_help_lists_the_official_flags():
@@ -167,7 +219,7 @@ def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(out.glob("*.png"))
     assert len(files) == 4
-    metas = [read_png_metadata(f) for f in files]
+    metas = [read_image_metadata(f) for f in files]
     assert sorted((m["prompt"], m["seed"]) for m in metas) == [
         ("a photo of a woman", 1),
         ("a photo of a woman", 2),
@@ -175,6 +227,11 @@ def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):
         ("portrait", 2),
     ]
     assert "2/2" in proc.stderr  # the per-step progress bar
+    lines = [line for line in proc.stdout.splitlines() if "seed=" in line]
+    assert len(lines) == 4 and all("face_similarity=" in line for line in lines)
+    for line in lines:  # "<file>  seed=1  face_similarity=0.12  0.3s": what the file records
+        meta = read_image_metadata(line.split()[0])
+        assert f"seed={meta['seed']} " in line and f"face_similarity={meta['face_similarity']} " in line
 
 
 def start_without_weights(tmp_path, **env):
@@ -289,3 +346,18 @@ def test_a_flag_the_machine_cannot_honour_stops_the_start_with_one_message(tmp_p
         )
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-1500:]
         assert "Traceback" not in proc.stderr
+
+
+def test_the_readme_gradio_client_example_works_as_written(server, monkeypatch, capsys):
+    """The README's API example, run against the test server (only the address changes)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in b]
+    assert len(blocks) == 1
+    code = "\n".join(line[2:] if line.startswith("  ") else line for line in blocks[0].splitlines())
+    assert "http://127.0.0.1:8080/" in code
+    monkeypatch.chdir(REPO)
+    exec(compile(code.replace("http://127.0.0.1:8080/", server), "README.md", "exec"), {})
+    lines = [line for line in capsys.readouterr().out.splitlines() if "Loaded as API" not in line]
+    assert len(lines) == 2 and lines[0].split()[1:2] == ["42"] and lines[1].split()[1:2] == ["43"]

@@ -1,10 +1,13 @@
-"""A person in a real browser: upload the example photo, click Generate, see the image and the seed.
+"""A person in a real browser: the first screen, a batch with its face similarity, cancel, examples.
 
-Runs Debian's Chromium headless through Playwright against the app on the tiny preset.
+Runs Debian's Chromium headless through Playwright against the app on the tiny preset, at the
+1280x800 window the studio issue names. ``UI_SCREENSHOT_DIR=docs`` refreshes README's pictures.
 """
 
 import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -20,20 +23,33 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+WINDOW = {"width": 1280, "height": 800}
 
 
 @pytest.fixture(scope="module")
-def page(server):  # noqa: F811
+def browser():
     if CHROMIUM is None:
         pytest.fail("Debian's chromium is required for the browser test: apt-get install -y chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(server, wait_until="networkidle")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser, server):  # noqa: F811
+    page = browser.new_page(viewport=WINDOW)
+    page.goto(server, wait_until="load")  # not "networkidle": the session heartbeat stays open
+    page.locator("#prompt textarea").wait_for()
+    yield page
+    page.close()
+
+
+def screenshot(page, name: str, tmp_path: Path, full_page: bool = False) -> None:
+    folder = Path(os.environ.get("UI_SCREENSHOT_DIR", tmp_path))
+    page.screenshot(path=str(folder / name), full_page=full_page)
 
 
 def set_slider(page, label: str, value: int) -> None:
@@ -42,21 +58,52 @@ def set_slider(page, label: str, value: int) -> None:
     box.press("Enter")
 
 
-def test_upload_generate_and_see_image_and_seed(page, tmp_path):
+def small_request(page, steps: int = 2, size: int = 256, seed: str = "1234", images: int = 1) -> None:
+    set_slider(page, "Width", size)
+    set_slider(page, "Height", size)
+    set_slider(page, "Number of steps", steps)
+    set_slider(page, "Number of images", images)
+    page.locator("#seed textarea, #seed input").first.fill(seed)
+
+
+def test_the_first_screen_shows_prompt_photo_input_and_generate(page, tmp_path):
     page.get_by_text("tiny-random preset").wait_for()
-    page.locator("input[type=file]").first.set_input_files(str(PHOTO))
-    set_slider(page, "Width", 256)
-    set_slider(page, "Height", 256)
-    set_slider(page, "Number of steps", 2)
-    page.get_by_label("Seed (-1 for random)").fill("1234")
-    page.get_by_role("button", name="Generate").click()
-    seed_box = page.get_by_label("Used seed")
-    page.wait_for_function("el => el.value === '1234'", arg=seed_box.element_handle(), timeout=120_000)
-    image = page.locator("#output-image img").first
-    image.wait_for(state="visible", timeout=30_000)
-    assert image.evaluate("img => img.naturalWidth") == 256
-    # UI_SCREENSHOT=docs/ui.png refreshes the README's picture of the UI.
-    page.screenshot(path=os.environ.get("UI_SCREENSHOT", str(tmp_path / "ui.png")), full_page=True)
+    for element in ("#prompt", "#id-image", "#generate", "#cancel", "#results"):
+        box = page.locator(element).bounding_box()
+        assert box is not None and box["y"] + box["height"] <= WINDOW["height"], (element, box)
+    assert page.locator("#no-photo-notice").is_visible()  # no photo yet: it says what that means
+    screenshot(page, "ui.png", tmp_path)
+
+
+def test_a_batch_of_two_shows_two_images_with_consecutive_seeds_and_face_similarity(page, tmp_path):
+    page.locator("#id-image input[type=file]").set_input_files(str(PHOTO))
+    page.locator("#no-photo-notice").wait_for(state="hidden")
+    small_request(page, steps=30, seed="1234", images=2)
+    page.locator("#generate").click()
+    bars = page.locator(".progress-text")
+    bars.first.wait_for(timeout=120_000)
+    counts = []
+    while page.locator("#results").get_by_text("seed 1235").count() == 0:
+        counts.append(bars.count())
+        time.sleep(0.05)
+        assert len(counts) < 2400, "no result within two minutes"
+    assert max(counts) == 1, f"the progress bar is drawn {max(counts)} times"
+    captions = page.locator("#results").inner_text()
+    assert "seed 1234 · face similarity" in captions and "seed 1235 · face similarity" in captions
+    assert page.locator("#results img").count() >= 2
+    screenshot(page, "ui-result.png", tmp_path, full_page=True)
+
+
+def test_cancel_says_cancelled_and_the_page_stays_usable(page):
+    page.locator("#id-image input[type=file]").set_input_files(str(PHOTO))
+    small_request(page, steps=50, size=768, seed="77")
+    page.locator("#generate").click()
+    page.locator(".progress-text").first.wait_for(timeout=120_000)
+    page.locator("#cancel").click()
+    page.locator("#result-info").get_by_text("Cancelled").wait_for(timeout=30_000)
+    small_request(page, steps=2, seed="78")
+    page.locator("#generate").click()
+    page.locator("#results").get_by_text("seed 78 ·").wait_for(timeout=120_000)
 
 
 def test_no_face_shows_the_message_in_the_page(page, tmp_path):
@@ -64,19 +111,18 @@ def test_no_face_shows_the_message_in_the_page(page, tmp_path):
 
     blank = tmp_path / "blank.png"
     Image.new("RGB", (300, 300), (128, 128, 128)).save(blank)
-    page.reload(wait_until="networkidle")
-    page.locator("input[type=file]").first.set_input_files(str(blank))
-    page.get_by_role("button", name="Generate").click()
+    page.locator("#id-image input[type=file]").set_input_files(str(blank))
+    small_request(page)
+    page.locator("#generate").click()
     page.get_by_text("No face found in the ID image").first.wait_for(timeout=120_000)
 
 
 def test_an_example_row_fills_the_photo_and_generates(page):
     """The example photo comes from the app's own files: it must pass the upload-only check."""
-    page.reload(wait_until="networkidle")
-    page.get_by_text("portrait, color, cinematic", exact=True).last.click()  # the example row
+    page.get_by_text("portrait, pixar style, 3d render, soft light", exact=True).click()  # a row
+    page.locator("#no-photo-notice").wait_for(state="hidden")
     set_slider(page, "Width", 256)
     set_slider(page, "Height", 256)
     set_slider(page, "Number of steps", 2)
-    page.get_by_role("button", name="Generate").click()
-    seed_box = page.get_by_label("Used seed")
-    page.wait_for_function("el => el.value === '42'", arg=seed_box.element_handle(), timeout=120_000)
+    page.locator("#generate").click()
+    page.locator("#results").get_by_text("seed 12 · face similarity").wait_for(timeout=120_000)

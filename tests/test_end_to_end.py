@@ -10,7 +10,7 @@ import torch
 from skimage import data as skimage_data
 
 from pulid.errors import NoFaceError
-from pulid.outputs import read_png_metadata, save_png
+from pulid.outputs import read_image_metadata, save_image
 from pulid.request import GenerationRequest
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
@@ -50,8 +50,8 @@ def test_photo_to_id_tokens_to_image(pipeline):
 
 def test_png_carries_prompt_seed_and_settings(pipeline, tmp_path):
     result = pipeline.generate(request(id_images=[skimage_data.astronaut()], seed=11))
-    path = save_png(result.image, result.metadata, tmp_path / "out.png")
-    meta = read_png_metadata(path)
+    path = save_image(result.image, result.metadata, tmp_path / "out.png")
+    meta = read_image_metadata(path)
     assert meta["seed"] == 11 and meta["prompt"] == "portrait, color, cinematic"
     assert meta["width"] == 256 and meta["num_steps"] == 2 and meta["num_id_images"] == 1
 

@@ -32,7 +32,7 @@ def test_concurrent_requests_with_different_faces_never_mix(server, faces):  # n
 
     a, b = faces
     reference = {
-        face: pixels(call(Client(server, verbose=False), id_image=face, seed="9")[0]) for face in faces
+        face: pixels(call(Client(server, verbose=False), id_image=face, seed="9").image) for face in faces
     }
     assert not np.array_equal(reference[a], reference[b])  # the two identities really differ
 
@@ -42,7 +42,7 @@ def test_concurrent_requests_with_different_faces_never_mix(server, faces):  # n
         try:
             client = Client(server, verbose=False)
             for _ in range(3):
-                results.append((face, pixels(call(client, id_image=face, seed="9")[0])))
+                results.append((face, pixels(call(client, id_image=face, seed="9").image)))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 

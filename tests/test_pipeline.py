@@ -32,6 +32,13 @@ class StubFaceAnalysis:
         g = torch.Generator().manual_seed(int(image.sum()) % 2**31)
         return StubFace(torch.randn(512, generator=g).numpy(), clip_input, [image[:8, :8]])
 
+    def identity(self, image):
+        """An embedding of a generated image from its pixels; a flat image holds no face."""
+        if image.std() < 1:
+            return None
+        g = torch.Generator().manual_seed(int(image.sum()) % 2**31)
+        return torch.randn(512, generator=g).numpy()
+
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
@@ -149,3 +156,57 @@ def test_pipeline_models_are_not_changed_by_requests(pipeline):
     before = {k: v.clone() for k, v in pipeline.flow.state_dict().items()}
     pipeline.generate(request(id_images=[photo(1)], true_cfg=2.0))
     assert all(torch.equal(before[k], v) for k, v in pipeline.flow.state_dict().items())
+
+
+def test_a_batch_gives_each_seed_the_image_it_gives_alone(pipeline):
+    """Images of a batch share only the conditioning: image i has seed + i, and its latents are
+    those of a run with that seed alone (float32 on the CPU: batched matmuls may differ in
+    rounding, tolerance 1e-4 relative to the latents' scale)."""
+    batch = pipeline.generate(request(id_images=[photo(1)], seed=40, num_images=3, true_cfg=2.0))
+    assert [image.seed for image in batch.images] == [40, 41, 42]
+    for image in batch.images:
+        alone = pipeline.generate(request(id_images=[photo(1)], seed=image.seed, true_cfg=2.0))
+        scale = alone.latents.abs().max().item()
+        assert torch.allclose(image.latents, alone.latents, atol=1e-4 * scale, rtol=0)
+        assert image.metadata["seed"] == image.seed and image.metadata["num_images"] == 3
+    assert not torch.allclose(batch.images[0].latents, batch.images[1].latents)
+
+
+def test_seeds_wrap_past_the_largest_seed():
+    from pulid.request import MAX_SEED
+
+    assert request(num_images=3).seeds(MAX_SEED - 1) == [MAX_SEED - 1, MAX_SEED, 0]
+
+
+def test_each_image_reaches_on_image_as_it_is_decoded(pipeline):
+    order = []
+    result = pipeline.generate(
+        request(seed=3, num_images=2),
+        on_stage=lambda name: order.append(name) if name != "decoding" or order[-1] != name else None,
+        on_image=lambda image: order.append(image.seed),
+    )
+    assert order == ["encoding the prompt", "decoding", 3, "decoding", 4]
+    assert [image.seed for image in result.images] == [3, 4]
+
+
+def test_face_similarity_is_the_mean_arcface_cosine_to_the_references(pipeline):
+    """Checked against an independent float64 computation from the stub's embeddings."""
+    analysis = pipeline.id_encoder.face_analysis
+    photos = [photo(1), photo(2)]
+    result = pipeline.generate(request(id_images=photos, seed=8))
+    found = analysis.identity(np.asarray(result.image)).astype(np.float64)
+    references = [analysis.analyze(p).arcface_embedding.astype(np.float64) for p in photos]
+    expected = np.mean([r @ found / np.sqrt((r @ r) * (found @ found)) for r in references])
+    assert abs(result.images[0].face_similarity - expected) < 1e-9
+    assert result.metadata["face_similarity"] == f"{expected:.2f}"
+
+
+def test_face_similarity_says_when_there_is_no_face_or_no_photo(pipeline, monkeypatch):
+    from pulid.similarity import NO_FACE_FOUND, NO_ID_PHOTO
+
+    plain = pipeline.generate(request(seed=2))
+    assert plain.images[0].face_similarity is None and plain.metadata["face_similarity"] == NO_ID_PHOTO
+    monkeypatch.setattr(pipeline.id_encoder.face_analysis, "identity", lambda image: None)
+    faceless = pipeline.generate(request(id_images=[photo(1)], seed=2))
+    assert faceless.images[0].face_similarity is None
+    assert faceless.metadata["face_similarity"] == NO_FACE_FOUND

@@ -36,6 +36,7 @@ def test_the_limits_table_is_the_limits_module():
     assert f"| one uploaded file | {limits.MAX_UPLOAD_BYTES // 10**6} MB" in section
     assert f"| one photo | {limits.MAX_IMAGE_PIXELS // 10**6} megapixels" in section
     assert f"| extra photos of the person | {limits.MAX_EXTRA_PHOTOS} " in section
+    assert f"| images per request | {limits.MAX_IMAGES_PER_REQUEST} " in section
     assert f"| prompt, negative prompt | {limits.MAX_PROMPT_CHARS:,} characters" in section
     assert f"all visitors together | {limits.MAX_QUEUED} |" in section
     assert f"one visitor, running or waiting | {limits.MAX_QUEUED_PER_VISITOR} " in section

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pulid.outputs import read_png_metadata
+from pulid.outputs import read_image_metadata
 from pulid.service import OOM_MESSAGE, GenerationService, ServiceError
 from pulid.uploads import UploadError, load_upload
 from tests.test_pipeline import StubFaceAnalysis, photo
@@ -37,7 +37,7 @@ def request(service, **kw):
 
 def test_result_is_a_png_with_the_settings(service):
     result = service.run(request(service))
-    meta = read_png_metadata(result.path)
+    meta = read_image_metadata(result.path)
     assert result.seed == 3 and meta["seed"] == 3 and meta["num_steps"] == 4
 
 
@@ -163,13 +163,13 @@ def test_cancel_reaches_only_the_jobs_of_that_session(service):
 def test_the_same_request_twice_gives_two_files(service, tmp_path):
     from PIL import Image
 
-    from pulid.outputs import save_new_png
+    from pulid.outputs import save_new_image
 
     first, second = service.run(request(service)), service.run(request(service))
     assert first.path != second.path and first.path.is_file() and second.path.is_file()
     assert first.path.name < second.path.name  # sortable: date, time, then the service's counter
     image = Image.new("RGB", (4, 4))
-    names = {save_new_png(image, {"seed": 1, "prompt": "a"}, tmp_path, 7).name for _ in range(3)}
+    names = {save_new_image(image, {"seed": 1, "prompt": "a"}, tmp_path, 7).name for _ in range(3)}
     assert len(names) == 3  # the same name asked for three times: never a replaced file
 
 

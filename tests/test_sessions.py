@@ -6,7 +6,7 @@ import pytest
 
 import app_flux
 from scripts.soak import free_port
-from tests.test_app import PHOTO, settings
+from tests.test_app import PHOTO, Reply, settings
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 STEPS = 40
@@ -57,8 +57,8 @@ def test_another_clients_cancel_does_not_stop_my_job(slow_server):
     job = submit(alice, seed="11")
     wait_until_running(passes, before)
     bob.predict(api_name="/cancel")  # Bob cancels: his own (idle) session only
-    image, seed, _, _ = job.result(timeout=120)
-    assert seed == "11" and image
+    reply = Reply(job.result(timeout=120))
+    assert reply.seed == 11 and reply.image
     assert len(passes) - before == STEPS  # Alice's job ran every step
 
 
@@ -78,7 +78,7 @@ def test_my_cancel_stops_my_job_and_the_work_stops(slow_server):
     assert ran < STEPS // 2, f"{ran} of {STEPS} steps ran after the cancel"
     # and the server serves the next request
     again = Client(url, verbose=False)
-    assert submit(again, seed="13", num_steps=2).result(timeout=120)[1] == "13"
+    assert Reply(submit(again, seed="13", num_steps=2).result(timeout=120)).seed == 13
 
 
 def test_cancelled_jobs_stop_computing_and_the_next_request_starts_at_once(slow_server):
@@ -94,7 +94,7 @@ def test_cancelled_jobs_stop_computing_and_the_next_request_starts_at_once(slow_
     for job in jobs:
         job.cancel()
     start = time.perf_counter()
-    assert submit(Client(url, verbose=False), seed="30", num_steps=2).result(timeout=120)[1] == "30"
+    assert Reply(submit(Client(url, verbose=False), seed="30", num_steps=2).result(timeout=120)).seed == 30
     waited = time.perf_counter() - start
     ran = len(passes) - before
     # Three jobs of 40 steps would take 6 s of passes; the short job waited for at most a few steps.
@@ -137,4 +137,4 @@ def test_one_visitor_cannot_fill_the_line(slow_server):
         extra.result(timeout=60)
     for job in jobs:
         job.cancel()
-    assert submit(Client(url, verbose=False), seed="60", num_steps=2).result(timeout=120)[1] == "60"
+    assert Reply(submit(Client(url, verbose=False), seed="60", num_steps=2).result(timeout=120)).seed == 60

@@ -55,11 +55,11 @@ def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
 def test_png_metadata_records_every_setting(tmp_path):
     from PIL import Image
 
-    from pulid.outputs import read_png_metadata, save_png
+    from pulid.outputs import read_image_metadata, save_image
 
     request = GenerationRequest(prompt="a", seed=5)
-    path = save_png(Image.new("RGB", (8, 8)), request.settings(), tmp_path / "x.png")
-    meta = read_png_metadata(path)
+    path = save_image(Image.new("RGB", (8, 8)), request.settings(), tmp_path / "x.png")
+    meta = read_image_metadata(path)
     assert {s.name for s in SETTINGS} | {"num_id_images"} == set(meta)
     assert GenerationRequest.from_values(**{s.name: meta[s.name] for s in SETTINGS}) == request
 
