@@ -492,7 +492,7 @@ def create_demo(args: argparse.Namespace, service):
             # which bounds each visitor's share; gradio's own queue only holds the overflow.
             concurrency_limit=MAX_QUEUED + 1,
         )
-        event.then(add_to_history, [latest, history], [history, history_gallery], api_visibility="private")
+        event.success(add_to_history, [latest, history], [history, history_gallery], api_visibility="private")
         cancel_button.click(cancel, None, info, cancels=[event], api_name="cancel", queue=False)
         randomize.click(lambda: "-1", None, controls["seed"], api_visibility="private")
         reuse.click(

@@ -126,3 +126,19 @@ def test_an_example_row_fills_the_photo_and_generates(page):
     set_slider(page, "Number of steps", 2)
     page.locator("#generate").click()
     page.locator("#results").get_by_text("seed 12 · face similarity").wait_for(timeout=120_000)
+
+
+def test_the_session_gallery_gives_back_an_images_seed_and_settings(page):
+    page.locator("#id-image input[type=file]").set_input_files(str(PHOTO))
+    small_request(page, seed="500", images=2)
+    page.locator("#generate").click()
+    page.locator("#results").get_by_text("seed 501 ·").wait_for(timeout=120_000)
+    page.get_by_text("This session's images").click()
+    page.locator("#history button img, #history img").nth(1).wait_for(timeout=30_000)
+    page.locator("#history img").nth(1).click()  # newest first: seeds 500, 501
+    page.get_by_text("Selected:").wait_for(timeout=30_000)
+    seed_box = page.locator("#seed textarea, #seed input").first
+    page.get_by_role("button", name="Random seed").click()
+    page.wait_for_function("el => el.value === '-1'", arg=seed_box.element_handle(), timeout=30_000)
+    page.get_by_role("button", name="Use the selected image's seed").click()
+    page.wait_for_function("el => el.value === '501'", arg=seed_box.element_handle(), timeout=30_000)
