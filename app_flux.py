@@ -223,11 +223,8 @@ def face_files(images, folder: Path, keep: int = 96) -> list[str]:
 
 
 def caption(image) -> str:
-    """What the gallery shows under an image: its seed and face similarity."""
-    from pulid.similarity import describe
-
-    photos = int(image.metadata.get("num_id_images", 0))
-    return f"seed {image.seed} · face similarity {describe(image.face_similarity, photos > 0)}"
+    """What the gallery shows under an image: its seed and face similarity (or why there is none)."""
+    return f"seed {image.seed} · face similarity {image.metadata['face_similarity']}"
 
 
 def summary(images, cancelled: bool = False) -> str:

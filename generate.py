@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     from pulid.errors import PuLIDError
     from pulid.outputs import save_new_image
     from pulid.request import InvalidRequestError
-    from pulid.similarity import describe
     from pulid.uploads import UploadError, load_upload
 
     try:
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             path = save_new_image(
                 image.image, image.metadata, args.out, saved, request.output_format, request.quality
             )
-            likeness = describe(image.face_similarity, bool(photos))
+            likeness = image.metadata["face_similarity"]  # the score, or why there is none
             print(f"{path}  seed={image.seed}  face_similarity={likeness}  {result.timings['total_s']:.1f}s")
     return 1 if failures else 0
 

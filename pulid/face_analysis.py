@@ -153,22 +153,25 @@ class FaceAnalyzer:
 
     def analyze(self, image: ImageLike) -> FaceAnalysis:
         """Analyse an RGB ID image (numpy uint8 or PIL); see the module docstring for the rules."""
-        original = prepare_image(image)
-        work, scale = resize_long_side(original, self.max_side)
-        bgr = np.ascontiguousarray(work[:, :, ::-1])
+        original, bgr, scale = self._prepared(image)
         with self._lock:
             return self._analyze(original, bgr, scale)
 
     def identity(self, image: ImageLike) -> np.ndarray | None:
         """The ArcFace embedding of the largest face insightface finds, or None: what a generated
         image is compared with the reference by (:mod:`pulid.similarity`)."""
-        work, _ = resize_long_side(prepare_image(image), self.max_side)
-        bgr = np.ascontiguousarray(work[:, :, ::-1])
+        _, bgr, _ = self._prepared(image)
         with self._lock:
             faces, _ = self.detector.detect(bgr)
             if not faces:
                 return None
             return np.asarray(self.detector.embedding(bgr, largest_face(faces).kps), np.float32)
+
+    def _prepared(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float]:
+        """The RGB image, its BGR copy with the long side at most ``max_side``, and that scale."""
+        original = prepare_image(image)
+        work, scale = resize_long_side(original, self.max_side)
+        return original, np.ascontiguousarray(work[:, :, ::-1]), scale
 
     def _analyze(self, original: np.ndarray, bgr: np.ndarray, scale: float) -> FaceAnalysis:
         notes: list[str] = []

@@ -27,8 +27,11 @@ from PIL.PngImagePlugin import PngInfo
 SOFTWARE = "PuLID-FLUX studio"
 JSON_KEY = "pulid_flux"
 A1111_KEY = "parameters"
-EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-_NAME = re.compile(r"^\d{8}-\d{6}-\d{4}-seed\d+-.*\.(png|jpg|webp)$")  # what output_name makes
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # output format -> file suffix
+_FORMAT_OF = {suffix: fmt for fmt, suffix in EXTENSIONS.items()}
+_NAME = re.compile(  # what output_name makes
+    r"^\d{8}-\d{6}-\d{4}-seed\d+-.*(" + "|".join(re.escape(s) for s in EXTENSIONS.values()) + ")$"
+)
 _USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF's character-code prefix; the text follows in UTF-16 BE
 
 
@@ -86,8 +89,7 @@ def save_image(image: Image.Image, metadata: dict, path: str | os.PathLike, qual
     exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _USER_COMMENT_UNICODE + text.encode(
         "utf-16-be"
     )
-    fmt = {".jpg": "JPEG", ".webp": "WEBP"}[path.suffix]
-    image.save(path, format=fmt, quality=int(quality), exif=exif.tobytes())
+    image.save(path, format=_FORMAT_OF[path.suffix].upper(), quality=int(quality), exif=exif.tobytes())
     return path
 
 

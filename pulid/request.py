@@ -16,10 +16,11 @@ import numpy as np
 
 from flux.text_encoders import T5_MAX_LENGTHS
 from pulid.limits import MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS
+from pulid.outputs import EXTENSIONS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 
 MAX_SEED = 2**64 - 1
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+OUTPUT_FORMATS = tuple(EXTENSIONS)  # png, jpeg, webp
 # Common sizes near one megapixel, multiples of 16 (the UI's picker sets width and height).
 SIZE_PRESETS = {
     "896 x 1152 (7:9 portrait, the official default)": (896, 1152),

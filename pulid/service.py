@@ -102,10 +102,6 @@ class _Line:
             self._tickets.append(ticket)
             return ticket
 
-    def ahead_of(self, ticket: _Ticket) -> int:
-        with self._changed:
-            return self._tickets.index(ticket)
-
     def wait_turn(self, ticket: _Ticket, report: Callable[[str], None]) -> None:
         """Return when ``ticket`` is at the head; ``report`` hears the place while it waits and may
         raise (a cancel) to leave the line."""
@@ -113,13 +109,11 @@ class _Line:
         while True:
             with self._changed:
                 ahead = self._tickets.index(ticket)
-                if ahead == 0:
-                    return
-                if ahead == told:
+                if ahead and ahead == told:  # nothing new to tell: wait for a change or a poll
                     self._changed.wait(POLL_SECONDS)
                     ahead = self._tickets.index(ticket)
-                    if ahead == 0:
-                        return
+            if ahead == 0:
+                return
             if ahead != told or ticket.cancel.is_set():
                 report(f"waiting for the GPU: {ahead} ahead")  # raises if cancelled
                 told = ahead
