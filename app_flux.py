@@ -32,6 +32,8 @@ EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.
 SPACE_KEEP_OUTPUTS = 500  # a Space's disk is small and shared by every visitor
 MIN_KEEP_OUTPUTS = 50  # below this a busy server could delete a batch before the visitor sees it
 HISTORY_SIZE = 48  # images the session gallery keeps (the files stay in the outputs folder)
+LORA_ROWS = 3  # LoRA pickers in the UI (the Python API and the CLI take up to MAX_LORAS_PER_REQUEST)
+NO_LORA = ("(none)", "")
 EXAMPLES = [  # prompt, ID start step, guidance, seed: photoreal scenes start at 4, stylised at 0-1
     ("portrait, color, cinematic", 0, 4.0, "42"),
     ("a woman in a red raincoat on a rainy Tokyo street at night, film photo, 35mm", 4, 4.0, "7"),
@@ -143,14 +145,35 @@ def control(setting, gr, visible: bool = True, **options):
     )
 
 
+def lora_input_names() -> list[str]:
+    """The LoRA rows' inputs: ``lora_1``, ``lora_1_strength``, ``lora_2``, ..."""
+    return [name for row in range(1, LORA_ROWS + 1) for name in (f"lora_{row}", f"lora_{row}_strength")]
+
+
 def input_names() -> list[str]:
-    """The /generate endpoint's parameters, in order: the prompt, the photos, then every other
-    declared setting in declaration order."""
+    """The /generate endpoint's parameters, in order: the prompt, the photos, every other
+    declared setting in declaration order, then the LoRA rows."""
     from pulid.request import generation_settings
 
-    return ["prompt", "id_image", "extra_images"] + [
-        s.name for s in generation_settings() if s.name != "prompt"
-    ]
+    return (
+        ["prompt", "id_image", "extra_images"]
+        + [s.name for s in generation_settings() if s.name != "prompt"]
+        + lora_input_names()
+    )
+
+
+def chosen_loras(values: dict) -> list[tuple[str, object]]:
+    """Take the LoRA rows out of ``values``: (name, strength) of each row with a LoRA chosen (a
+    missing strength is the declared default)."""
+    from pulid.request import LORA_STRENGTH
+
+    chosen = []
+    for row in range(1, LORA_ROWS + 1):
+        name = values.pop(f"lora_{row}", None)
+        strength = values.pop(f"lora_{row}_strength", None)
+        if name:
+            chosen.append((name, LORA_STRENGTH.default if strength is None else strength))
+    return chosen
 
 
 def with_signature(handler, names: list[str], gr):
@@ -188,6 +211,7 @@ def with_signature(handler, names: list[str], gr):
 
 STAGE_FRACTIONS = {  # where a request stands when each stage starts (the progress bar's fill)
     "starting": 0.0,
+    "loading LoRAs": 0.005,
     "encoding the prompt": 0.01,
     "reading the face": 0.03,
     "decoding": 0.9,
@@ -256,7 +280,8 @@ def create_demo(args: argparse.Namespace, service):
     """The UI: controls wired to :meth:`pulid.service.GenerationService.start`, nothing else."""
     import gradio as gr
 
-    from pulid.request import SIZE_PRESETS, generation_settings
+    from pulid.catalogue import SPEED_LORAS
+    from pulid.request import LORA_STRENGTH, SIZE_PRESETS, generation_settings
     from pulid.service import Cancelled, SavedImage, ServiceError
     from pulid.similarity import NO_ID_PHOTO
     from pulid.uploads import UploadError, check_upload
@@ -312,6 +337,7 @@ def create_demo(args: argparse.Namespace, service):
         the line."""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         photos = ([] if photo is None else [photo]) + list(extra or [])
+        values["loras"] = chosen_loras(values)
         saved: list[SavedImage] = []
         shown_stage = [None]
 
@@ -387,6 +413,19 @@ def create_demo(args: argparse.Namespace, service):
     def photo_notice(photo):
         return gr.update(visible=photo is None)
 
+    def lora_choices():
+        return [NO_LORA, *((name, name) for name in service.lora_names())]
+
+    def refresh_loras(*current):
+        choices = lora_choices()
+        known = {value for _, value in choices}
+        return [gr.update(choices=choices, value=value if value in known else "") for value in current]
+
+    def speed_preset(name):
+        """Put the speed LoRA in the first row at its strength, with its steps and guidance."""
+        lora = SPEED_LORAS[name]
+        return name, lora.strength, lora.steps, lora.guidance
+
     WAITING = (gr.skip(),) * 6  # a keep-alive while the job runs: no output changes
 
     with gr.Blocks(title="PuLID for FLUX", delete_cache=UPLOAD_CACHE) as demo:
@@ -427,6 +466,27 @@ def create_demo(args: argparse.Namespace, service):
                 with gr.Row():
                     randomize = gr.Button("Random seed", size="sm")
                     reuse = gr.Button("Use the selected image's seed", size="sm")
+                with gr.Accordion("LoRA: styles, subjects, 8-step speed", open=False, elem_id="loras"):
+                    gr.Markdown(
+                        "LoRA files in `models/loras/` are listed here. A speed preset puts an 8-step "
+                        "LoRA in the first row and sets its steps and guidance (downloaded on first use)."
+                    )
+                    with gr.Row():
+                        speed_buttons = {
+                            name: gr.Button(f"{name}: {lora.steps} steps", size="sm")
+                            for name, lora in SPEED_LORAS.items()
+                        }
+                    for row in range(1, LORA_ROWS + 1):
+                        with gr.Row(equal_height=True):
+                            controls[f"lora_{row}"] = gr.Dropdown(
+                                lora_choices(),
+                                value="",
+                                label=f"LoRA {row}",
+                                scale=3,
+                                elem_id=f"lora-{row}",
+                            )
+                            controls[f"lora_{row}_strength"] = control(LORA_STRENGTH, gr, scale=2)
+                    refresh = gr.Button("Refresh the list", size="sm")
             with gr.Column(scale=6, min_width=420):
                 results = gr.Gallery(
                     label="Results",
@@ -505,6 +565,20 @@ def create_demo(args: argparse.Namespace, service):
         for side in ("width", "height"):  # a size set by hand is no longer the preset's
             controls[side].input(lambda: "custom", None, preset, api_visibility="private")
         controls["id_image"].change(photo_notice, controls["id_image"], notice, api_visibility="private")
+        lora_pickers = [controls[f"lora_{row}"] for row in range(1, LORA_ROWS + 1)]
+        refresh.click(refresh_loras, lora_pickers, lora_pickers, api_visibility="private")
+        for name, button in speed_buttons.items():
+            button.click(
+                lambda name=name: speed_preset(name),
+                None,
+                [
+                    controls["lora_1"],
+                    controls["lora_1_strength"],
+                    controls["num_steps"],
+                    controls["guidance"],
+                ],
+                api_visibility="private",
+            )
     return demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
 
 
@@ -520,6 +594,7 @@ def make_service(pipeline, output_dir=None, keep_outputs: int = 0):
         pipeline,
         output_dir,
         upload_roots=[get_upload_folder()],
+        listed_loras_only=True,
         max_waiting=MAX_QUEUED,
         max_per_client=MAX_QUEUED_PER_VISITOR,
         keep_outputs=keep_outputs,

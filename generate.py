@@ -3,6 +3,10 @@
     python generate.py --preset tiny-random --id_image example_inputs/astronaut.png \\
         --prompt "portrait, color, cinematic" --seed 1 --seed 2 --out outputs/
 
+    python generate.py --id_image me.jpg --prompt "..." --speed_lora FLUX.1-Turbo-Alpha   # 8 steps
+    python generate.py --id_image me.jpg --prompt "..." --lora my-style.safetensors:0.8 \\
+        --lora owner/repo/other.safetensors:0.5        # models/loras/, a path, or the hub
+
 Every (prompt, seed) pair becomes ``--num_images`` images (seeds seed, seed+1, ...) in ``--out``
 with the settings in their metadata; each line printed gives the file, the seed and the face
 similarity (see pulid/similarity.py). Models load once for the whole batch. Prompts can also come
@@ -18,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pulid.catalogue import SPEED_LORAS
 from pulid.startup import add_model_arguments, load_or_exit
 
 REPEATABLE = ("prompt", "seed")  # a batch is every prompt with every seed
@@ -52,7 +57,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="photo of the person (repeat for several photos of the same person)",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
+    lora_help = (
+        "a LoRA for the transformer: a file in models/loras/, a path, a hub reference "
+        "owner/repo/file.safetensors or a speed LoRA's name, with an optional :STRENGTH "
+        "(default 1; repeatable, applied together)"
+    )
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="FILE_OR_REPO[:STRENGTH]", help=lora_help
+    )
+    parser.add_argument(
+        "--speed_lora",
+        choices=sorted(SPEED_LORAS),
+        default=None,
+        help="an 8-step speed LoRA at its recommended strength, with its steps and guidance "
+        "(unless --num_steps/--guidance are given)",
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.speed_lora:
+        speed = SPEED_LORAS[args.speed_lora]
+        args.lora.insert(0, f"{speed.name}:{speed.strength}")
+        given = {arg.split("=", 1)[0] for arg in argv}
+        if not given & {"--num_steps"}:
+            args.num_steps = str(speed.steps)
+        if not given & {"--guidance"}:
+            args.guidance = str(speed.guidance)
     if args.prompts_file:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
@@ -73,11 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def requests_of(args: argparse.Namespace) -> list:
     """Every (prompt, seed) request of the batch, checked before any model loads."""
+    from pulid.loras import parse_lora_option
     from pulid.request import GenerationRequest, generation_settings
 
     shared = {s.name: getattr(args, s.name) for s in generation_settings() if s.name not in REPEATABLE}
+    loras = [parse_lora_option(text) for text in args.lora]
     return [
-        GenerationRequest.from_values(prompt=prompt, seed=seed, **shared)
+        GenerationRequest.from_values(prompt=prompt, seed=seed, loras=loras, **shared)
         for prompt in args.prompt
         for seed in args.seed
     ]
@@ -125,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                 image.image, image.metadata, args.out, saved, request.output_format, request.quality
             )
             likeness = image.metadata["face_similarity"]  # the score, or why there is none
-            print(f"{path}  seed={image.seed}  face_similarity={likeness}  {result.timings['total_s']:.1f}s")
+            loras = "".join(
+                f"  lora={lora['name']}:{lora['strength']:g}" for lora in image.metadata.get("loras", [])
+            )
+            print(
+                f"{path}  seed={image.seed}  face_similarity={likeness}{loras}  "
+                f"{result.timings['total_s']:.1f}s"
+            )
     return 1 if failures else 0
 
 

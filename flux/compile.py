@@ -20,6 +20,12 @@ def compile_blocks(blocks: Iterable[nn.Module], mode: str | None = None, backend
     Works with the memory placements of :mod:`flux.offload`: their hooks are excluded from
     compilation and run eagerly around each compiled block.
     """
+    import torch._dynamo
+
+    # A block legitimately meets several shapes: with and without LoRA factors, at a few padded
+    # ranks (flux.lora.adapters.rank_bucket). Past the default limit of 8 graphs per function,
+    # dynamo would silently run the block eagerly from then on.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     count = 0
     for block in blocks:
         block.compile(mode=mode, dynamic=False, backend=backend)

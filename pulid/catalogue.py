@@ -253,6 +253,59 @@ ID_MODELS = (
 )
 FACE_MODEL_ROLES = ("detector", "recognizer", "retinaface", "bisenet", "parsenet")
 
+
+@dataclass(frozen=True)
+class SpeedLoRA:
+    """A LoRA distilled for few steps, known by name, with the settings its authors recommend."""
+
+    name: str
+    entry: CatalogueEntry
+    steps: int
+    guidance: float
+    strength: float
+    source_note: str  # where the recommendation comes from
+
+
+def _speed_lora(
+    name: str, repo: str, file: str, size: int, steps: int, guidance: float, strength: float, note: str
+) -> SpeedLoRA:
+    entry = CatalogueEntry(
+        "lora",
+        HubWeights(repo, (file,), size, f"loras/{name}.safetensors", f"the {name} speed LoRA", optional=True),
+        f"`--speed_lora {name}` or the UI's {steps}-step preset",
+    )
+    return SpeedLoRA(name, entry, steps, guidance, strength, note)
+
+
+# Sizes as the hub lists them. Recommended settings from the model cards: Hyper-SD's FLUX example
+# fuses the LoRA at scale 0.125 with 8 steps and guidance 3.5; FLUX.1-Turbo-Alpha's card gives
+# guidance_scale 3.5, lora_scale 1 and 8 steps.
+SPEED_LORAS: dict[str, SpeedLoRA] = {
+    lora.name: lora
+    for lora in (
+        _speed_lora(
+            "Hyper-FLUX.1-dev-8steps",
+            "ByteDance/Hyper-SD",
+            "Hyper-FLUX.1-dev-8steps-lora.safetensors",
+            1_390_000_000,
+            8,
+            3.5,
+            0.125,
+            "ByteDance/Hyper-SD model card",
+        ),
+        _speed_lora(
+            "FLUX.1-Turbo-Alpha",
+            "alimama-creative/FLUX.1-Turbo-Alpha",
+            "diffusion_pytorch_model.safetensors",
+            694_000_000,
+            8,
+            3.5,
+            1.0,
+            "alimama-creative/FLUX.1-Turbo-Alpha model card",
+        ),
+    )
+}
+
 CATALOGUE: tuple[CatalogueEntry, ...] = (
     *(entry for entries in FLUX_WEIGHTS.values() for entry in entries),
     FP8_FLOW,
@@ -260,6 +313,7 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
     *TEXT_ENCODERS,
     *PULID_WEIGHTS.values(),
     *ID_MODELS,
+    *(lora.entry for lora in SPEED_LORAS.values()),
 )
 
 

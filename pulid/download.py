@@ -3,6 +3,7 @@
     python -m pulid.download --dry-run                 # what flux-dev + PuLID v0.9.1 need, and where
     python -m pulid.download                           # fetch what is missing (progress, resume)
     python -m pulid.download --name flux-krea-dev --version v0.9.0 --fp8 --models_dir /data/models
+    python -m pulid.download --speed_lora FLUX.1-Turbo-Alpha   # and an 8-step LoRA into models/loras/
 
 The flags are the app's (``--name``, ``--version``, ``--fp8``, ``--fp8_mode``, ``--models_dir``), so
 the same line that starts the app says what to download. Files already in the models folder or
@@ -25,7 +26,7 @@ from flux.hub import (
     find_local,
     format_size,
 )
-from pulid.catalogue import CATALOGUE, required_weights
+from pulid.catalogue import CATALOGUE, SPEED_LORAS, required_weights
 from pulid.startup import add_weight_arguments
 
 
@@ -37,6 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     add_weight_arguments(parser)
+    parser.add_argument(
+        "--speed_lora",
+        action="append",
+        default=[],
+        choices=sorted(SPEED_LORAS),
+        help="also fetch this 8-step speed LoRA into models/loras/ (repeatable)",
+    )
     parser.add_argument("--all", action="store_true", help="every file of the catalogue, for every flag")
     parser.add_argument(
         "--dry-run", action="store_true", help="list the files, sizes and places; fetch nothing"
@@ -55,7 +63,9 @@ def chosen_entries(args: argparse.Namespace):
 
         fp8 = resolve_fp8_mode(fp8, resolve_device(None))
         print(f"--fp8_mode auto on this machine is {fp8}")
-    return list(required_weights(args.name, args.version, fp8).values())
+    return list(required_weights(args.name, args.version, fp8).values()) + [
+        SPEED_LORAS[name].entry for name in args.speed_lora
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,3 +11,5 @@ MAX_PROMPT_CHARS = 2000  # prompt and negative prompt; T5 reads at most 512 toke
 MAX_IMAGES_PER_REQUEST = 4  # images one request may ask for (one batch)
 MAX_QUEUED = 32  # requests waiting at once, all visitors together
 MAX_QUEUED_PER_VISITOR = 3  # one visitor's requests running or waiting (by network address)
+MAX_LORAS_PER_REQUEST = 8  # LoRAs one request may stack (the UI offers 3 rows)
+MAX_LORA_STRENGTH = 10.0  # |strength| of one LoRA; speed LoRAs use 0.125-1, style LoRAs about 0.5-1.5

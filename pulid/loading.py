@@ -30,12 +30,14 @@ from flux.hub import (
     missing_report,
 )
 from flux.loading import load_autoencoder, load_flow_model
+from flux.lora import LoRAAdapters
 from flux.offload import MemoryPolicy, PipelinePlacement, measure
 from flux.registry import get_model_spec
 from flux.text_encoders import load_clip, load_t5
 from pulid.catalogue import DEFAULT_VERSION, FACE_MODEL_ROLES, FP8_MODES, CatalogueEntry, required_weights
 from pulid.encoders import load_pulid_weights, num_pulid_ca
 from pulid.id_encoder import IDEncoder
+from pulid.loras import LoRALibrary
 from pulid.pipeline import STAGES, PuLIDFluxPipeline
 from pulid.request import GenerationRequest
 
@@ -226,6 +228,8 @@ def load_pipeline(
     )
     eva = load_eva_clip(paths["eva"], weights_device, dtype)
     id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, device, dtype)
+    # LoRA slots before compilation: torch.compile ignores hooks added after it has traced a block.
+    lora_adapters = LoRAAdapters(flow, device, dtype)
     if compiled:
         from flux.compile import compile_blocks, compile_repeated_blocks
 
@@ -241,6 +245,10 @@ def load_pipeline(
         device=device,
         dtype=dtype,
         info={"model": model_name, "pulid_version": version, "fp8": fp8 or "off"},
+        lora_adapters=lora_adapters,
+        lora_library=LoRALibrary(
+            models_dir / "loras", lora_adapters.targets, models_dir=models_dir, allow_download=allow_download
+        ),
     )
     if memory.placed:
         place_pipeline(pipeline, memory, device)

@@ -37,7 +37,10 @@ _USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF's character-code prefix; the text f
 
 def a1111_parameters(metadata: dict) -> str:
     """The settings in AUTOMATIC1111's ``parameters`` format (values with ``,:"`` are quoted)."""
-    lines = [str(metadata.get("prompt", ""))]
+    loras = metadata.get("loras") or []
+    # A1111 writes each LoRA into the prompt as <lora:name:strength> and lists their hashes.
+    tags = "".join(f" <lora:{lora['name']}:{lora['strength']:g}>" for lora in loras)
+    lines = [str(metadata.get("prompt", "")) + tags]
     true_cfg = float(metadata.get("true_cfg", 1.0))
     if metadata.get("neg_prompt") and abs(true_cfg - 1.0) > 1e-2:  # read only with true CFG
         lines.append(f"Negative prompt: {metadata['neg_prompt']}")
@@ -56,6 +59,7 @@ def a1111_parameters(metadata: dict) -> str:
         "PuLID photos": metadata.get("num_id_images"),
         "Face similarity": metadata.get("face_similarity"),
         "T5 length": metadata.get("max_sequence_length"),
+        "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": SOFTWARE,
     }
     given = {key: value for key, value in fields.items() if value is not None}

@@ -9,6 +9,7 @@ decoding under bf16 autocast).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from flux.autoencoder import AttnBlock, AutoEncoder, ResnetBlock
+from flux.lora import ActiveLoRA, LoRAAdapters, LoRAError, LoRAFile
 from flux.model import Flux
 from flux.offload.structure import Component, Stage
 from flux.repeated import block_modules
@@ -36,6 +38,7 @@ from flux.sampling import (
 from pulid.id_encoder import IDEncoder
 from pulid.injection import PuLIDInjection
 from pulid.limits import MAX_IMAGES_PER_REQUEST
+from pulid.loras import LoRALibrary
 from pulid.request import GenerationRequest, InvalidRequestError
 from pulid.similarity import describe, identity_similarity
 
@@ -117,6 +120,8 @@ class PuLIDFluxPipeline:
         device: torch.device | str,
         dtype: torch.dtype = torch.bfloat16,
         info: dict | None = None,
+        lora_adapters: LoRAAdapters | None = None,
+        lora_library: LoRALibrary | None = None,
     ):
         self.flow = flow
         self.ae = ae
@@ -127,6 +132,13 @@ class PuLIDFluxPipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.info = dict(info or {})
+        # LoRA slots wrapping the DiT (installed by the loader, before any compilation) and where
+        # LoRA files come from; a request's LoRAs fill the slots for its denoising only.
+        self.lora_adapters = lora_adapters
+        self.lora_library = lora_library
+        # Merge LoRAs into resident weights (restored after each request) where they fit; False
+        # keeps every layer on the side path. Memory placements never merge.
+        self.lora_merge = True
         # A memory placement (flux.offload) wrapping these models, when one is used; kept here so
         # it lives as long as the pipeline. The pipeline itself never moves weights.
         self.placement = None
@@ -185,6 +197,18 @@ class PuLIDFluxPipeline:
                 hook.remove()
         return to_pil(decoded)
 
+    def load_loras(self, request: GenerationRequest, *, listed_only: bool = False) -> list[LoRAFile]:
+        """The request's LoRA files, read and checked against the DiT (cached between requests).
+        ``listed_only``: only LoRAs the library lists (the web app's rule)."""
+        if not request.loras:
+            return []
+        if self.lora_adapters is None or self.lora_library is None:
+            raise InvalidRequestError("this pipeline was built without LoRA support")
+        try:
+            return [self.lora_library.load(choice, listed_only=listed_only) for choice in request.loras]
+        except LoRAError as err:
+            raise InvalidRequestError(str(err)) from None
+
     def injection(self, tokens: Tensor | None, weight: float) -> PuLIDInjection | None:
         if tokens is None:
             return None
@@ -213,6 +237,23 @@ class PuLIDFluxPipeline:
         start = time.perf_counter()
         first = request.seed if request.seed != -1 else torch.Generator(device="cpu").seed()
         seeds = request.seeds(first)
+        if request.loras:
+            stage("loading LoRAs")
+        lora_files = self.load_loras(request)
+        active = [
+            ActiveLoRA(lora.name, lora.layers, choice.strength)
+            for lora, choice in zip(lora_files, request.loras, strict=True)
+        ]
+        self.check_lora_room(active)
+        lora_metadata = [
+            {
+                "name": lora.name,
+                "sha256": lora.short_hash,
+                "strength": choice.strength,
+                **({"ignored": lora.ignored_summary()} if lora.ignored else {}),
+            }
+            for lora, choice in zip(lora_files, request.loras, strict=True)
+        ]
 
         t0 = time.perf_counter()
         stage("encoding the prompt")
@@ -239,7 +280,8 @@ class PuLIDFluxPipeline:
         for offset in range(0, len(seeds), limit):
             chunk = seeds[offset : offset + limit]
             t0 = time.perf_counter()
-            latents = self._denoise(request, chunk, cond, neg_cond, embedding, callback)
+            with self._loras_applied(active):
+                latents = self._denoise(request, chunk, cond, neg_cond, embedding, callback)
             timings["denoise_s"] += time.perf_counter() - t0
             for seed, one in zip(chunk, latents.split(1), strict=True):
                 t0 = time.perf_counter()
@@ -257,6 +299,11 @@ class PuLIDFluxPipeline:
                     **request.settings(),
                     "seed": seed,
                     "face_similarity": describe(score, embedding is not None),
+                    **(
+                        {"loras": lora_metadata, "lora_mode": self.lora_adapters.last_mode}
+                        if lora_metadata
+                        else {}
+                    ),
                     **self.info,
                 }
                 images.append(GeneratedImage(image, seed, metadata, one, score))
@@ -268,6 +315,34 @@ class PuLIDFluxPipeline:
             debug_images=[] if embedding is None else embedding.debug_images,
             timings=timings,
         )
+
+    @contextlib.contextmanager
+    def _loras_applied(self, active: list[ActiveLoRA]):
+        """The DiT with the request's LoRAs for one denoising; under a memory placement their
+        factors are freed afterwards, so the decoder's stage has the memory its plan counted on."""
+        if self.lora_adapters is None or not active:
+            yield
+            return
+        try:
+            with self.lora_adapters.applied(active, merge=self.lora_merge and self.placement is None):
+                yield
+        finally:
+            if self.placement is not None:
+                self.lora_adapters.release()
+
+    def check_lora_room(self, active: list[ActiveLoRA]) -> None:
+        """Under a VRAM budget, refuse LoRAs whose factors do not fit beside the denoising stage."""
+        plan = getattr(self.placement, "plan", None)
+        if not active or plan is None or plan.budget is None:
+            return
+        need = LoRAAdapters.factor_bytes_of(active, self.dtype)
+        room = plan.budget - plan.stage_peaks.get("denoise", 0)
+        if need > room:
+            raise InvalidRequestError(
+                f"These LoRAs need {need / GiB:.2f} GiB of GPU memory while denoising and the VRAM "
+                f"budget leaves {max(room, 0) / GiB:.2f} GiB beside the plan: raise --vram_budget by "
+                f"{(need - room) / GiB + 0.05:.1f} GiB, or use fewer LoRAs or ones of lower rank."
+            )
 
     def _denoise(
         self,

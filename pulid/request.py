@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from flux.text_encoders import T5_MAX_LENGTHS
-from pulid.limits import MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS
+from pulid.limits import MAX_IMAGES_PER_REQUEST, MAX_LORA_STRENGTH, MAX_LORAS_PER_REQUEST, MAX_PROMPT_CHARS
+from pulid.loras import LoRAChoice
 from pulid.outputs import EXTENSIONS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 
@@ -43,7 +44,20 @@ TRUE_CFG_HELP = (
     "negative prompt (then set guidance near 1)."
 )
 
-__all__ = ["GenerationRequest", "InvalidRequestError", "MAX_SEED", "generation_settings"]
+# The strength of one LoRA (declared once: the UI's sliders, the CLI's check, the request's).
+LORA_STRENGTH = Setting(
+    float,
+    1.0,
+    "LoRA strength",
+    minimum=-MAX_LORA_STRENGTH,
+    maximum=MAX_LORA_STRENGTH,
+    step=0.05,
+    help="1 as trained; lower to soften, negative to push away from what it learned.",
+    name="lora_strength",
+)
+MAX_LORA_SOURCE_CHARS = 500
+
+__all__ = ["GenerationRequest", "InvalidRequestError", "LoRAChoice", "MAX_SEED", "generation_settings"]
 
 
 @dataclass
@@ -60,6 +74,8 @@ class GenerationRequest:
         help="What the image shows; the person is the one in the ID photos.",
     )
     id_images: list[np.ndarray] = field(default_factory=list)
+    # LoRAs for the DiT, each with its strength (:mod:`pulid.loras`); applied for this request only.
+    loras: tuple[LoRAChoice, ...] = ()
     id_weight: float = setting(
         float,
         1.0,
@@ -165,9 +181,13 @@ class GenerationRequest:
     quality: int = setting(int, 95, "JPEG/WebP quality", minimum=50, maximum=100, step=1, group="output")
 
     @classmethod
-    def from_values(cls, id_images: list | None = None, **values: Any) -> GenerationRequest:
+    def from_values(cls, id_images: list | None = None, loras: Any = (), **values: Any) -> GenerationRequest:
         """A request from raw values (strings, JSON numbers): each coerced and checked."""
-        return cls(id_images=list(id_images or []), **coerce_all(generation_settings(), values))
+        return cls(
+            id_images=list(id_images or []),
+            loras=checked_loras(loras),
+            **coerce_all(generation_settings(), values),
+        )
 
     @property
     def uses_true_cfg(self) -> bool:
@@ -183,7 +203,7 @@ class GenerationRequest:
             not isinstance(image, np.ndarray) for image in self.id_images
         ):
             raise InvalidRequestError("The ID photos must be a list of images (numpy arrays).")
-        return GenerationRequest(id_images=list(self.id_images), **values)
+        return GenerationRequest(id_images=list(self.id_images), loras=checked_loras(self.loras), **values)
 
     def seeds(self, first: int) -> list[int]:
         """The seed of each image: ``first``, ``first + 1``, ... (wrapping past :data:`MAX_SEED`)."""
@@ -194,6 +214,36 @@ class GenerationRequest:
         values = {s.name: getattr(self, s.name) for s in generation_settings()}
         values["num_id_images"] = len(self.id_images)
         return values
+
+
+def checked_loras(loras: Any) -> tuple[LoRAChoice, ...]:
+    """``loras`` as LoRA choices: each a :class:`LoRAChoice` or a (source, strength) pair, with a
+    source of reasonable length and a finite strength in range; at most
+    :data:`~pulid.limits.MAX_LORAS_PER_REQUEST` of them."""
+    if loras is None:
+        return ()
+    if isinstance(loras, (str, bytes)) or not isinstance(loras, (list, tuple)):
+        raise InvalidRequestError("LoRAs must be a list of (source, strength) pairs.")
+    if len(loras) > MAX_LORAS_PER_REQUEST:
+        raise InvalidRequestError(
+            f"{len(loras)} LoRAs were given; at most {MAX_LORAS_PER_REQUEST} can be stacked in one request."
+        )
+    out = []
+    for item in loras:
+        if isinstance(item, LoRAChoice):
+            source, strength = item.source, item.strength
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            source, strength = item
+        else:
+            raise InvalidRequestError("Each LoRA must be a (source, strength) pair.")
+        if not isinstance(source, str) or not source.strip():
+            raise InvalidRequestError("A LoRA needs a name, a path or a hub reference.")
+        if len(source) > MAX_LORA_SOURCE_CHARS:
+            raise InvalidRequestError(
+                f"A LoRA name is too long (at most {MAX_LORA_SOURCE_CHARS} characters)."
+            )
+        out.append(LoRAChoice(source.strip(), LORA_STRENGTH.coerce(strength)))
+    return tuple(out)
 
 
 def generation_settings() -> tuple[Setting, ...]:

@@ -216,10 +216,14 @@ class GenerationService:
         max_waiting: int | None = None,
         max_per_client: int | None = None,
         keep_outputs: int = 0,
+        listed_loras_only: bool = False,
     ):
         """``upload_roots``: the only folders file inputs may come from (the app passes gradio's
         upload cache); ``None`` accepts any regular file (local use). ``keep_outputs``: how many
-        images the output folder keeps, the newest (0: all)."""
+        images the output folder keeps, the newest (0: all). ``listed_loras_only``: requests may
+        name only the LoRAs :meth:`lora_names` lists (the app's rule: no server paths, no
+        arbitrary downloads)."""
+        self.listed_loras_only = listed_loras_only
         self.pipeline = pipeline
         self.keep_outputs = keep_outputs
         self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
@@ -299,6 +303,21 @@ class GenerationService:
         admitted = self._admit(request, photos, session, client, cancel)
         return self._run_admitted(*admitted, session, progress)
 
+    def lora_names(self) -> list[str]:
+        """The LoRAs a request may name in the app: files in the LoRA folder and the speed LoRAs."""
+        library = getattr(self.pipeline, "lora_library", None)
+        return [] if library is None else library.names()
+
+    def _check_loras(self, request: GenerationRequest) -> None:
+        if not (self.listed_loras_only and request.loras):
+            return
+        listed = set(self.lora_names())
+        for choice in request.loras:
+            if choice.source not in listed:
+                raise ServiceError(
+                    f"LoRA {choice.source!r} is not one of this app's LoRAs: pick one from the list."
+                )
+
     def waiting(self) -> int:
         """Requests in the line, the running one included."""
         return len(self._line)
@@ -323,6 +342,7 @@ class GenerationService:
             request = request.checked()
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
+        self._check_loras(request)
         photos = list(photos)
         self._check_photo_count(len(request.id_images) + len(photos) - 1)
         checked: list[PhotoSource] = []

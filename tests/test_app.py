@@ -12,6 +12,7 @@ from PIL import Image
 import app_flux
 from pulid.outputs import read_a1111_parameters, read_image_metadata
 from scripts.soak import free_port
+from tiny_random.loras import write_example_loras
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,6 +23,7 @@ PHOTO = REPO / "example_inputs" / "astronaut.png"
 def server(tmp_path_factory, models_dir):
     args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
+    write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
     demo = app_flux.create_demo(args, app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")))
     port = free_port()
     app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
@@ -42,6 +44,9 @@ def settings(**kw):
 
     small = dict(id_image=None, extra_images=[], width=256, height=256, num_steps=2, seed="5")
     small["max_sequence_length"] = 128
+    small.update(
+        {name: "" if name.endswith(("1", "2", "3")) else 1.0 for name in app_flux.lora_input_names()}
+    )
     values = {}
     for name in app_flux.input_names():
         declared = {s.name: s.default for s in generation_settings()}
@@ -153,6 +158,29 @@ def test_bad_settings_get_a_clear_message_and_the_server_goes_on(client, kw, mes
     assert call(client).seed == 5
 
 
+def test_a_listed_lora_changes_the_image_and_is_recorded(client):
+    plain = call(client, id_image=PHOTO, seed="9")
+    styled = call(client, id_image=PHOTO, seed="9", lora_1="tiny-style.safetensors", lora_1_strength=0.8)
+    assert not np.array_equal(np.asarray(Image.open(plain.image)), np.asarray(Image.open(styled.image)))
+    meta = read_image_metadata(styled.image)
+    assert [(lora["name"], lora["strength"]) for lora in meta["loras"]] == [("tiny-style", 0.8)]
+    assert meta["lora_mode"] == "merged"
+    parameters = read_a1111_parameters(styled.image)
+    assert "<lora:tiny-style:0.8>" in parameters and "Lora hashes" in parameters
+    again = call(client, id_image=PHOTO, seed="9")  # the LoRA left nothing behind
+    assert np.array_equal(np.asarray(Image.open(plain.image)), np.asarray(Image.open(again.image)))
+
+
+@pytest.mark.parametrize(
+    "name", ["../loras/tiny-style.safetensors", "/etc/hostname", "someone/repo/x.safetensors"]
+)
+def test_a_lora_the_app_does_not_list_is_refused(client, name):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="is not in the list of choices"):  # gradio's own check
+        call(client, lora_2=name)
+
+
 def test_help_lists_the_official_flags():
     out = subprocess.run(
         [sys.executable, "app_flux.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
@@ -173,6 +201,51 @@ def test_help_lists_the_official_flags():
         "--preset",
     ]:
         assert flag in out
+
+
+def test_cli_takes_loras_and_speed_presets():
+    import generate
+
+    args = generate.parse_args(
+        ["--prompt", "x", "--lora", "a.safetensors:0.5", "--lora", "o/r/b.safetensors"]
+    )
+    loras = args.requests[0].loras
+    assert [(c.source, c.strength) for c in loras] == [("a.safetensors", 0.5), ("o/r/b.safetensors", 1.0)]
+    speed = generate.parse_args(["--prompt", "x", "--speed_lora", "Hyper-FLUX.1-dev-8steps"])
+    request = speed.requests[0]
+    assert (request.num_steps, request.guidance) == (8, 3.5)
+    assert [(c.source, c.strength) for c in request.loras] == [("Hyper-FLUX.1-dev-8steps", 0.125)]
+    mine = generate.parse_args(["--prompt", "x", "--speed_lora", "FLUX.1-Turbo-Alpha", "--num_steps=10"])
+    assert mine.requests[0].num_steps == 10 and mine.requests[0].guidance == 3.5
+    with pytest.raises(SystemExit):  # a hostile strength stops at the parser, with the range
+        generate.parse_args(["--prompt", "x", "--lora", "a.safetensors:1e9"])
+
+
+def test_cli_applies_a_lora_and_says_so(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    flags = ["--preset", "tiny-random", "--prompt", "p", "--seed", "3", "--width", "256", "--height", "256"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "generate.py",
+            *flags,
+            "--num_steps",
+            "1",
+            "--lora",
+            "tiny-style.safetensors:0.5",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lora=tiny-style:0.5" in proc.stdout
+    (image,) = (tmp_path / "out").glob("*.png")
+    assert read_image_metadata(image)["loras"][0]["strength"] == 0.5
 
 
 def test_defaults_bind_localhost_without_share(monkeypatch):

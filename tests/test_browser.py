@@ -142,3 +142,19 @@ def test_the_session_gallery_gives_back_an_images_seed_and_settings(page):
     page.wait_for_function("el => el.value === '-1'", arg=seed_box.element_handle(), timeout=30_000)
     page.get_by_role("button", name="Use the selected image's seed").click()
     page.wait_for_function("el => el.value === '501'", arg=seed_box.element_handle(), timeout=30_000)
+
+
+def test_a_speed_preset_sets_the_lora_steps_and_guidance_and_a_missing_file_is_explained(page):
+    page.get_by_text("LoRA: styles, subjects, 8-step speed").click()
+    page.get_by_role("button", name="FLUX.1-Turbo-Alpha: 8 steps").click()
+    steps = page.get_by_label("number input for Number of steps", exact=True)
+    guidance = page.get_by_label("number input for Guidance", exact=True)
+    deadline = time.time() + 30
+    while steps.input_value() != "8" and time.time() < deadline:
+        time.sleep(0.2)
+    assert steps.input_value() == "8" and float(guidance.input_value()) == 3.5
+    assert page.locator("#lora-1 input").input_value() == "FLUX.1-Turbo-Alpha"
+    set_slider(page, "Width", 256)
+    set_slider(page, "Height", 256)
+    page.locator("#generate").click()  # the tiny app never downloads: the message says what to get
+    page.get_by_text("is not on this machine").first.wait_for(timeout=120_000)

@@ -96,3 +96,22 @@ def test_offline_says_so_and_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert pulid.download.main(["--models_dir", str(tmp_path)]) == 1
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_a_speed_lora_downloads_into_models_loras_under_its_name(tmp_path, fake_hub):
+    from pulid.catalogue import SPEED_LORAS
+    from pulid.loras import LoRALibrary
+
+    turbo = SPEED_LORAS["FLUX.1-Turbo-Alpha"].entry.weights
+    for entry in required_weights().values():  # everything else is already there
+        place = tmp_path / entry.weights.local_name
+        for name in entry.weights.files if entry.weights.folder else [None]:
+            target = place / name if name else place
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"x")
+    assert pulid.download.main(["--models_dir", str(tmp_path), "--speed_lora", "FLUX.1-Turbo-Alpha"]) == 0
+    assert fake_hub == [(turbo.repo_id, turbo.filename)]
+    assert (tmp_path / "loras" / "FLUX.1-Turbo-Alpha.safetensors").read_bytes() == b"weights"
+    library = LoRALibrary(tmp_path / "loras", {}, models_dir=tmp_path, allow_download=False)
+    assert library.resolve("FLUX.1-Turbo-Alpha") == tmp_path / "loras" / "FLUX.1-Turbo-Alpha.safetensors"
+    assert "FLUX.1-Turbo-Alpha" in library.names() and "FLUX.1-Turbo-Alpha.safetensors" not in library.names()

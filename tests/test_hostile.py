@@ -153,6 +153,7 @@ def test_photos_that_are_not_images_are_a_typed_error(photos):
         (["--id_image", "README.md"], "Could not read the image README.md"),
         (["--out", "README.md"], "--out README.md is a file"),
         (["--prompts_file", "nothere.txt"], "cannot read --prompts_file"),
+        (["--lora", "nothere.safetensors", "--width", "256", "--height", "256"], "was not found"),
     ],
 )
 def test_cli_user_errors_are_one_line_messages(flags, message, tmp_path):

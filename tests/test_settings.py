@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+import app_flux
 import generate
 from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
 from pulid.settings import Setting
@@ -17,7 +18,7 @@ NUMERIC = [s for s in SETTINGS if s.kind is not str]
 def test_the_declaration_is_the_request_dataclass():
     import dataclasses
 
-    fields = [f.name for f in dataclasses.fields(GenerationRequest) if f.name != "id_images"]
+    fields = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("id_images", "loras")]
     assert [s.name for s in SETTINGS] == fields
     assert all(s.label and (s.kind in (int, float, str)) for s in SETTINGS)
     for setting in SETTINGS:  # every default is a value of its own setting
@@ -46,10 +47,13 @@ def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
     api = client.view_api(return_format="dict")["named_endpoints"]["/generate"]["parameters"]
     by_name = {p["parameter_name"]: p for p in api}
     settings = [s.name for s in SETTINGS if s.name != "prompt"]
-    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings]
+    loras = app_flux.lora_input_names()
+    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings, *loras]
     for setting in SETTINGS:
         default = by_name[setting.name]["parameter_default"]
         assert setting.coerce(default) == setting.default, setting.name
+    for name in loras:  # no LoRA by default, strength 1 (the declared LoRA strength)
+        assert by_name[name]["parameter_default"] in ("", 1.0), (name, by_name[name]["parameter_default"])
 
 
 def test_png_metadata_records_every_setting(tmp_path):

@@ -13,9 +13,11 @@ import torch
 
 from eva_clip.model import EvaVisionTower
 from flux.autoencoder import AutoEncoder
+from flux.lora import LoRAAdapters
 from flux.model import Flux
 from pulid.encoders import PuLIDWeights, num_pulid_ca
 from pulid.id_encoder import FaceAnalyzing, IDEncoder
+from pulid.loras import LoRALibrary
 from pulid.pipeline import PuLIDFluxPipeline
 from tiny_random.models import tiny_ae_params, tiny_flux_params, tiny_text_encoders
 
@@ -55,7 +57,8 @@ def tiny_pipeline(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> PuLIDFluxPipeline:
-    """Build the tiny pipeline; text-encoder files are written under ``folder`` once."""
+    """Build the tiny pipeline; text-encoder files are written under ``folder`` once. Its LoRA
+    folder is ``folder/loras`` (nothing is ever downloaded for it)."""
     params = tiny_flux_params()
     t5, clip = tiny_text_encoders(folder, device, dtype)
     flow = _randomise(Flux(params), seed).to(device, dtype).eval()
@@ -68,6 +71,8 @@ def tiny_pipeline(
     weights = _randomise(weights, seed + 2).to(device, dtype).eval()
     eva = _randomise(EvaVisionTower(**TINY_EVA), seed + 3).to(device, dtype).eval()
     id_encoder = IDEncoder(face_analysis, eva, weights.pulid_encoder, device, dtype)
+    adapters = LoRAAdapters(flow, device, dtype)
+    library = LoRALibrary(Path(folder) / "loras", adapters.targets, allow_download=False)
     return PuLIDFluxPipeline(
         flow=flow,
         ae=ae,
@@ -78,6 +83,8 @@ def tiny_pipeline(
         device=device,
         dtype=dtype,
         info={"model": "tiny-random", "pulid_version": "tiny-random"},
+        lora_adapters=adapters,
+        lora_library=library,
     )
 
 
@@ -112,4 +119,8 @@ def tiny_face_analyzer(models_dir: Path):
 def tiny_pipeline_with_face_models(folder: Path, seed: int = 0) -> PuLIDFluxPipeline:
     """The ``tiny-random`` preset: tiny random DiT, AE, encoders and the real face-analysis code."""
     folder = Path(folder)
-    return tiny_pipeline(folder, tiny_face_analyzer(folder / "models"), "cpu", torch.float32, seed)
+    pipeline = tiny_pipeline(folder, tiny_face_analyzer(folder / "models"), "cpu", torch.float32, seed)
+    from tiny_random.loras import write_example_loras
+
+    write_example_loras(pipeline.lora_library.folder, pipeline.flow)
+    return pipeline

@@ -141,6 +141,15 @@ class Fp8Linear(nn.Module):
             )
         self.weight, self.weight_scale = quantize_rowwise(weight)
 
+    @torch.no_grad()
+    def add_to_weight(self, delta: Tensor) -> None:
+        """Requantise ``dequantized_weight() + delta`` into this layer's codes and scales in place:
+        the tensors keep their identity, so compiled graphs that read them stay valid (LoRA merging
+        uses this; it keeps a copy of the codes and scales to put back)."""
+        codes, scale = quantize_rowwise(self.dequantized_weight() + delta.float())
+        self.weight.copy_(codes)
+        self.weight_scale.copy_(scale)
+
     def dequantized_weight(self) -> Tensor:
         """The float32 weight this layer effectively multiplies by (for checks and debugging)."""
         return self.weight.float() * self.weight_scale

@@ -1,0 +1,19 @@
+"""LoRA for the FLUX DiT: files in the common layouts (:mod:`.layouts`, :mod:`.files`) applied as a
+low-rank side path that never writes the model's weights (:mod:`.adapters`)."""
+
+from flux.lora.adapters import ActiveLoRA, LoRAAdapters
+from flux.lora.files import LoRAFile, read_lora
+from flux.lora.layouts import LoRAError, LowRank, ParsedLoRA, Target, lora_targets, parse_lora
+
+__all__ = [
+    "ActiveLoRA",
+    "LoRAAdapters",
+    "LoRAError",
+    "LoRAFile",
+    "LowRank",
+    "ParsedLoRA",
+    "Target",
+    "lora_targets",
+    "parse_lora",
+    "read_lora",
+]

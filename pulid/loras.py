@@ -1,0 +1,177 @@
+"""Where a request's LoRAs come from: ``models/loras/``, a path, a hub reference, or a speed LoRA's name.
+
+:class:`LoRALibrary` turns a :class:`LoRAChoice` (a source and a strength) into a checked
+:class:`flux.lora.LoRAFile` for the loaded DiT, keeping the last few in memory so that the next
+request with the same LoRA reads nothing. Sources, tried in this order:
+
+1. a speed LoRA's name (:data:`pulid.catalogue.SPEED_LORAS`): from ``models/loras/``, the hub
+   cache, or downloaded;
+2. a file under ``models/loras/`` by its name there (``my-style.safetensors``, ``people/anna.safetensors``);
+3. a path on this machine;
+4. a hub reference ``owner/repo/file.safetensors``, downloaded through huggingface_hub into its cache.
+
+The web app passes ``listed_only=True``: a visitor may choose only what :meth:`LoRALibrary.names`
+lists (files already in ``models/loras/`` and the speed LoRAs), never a path on the server or an
+arbitrary download.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux.hub import HubWeights, WeightsNotFoundError, download, download_blocked, find_local, how_to_get
+from flux.lora import LoRAError, LoRAFile, Target, read_lora
+from pulid.catalogue import SPEED_LORAS
+
+logger = logging.getLogger(__name__)
+
+LORA_SUFFIX = ".safetensors"
+CACHED_LORAS = 3  # LoRA files kept read (float32 on the host: a rank-64 full-DiT LoRA is about 1.4 GB)
+
+
+@dataclass(frozen=True)
+class LoRAChoice:
+    """One LoRA of a request: where it comes from and how strongly it applies (negative inverts it)."""
+
+    source: str
+    strength: float = 1.0
+
+
+def parse_lora_option(text: str) -> LoRAChoice:
+    """``FILE_OR_REPO[:STRENGTH]`` (the CLI's ``--lora``): the strength is what follows the last
+    colon when that is a number, so Windows paths (``C:\\loras\\x.safetensors``) keep their colon."""
+    source, _, last = text.rpartition(":")
+    if source:
+        try:
+            return LoRAChoice(source.strip(), float(last))
+        except ValueError:
+            pass
+    return LoRAChoice(text.strip(), 1.0)
+
+
+class LoRALibrary:
+    """Finds, downloads, reads and caches LoRA files for one model (its :func:`flux.lora.lora_targets`)."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        targets: dict[str, Target],
+        *,
+        models_dir: str | os.PathLike | None = None,
+        allow_download: bool = True,
+    ):
+        self.folder = Path(folder)
+        self.models_dir = Path(models_dir) if models_dir is not None else self.folder.parent
+        self.targets = targets
+        self.allow_download = allow_download
+        self._cache: OrderedDict[tuple, LoRAFile] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        """What a visitor may pick: the speed LoRAs (by name, downloaded or not), then the other
+        files under the LoRA folder."""
+        speed_files = {f"{name}{LORA_SUFFIX}" for name in SPEED_LORAS}
+        files = []
+        if self.folder.is_dir():
+            files = sorted(
+                path.relative_to(self.folder).as_posix()
+                for path in self.folder.rglob(f"*{LORA_SUFFIX}")
+                if path.is_file() and not path.name.startswith(".")
+            )
+        return list(SPEED_LORAS) + [name for name in files if name not in speed_files]
+
+    def resolve(self, source: str, *, listed_only: bool = False) -> Path:
+        """The local file of ``source``, downloading a speed LoRA or hub reference when allowed."""
+        if not isinstance(source, str) or not source.strip():
+            raise LoRAError("A LoRA was chosen without a name: pick one from the list or give a file.")
+        source = source.strip()
+        if source in SPEED_LORAS:
+            return self._fetch(SPEED_LORAS[source].entry.weights, self.models_dir)
+        inside = self._in_folder(source)
+        if inside is not None:
+            return inside
+        if listed_only:
+            raise LoRAError(
+                f"LoRA {source!r} is not one of this app's LoRAs: pick one from the list "
+                f"(files in {self.folder} and the speed LoRAs)."
+            )
+        path = Path(source).expanduser()
+        if path.is_file():
+            return path
+        parts = source.split("/")
+        if len(parts) >= 3 and source.endswith(LORA_SUFFIX) and not path.is_absolute():
+            repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+            return self._fetch(HubWeights(repo, (file,), 0, f"loras/{parts[-1]}", f"the LoRA {source}"), None)
+        raise LoRAError(
+            f"LoRA {source!r} was not found: not a file in {self.folder}, not a path on this machine, "
+            f"not a speed LoRA ({', '.join(SPEED_LORAS)}) and not a hub reference "
+            "owner/repo/file.safetensors."
+        )
+
+    def load(self, choice: LoRAChoice, *, listed_only: bool = False) -> LoRAFile:
+        """The checked LoRA of ``choice`` (its strength is applied later, per request)."""
+        path = self.resolve(choice.source, listed_only=listed_only)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        lora = read_lora(path, self.targets, name=_display_name(choice.source))
+        if lora.ignored:
+            logger.warning(
+                "LoRA %s: text-encoder layers ignored (%s): %s",
+                lora.name,
+                lora.ignored_summary(),
+                ", ".join(name for names in lora.ignored.values() for name in names),
+            )
+        logger.info(
+            "LoRA %s: %d layers, rank up to %d, %s layout, sha256 %s",
+            lora.name,
+            len(lora.layers),
+            lora.rank,
+            "+".join(lora.layouts),
+            lora.short_hash,
+        )
+        with self._lock:
+            self._cache[key] = lora
+            while len(self._cache) > CACHED_LORAS:
+                self._cache.popitem(last=False)
+        return lora
+
+    def _in_folder(self, name: str) -> Path | None:
+        """``name`` as a file under the LoRA folder, never outside it (no ``..``, no absolute path)."""
+        candidate = (self.folder / name).resolve()
+        root = self.folder.resolve()
+        if not candidate.is_relative_to(root) or not candidate.is_file():
+            return None
+        return candidate
+
+    def _fetch(self, weights: HubWeights, models_dir: Path | None) -> Path:
+        try:
+            found = find_local(weights, self.models_dir)
+        except WeightsNotFoundError as err:
+            raise LoRAError(str(err)) from None
+        if found is not None:
+            return found
+        reason = "downloads are disabled" if not self.allow_download else download_blocked()
+        if reason is not None:
+            raise LoRAError(
+                f"LoRA {weights.repo_id}/{weights.filename} is not on this machine and {reason}. "
+                f"Get it here:\n{how_to_get(weights, self.models_dir)}"
+            )
+        try:
+            return download(weights, models_dir)
+        except WeightsNotFoundError as err:
+            raise LoRAError(str(err)) from None
+
+
+def _display_name(source: str) -> str:
+    """The LoRA's name in logs and metadata: the file name without the suffix, or the speed LoRA's."""
+    name = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(LORA_SUFFIX)] if name.endswith(LORA_SUFFIX) else name
