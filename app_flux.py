@@ -252,12 +252,20 @@ def caption(image) -> str:
 
 
 def summary(images, cancelled: bool = False) -> str:
-    """The text beside the results: one line per image, and what "no ID photo" means."""
+    """The text beside the results: one line per image, what "no ID photo" means, and the LoRAs
+    used (how they were applied, and any text-encoder layers that were not)."""
     from pulid.similarity import NO_ID_PHOTO
 
     lines = [f"- `{image.path.name}`: {caption(image)}" for image in images]
     if images and all(int(i.metadata.get("num_id_images", 0)) == 0 for i in images):
         lines.append(f"\n{NO_ID_PHOTO}: these are plain FLUX.1-dev images.")
+    loras = images[0].metadata.get("loras") if images else None
+    if loras:
+        used = ", ".join(f"{lora['name']} ({lora['strength']:g})" for lora in loras)
+        ignored = [f"{lora['name']}: {lora['ignored']}" for lora in loras if lora.get("ignored")]
+        lines.append(f"\nLoRAs: {used}, {images[0].metadata.get('lora_mode', '')}.")
+        if ignored:
+            lines.append(f"Text-encoder layers not applied ({'; '.join(ignored)}).")
     if cancelled:
         lines.append("\n**Cancelled.** The images above were finished before the cancel.")
     return "\n".join(lines)

@@ -165,6 +165,7 @@ def test_a_listed_lora_changes_the_image_and_is_recorded(client):
     meta = read_image_metadata(styled.image)
     assert [(lora["name"], lora["strength"]) for lora in meta["loras"]] == [("tiny-style", 0.8)]
     assert meta["lora_mode"] == "merged"
+    assert "LoRAs: tiny-style (0.8), merged." in styled.info
     parameters = read_a1111_parameters(styled.image)
     assert "<lora:tiny-style:0.8>" in parameters and "Lora hashes" in parameters
     again = call(client, id_image=PHOTO, seed="9")  # the LoRA left nothing behind
@@ -221,27 +222,21 @@ def test_cli_takes_loras_and_speed_presets():
         generate.parse_args(["--prompt", "x", "--lora", "a.safetensors:1e9"])
 
 
-def test_cli_applies_a_lora_and_says_so(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    flags = ["--preset", "tiny-random", "--prompt", "p", "--seed", "3", "--width", "256", "--height", "256"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "generate.py",
-            *flags,
-            "--num_steps",
-            "1",
-            "--lora",
-            "tiny-style.safetensors:0.5",
-            "--out",
-            str(tmp_path / "out"),
-        ],
+def run_cli(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """``generate.py --preset tiny-random`` with ``flags``, its temporary files under ``tmp_path``."""
+    return subprocess.run(
+        [sys.executable, "generate.py", "--preset", "tiny-random", *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
         timeout=300,
     )
+
+
+def test_cli_applies_a_lora_and_says_so(tmp_path):
+    flags = ["--prompt", "p", "--seed", "3", "--width", "256", "--height", "256", "--num_steps", "1"]
+    proc = run_cli(tmp_path, *flags, "--lora", "tiny-style.safetensors:0.5", "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lora=tiny-style:0.5" in proc.stdout
     (image,) = (tmp_path / "out").glob("*.png")
@@ -256,38 +251,12 @@ def test_defaults_bind_localhost_without_share(monkeypatch):
 
 
 def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "generate.py",
-            "--preset",
-            "tiny-random",
-            "--id_image",
-            str(PHOTO),
-            "--prompt",
-            "a photo of a woman",
-            "--prompt",
-            "portrait",
-            "--seed",
-            "1",
-            "--seed",
-            "2",
-            "--width",
-            "256",
-            "--height",
-            "256",
-            "--num_steps",
-            "2",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = run_cli(
+        tmp_path,
+        *("--id_image", str(PHOTO), "--prompt", "a photo of a woman", "--prompt", "portrait"),
+        *("--seed", "1", "--seed", "2", "--width", "256", "--height", "256", "--num_steps", "2"),
+        *("--out", str(out)),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(out.glob("*.png"))
