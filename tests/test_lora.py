@@ -294,6 +294,31 @@ def test_fp8_layers_merge_by_requantising_and_get_their_codes_back(tmp_path):
         assert torch.equal(module.weight_scale, before[name][1])
 
 
+def test_quanto_layers_take_the_side_path(tmp_path):
+    """XLabs' quanto layers cannot take a merge: the update runs beside them, exactly."""
+    quanto = pytest.importorskip("optimum.quanto")  # requirements-fp8.txt, installed in CI
+
+    flow = tiny_flow()
+    factors = random_factors(flow, rank=2, seed=18)
+    quanto.quantize(flow, weights=quanto.qfloat8)
+    quanto.freeze(flow)
+    adapters = LoRAAdapters(flow, "cpu", torch.float32)
+    lora = read_lora(write_kohya(tmp_path / "l.safetensors", factors), adapters.targets)
+    seen, hooks = record_linears(flow, ["double_blocks.0.img_attn.qkv", "single_blocks.1.linear2"])
+    with torch.no_grad(), adapters.applied([ActiveLoRA("l", lora.layers, 1.0)]):
+        flow(**flow_inputs(flow))
+    assert adapters.last_mode == "side path"
+    for hook in hooks:
+        hook.remove()
+    modules = dict(flow.named_modules())
+    for name, (x, out) in seen.items():
+        with torch.no_grad():
+            plain = modules[name](x)
+        f = factors[name]
+        side = (f.alpha / f.rank) * (x.double() @ f.down.double().T) @ f.up.double().T
+        assert torch.allclose(out.double(), plain.double() + side, rtol=1e-5, atol=1e-5), name
+
+
 # ---- strictness -------------------------------------------------------------------------------
 
 
