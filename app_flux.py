@@ -259,6 +259,9 @@ def summary(images, cancelled: bool = False) -> str:
     lines = [f"- `{image.path.name}`: {caption(image)}" for image in images]
     if images and all(int(i.metadata.get("num_id_images", 0)) == 0 for i in images):
         lines.append(f"\n{NO_ID_PHOTO}: these are plain FLUX.1-dev images.")
+    full = images[0].metadata.get("cache_full_steps") if images else None
+    if full:
+        lines.append(f"\nStep cache: {full} steps ran in full (the others reused the later blocks).")
     loras = images[0].metadata.get("loras") if images else None
     if loras:
         used = ", ".join(f"{lora['name']} ({lora['strength']:g})" for lora in loras)

@@ -51,6 +51,21 @@ class IDInjection(Protocol):
     def after_single_block(self, index: int, img: Tensor) -> Tensor | None: ...
 
 
+@runtime_checkable
+class StepCache(Protocol):
+    """Reuse of the later blocks' work across denoising steps (:mod:`flux.step_cache`).
+
+    After the first double block (and its ID injection), :meth:`reuse` gets that block's residual on
+    the image tokens and returns the stored residual of the remaining blocks to add instead of
+    running them, or ``None`` to run them; a full pass ends with :meth:`store`. Like
+    :class:`IDInjection`, the model keeps no reference to it after the call.
+    """
+
+    def reuse(self, first_residual: Tensor) -> Tensor | None: ...
+
+    def store(self, first_residual: Tensor, rest_residual: Tensor) -> None: ...
+
+
 class Flux(nn.Module):
     """Transformer for flow matching on packed latent sequences."""
 
@@ -101,12 +116,14 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
         id_injection: IDInjection | None = None,
+        step_cache: StepCache | None = None,
     ) -> Tensor:
         """Predict the flow for packed latents ``img`` (B, L_img, in_channels).
 
         The keyword arguments are the official ones; ``id_injection`` (see :class:`IDInjection`)
         replaces the official ``id``/``id_weight`` pair. With ``id_injection=None`` this is exactly
-        the base FLUX model.
+        the base FLUX model. ``step_cache`` (see :class:`StepCache`) may skip every block after the
+        first; without one, or when it does not skip, the computation is unchanged.
         """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must have 3 dimensions (batch, tokens, channels)")
@@ -120,12 +137,19 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
+        embedded = img
         for index, block in enumerate(self.double_blocks):
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
             if id_injection is not None:
                 residual = id_injection.after_double_block(index, img)
                 if residual is not None:
                     img = img + residual
+            if index == 0 and step_cache is not None:
+                first_residual = img - embedded
+                cached = step_cache.reuse(first_residual)
+                if cached is not None:
+                    return self.final_layer(img + cached, vec)
+                after_first = img
 
         num_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
@@ -135,4 +159,7 @@ class Flux(nn.Module):
                 residual = id_injection.after_single_block(index, x[:, num_txt:])
                 if residual is not None:
                     x = torch.cat((x[:, :num_txt], x[:, num_txt:] + residual), dim=1)
-        return self.final_layer(x[:, num_txt:], vec)
+        img = x[:, num_txt:]
+        if step_cache is not None:
+            step_cache.store(first_residual, img - after_first)
+        return self.final_layer(img, vec)

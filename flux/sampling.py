@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from flux.model import Flux, IDInjection
+from flux.step_cache import FirstBlockCache
 
 LATENT_CHANNELS = 16
 
@@ -148,6 +149,7 @@ def denoise(
     neg_id_injection: IDInjection | None = None,
     id_start_step: int = 0,
     callback: Callable[[StepInfo], None] | None = None,
+    step_cache: FirstBlockCache | None = None,
 ) -> Tensor:
     """Euler integration of the flow from noise (t=1) to image latents (t=0).
 
@@ -156,6 +158,9 @@ def denoise(
     ``neg + true_cfg * (pos - neg)``. Identity conditioning is used from step ``id_start_step`` on:
     ``id_injection`` for the positive pass, ``neg_id_injection`` (the unconditional ID) for the
     negative one. ``callback`` runs after each step and may raise :class:`GenerationCancelled`.
+    ``step_cache`` (made for this run only) may skip the later DiT blocks on steps that barely
+    change (:mod:`flux.step_cache`); each branch of true CFG keeps its own state, and nothing is
+    reused across the step where the ID starts.
     """
     use_true_cfg = abs(true_cfg - 1.0) > 1e-2
     if use_true_cfg and neg_cond is None:
@@ -166,6 +171,8 @@ def denoise(
     for step, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
         t_vec = torch.full((batch,), t_curr, dtype=img.dtype, device=img.device)
         use_id = step >= id_start_step
+        if step_cache is not None:
+            step_cache.begin_step(step, total, id_starts=step == id_start_step and step > 0)
         pred = model(
             img=img,
             img_ids=img_ids,
@@ -175,6 +182,7 @@ def denoise(
             timesteps=t_vec,
             guidance=guidance_vec,
             id_injection=id_injection if use_id else None,
+            **_cache_of(step_cache, "cond"),
         )
         if use_true_cfg and step >= cfg_start_step:
             neg_pred = model(
@@ -186,9 +194,16 @@ def denoise(
                 timesteps=t_vec,
                 guidance=guidance_vec,
                 id_injection=neg_id_injection if use_id else None,
+                **_cache_of(step_cache, "uncond"),
             )
             pred = neg_pred + true_cfg * (pred - neg_pred)
         img = img + (t_prev - t_curr) * pred
         if callback is not None:
             callback(StepInfo(step=step, total=total, t_curr=t_curr, t_prev=t_prev, latents=img))
     return img
+
+
+def _cache_of(step_cache: FirstBlockCache | None, branch: str) -> dict:
+    """The model's ``step_cache`` argument for one pass; none at all without a cache, so the call
+    is the official one."""
+    return {} if step_cache is None else {"step_cache": step_cache.branch(branch)}

@@ -35,6 +35,7 @@ from flux.sampling import (
     text_ids,
     unpack,
 )
+from flux.step_cache import FirstBlockCache
 from pulid.id_encoder import IDEncoder
 from pulid.injection import PuLIDInjection
 from pulid.limits import MAX_IMAGES_PER_REQUEST
@@ -276,12 +277,19 @@ class PuLIDFluxPipeline:
 
         timings["denoise_s"] = timings["decode_s"] = timings["similarity_s"] = 0.0
         images: list[GeneratedImage] = []
-        limit = self.batch_limit()
+        # With the step cache on, one image at a time: its skip decisions are made for a whole
+        # batch, and each image must stay the image its seed gives alone.
+        limit = 1 if request.cache_threshold > 0 else self.batch_limit()
         for offset in range(0, len(seeds), limit):
             chunk = seeds[offset : offset + limit]
             t0 = time.perf_counter()
+            cache = None
+            if request.cache_threshold > 0:
+                cache = FirstBlockCache(
+                    request.cache_threshold, request.cache_full_first, request.cache_full_last
+                )
             with self._loras_applied(active):
-                latents = self._denoise(request, chunk, cond, neg_cond, embedding, callback)
+                latents = self._denoise(request, chunk, cond, neg_cond, embedding, callback, cache)
             timings["denoise_s"] += time.perf_counter() - t0
             for seed, one in zip(chunk, latents.split(1), strict=True):
                 t0 = time.perf_counter()
@@ -304,6 +312,7 @@ class PuLIDFluxPipeline:
                         if lora_metadata
                         else {}
                     ),
+                    **({"cache_full_steps": cache_report(cache, request)} if cache is not None else {}),
                     **self.info,
                 }
                 images.append(GeneratedImage(image, seed, metadata, one, score))
@@ -352,6 +361,7 @@ class PuLIDFluxPipeline:
         neg_cond: TextConditioning | None,
         embedding,
         callback: Callable[[StepInfo], None] | None,
+        cache: FirstBlockCache | None = None,
     ) -> Tensor:
         """Packed latents of one batch: each image's noise from its own seed, one shared condition."""
         noise = torch.cat(
@@ -381,7 +391,13 @@ class PuLIDFluxPipeline:
             neg_id_injection=self.injection(uncond_tokens, request.id_weight),
             id_start_step=request.start_step,
             callback=callback,
+            step_cache=cache,
         )
+
+
+def cache_report(cache: FirstBlockCache, request: GenerationRequest) -> str:
+    """ "21 of 28" (steps whose DiT ran in full), for the metadata and the result's text."""
+    return f"{cache.full_passes()} of {request.num_steps}"
 
 
 def _batched(tokens: Tensor, batch: int) -> Tensor:

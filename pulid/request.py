@@ -39,6 +39,12 @@ START_STEP_HELP = (
     "Smaller keeps the face closer, larger leaves more room for the prompt; 0-4 works best "
     "(4 for photorealistic scenes, 0-1 for stylised ones)."
 )
+CACHE_HELP = (
+    "0 is off. Above 0, steps whose first DiT block barely changed skip the other blocks (First-Block "
+    "Cache, the ID included); 0.08 is the usual choice, higher is faster and further from the "
+    "uncached image. The result says how many steps ran in full."
+)
+MAX_CACHE_THRESHOLD = 0.5
 TRUE_CFG_HELP = (
     "1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass with the "
     "negative prompt (then set guidance near 1)."
@@ -101,6 +107,16 @@ class GenerationRequest:
     )
     start_step: int = setting(
         int, 0, "Timestep to start inserting ID", minimum=0, maximum=10, step=1, help=START_STEP_HELP
+    )
+    cache_threshold: float = setting(
+        float,
+        0.0,
+        "Step cache (faster): threshold",
+        minimum=0.0,
+        maximum=MAX_CACHE_THRESHOLD,
+        step=0.01,
+        group="image",
+        help=CACHE_HELP,
     )
     guidance: float = setting(
         float,
@@ -168,6 +184,26 @@ class GenerationRequest:
         group="dev",
         flags=("--timestep_to_start_cfg",),
         help="First step of the negative pass of true CFG.",
+    )
+    cache_full_first: int = setting(
+        int,
+        1,
+        "Step cache: first steps always in full",
+        minimum=1,
+        maximum=10,
+        step=1,
+        group="dev",
+        help="Steps at the start that the step cache never skips.",
+    )
+    cache_full_last: int = setting(
+        int,
+        1,
+        "Step cache: last steps always in full",
+        minimum=0,
+        maximum=10,
+        step=1,
+        group="dev",
+        help="Steps at the end that the step cache never skips.",
     )
     output_format: str = setting(
         str,

@@ -172,6 +172,13 @@ def test_a_listed_lora_changes_the_image_and_is_recorded(client):
     assert np.array_equal(np.asarray(Image.open(plain.image)), np.asarray(Image.open(again.image)))
 
 
+def test_the_step_cache_says_how_many_steps_ran_in_full(client):
+    reply = call(client, id_image=PHOTO, num_steps=6, cache_threshold=0.5)
+    meta = read_image_metadata(reply.image)
+    assert meta["cache_threshold"] == 0.5 and meta["cache_full_steps"].endswith(" of 6")
+    assert f"Step cache: {meta['cache_full_steps']} steps ran in full" in reply.info
+
+
 @pytest.mark.parametrize(
     "name", ["../loras/tiny-style.safetensors", "/etc/hostname", "someone/repo/x.safetensors"]
 )
