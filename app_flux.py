@@ -487,10 +487,11 @@ def create_demo(args: argparse.Namespace, service):
                             name: gr.Button(f"{name}: {lora.steps} steps", size="sm")
                             for name, lora in SPEED_LORAS.items()
                         }
+                    choices = lora_choices()  # the folder is listed once for all rows
                     for row in range(1, LORA_ROWS + 1):
                         with gr.Row(equal_height=True):
                             controls[f"lora_{row}"] = gr.Dropdown(
-                                lora_choices(),
+                                choices,
                                 value="",
                                 label=f"LoRA {row}",
                                 scale=3,

@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         speed = SPEED_LORAS[args.speed_lora]
         args.lora.insert(0, f"{speed.name}:{speed.strength}")
         given = {arg.split("=", 1)[0] for arg in argv}
-        if not given & {"--num_steps"}:
+        if "--num_steps" not in given:
             args.num_steps = str(speed.steps)
-        if not given & {"--guidance"}:
+        if "--guidance" not in given:
             args.guidance = str(speed.guidance)
     if args.prompts_file:
         try:

@@ -10,9 +10,10 @@ request with the same LoRA reads nothing. Sources, tried in this order:
 3. a path on this machine;
 4. a hub reference ``owner/repo/file.safetensors``, downloaded through huggingface_hub into its cache.
 
-The web app passes ``listed_only=True``: a visitor may choose only what :meth:`LoRALibrary.names`
-lists (files already in ``models/loras/`` and the speed LoRAs), never a path on the server or an
-arbitrary download.
+In the web app a visitor may choose only what :meth:`LoRALibrary.names` lists (files already in
+``models/loras/`` and the speed LoRAs), never a path on the server or an arbitrary download: the
+service checks each request against that list before it takes a place in the line
+(:class:`pulid.service.GenerationService`, ``listed_loras_only``).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class LoRALibrary:
             )
         return list(SPEED_LORAS) + [name for name in files if name not in speed_files]
 
-    def resolve(self, source: str, *, listed_only: bool = False) -> Path:
+    def resolve(self, source: str) -> Path:
         """The local file of ``source``, downloading a speed LoRA or hub reference when allowed."""
         if not isinstance(source, str) or not source.strip():
             raise LoRAError("A LoRA was chosen without a name: pick one from the list or give a file.")
@@ -95,11 +96,6 @@ class LoRALibrary:
         inside = self._in_folder(source)
         if inside is not None:
             return inside
-        if listed_only:
-            raise LoRAError(
-                f"LoRA {source!r} is not one of this app's LoRAs: pick one from the list "
-                f"(files in {self.folder} and the speed LoRAs)."
-            )
         path = Path(source).expanduser()
         if path.is_file():
             return path
@@ -113,9 +109,9 @@ class LoRALibrary:
             "owner/repo/file.safetensors."
         )
 
-    def load(self, choice: LoRAChoice, *, listed_only: bool = False) -> LoRAFile:
+    def load(self, choice: LoRAChoice) -> LoRAFile:
         """The checked LoRA of ``choice`` (its strength is applied later, per request)."""
-        path = self.resolve(choice.source, listed_only=listed_only)
+        path = self.resolve(choice.source)
         stat = path.stat()
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
         with self._lock:

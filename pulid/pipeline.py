@@ -198,15 +198,14 @@ class PuLIDFluxPipeline:
                 hook.remove()
         return to_pil(decoded)
 
-    def load_loras(self, request: GenerationRequest, *, listed_only: bool = False) -> list[LoRAFile]:
-        """The request's LoRA files, read and checked against the DiT (cached between requests).
-        ``listed_only``: only LoRAs the library lists (the web app's rule)."""
+    def load_loras(self, request: GenerationRequest) -> list[LoRAFile]:
+        """The request's LoRA files, read and checked against the DiT (cached between requests)."""
         if not request.loras:
             return []
         if self.lora_adapters is None or self.lora_library is None:
             raise InvalidRequestError("this pipeline was built without LoRA support")
         try:
-            return [self.lora_library.load(choice, listed_only=listed_only) for choice in request.loras]
+            return [self.lora_library.load(choice) for choice in request.loras]
         except LoRAError as err:
             raise InvalidRequestError(str(err)) from None
 
