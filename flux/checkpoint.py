@@ -4,10 +4,11 @@ The official loaders call ``load_state_dict(strict=False)`` and print a warning,
 mismatched file silently leaves random weights in the model. Here any mismatch is an error that
 names the file and the keys, raised after reading only the file header, before any long work.
 
-There is one loading loop, :func:`load_safetensors_strict`. Models are built on the meta device
-and filled with ``assign=True``: tensors go from the file straight to the target device and
-dtype, one at a time, with no float32 copy of the whole model. What differs between checkpoints
-(plain weights, weights quantised to fp8 as they are read, a quanto file) is a
+There is one loading loop, :func:`load_checkpoint_strict`, for safetensors and GGUF files alike.
+Models are built on the meta device and filled with ``assign=True``: tensors go from the file
+straight to the target device and dtype, one at a time, with no float32 copy of the whole model.
+What differs between checkpoints (plain weights, weights quantised to fp8 as they are read, a
+quanto file, a GGUF file, an fp8 file) is a
 :class:`CheckpointFormat`: a per-tensor transform handed to that loop, the way timm hands a
 checkpoint filter to its one model builder.
 """
@@ -151,8 +152,13 @@ class CheckpointFormat:
     hold (:meth:`file_layout`) and turn each file tensor into state entries (:meth:`convert`).
     """
 
-    def prepare(self, module: nn.Module) -> None:
-        """Change the (meta-device) module before it is filled; the default changes nothing."""
+    def prepare(self, module: nn.Module, header: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+        """Change the (meta-device) module before it is filled, knowing the file's header (key ->
+        (shape, dtype code)); the default changes nothing."""
+
+    def read_order(self, header: Mapping[str, tuple[tuple[int, ...], str]]) -> list[str]:
+        """The order to read the file's keys in (a format may need scales before their weights)."""
+        return list(header)
 
     def file_layout(self, module: nn.Module) -> dict[str, TensorSpec]:
         """Key -> what the file must hold for the prepared ``module``."""
@@ -210,41 +216,116 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
         ) from err
 
 
-def load_safetensors_strict(
+class SafetensorsFile:
+    """A safetensors checkpoint opened for :func:`load_checkpoint_strict`: its header, and tensors by key."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header = read_safetensors_header(self.path)
+        self._handle = None
+
+    def open(self, device: torch.device | str) -> None:
+        """Read tensors straight onto ``device`` (cpu or cuda) from now on."""
+        from safetensors import safe_open
+
+        load_device = str(device) if torch.device(device).type in ("cpu", "cuda") else "cpu"
+        self._handle = safe_open(str(self.path), framework="pt", device=load_device)
+
+    def tensor(self, key: str, device: torch.device | str = "cpu") -> Tensor:
+        from safetensors import SafetensorError
+
+        if self._handle is None:
+            self.open(device)
+        try:
+            return self._handle.get_tensor(key)
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"Checkpoint {self.path} could not be read ({err}): it may be truncated or corrupt."
+            ) from err
+
+    def close(self) -> None:
+        self._handle = None
+
+
+class RenamedFile:
+    """An opened checkpoint seen under the model's key names: ``rename`` maps each file key to the
+    model's name for it, or to None for a tensor the model does not use (dropped, e.g. CLIP's
+    vision tower). Two file keys mapped to one name is an error naming both."""
+
+    def __init__(self, file, rename: Callable[[str], str | None]):
+        self.file = file
+        self.path = file.path
+        self._names: dict[str, str] = {}
+        for key in file.header:
+            name = rename(key)
+            if name is None:
+                continue
+            if name in self._names:
+                raise CheckpointError(
+                    f"Checkpoint {self.path} holds {self._names[name]} and {key}, which are both {name}."
+                )
+            self._names[name] = key
+        self.header = {name: file.header[key] for name, key in self._names.items()}
+
+    def __getattr__(self, attribute: str):  # metadata, architecture... of the underlying file
+        return getattr(self.file, attribute)
+
+    def tensor(self, key: str, device: torch.device | str = "cpu") -> Tensor:
+        return self.file.tensor(self._names[key], device)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_checkpoint(path: str | os.PathLike):
+    """The file at ``path`` as a checkpoint to load: GGUF (by its magic) or safetensors."""
+    from flux.gguf_file import GGUFFile, is_gguf
+
+    return GGUFFile(path) if is_gguf(path) else SafetensorsFile(path)
+
+
+def load_checkpoint_strict(
     module: nn.Module,
-    path: str | os.PathLike,
+    source,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     fmt: CheckpointFormat = PLAIN,
     hint: Callable[[set[str]], str] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> None:
-    """Fill ``module`` (built on the meta device, or materialised) from a safetensors file, strictly.
+    """Fill ``module`` (built on the meta device, or materialised) from a checkpoint file, strictly.
 
-    ``fmt`` prepares the module and converts each tensor (see :class:`CheckpointFormat`). The
-    header is checked against the prepared module before any tensor is read; a mismatch names
-    the keys, plus ``hint(keys)`` (or the format's hint) when the file is recognisably something
-    else. Afterwards no tensor may be left on the meta device.
+    ``source`` is a path (safetensors or GGUF, told apart by the file's magic) or an opened file
+    (:class:`SafetensorsFile`, :class:`flux.gguf_file.GGUFFile`). ``fmt`` prepares the module
+    from the header and converts each tensor (see :class:`CheckpointFormat`). The header is checked
+    against the prepared module before any tensor is read; a mismatch names the keys, plus
+    ``hint(keys)`` (or the format's hint) when the file is recognisably something else. ``tied``
+    maps state keys that share another key's tensor (T5's ``encoder.embed_tokens.weight`` is its
+    ``shared.weight``) to that key: files may omit them, and a copy in the file is not read.
+    Afterwards no tensor may be left on the meta device.
     """
-    from safetensors import SafetensorError, safe_open
-
-    header = read_safetensors_header(path)
-    fmt.prepare(module)
+    file = open_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    tied = dict(tied or {})
+    header = {k: v for k, v in file.header.items() if k not in tied}
+    fmt.prepare(module, header)
     keys = set(header)
     hint_text = fmt.hint(keys) or (hint(keys) if hint is not None else "")
-    check_header(fmt.file_layout(module), header, str(path), hint_text)
+    layout = {k: v for k, v in fmt.file_layout(module).items() if k not in tied}
+    check_header(layout, header, str(file.path), hint_text)
 
     state: dict[str, Tensor] = {}
-    load_device = str(device) if torch.device(device).type in ("cpu", "cuda") else "cpu"
     try:
-        with safe_open(str(path), framework="pt", device=load_device) as handle:
-            for key in header:
-                state.update(fmt.convert(key, handle.get_tensor(key), device, dtype))
-    except SafetensorError as err:
-        raise CheckpointError(
-            f"Checkpoint {path} could not be read ({err}): it may be truncated or corrupt."
-        ) from err
+        for key in fmt.read_order(header):
+            state.update(fmt.convert(key, file.tensor(key, device), device, dtype))
+    finally:
+        file.close()
+    for alias, key in tied.items():
+        state[alias] = state[key]
     module.load_state_dict(state, strict=True, assign=_is_meta(module))
     left = [k for k, v in module.state_dict().items() if v.is_meta]
+    left += [k for k, v in module.named_buffers() if v.is_meta and k not in left]  # non-persistent too
     if left:  # a format that forgot a tensor: never run with uninitialised weights
-        raise CheckpointError(f"Checkpoint {path} left tensors unloaded: {_listing(left)}")
+        raise CheckpointError(f"Checkpoint {file.path} left tensors unloaded: {_listing(left)}")

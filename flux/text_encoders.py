@@ -4,6 +4,9 @@ Both run through transformers from local folders: the same hub repos as the offi
 ``xlabs-ai/xflux_text_encoders``, CLIP from ``openai/clip-vit-large-patch14``), found or downloaded
 by the caller. Loading is strict: the folder's config must be the expected model (a T5-small
 folder would otherwise load and give meaningless features) and every weight must be in the file.
+Both can also come from single files, as people on small cards have them (ComfyUI's
+``t5xxl_fp16``/``t5xxl_fp8_e4m3fn`` and ``clip_l`` safetensors, city96's T5 GGUF files), with the
+tokenizer from a small folder of tokenizer files: :func:`load_t5_file`, :func:`load_clip_file`.
 Prompts are padded to the maximum length with no attention mask, as the official encoders do: the
 T5 features, and so the image, depend on that length, which is chosen per request (128-512).
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,37 @@ CLIP_L_TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
     "max_position_embeddings": 77,
 }
+# A single CLIP-L file has no config: the model is built from the hub config's text values, the
+# token ids included (they choose the pooled token).
+CLIP_L_FILE_CONFIG: dict[str, Any] = {
+    **CLIP_L_TEXT_CONFIG,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
 # The CLIP repo holds the whole CLIP model; the text encoder leaves these weights unused.
 CLIP_UNUSED_PREFIXES = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale")
+# llama.cpp's T5 tensor names -> transformers' (applied in order, as substring replacements).
+T5_GGUF_NAMES = (
+    ("enc.", "encoder."),
+    (".blk.", ".block."),
+    ("token_embd", "shared"),
+    ("output_norm", "final_layer_norm"),
+    ("attn_q", "layer.0.SelfAttention.q"),
+    ("attn_k", "layer.0.SelfAttention.k"),
+    ("attn_v", "layer.0.SelfAttention.v"),
+    ("attn_o", "layer.0.SelfAttention.o"),
+    ("attn_norm", "layer.0.layer_norm"),
+    ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+    ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+    ("ffn_down", "layer.1.DenseReluDense.wo"),
+    ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
+    ("ffn_norm", "layer.1.layer_norm"),
+)
+T5_GGUF_ARCHITECTURES = ("t5", "t5encoder")
+T5_TIED = {"encoder.embed_tokens.weight": "shared.weight"}
 
 
 class HFEmbedder(nn.Module):
@@ -178,3 +210,127 @@ def load_clip(
     )
     _check_loading(info, str(folder), CLIP_UNUSED_PREFIXES)
     return HFEmbedder(model.to(device), tokenizer, CLIP_MAX_LENGTH, "pooler_output")
+
+
+def t5_gguf_name(key: str) -> str:
+    """The transformers name of a tensor of a llama.cpp T5 GGUF (``enc.blk.0.attn_q.weight`` ->
+    ``encoder.block.0.layer.0.SelfAttention.q.weight``)."""
+    for old, new in T5_GGUF_NAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def _encoder_file_format(file):
+    """GGUF, fp8 (weight-only: T5's activations have outliers that per-token fp8 would flatten) or plain."""
+    from flux.checkpoint import PLAIN
+    from flux.quant.fp8_file import Fp8FileFormat
+    from flux.quant.gguf_format import GGUFFormat
+
+    if file.kind == "gguf":
+        return GGUFFormat()
+    if any(code.startswith("F8_") for _, code in file.header.values()):
+        return Fp8FileFormat(_t5_fp8_linears, backend="dequantize")
+    return PLAIN
+
+
+def _t5_fp8_linears(module: nn.Module, header) -> list[str]:
+    """The Linears an fp8 file keeps in fp8, except T5's feed-forward outputs (``wo``): transformers'
+    T5 casts the activations to ``wo``'s weight dtype, which would make them fp8 (upcast at load
+    instead: 1 GB more for T5-XXL)."""
+    from flux.quant.fp8_file import fp8_weight_names
+
+    return [name for name in fp8_weight_names(module, header) if not name.endswith("DenseReluDense.wo")]
+
+
+def load_t5_file(
+    path: str | os.PathLike,
+    tokenizer_folder: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    max_length: int = 512,
+    expected: Mapping[str, Any] = T5_XXL_CONFIG,
+) -> HFEmbedder:
+    """T5 encoder from one file: safetensors (bf16, fp16, fp8 e4m3fn, scaled or not) or GGUF.
+
+    GGUF names are llama.cpp's (mapped by :func:`t5_gguf_name`); its quantised Linears stay
+    quantised, fp8 Linears stay fp8 and are upcast as they run. The model is built from
+    ``expected`` (T5-XXL v1.1), so every weight of that architecture must be in the file.
+    """
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    from flux.checkpoint import RenamedFile, load_checkpoint_strict, open_checkpoint
+
+    file = open_checkpoint(path)
+    if file.kind == "gguf":
+        file.expect_architecture(T5_GGUF_ARCHITECTURES, "the T5-XXL text encoder")
+        file = RenamedFile(file, t5_gguf_name)
+    tokenizer = _from_folder(
+        T5Tokenizer.from_pretrained, Path(tokenizer_folder), "the T5 tokenizer", max_length=max_length
+    )
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**expected)).to(dtype)
+    logger.info("Loading the T5 encoder from %s (%s)", path, file.kind)
+    load_checkpoint_strict(
+        model, file, device=device, dtype=dtype, fmt=_encoder_file_format(file), hint=_t5_hint, tied=T5_TIED
+    )
+    model.encoder.embed_tokens.weight = model.shared.weight  # one table, as in the model's own tie
+    return HFEmbedder(model, tokenizer, max_length, "last_hidden_state")
+
+
+def _t5_hint(keys: set[str]) -> str:
+    if any(k.startswith("decoder.") for k in keys):
+        return "This file holds a whole T5 (encoder and decoder): use an encoder-only file."
+    if any(k.startswith("text_model.") for k in keys):
+        return "This looks like a CLIP text encoder, not T5."
+    return ""
+
+
+def clip_file_name(model_keys: set[str]) -> Callable[[str], str | None]:
+    """File key -> the model's key for a CLIP-L single file (``text_model.`` names; vision and
+    projection weights dropped). Newer transformers drop the ``text_model.`` level from the model."""
+    nested = any(k.startswith("text_model.") for k in model_keys)
+
+    def rename(key: str) -> str | None:
+        if key.startswith(CLIP_UNUSED_PREFIXES) or key.endswith("position_ids"):
+            return None
+        if not nested and key.startswith("text_model."):
+            return key[len("text_model.") :]
+        return key
+
+    return rename
+
+
+def load_clip_file(
+    path: str | os.PathLike,
+    tokenizer_folder: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    expected: Mapping[str, Any] = CLIP_L_FILE_CONFIG,
+) -> HFEmbedder:
+    """CLIP-L text encoder from one safetensors file (fp16/bf16/fp32 or fp8), e.g. ComfyUI's ``clip_l``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from flux.checkpoint import RenamedFile, load_checkpoint_strict, open_checkpoint
+
+    tokenizer = _from_folder(
+        CLIPTokenizer.from_pretrained,
+        Path(tokenizer_folder),
+        "the CLIP tokenizer",
+        max_length=CLIP_MAX_LENGTH,
+    )
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**expected)).to(dtype)
+    file = open_checkpoint(path)
+    if file.kind == "gguf":
+        raise CheckpointError(
+            f"{path}: CLIP-L is read from safetensors files only (e.g. clip_l.safetensors)."
+        )
+    file = RenamedFile(file, clip_file_name(set(model.state_dict())))
+    logger.info("Loading the CLIP text encoder from %s", path)
+    for module in model.modules():  # a buffer files do not hold (not persistent): 0, 1, 2... per position
+        ids = module._buffers.get("position_ids")
+        if ids is not None and ids.is_meta:
+            positions = torch.arange(ids.shape[-1], device=device).expand(tuple(ids.shape))
+            module.register_buffer("position_ids", positions, persistent=False)
+    load_checkpoint_strict(model, file, device=device, dtype=dtype, fmt=_encoder_file_format(file))
+    return HFEmbedder(model, tokenizer, CLIP_MAX_LENGTH, "pooler_output")

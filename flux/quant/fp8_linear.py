@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -32,7 +33,7 @@ FP8_MAX_RECIPROCAL = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
 # Rows of zeros get this scale instead of 0: their codes are then 0 and no division by 0 happens.
 MIN_AMAX = 1e-12
 
-Backend = Literal["auto", "scaled_mm", "emulate"]
+Backend = Literal["auto", "scaled_mm", "emulate", "dequantize"]
 
 _FP8_MM_SUPPORT: dict[str, bool] = {}
 
@@ -89,7 +90,10 @@ class Fp8Linear(nn.Module):
     State: ``weight`` (float8_e4m3fn, (out, in)), ``weight_scale`` (float32, (out, 1)) and ``bias``
     in the dtype of the layer it replaces (bf16 for the real model). The output has the input's
     dtype. ``backend``: "auto" uses ``torch._scaled_mm`` where the device supports it and the
-    emulation elsewhere; "scaled_mm" and "emulate" force one (for tests and benchmarks).
+    emulation elsewhere; "scaled_mm" and "emulate" force one (for tests and benchmarks);
+    "dequantize" is weight-only: the weight is upcast to the input's dtype as the layer runs and
+    the activations stay as they are (fp8 files on GPUs without fp8 units, and text encoders,
+    whose activations have outliers that per-token fp8 would flatten).
 
     ``weight`` and ``weight_scale`` keep their dtypes through ``module.to(dtype)``: casting fp8 codes
     or scales to bf16 would silently change the layer; only their device follows ``.to()``.
@@ -160,6 +164,9 @@ class Fp8Linear(nn.Module):
         return self.backend == "scaled_mm"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend == "dequantize":
+            weight = (self.weight.float() * self.weight_scale).to(x.dtype)
+            return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]
         codes, scale = quantize_rowwise(x.reshape(-1, self.in_features))
         matmul = scaled_mm_rowwise if self._use_scaled_mm(x.device) else emulated_mm_rowwise

@@ -14,7 +14,7 @@ lands on the output directly, for 0.6% of the weights: they are left alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatch
 
 import torch
@@ -65,7 +65,7 @@ class NativeFp8Format(CheckpointFormat):
         self.exclude = tuple(exclude)
         self.quantized: set[str] = set()
 
-    def prepare(self, module: nn.Module) -> None:
+    def prepare(self, module: nn.Module, header: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
         self.quantized = set(quantize_linears_to_fp8(module, self.exclude))
 
     def file_layout(self, module: nn.Module) -> dict[str, TensorSpec]:

@@ -129,7 +129,7 @@ class QuantoFormat(CheckpointFormat):
         self.qmap = qmap
         self.source = source or ("built-in (every Linear in qfloat8_e4m3fn)" if qmap is None else "given")
 
-    def prepare(self, module: nn.Module) -> None:
+    def prepare(self, module: nn.Module, header: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
         qmap = self.qmap if self.qmap is not None else xlabs_quantization_map(module)
         quantize_as_mapped(module, qmap, self.source)
 

@@ -1,0 +1,264 @@
+"""fp8 single-file DiTs and single-file text encoders (T5 safetensors/fp8/GGUF, CLIP-L), strictly.
+
+Each file is written by the tests in the layout people have (Kijai's and ComfyUI's fp8 files,
+ComfyUI's T5/CLIP files, city96's llama.cpp-named T5 GGUF), loaded through the product's loaders
+and compared with an independent computation on the weights the file stands for.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from flux.checkpoint import CheckpointError
+from flux.loading import load_flow_model, open_dit_file, single_file_format
+from flux.model import Flux
+from flux.quant import Fp8Linear, fp8_linear_names
+from flux.quant.ggml import GGMLLinear
+from flux.text_encoders import T5_GGUF_NAMES, load_clip, load_clip_file, load_t5, load_t5_file
+from tests.numerics import rel_err
+from tests.reference_flux import flux_forward
+from tests.test_flux_model import random_inputs
+from tests.tiny_configs import tiny_flux_params
+from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer, write_tiny_clip
+from tiny_random.single_files import fp8_reference, fp8_state, gguf_reference, write_gguf
+
+TOL_FORWARD = 1e-5  # float32 computation on exactly the file's weights vs float64 / float32 references
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def tiny_dit_state(seed: int) -> tuple:
+    params = tiny_flux_params()
+    torch.manual_seed(seed)
+    model = Flux(params)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return params, {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def load_single_dit(path, params):
+    file = open_dit_file(path)
+    return load_flow_model(file, params, "cpu", torch.float32, fmt=single_file_format(file, "cpu"))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+def test_fp8_dit_file_loads_its_codes_into_fp8_layers(scaled, tmp_path):
+    params, state = tiny_dit_state(fresh_seed())
+    stored = fp8_state(state, scaled=scaled)  # every 2-D weight in fp8, embedders included
+    path = tmp_path / "flux-fp8.safetensors"
+    save_file(stored, path)
+    model = load_single_dit(path, params)
+
+    kept = set(fp8_linear_names(Flux(tiny_flux_params()).to("meta")))
+    for name, layer in model.named_modules():
+        if name in kept:
+            assert isinstance(layer, Fp8Linear) and layer.backend == "dequantize"  # no fp8 units on CPU
+            assert torch.equal(layer.weight.view(torch.uint8), stored[f"{name}.weight"].view(torch.uint8))
+            expected_scale = stored[f"{name}.scale_weight"].item() if scaled else 1.0
+            assert torch.all(layer.weight_scale == expected_scale)
+    assert type(model.img_in) is nn.Linear  # outside the blocks: upcast once at load
+
+    inputs = random_inputs(params, dtype=torch.float32, seed=fresh_seed())
+    with torch.no_grad():
+        out = model(**inputs)
+    expected = flux_forward(fp8_reference(stored), params, **{k: v.double() for k, v in inputs.items()})
+    assert rel_err(out, expected) < TOL_FORWARD
+
+
+def test_fp8_dit_file_on_fp8_hardware_uses_the_fp8_products(tmp_path, monkeypatch):
+    """Where the GPU has fp8 units the layers keep the "auto" backend (scaled_mm)."""
+    import flux.quant
+
+    params, state = tiny_dit_state(0)
+    path = tmp_path / "fp8.safetensors"
+    save_file(fp8_state(state), path)
+    monkeypatch.setattr(flux.quant, "fp8_matmul_supported", lambda device: True)
+    file = open_dit_file(path)
+    fmt = single_file_format(file, "cuda")
+    assert fmt.backend == "auto"
+
+
+def test_e5m2_dit_file_is_refused_with_the_reason(tmp_path):
+    params, state = tiny_dit_state(0)
+    stored = {k: (v.to(torch.float8_e5m2) if v.dim() == 2 else v) for k, v in state.items()}
+    path = tmp_path / "flux-e5m2.safetensors"
+    save_file(stored, path)
+    with pytest.raises(CheckpointError, match="e5m2: use the e4m3fn file"):
+        load_single_dit(path, params)
+
+
+def test_fp8_file_whose_tensors_do_not_fit_names_them(tmp_path):
+    params, state = tiny_dit_state(0)
+    stored = fp8_state(state)
+    stored["double_blocks.0.img_attn.qkv.weight"] = stored["double_blocks.0.img_attn.qkv.weight"][:-3]
+    del stored["final_layer.linear.weight"]
+    path = tmp_path / "broken-fp8.safetensors"
+    save_file(stored, path)
+    with pytest.raises(CheckpointError) as err:
+        load_single_dit(path, params)
+    assert "double_blocks.0.img_attn.qkv.weight" in str(err.value)
+    assert "final_layer.linear.weight" in str(err.value)
+
+
+def test_an_all_in_one_checkpoint_is_explained(tmp_path):
+    params, state = tiny_dit_state(0)
+    bundle = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    bundle["first_stage_model.decoder.conv_in.weight"] = torch.zeros(2, 2)
+    path = tmp_path / "bundle.safetensors"
+    save_file(bundle, path)
+    with pytest.raises(CheckpointError, match="all-in-one checkpoint"):
+        load_single_dit(path, params)
+
+
+# ---------------------------------------------------------------- text encoders
+
+# Widths that divide into 32-value GGUF blocks.
+T5_FILE_CONFIG = dict(
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=8,
+)
+PROMPTS = ["a photo of woman in snow", "portrait of man with color"]
+
+
+@pytest.fixture(scope="module")
+def t5_reference(tmp_path_factory):
+    """A tiny T5 folder (the reference encoder) and its state."""
+    from transformers import T5Config, T5EncoderModel
+
+    folder = tmp_path_factory.mktemp("t5")
+    tokenizer = tiny_t5_tokenizer()
+    tokenizer.save_pretrained(folder)
+    config = dict(T5_FILE_CONFIG, vocab_size=len(tokenizer))
+    torch.manual_seed(fresh_seed())
+    T5EncoderModel(T5Config(**config)).save_pretrained(folder)
+    model = load_t5(folder, "cpu", torch.float32, max_length=16, expected=config)
+    state = {k: v.clone() for k, v in model.hf_module.state_dict().items()}
+    return folder, config, state
+
+
+def t5_with_state(folder, config, state) -> torch.Tensor:
+    """The folder's encoder with ``state`` in place of its weights, on the test prompts."""
+    model = load_t5(folder, "cpu", torch.float32, max_length=16, expected=config)
+    model.hf_module.load_state_dict({k: v.float() for k, v in state.items()})
+    with torch.no_grad():
+        return model(PROMPTS)
+
+
+def encode(embedder) -> torch.Tensor:
+    with torch.no_grad():
+        return embedder(PROMPTS)
+
+
+def llama_cpp_name(key: str) -> str:
+    for old, new in reversed(T5_GGUF_NAMES):
+        key = key.replace(new, old)
+    return key
+
+
+def test_t5_fp16_single_file_with_both_embedding_copies(t5_reference, tmp_path):
+    folder, config, state = t5_reference
+    path = tmp_path / "t5xxl_fp16.safetensors"
+    save_file({k: v.half() for k, v in state.items()}, path)  # ComfyUI's file keeps both copies
+    t5 = load_t5_file(path, folder, "cpu", torch.float32, max_length=16, expected=config)
+    assert t5.hf_module.encoder.embed_tokens.weight is t5.hf_module.shared.weight
+    expected = t5_with_state(folder, config, {k: v.half() for k, v in state.items()})
+    assert rel_err(encode(t5), expected) < TOL_FORWARD
+
+
+def test_t5_fp8_scaled_single_file_keeps_linears_in_fp8(t5_reference, tmp_path):
+    folder, config, state = t5_reference
+    linears = {
+        k for k in state if k.endswith(".weight") and ("SelfAttention." in k or "DenseReluDense." in k)
+    }
+    linears -= {k for k in linears if "relative_attention_bias" in k}
+    stored = fp8_state(
+        {k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}, linears, scaled=True
+    )
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(stored, path)
+    t5 = load_t5_file(path, folder, "cpu", torch.float32, max_length=16, expected=config)
+    layers = {n: m for n, m in t5.hf_module.named_modules() if isinstance(m, Fp8Linear)}
+    assert {f"{n}.weight" for n in layers} == {k for k in linears if ".wo." not in k}  # see _t5_fp8_linears
+    assert all(m.backend == "dequantize" for m in layers.values())
+    reference = fp8_reference(stored)
+    reference["encoder.embed_tokens.weight"] = reference["shared.weight"]
+    out = encode(t5)
+    assert rel_err(out, t5_with_state(folder, config, reference)) < TOL_FORWARD
+    # what fp8 costs against the float encoder, on random weights (reported in BENCHMARKS.md at full size)
+    assert rel_err(out, t5_with_state(folder, config, state)) < 0.1
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_1"])
+def test_t5_gguf_with_llama_cpp_names(t5_reference, tmp_path, qtype):
+    folder, config, state = t5_reference
+    named = {llama_cpp_name(k): v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
+    assert "enc.blk.0.attn_q.weight" in named and "token_embd.weight" in named
+    types = {k: (qtype if v.dim() == 2 and "attn_rel_b" not in k else "F32") for k, v in named.items()}
+    path = write_gguf(tmp_path / f"t5-{qtype}.gguf", named, types, architecture="t5encoder")
+    t5 = load_t5_file(path, folder, "cpu", torch.float32, max_length=16, expected=config)
+    quantised = [m for m in t5.hf_module.modules() if isinstance(m, GGMLLinear)]
+    assert len(quantised) == 2 * 7 and {m.qtype for m in quantised} == {qtype}
+    assert t5.hf_module.shared.weight.dtype == torch.float32  # the embedding table, dequantised at load
+    reference = {}
+    for key, value in gguf_reference(path).items():
+        for old, new in T5_GGUF_NAMES:
+            key = key.replace(old, new)
+        reference[key] = value
+    reference["encoder.embed_tokens.weight"] = reference["shared.weight"]
+    out = encode(t5)
+    assert rel_err(out, t5_with_state(folder, config, reference)) < TOL_FORWARD
+    bound = {"Q8_0": 0.02, "Q5_0": 0.1, "Q4_1": 0.2}[qtype]
+    assert rel_err(out, t5_with_state(folder, config, state)) < bound
+
+
+def test_t5_files_of_other_models_are_refused(t5_reference, tmp_path):
+    folder, config, state = t5_reference
+    llm = write_gguf(
+        tmp_path / "llm.gguf",
+        {"token_embd.weight": torch.zeros(8, 32)},
+        {"token_embd.weight": "F16"},
+        "llama",
+    )
+    with pytest.raises(CheckpointError, match="'llama' model, not the T5-XXL text encoder"):
+        load_t5_file(llm, folder, expected=config)
+    whole = dict(state, **{"decoder.final_layer_norm.weight": torch.ones(64)})
+    path = tmp_path / "t5-whole.safetensors"
+    save_file(whole, path)
+    with pytest.raises(CheckpointError, match="decoder.final_layer_norm.weight(.|\n)*encoder-only"):
+        load_t5_file(path, folder, expected=config)
+
+
+def test_clip_l_single_file_in_comfy_layout(tmp_path):
+    from tiny_random.models import TINY_CLIP_CONFIG
+
+    folder = write_tiny_clip(tmp_path / "clip", seed=fresh_seed())
+    config = dict(TINY_CLIP_CONFIG, vocab_size=len(tiny_clip_tokenizer()), bos_token_id=0, eos_token_id=1)
+    reference = load_clip(folder, "cpu", torch.float32, expected=TINY_CLIP_CONFIG)
+    state = reference.hf_module.state_dict()
+    stored = {
+        (k if k.startswith("text_model.") else f"text_model.{k}"): v.half().clone() for k, v in state.items()
+    }
+    stored["text_projection.weight"] = torch.zeros(8, config["hidden_size"], dtype=torch.float16)
+    stored["logit_scale"] = torch.tensor(4.6)
+    stored["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    path = tmp_path / "clip_l.safetensors"
+    save_file(stored, path)
+    clip = load_clip_file(path, folder, "cpu", torch.float32, expected=config)
+    reference.hf_module.load_state_dict({k: v.half().float() for k, v in state.items()})
+    assert rel_err(encode(clip), encode(reference)) < TOL_FORWARD
+    del stored["text_model.final_layer_norm.weight"]
+    save_file(stored, path)
+    with pytest.raises(CheckpointError, match="final_layer_norm.weight"):
+        load_clip_file(path, folder, expected=config)
