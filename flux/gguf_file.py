@@ -2,10 +2,10 @@
 
 Parsing is the ``gguf`` package's :class:`gguf.GGUFReader` (a memory map: nothing is read until a
 tensor is asked for). Before and around it this module refuses what a hostile or broken file could
-do to it: a bad magic or version, counts of tensors or metadata that cannot fit in the file,
-tensors whose data runs past its end (the reader's reshape fails), unknown tensor types, non-UTF-8 names; every case is a
-:class:`~flux.checkpoint.CheckpointError` naming the file and what is wrong, raised before any
-tensor data is read.
+do to it: a bad magic or version, counts of tensors or metadata that cannot fit in the file, tensors
+whose data runs past its end (the reader's reshape fails), unknown tensor types, non-UTF-8 names;
+every case is a :class:`~flux.checkpoint.CheckpointError` naming the file and what is wrong, raised
+before any tensor data is read.
 
 A :class:`GGUFFile` presents the file the way the one loading loop of :mod:`flux.checkpoint` wants
 a checkpoint: a header (key -> torch-order shape, type name) and tensors by key. Float tensors

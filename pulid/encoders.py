@@ -218,9 +218,9 @@ def load_pulid_weights(
     ca_kwargs: dict | None = None,
 ) -> PuLIDWeights:
     """Build on the meta device and fill strictly from a PuLID-FLUX safetensors file (eval mode)."""
-    from flux.checkpoint import load_safetensors_strict
+    from flux.checkpoint import load_checkpoint_strict
 
     with torch.device("meta"):
         weights = PuLIDWeights(num_ca, encoder_kwargs=encoder_kwargs, ca_kwargs=ca_kwargs)
-    load_safetensors_strict(weights, path, device=device, dtype=dtype)
+    load_checkpoint_strict(weights, path, device=device, dtype=dtype)
     return weights.eval().requires_grad_(False)

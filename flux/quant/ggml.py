@@ -172,11 +172,11 @@ def dequantize(
 class GGMLLinear(nn.Module):
     """``nn.Linear`` whose weight stays GGML-quantised in memory and is dequantised as it runs.
 
-    State: ``weight`` (the file's blocks, row by row: (out_features, bytes per row), held as int8
-    so that transformers' T5, which casts activations to its output layer's weight dtype unless
-    that is int8, leaves them alone) and ``bias`` in the model's dtype. ``qtype`` is one of :data:`FORMATS`. Being plain bytes, the
-    weight moves with ``.to(device)``, streams with the memory placement as its quantised size and
-    is left alone by ``.to(dtype)``. The output has the input's dtype.
+    State: ``weight`` (the file's blocks, row by row: (out_features, bytes per row), held as int8 so
+    that transformers' T5, which casts activations to its output layer's weight dtype unless that is
+    int8, leaves them alone) and ``bias`` in the model's dtype. ``qtype`` is one of :data:`FORMATS`.
+    Being plain bytes, the weight moves with ``.to(device)``, streams with the memory placement as
+    its quantised size and is left alone by ``.to(dtype)``. The output has the input's dtype.
     """
 
     def __init__(
