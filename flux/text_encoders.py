@@ -220,7 +220,18 @@ def t5_gguf_name(key: str) -> str:
     return key
 
 
-def _encoder_file_format(file):
+def open_t5_file(path: str | os.PathLike):
+    """A single T5 file opened under transformers' names (GGUF names mapped; other models refused)."""
+    from flux.checkpoint import RenamedFile, open_checkpoint
+
+    file = open_checkpoint(path)
+    if file.kind == "gguf":
+        file.expect_architecture(T5_GGUF_ARCHITECTURES, "the T5-XXL text encoder")
+        file = RenamedFile(file, t5_gguf_name)
+    return file
+
+
+def encoder_file_format(file):
     """GGUF, fp8 (weight-only: T5's activations have outliers that per-token fp8 would flatten) or plain."""
     from flux.checkpoint import PLAIN
     from flux.quant.fp8_file import Fp8FileFormat
@@ -258,12 +269,9 @@ def load_t5_file(
     """
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-    from flux.checkpoint import RenamedFile, load_checkpoint_strict, open_checkpoint
+    from flux.checkpoint import load_checkpoint_strict
 
-    file = open_checkpoint(path)
-    if file.kind == "gguf":
-        file.expect_architecture(T5_GGUF_ARCHITECTURES, "the T5-XXL text encoder")
-        file = RenamedFile(file, t5_gguf_name)
+    file = open_t5_file(path)
     tokenizer = _from_folder(
         T5Tokenizer.from_pretrained, Path(tokenizer_folder), "the T5 tokenizer", max_length=max_length
     )
@@ -271,7 +279,7 @@ def load_t5_file(
         model = T5EncoderModel(T5Config(**expected)).to(dtype)
     logger.info("Loading the T5 encoder from %s (%s)", path, file.kind)
     load_checkpoint_strict(
-        model, file, device=device, dtype=dtype, fmt=_encoder_file_format(file), hint=_t5_hint, tied=T5_TIED
+        model, file, device=device, dtype=dtype, fmt=encoder_file_format(file), hint=_t5_hint, tied=T5_TIED
     )
     model.encoder.embed_tokens.weight = model.shared.weight  # one table, as in the model's own tie
     return HFEmbedder(model, tokenizer, max_length, "last_hidden_state")
@@ -332,5 +340,5 @@ def load_clip_file(
         if ids is not None and ids.is_meta:
             positions = torch.arange(ids.shape[-1], device=device).expand(tuple(ids.shape))
             module.register_buffer("position_ids", positions, persistent=False)
-    load_checkpoint_strict(model, file, device=device, dtype=dtype, fmt=_encoder_file_format(file))
+    load_checkpoint_strict(model, file, device=device, dtype=dtype, fmt=encoder_file_format(file))
     return HFEmbedder(model, tokenizer, CLIP_MAX_LENGTH, "pooler_output")

@@ -12,7 +12,7 @@ the hub's listed sizes where no manifest exists (the text encoders, the face mod
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flux.hub import HubWeights, format_size
@@ -53,6 +53,10 @@ CLIP_L_FILES = (
     "special_tokens_map.json",
 )
 CLIP_L_BYTES = 1_712_032_155  # model.safetensors 1,710,540,580 and small files
+
+
+class WeightChoiceError(ValueError):
+    """Flags that choose weight files which cannot go together, or a name that is not in the catalogue."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,131 @@ TEXT_ENCODERS = (
         "always",
     ),
 )
+
+
+# Single files for small cards (sizes as the hub lists them). City96's GGUF files keep the official
+# key names; Kijai's fp8 file is the transformer alone in float8_e4m3fn.
+def _single(role: str, repo: str, file: str, size: int, what: str, needed: str) -> CatalogueEntry:
+    return CatalogueEntry(role, HubWeights(repo, (file,), size, file, what), needed)
+
+
+CITY96_FLUX = "city96/FLUX.1-dev-gguf"
+CITY96_T5 = "city96/t5-v1_1-xxl-encoder-gguf"
+COMFY_TEXT = "comfyanonymous/flux_text_encoders"
+DIT_FILES: dict[str, CatalogueEntry] = {
+    name: _single("flow", repo, file, size, what, f"`--dit {name}`")
+    for name, repo, file, size, what in (
+        (
+            "flux-dev-fp8",
+            "Kijai/flux-fp8",
+            "flux1-dev-fp8-e4m3fn.safetensors",
+            11_900_000_000,
+            "the FLUX.1-dev transformer in fp8 e4m3fn (Kijai, one file)",
+        ),
+        (
+            "flux-dev-Q8_0",
+            CITY96_FLUX,
+            "flux1-dev-Q8_0.gguf",
+            12_700_000_000,
+            "the FLUX.1-dev transformer, GGUF Q8_0 (city96)",
+        ),
+        (
+            "flux-dev-Q6_K",
+            CITY96_FLUX,
+            "flux1-dev-Q6_K.gguf",
+            9_860_000_000,
+            "the FLUX.1-dev transformer, GGUF Q6_K (city96)",
+        ),
+        (
+            "flux-dev-Q5_K_S",
+            CITY96_FLUX,
+            "flux1-dev-Q5_K_S.gguf",
+            8_290_000_000,
+            "the FLUX.1-dev transformer, GGUF Q5_K_S (city96)",
+        ),
+        (
+            "flux-dev-Q4_K_S",
+            CITY96_FLUX,
+            "flux1-dev-Q4_K_S.gguf",
+            6_810_000_000,
+            "the FLUX.1-dev transformer, GGUF Q4_K_S (city96)",
+        ),
+    )
+}
+T5_FILES: dict[str, CatalogueEntry] = {
+    name: _single("t5", repo, file, size, what, f"`--t5 {name}`")
+    for name, repo, file, size, what in (
+        ("t5xxl-fp16", COMFY_TEXT, "t5xxl_fp16.safetensors", 9_790_000_000, "T5-XXL in fp16 (one file)"),
+        (
+            "t5xxl-fp8",
+            COMFY_TEXT,
+            "t5xxl_fp8_e4m3fn.safetensors",
+            4_890_000_000,
+            "T5-XXL in fp8 e4m3fn (one file)",
+        ),
+        (
+            "t5xxl-Q8_0",
+            CITY96_T5,
+            "t5-v1_1-xxl-encoder-Q8_0.gguf",
+            5_060_000_000,
+            "T5-XXL encoder, GGUF Q8_0",
+        ),
+        (
+            "t5xxl-Q5_K_M",
+            CITY96_T5,
+            "t5-v1_1-xxl-encoder-Q5_K_M.gguf",
+            3_390_000_000,
+            "T5-XXL encoder, GGUF Q5_K_M",
+        ),
+        (
+            "t5xxl-Q4_K_M",
+            CITY96_T5,
+            "t5-v1_1-xxl-encoder-Q4_K_M.gguf",
+            2_900_000_000,
+            "T5-XXL encoder, GGUF Q4_K_M",
+        ),
+    )
+}
+CLIP_FILES: dict[str, CatalogueEntry] = {
+    "clip-l": _single(
+        "clip",
+        COMFY_TEXT,
+        "clip_l.safetensors",
+        246_144_152,
+        "CLIP-L text encoder (one file)",
+        "`--clip clip-l`",
+    )
+}
+# The tokenizers of single-file text encoders: the small files of the repos the folders come from.
+TOKENIZERS = {
+    "t5_tokenizer": CatalogueEntry(
+        "t5_tokenizer",
+        HubWeights(
+            "xlabs-ai/xflux_text_encoders",
+            ("spiece.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
+            800_000,
+            "t5-tokenizer",
+            "the T5 tokenizer (for single-file T5)",
+            folder=True,
+        ),
+        "`--t5 FILE_OR_NAME`",
+    ),
+    "clip_tokenizer": CatalogueEntry(
+        "clip_tokenizer",
+        HubWeights(
+            "openai/clip-vit-large-patch14",
+            ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"),
+            1_600_000,
+            "clip-tokenizer",
+            "the CLIP tokenizer (for single-file CLIP-L)",
+            folder=True,
+        ),
+        "`--clip FILE_OR_NAME`",
+    ),
+}
+SINGLE_FILE_CHOICES = {"dit": DIT_FILES, "t5": T5_FILES, "clip": CLIP_FILES}
+
+
 PULID_WEIGHTS: dict[str, CatalogueEntry] = {
     version: CatalogueEntry(
         "pulid",
@@ -310,7 +439,11 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
     *(entry for entries in FLUX_WEIGHTS.values() for entry in entries),
     FP8_FLOW,
     FP8_MAP,
+    *DIT_FILES.values(),
     *TEXT_ENCODERS,
+    *T5_FILES.values(),
+    *CLIP_FILES.values(),
+    *TOKENIZERS.values(),
     *PULID_WEIGHTS.values(),
     *ID_MODELS,
     *(lora.entry for lora in SPEED_LORAS.values()),
@@ -329,14 +462,64 @@ def check_choice(model: str, version: str, fp8: str | None) -> None:
         raise ValueError(f"There is no fp8 (quanto) checkpoint for {model}: use --fp8_mode native or bf16.")
 
 
+def check_single_files(model: str, fp8: str | None, files: Mapping[str, str | None]) -> None:
+    """Raise ValueError for single-file choices that cannot go together with the other flags."""
+    dit = files.get("dit")
+    if dit is not None and fp8 is not None:
+        raise WeightChoiceError(
+            "--fp8 quantises the bf16 checkpoint as it loads, --dit chooses a file that is already "
+            "quantised: pass one of them."
+        )
+    if dit in DIT_FILES and model != "flux-dev":
+        raise WeightChoiceError(
+            f"--dit {dit} is a FLUX.1-dev file; with --name {model} give a path to a file of that model."
+        )
+
+
+def is_path_choice(kind: str, value: str | None) -> bool:
+    """Whether a --dit/--t5/--clip value is a file path rather than a catalogue name."""
+    return value is not None and value not in SINGLE_FILE_CHOICES[kind]
+
+
+def check_single_file_name(kind: str, value: str | None) -> None:
+    """Raise ValueError for a value that is neither a catalogue name nor an existing-looking path."""
+    if value is None or value in SINGLE_FILE_CHOICES[kind]:
+        return
+    if not value.endswith((".gguf", ".safetensors")):
+        names = ", ".join(SINGLE_FILE_CHOICES[kind])
+        raise WeightChoiceError(f"--{kind} {value!r} is neither one of {names} nor a .gguf/.safetensors file")
+
+
 def required_weights(
-    model: str = "flux-dev", version: str = DEFAULT_VERSION, fp8: str | None = None
+    model: str = "flux-dev",
+    version: str = DEFAULT_VERSION,
+    fp8: str | None = None,
+    files: Mapping[str, str | None] | None = None,
 ) -> dict[str, CatalogueEntry]:
-    """Role -> entry for what these flags load (``fp8``: None, "native" or "quanto", resolved)."""
+    """Role -> entry for what these flags load (``fp8``: None, "native" or "quanto", resolved).
+
+    ``files`` are the single-file choices (``dit``, ``t5``, ``clip``: a catalogue name or a path).
+    A path keeps an entry of the same kind in the table (for messages); the loader is given the path.
+    """
+    files = dict(files or {})
     check_choice(model, version, fp8)
+    check_single_files(model, fp8, files)
+    for kind, value in files.items():
+        check_single_file_name(kind, value)
     flow, ae = FLUX_WEIGHTS[model]
+    t5, clip = TEXT_ENCODERS
+    if files.get("dit") is not None:
+        flow = DIT_FILES.get(files["dit"], flow)
     entries = [FP8_FLOW, FP8_MAP] if fp8 == "quanto" else [flow]
-    entries += [ae, *TEXT_ENCODERS, PULID_WEIGHTS[version], *ID_MODELS]
+    if files.get("t5") is not None:
+        entries += [T5_FILES.get(files["t5"], T5_FILES["t5xxl-fp16"]), TOKENIZERS["t5_tokenizer"]]
+    else:
+        entries.append(t5)
+    if files.get("clip") is not None:
+        entries += [CLIP_FILES.get(files["clip"], CLIP_FILES["clip-l"]), TOKENIZERS["clip_tokenizer"]]
+    else:
+        entries.append(clip)
+    entries += [ae, PULID_WEIGHTS[version], *ID_MODELS]
     return {entry.role: entry for entry in entries}
 
 

@@ -4,13 +4,13 @@
     python -m pulid.download                           # fetch what is missing (progress, resume)
     python -m pulid.download --name flux-krea-dev --version v0.9.0 --fp8 --models_dir /data/models
     python -m pulid.download --speed_lora FLUX.1-Turbo-Alpha   # and an 8-step LoRA into models/loras/
+    python -m pulid.download --dit flux-dev-Q4_K_S --t5 t5xxl-Q5_K_M --clip clip-l   # an 8 GB card
 
-The flags are the app's (``--name``, ``--version``, ``--fp8``, ``--fp8_mode``, ``--models_dir``), so
-the same line that starts the app says what to download. Files already in the models folder or
-the Hugging Face cache are skipped. FLUX.1-dev is gated: accept its licence on the hub and set
-``HF_TOKEN`` (or run ``hf auth login``) first; a refused download says so. Interrupted downloads
-resume where they stopped.
-"""
+The flags are the app's (``--name``, ``--version``, ``--fp8``, ``--fp8_mode``, ``--dit``, ``--t5``,
+``--clip``, ``--models_dir``), so the same line that starts the app says what to download. Files
+already in the models folder or the Hugging Face cache are skipped. FLUX.1-dev is gated: accept its
+licence on the hub and set ``HF_TOKEN`` (or run ``hf auth login``) first; a refused download says
+so. Interrupted downloads resume where they stopped."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def chosen_entries(args: argparse.Namespace):
 
         fp8 = resolve_fp8_mode(fp8, resolve_device(None))
         print(f"--fp8_mode auto on this machine is {fp8}")
-    return list(required_weights(args.name, args.version, fp8).values()) + [
+    files = {"dit": args.dit, "t5": args.t5, "clip": args.clip}
+    return list(required_weights(args.name, args.version, fp8, files).values()) + [
         SPEED_LORAS[name].entry for name in args.speed_lora
     ]
 

@@ -29,12 +29,19 @@ from flux.hub import (
     find_local,
     missing_report,
 )
-from flux.loading import load_autoencoder, load_flow_model
+from flux.loading import load_autoencoder, load_flow_model, open_dit_file, single_file_format
 from flux.lora import LoRAAdapters
 from flux.offload import MemoryPolicy, PipelinePlacement, measure
 from flux.registry import get_model_spec
-from flux.text_encoders import load_clip, load_t5
-from pulid.catalogue import DEFAULT_VERSION, FACE_MODEL_ROLES, FP8_MODES, CatalogueEntry, required_weights
+from flux.text_encoders import load_clip, load_clip_file, load_t5, load_t5_file
+from pulid.catalogue import (
+    DEFAULT_VERSION,
+    FACE_MODEL_ROLES,
+    FP8_MODES,
+    CatalogueEntry,
+    is_path_choice,
+    required_weights,
+)
 from pulid.encoders import load_pulid_weights, num_pulid_ca
 from pulid.id_encoder import IDEncoder
 from pulid.loras import LoRALibrary
@@ -51,11 +58,16 @@ def plan_counts(request: GenerationRequest | None = None) -> dict[str, int]:
     return {"image": 1, "prompt": cfg, "step": request.num_steps * cfg}
 
 
-def download_command(model: str, version: str, fp8: str | None, models_dir: Path) -> str:
+def download_command(
+    model: str, version: str, fp8: str | None, models_dir: Path, files: Mapping[str, str | None] | None = None
+) -> str:
     """The ``python -m pulid.download`` line that fetches what these flags need."""
     parts = ["python", "-m", "pulid.download", "--name", model, "--version", version]
     if fp8 is not None:
         parts += ["--fp8", "--fp8_mode", fp8]
+    for kind, value in (files or {}).items():
+        if value is not None and not is_path_choice(kind, value):
+            parts += [f"--{kind}", value]
     parts += ["--models_dir", str(models_dir)]
     return shlex.join(parts)
 
@@ -128,11 +140,15 @@ def resolve_fp8_mode(fp8: str | None, device: torch.device) -> str | None:
     return fp8
 
 
-def meta_pipeline(model_name: str = "flux-dev", fp8: str | None = None) -> PuLIDFluxPipeline:
+def meta_pipeline(
+    model_name: str = "flux-dev", fp8: str | None = None, files: Mapping[str, Path] | None = None
+) -> PuLIDFluxPipeline:
     """The full-size pipeline on the meta device (no memory, no weights): for planning memory.
 
     Native fp8 swaps the DiT's block Linears as the loader does; the quanto layout is planned as
-    native fp8 (the same fp8 bytes per weight, bf16 scales instead of float32 ones).
+    native fp8 (the same fp8 bytes per weight, bf16 scales instead of float32 ones). Single files
+    (``files``: role "flow"/"t5" -> local path) are prepared from their headers exactly as the
+    loader will prepare them, so GGUF and fp8 layers are planned at their stored size.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -142,18 +158,31 @@ def meta_pipeline(model_name: str = "flux-dev", fp8: str | None = None) -> PuLID
     from flux.text_encoders import CLIP_L_TEXT_CONFIG, CLIP_MAX_LENGTH, T5_XXL_CONFIG, HFEmbedder
     from pulid.encoders import PuLIDWeights
 
+    files = files or {}
     spec = get_model_spec(model_name)
     flow = build_flow_model(spec.params, "meta", torch.bfloat16)
     if fp8 is not None:
         from flux.quant import quantize_linears_to_fp8
 
         quantize_linears_to_fp8(flow)
+    if "flow" in files:
+        from flux.loading import open_dit_file, single_file_format
+
+        file = open_dit_file(files["flow"])
+        single_file_format(file, "meta").prepare(flow, file.header)
+        file.close()
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(torch.bfloat16)
         clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)).to(torch.bfloat16)
         pulid = PuLIDWeights(num_pulid_ca(spec.params.depth, spec.params.depth_single_blocks))
         pulid = pulid.to(torch.bfloat16)
         ae = AutoEncoder(spec.ae_params)
+    if "t5" in files:
+        from flux.text_encoders import encoder_file_format, open_t5_file
+
+        file = open_t5_file(files["t5"])
+        encoder_file_format(file).prepare(t5, file.header)
+        file.close()
     eva = EvaVisionTower(device="meta").to(torch.bfloat16)
     return PuLIDFluxPipeline(
         flow=flow,
@@ -179,8 +208,16 @@ def load_pipeline(
     compiled: bool = False,
     memory: MemoryPolicy | None = None,
     allow_download: bool = True,
+    dit: str | None = None,
+    t5: str | None = None,
+    clip: str | None = None,
 ) -> PuLIDFluxPipeline:
     """The whole stack on ``device`` (default: the first CUDA GPU, else the CPU).
+
+    ``dit``, ``t5``, ``clip``: single files instead of the official ones, as a catalogue name
+    (:data:`pulid.catalogue.DIT_FILES`, ``T5_FILES``, ``CLIP_FILES``) or a path: GGUF files keep
+    their quantised layers quantised, fp8 e4m3fn files load into the fp8 layers, bf16/fp16 files
+    load as usual (see :mod:`flux.loading` and :mod:`flux.text_encoders`).
 
     ``fp8``: None (bf16), ``"native"`` (the bf16 checkpoint quantised to fp8 as it is read, computed
     with the GPU's fp8 matrix units; needs Ada/Hopper), ``"quanto"`` (XLabs' fp8 checkpoint through
@@ -198,16 +235,23 @@ def load_pipeline(
     memory.check_device(device)
     spec = get_model_spec(model_name)
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
-    entries = required_weights(model_name, version, fp8)
-    if memory.placed:  # a budget that cannot be met fails now, not after loading 36 GB
+    files = {"dit": dit, "t5": t5, "clip": clip}
+    entries = required_weights(model_name, version, fp8, files)
+    single = dit is not None or t5 is not None
+    if memory.placed and not single:  # a budget that cannot be met fails now, not after loading 36 GB
         memory.plan(measure(meta_pipeline(model_name, fp8).components()), STAGES, plan_counts())
+    roles = {"dit": "flow", "t5": "t5", "clip": "clip"}
+    explicit = {roles[kind]: value for kind, value in files.items() if is_path_choice(kind, value)}
     paths = locate_weights(
         entries,
         models_dir,
-        {"pulid": pretrained_model},
+        {"pulid": pretrained_model, **explicit},
         allow_download=allow_download,
-        command=download_command(model_name, version, fp8, models_dir),
+        command=download_command(model_name, version, fp8, models_dir, files),
     )
+    if memory.placed and single:  # planned from the files' headers, before reading their tensors
+        planned = {role: paths[role] for role, kind in (("flow", dit), ("t5", t5)) if kind is not None}
+        memory.plan(measure(meta_pipeline(model_name, fp8, planned).components()), STAGES, plan_counts())
 
     from pulid.face_analysis import load_face_analyzer
 
@@ -216,9 +260,20 @@ def load_pipeline(
     face_analysis = load_face_analyzer(
         {role: paths[role] for role in FACE_MODEL_ROLES}, onnx_provider=onnx_provider, device=device
     )
-    t5 = load_t5(paths["t5"], weights_device, dtype, max_length=512)
-    clip = load_clip(paths["clip"], weights_device, dtype)
-    flow = load_flow_model(paths["flow"], spec.params, weights_device, dtype, fmt=_dit_format(fp8, paths))
+    if t5 is not None:
+        t5_encoder = load_t5_file(paths["t5"], paths["t5_tokenizer"], weights_device, dtype, max_length=512)
+    else:
+        t5_encoder = load_t5(paths["t5"], weights_device, dtype, max_length=512)
+    if clip is not None:
+        clip_encoder = load_clip_file(paths["clip"], paths["clip_tokenizer"], weights_device, dtype)
+    else:
+        clip_encoder = load_clip(paths["clip"], weights_device, dtype)
+    if dit is not None:
+        dit_file = open_dit_file(paths["flow"])
+        fmt = single_file_format(dit_file, device)
+        flow = load_flow_model(dit_file, spec.params, weights_device, dtype, fmt=fmt)
+    else:
+        flow = load_flow_model(paths["flow"], spec.params, weights_device, dtype, fmt=_dit_format(fp8, paths))
     ae = load_autoencoder(paths["ae"], spec.ae_params, weights_device)
     pulid = load_pulid_weights(
         paths["pulid"],
@@ -238,13 +293,18 @@ def load_pipeline(
     pipeline = PuLIDFluxPipeline(
         flow=flow,
         ae=ae,
-        t5=t5,
-        clip=clip,
+        t5=t5_encoder,
+        clip=clip_encoder,
         pulid_ca=pulid.pulid_ca,
         id_encoder=id_encoder,
         device=device,
         dtype=dtype,
-        info={"model": model_name, "pulid_version": version, "fp8": fp8 or "off"},
+        info={
+            "model": model_name,
+            "pulid_version": version,
+            "fp8": fp8 or "off",
+            **{kind: paths[roles[kind]].name for kind, value in files.items() if value is not None},
+        },
         lora_adapters=lora_adapters,
         lora_library=LoRALibrary(
             models_dir / "loras", lora_adapters.targets, models_dir=models_dir, allow_download=allow_download

@@ -1,12 +1,13 @@
 """From command-line flags to a loaded pipeline, shared by the app and ``generate.py``.
 
-The model flags keep the official app's names and meanings (``--name``, ``--version``,
-``--device``, ``--offload``, ``--aggressive_offload``, ``--fp8``, ``--onnx_provider``,
-``--pretrained_model``) plus this project's (``--vram_budget``, ``--fp8_mode``, ``--compile``,
-``--models_dir``, ``--preset``). The memory flags are parsed once, here, into a
-:class:`~flux.offload.MemoryPolicy`. Everything that can stop a start (a missing or mismatched
-weight file, a flag the machine cannot honour, a budget too small) is one of :data:`LOAD_ERRORS`,
-whose message is meant for the user as it is: :func:`load_or_exit` prints it without a traceback.
+The model flags keep the official app's names and meanings (``--name``, ``--version``, ``--device``,
+``--offload``, ``--aggressive_offload``, ``--fp8``, ``--onnx_provider``, ``--pretrained_model``)
+plus this project's (``--vram_budget``, ``--fp8_mode``, ``--compile``, ``--models_dir``,
+``--preset``, and ``--dit``/``--t5``/``--clip`` for single files). The memory flags are parsed once,
+here, into a :class:`~flux.offload.MemoryPolicy`. Everything that can stop a start (a missing or
+mismatched weight file, a flag the machine cannot honour, a budget too small) is one of
+:data:`LOAD_ERRORS`, whose message is meant for the user as it is: :func:`load_or_exit` prints it
+without a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ PRESETS = ("tiny-random",)
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose which weight files load: the app's, the CLI's and the download command's."""
     from flux.registry import MODELS
-    from pulid.catalogue import DEFAULT_VERSION, FP8_MODES, PULID_VERSIONS
+    from pulid.catalogue import CLIP_FILES, DEFAULT_VERSION, DIT_FILES, FP8_MODES, PULID_VERSIONS, T5_FILES
 
     parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
     parser.add_argument("--version", default=DEFAULT_VERSION, choices=PULID_VERSIONS, help="PuLID weights")
@@ -38,6 +39,17 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
         "quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
     )
     parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
+    for kind, table, what in (
+        ("dit", DIT_FILES, "the transformer: a GGUF (city96) or fp8 e4m3fn file, kept quantised"),
+        ("t5", T5_FILES, "the T5-XXL text encoder as one file (fp16, fp8 or GGUF)"),
+        ("clip", CLIP_FILES, "the CLIP-L text encoder as one file"),
+    ):
+        parser.add_argument(
+            f"--{kind}",
+            default=None,
+            metavar="NAME_OR_FILE",
+            help=f"{what}: {', '.join(table)} or a path (see README: which files for my card)",
+        )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,8 +117,16 @@ def load_errors() -> tuple[type[BaseException], ...]:
     from flux.hub import WeightsNotFoundError
     from flux.offload import BudgetError
     from flux.quant.quanto_compat import QuantoMissingError
+    from pulid.catalogue import WeightChoiceError
 
-    return (WeightsNotFoundError, CheckpointError, HardwareError, BudgetError, QuantoMissingError)
+    return (
+        WeightsNotFoundError,
+        CheckpointError,
+        HardwareError,
+        BudgetError,
+        QuantoMissingError,
+        WeightChoiceError,
+    )
 
 
 def build_pipeline(args: argparse.Namespace):
@@ -127,6 +147,9 @@ def build_pipeline(args: argparse.Namespace):
         onnx_provider=args.onnx_provider,
         pretrained_model=args.pretrained_model,
         models_dir=args.models_dir,
+        dit=args.dit,
+        t5=args.t5,
+        clip=args.clip,
     )
 
 

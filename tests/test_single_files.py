@@ -262,3 +262,110 @@ def test_clip_l_single_file_in_comfy_layout(tmp_path):
     save_file(stored, path)
     with pytest.raises(CheckpointError, match="final_layer_norm.weight"):
         load_clip_file(path, folder, expected=config)
+
+
+# ---------------------------------------------------------------- choosing the files
+
+
+SMALL_CARD = {"dit": "flux-dev-Q4_K_S", "t5": "t5xxl-Q5_K_M", "clip": "clip-l"}
+
+
+def test_single_files_replace_the_official_ones_in_the_missing_report(tmp_path, monkeypatch):
+    from flux.hub import WeightsNotFoundError
+    from pulid.loading import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path, **SMALL_CARD)
+    message = str(err.value)
+    for name in ("flux1-dev-Q4_K_S.gguf", "t5-v1_1-xxl-encoder-Q5_K_M.gguf", "clip_l.safetensors"):
+        assert str(tmp_path / name) in message
+    assert str(tmp_path / "t5-tokenizer") in message and str(tmp_path / "clip-tokenizer") in message
+    assert "flux1-dev.safetensors" not in message and str(tmp_path / "xflux_text_encoders") not in message
+    assert "--dit flux-dev-Q4_K_S --t5 t5xxl-Q5_K_M --clip clip-l" in message
+
+
+def test_a_given_path_is_used_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    from flux.hub import WeightsNotFoundError
+    from pulid.loading import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match="mine.gguf is not a file"):
+        load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path, dit=str(tmp_path / "mine.gguf"))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (dict(fp8="native", dit="flux-dev-Q8_0"), "pass one of them"),
+        (dict(dit="flux-dev-Q3"), "neither one of flux-dev-fp8, flux-dev-Q8_0"),
+        (dict(t5="t5.bin"), "neither one of t5xxl-fp16"),
+        (dict(model="flux-krea-dev", dit="flux-dev-Q8_0"), "is a FLUX.1-dev file"),
+    ],
+)
+def test_choices_that_cannot_work_are_refused_with_the_reason(flags, message):
+    from pulid.catalogue import WeightChoiceError, required_weights
+
+    flags = dict(flags)
+    model, fp8 = flags.pop("model", "flux-dev"), flags.pop("fp8", None)
+    with pytest.raises(WeightChoiceError, match=message):
+        required_weights(model, "v0.9.1", fp8, flags)
+
+
+def test_the_start_prints_a_bad_choice_without_a_traceback(tmp_path):
+    import argparse
+
+    from pulid.startup import add_model_arguments, load_or_exit
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(
+        ["--fp8", "--fp8_mode", "quanto", "--dit", "flux-dev-Q8_0", "--models_dir", str(tmp_path)]
+    )
+    with pytest.raises(SystemExit, match="Cannot start: --fp8 quantises"):
+        load_or_exit(args)
+
+
+def test_download_fetches_the_chosen_single_files_and_tokenizers(tmp_path):
+    import io
+    from contextlib import redirect_stdout
+
+    from pulid.download import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert (
+            main(["--dry-run", "--models_dir", str(tmp_path), *[f"--{k}={v}" for k, v in SMALL_CARD.items()]])
+            == 0
+        )
+    text = out.getvalue()
+    for name in (
+        "flux1-dev-Q4_K_S.gguf",
+        "t5-v1_1-xxl-encoder-Q5_K_M.gguf",
+        "clip_l.safetensors",
+        "t5-tokenizer",
+    ):
+        assert str(tmp_path / name) in text
+    assert "flux1-dev.safetensors" not in text
+
+
+def test_the_memory_plan_sees_the_stored_size_of_a_single_file(tmp_path):
+    """Planning prepares the meta model from the file's header as the loader does: same bytes."""
+    from flux.loading import build_flow_model
+    from flux.offload.layout import tensor_bytes
+    from tiny_random.single_files import city96_types
+
+    params = tiny_flux_params(hidden_size=256, num_heads=2, axes_dim=[16, 56, 56])
+    torch.manual_seed(0)
+    state = Flux(params).state_dict()
+    for qtype in ("Q4_K", "Q8_0"):
+        path = write_gguf(tmp_path / f"{qtype}.gguf", state, city96_types(state, qtype))
+        file = open_dit_file(path)
+        planned = build_flow_model(params, "meta", torch.bfloat16)
+        single_file_format(file, "meta").prepare(planned, file.header)
+        loaded = load_flow_model(
+            open_dit_file(path), params, "cpu", torch.bfloat16, fmt=single_file_format(file, "cpu")
+        )
+        assert tensor_bytes([planned]) == tensor_bytes([loaded])
+        # smaller than bf16 even at this size, where the F16/F32 embedders and norms weigh a lot
+        assert tensor_bytes([loaded]) < 0.75 * tensor_bytes([build_flow_model(params, "meta", torch.bfloat16)])
