@@ -231,6 +231,7 @@ def run_t5() -> dict:
             model, file, device=device, dtype=torch.bfloat16, fmt=encoder_file_format(file), tied=T5_TIED
         )
         model.encoder.embed_tokens.weight = model.shared.weight
+        model.eval()  # built on the meta device in training mode: dropout would be on
         with torch.no_grad():
             out = model(input_ids=ids).last_hidden_state.float()
         rows[fmt] = {
