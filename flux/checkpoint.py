@@ -44,6 +44,11 @@ FLOAT_CODES = frozenset({"BF16", "F16", "F32", "F64"})
 FLOAT_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
 
 
+# A file's header: key -> (shape, dtype code), the code a safetensors dtype ("BF16", "F8_E4M3") or a
+# GGUF type ("F16", "Q4_K").
+Header = Mapping[str, tuple[tuple[int, ...], str]]
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing keys, has unexpected keys, shapes or dtypes, or cannot be read."""
 
@@ -87,7 +92,7 @@ def check_keys_and_shapes(
 
 def check_header(
     expected: Mapping[str, TensorSpec],
-    header: Mapping[str, tuple[tuple[int, ...], str]],
+    header: Header,
     source: str,
     hint: str = "",
     *,
@@ -152,11 +157,11 @@ class CheckpointFormat:
     hold (:meth:`file_layout`) and turn each file tensor into state entries (:meth:`convert`).
     """
 
-    def prepare(self, module: nn.Module, header: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    def prepare(self, module: nn.Module, header: Header) -> None:
         """Change the (meta-device) module before it is filled, knowing the file's header (key ->
         (shape, dtype code)); the default changes nothing."""
 
-    def read_order(self, header: Mapping[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    def read_order(self, header: Header) -> list[str]:
         """The order to read the file's keys in (a format may need scales before their weights)."""
         return list(header)
 
@@ -309,15 +314,14 @@ def load_checkpoint_strict(
     """
     file = open_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     tied = dict(tied or {})
-    header = {k: v for k, v in file.header.items() if k not in tied}
-    fmt.prepare(module, header)
-    keys = set(header)
-    hint_text = fmt.hint(keys) or (hint(keys) if hint is not None else "")
-    layout = {k: v for k, v in fmt.file_layout(module).items() if k not in tied}
-    check_header(layout, header, str(file.path), hint_text)
-
     state: dict[str, Tensor] = {}
-    try:
+    try:  # closed however it ends (a GGUF holds a memory map of the whole file)
+        header = {k: v for k, v in file.header.items() if k not in tied}
+        fmt.prepare(module, header)
+        keys = set(header)
+        hint_text = fmt.hint(keys) or (hint(keys) if hint is not None else "")
+        layout = {k: v for k, v in fmt.file_layout(module).items() if k not in tied}
+        check_header(layout, header, str(file.path), hint_text)
         for key in fmt.read_order(header):
             state.update(fmt.convert(key, file.tensor(key, device), device, dtype))
     finally:

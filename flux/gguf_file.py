@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flux.checkpoint import CheckpointError
+from flux.checkpoint import CheckpointError, Header
 from flux.quant.ggml import FORMATS
 
 GGUF_MAGIC = b"GGUF"
@@ -93,15 +93,7 @@ class GGUFFile:
         _check_preamble(self.path, size)
         try:
             reader = gguf.GGUFReader(self.path)
-        except (
-            ValueError,
-            IndexError,
-            KeyError,
-            OverflowError,
-            TypeError,
-            UnicodeDecodeError,
-            MemoryError,
-        ) as err:
+        except PARSE_ERRORS as err:
             raise CheckpointError(
                 f"{self.path} is not a readable GGUF file ({type(err).__name__}: {err}). It may be truncated "
                 "or corrupt: delete it and download it again."
@@ -137,7 +129,7 @@ class GGUFFile:
             )
 
     @property
-    def header(self) -> dict[str, tuple[tuple[int, ...], str]]:
+    def header(self) -> Header:
         """Key -> (torch-order shape, type name), like :func:`flux.checkpoint.read_safetensors_header`."""
         return {name: (t.shape, t.type_name) for name, t in self.tensors.items()}
 

@@ -92,15 +92,10 @@ def single_file_format(file, compute_device: torch.device | str) -> CheckpointFo
     are upcast per layer as they run ("dequantize") instead of using fp8 products.
     """
     from flux.quant import fp8_linear_names, fp8_matmul_supported
-    from flux.quant.fp8_file import Fp8FileFormat
-    from flux.quant.gguf_format import GGUFFormat
+    from flux.quant.stored import format_for_file
 
-    if file.kind == "gguf":
-        return GGUFFormat()
-    if any(code.startswith("F8_") for _, code in file.header.values()):
-        backend = "auto" if fp8_matmul_supported(torch.device(compute_device)) else "dequantize"
-        return Fp8FileFormat(lambda module, header: fp8_linear_names(module), backend)
-    return PLAIN
+    backend = "auto" if fp8_matmul_supported(torch.device(compute_device)) else "dequantize"
+    return format_for_file(file, lambda module, header: fp8_linear_names(module), backend)
 
 
 def build_flow_model(

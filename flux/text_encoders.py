@@ -233,15 +233,9 @@ def open_t5_file(path: str | os.PathLike):
 
 def encoder_file_format(file):
     """GGUF, fp8 (weight-only: T5's activations have outliers that per-token fp8 would flatten) or plain."""
-    from flux.checkpoint import PLAIN
-    from flux.quant.fp8_file import Fp8FileFormat
-    from flux.quant.gguf_format import GGUFFormat
+    from flux.quant.stored import format_for_file
 
-    if file.kind == "gguf":
-        return GGUFFormat()
-    if any(code.startswith("F8_") for _, code in file.header.values()):
-        return Fp8FileFormat(_t5_fp8_linears, backend="dequantize")
-    return PLAIN
+    return format_for_file(file, _t5_fp8_linears, "dequantize")
 
 
 def _t5_fp8_linears(module: nn.Module, header) -> list[str]:

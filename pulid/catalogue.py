@@ -290,6 +290,8 @@ TOKENIZERS = {
     ),
 }
 SINGLE_FILE_CHOICES = {"dit": DIT_FILES, "t5": T5_FILES, "clip": CLIP_FILES}
+# The loader's role for each choice (the role of every entry in that table).
+SINGLE_FILE_ROLES = {kind: next(iter(table.values())).role for kind, table in SINGLE_FILE_CHOICES.items()}
 
 
 PULID_WEIGHTS: dict[str, CatalogueEntry] = {
@@ -463,7 +465,7 @@ def check_choice(model: str, version: str, fp8: str | None) -> None:
 
 
 def check_single_files(model: str, fp8: str | None, files: Mapping[str, str | None]) -> None:
-    """Raise ValueError for single-file choices that cannot go together with the other flags."""
+    """Raise :class:`WeightChoiceError` for single-file choices that cannot go with the other flags."""
     dit = files.get("dit")
     if dit is not None and fp8 is not None:
         raise WeightChoiceError(
@@ -482,7 +484,8 @@ def is_path_choice(kind: str, value: str | None) -> bool:
 
 
 def check_single_file_name(kind: str, value: str | None) -> None:
-    """Raise ValueError for a value that is neither a catalogue name nor an existing-looking path."""
+    """Raise :class:`WeightChoiceError` for a value that is neither a catalogue name nor a .gguf or
+    .safetensors path."""
     if value is None or value in SINGLE_FILE_CHOICES[kind]:
         return
     if not value.endswith((".gguf", ".safetensors")):

@@ -33,11 +33,19 @@ from flux.loading import load_autoencoder, load_flow_model, open_dit_file, singl
 from flux.lora import LoRAAdapters
 from flux.offload import MemoryPolicy, PipelinePlacement, measure
 from flux.registry import get_model_spec
-from flux.text_encoders import load_clip, load_clip_file, load_t5, load_t5_file
+from flux.text_encoders import (
+    encoder_file_format,
+    load_clip,
+    load_clip_file,
+    load_t5,
+    load_t5_file,
+    open_t5_file,
+)
 from pulid.catalogue import (
     DEFAULT_VERSION,
     FACE_MODEL_ROLES,
     FP8_MODES,
+    SINGLE_FILE_ROLES,
     CatalogueEntry,
     is_path_choice,
     required_weights,
@@ -166,8 +174,6 @@ def meta_pipeline(
 
         quantize_linears_to_fp8(flow)
     if "flow" in files:
-        from flux.loading import open_dit_file, single_file_format
-
         file = open_dit_file(files["flow"])
         single_file_format(file, "meta").prepare(flow, file.header)
         file.close()
@@ -178,8 +184,6 @@ def meta_pipeline(
         pulid = pulid.to(torch.bfloat16)
         ae = AutoEncoder(spec.ae_params)
     if "t5" in files:
-        from flux.text_encoders import encoder_file_format, open_t5_file
-
         file = open_t5_file(files["t5"])
         encoder_file_format(file).prepare(t5, file.header)
         file.close()
@@ -240,8 +244,9 @@ def load_pipeline(
     single = dit is not None or t5 is not None
     if memory.placed and not single:  # a budget that cannot be met fails now, not after loading 36 GB
         memory.plan(measure(meta_pipeline(model_name, fp8).components()), STAGES, plan_counts())
-    roles = {"dit": "flow", "t5": "t5", "clip": "clip"}
-    explicit = {roles[kind]: value for kind, value in files.items() if is_path_choice(kind, value)}
+    explicit = {
+        SINGLE_FILE_ROLES[kind]: value for kind, value in files.items() if is_path_choice(kind, value)
+    }
     paths = locate_weights(
         entries,
         models_dir,
@@ -250,7 +255,9 @@ def load_pipeline(
         command=download_command(model_name, version, fp8, models_dir, files),
     )
     if memory.placed and single:  # planned from the files' headers, before reading their tensors
-        planned = {role: paths[role] for role, kind in (("flow", dit), ("t5", t5)) if kind is not None}
+        planned = {
+            SINGLE_FILE_ROLES[k]: paths[SINGLE_FILE_ROLES[k]] for k in ("dit", "t5") if files[k] is not None
+        }
         memory.plan(measure(meta_pipeline(model_name, fp8, planned).components()), STAGES, plan_counts())
 
     from pulid.face_analysis import load_face_analyzer
@@ -303,7 +310,11 @@ def load_pipeline(
             "model": model_name,
             "pulid_version": version,
             "fp8": fp8 or "off",
-            **{kind: paths[roles[kind]].name for kind, value in files.items() if value is not None},
+            **{
+                kind: paths[SINGLE_FILE_ROLES[kind]].name
+                for kind, value in files.items()
+                if value is not None
+            },
         },
         lora_adapters=lora_adapters,
         lora_library=LoRALibrary(

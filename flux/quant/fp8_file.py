@@ -15,15 +15,16 @@ files are refused (their three mantissa-less bits lose too much; use the e4m3fn 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from flux.checkpoint import FLOAT_CODES, CheckpointFormat, TensorSpec, cast
+from flux.checkpoint import FLOAT_CODES, CheckpointFormat, Header, TensorSpec, cast
 from flux.quant.fp8_linear import FP8_DTYPE, Backend, Fp8Linear, quantize_rowwise
+from flux.quant.swap import swap_module
 
-Header = Mapping[str, tuple[tuple[int, ...], str]]
 FP8_CODE = "F8_E4M3"
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 MARKER = "scaled_fp8"
@@ -45,7 +46,7 @@ class Fp8FileFormat(CheckpointFormat):
         self.linears = linears
         self.backend: Backend = backend
         self.kept: set[str] = set()
-        self.header: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.header: Header = {}
         self.scales: dict[str, float] = {}
 
     def prepare(self, module: nn.Module, header: Header) -> None:
@@ -53,11 +54,9 @@ class Fp8FileFormat(CheckpointFormat):
         self.scales = {}
         self.kept = set()
         for name in self.linears(module, header):
-            parent_name, _, child = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            layer = Fp8Linear.from_linear(getattr(parent, child))
+            layer = Fp8Linear.from_linear(module.get_submodule(name))
             layer.backend = self.backend
-            setattr(parent, child, layer)
+            swap_module(module, name, layer)
             self.kept.add(name)
 
     def file_layout(self, module: nn.Module) -> dict[str, TensorSpec]:
@@ -73,7 +72,7 @@ class Fp8FileFormat(CheckpointFormat):
         owners = {key.rpartition(".")[0] for key in layout if key.endswith(".weight")}
         for key, (shape, _) in self.header.items():  # the scaled format's extra tensors, where present
             owner = next((key[: -len(s)] for s in SCALE_SUFFIXES if key.endswith(s)), None)
-            if owner in owners and _numel(shape) == 1:
+            if owner in owners and math.prod(shape) == 1:
                 layout[key] = TensorSpec(tuple(shape), FLOAT_CODES)
             elif key == MARKER:
                 layout[key] = TensorSpec(tuple(shape), FLOAT_CODES | {FP8_CODE, "F8_E5M2"})
@@ -110,10 +109,3 @@ class Fp8FileFormat(CheckpointFormat):
         if "F8_E5M2" in codes:
             return "This file is fp8 e5m2: use the e4m3fn file (e.g. flux1-dev-fp8-e4m3fn.safetensors)."
         return ""
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -165,7 +165,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.backend == "dequantize":
-            weight = (self.weight.float() * self.weight_scale).to(x.dtype)
+            weight = self.dequantized_weight().to(x.dtype)
             return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]
         codes, scale = quantize_rowwise(x.reshape(-1, self.in_features))

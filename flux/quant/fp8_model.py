@@ -14,14 +14,15 @@ lands on the output directly, for 0.6% of the weights: they are left alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from fnmatch import fnmatch
 
 import torch
 from torch import Tensor, nn
 
-from flux.checkpoint import CheckpointFormat, TensorSpec, cast
+from flux.checkpoint import CheckpointFormat, Header, TensorSpec, cast
 from flux.quant.fp8_linear import Fp8Linear, quantize_rowwise
+from flux.quant.swap import swap_module
 from flux.repeated import repeated_blocks
 
 # Patterns (fnmatch, on the name inside a block) of layers to keep in high precision when asked.
@@ -48,9 +49,7 @@ def quantize_linears_to_fp8(model: nn.Module, exclude: Sequence[str] = ()) -> li
     """
     names = fp8_linear_names(model, exclude)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
+        swap_module(model, name, Fp8Linear.from_linear(model.get_submodule(name)))
     return names
 
 
@@ -65,7 +64,7 @@ class NativeFp8Format(CheckpointFormat):
         self.exclude = tuple(exclude)
         self.quantized: set[str] = set()
 
-    def prepare(self, module: nn.Module, header: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    def prepare(self, module: nn.Module, header: Header) -> None:
         self.quantized = set(quantize_linears_to_fp8(module, self.exclude))
 
     def file_layout(self, module: nn.Module) -> dict[str, TensorSpec]:

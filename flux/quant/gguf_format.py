@@ -10,15 +10,13 @@ layer and the 1-D norms and biases in F16/F32 and quantise the rest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor, nn
 
-from flux.checkpoint import FLOAT_CODES, CheckpointFormat, TensorSpec, cast
+from flux.checkpoint import FLOAT_CODES, CheckpointFormat, Header, TensorSpec, cast
 from flux.quant.ggml import FORMATS, GGMLLinear, dequantize
+from flux.quant.swap import swap_module
 
-Header = Mapping[str, tuple[tuple[int, ...], str]]
 STORED_CODES = FLOAT_CODES | frozenset(FORMATS)
 
 
@@ -39,9 +37,7 @@ class GGUFFormat(CheckpointFormat):
             if type(layer) is nn.Linear and qtype in FORMATS:
                 if layer.in_features % FORMATS[qtype].block_size:
                     continue  # the header check reports the shape
-                parent_name, _, child = name.rpartition(".")
-                parent = module.get_submodule(parent_name) if parent_name else module
-                setattr(parent, child, GGMLLinear.like(layer, qtype))
+                swap_module(module, name, GGMLLinear.like(layer, qtype))
                 self.quantized[name] = qtype
 
     def file_layout(self, module: nn.Module) -> dict[str, TensorSpec]:
@@ -69,11 +65,3 @@ class GGUFFormat(CheckpointFormat):
         if qtype in FORMATS:
             return {key: dequantize(tensor.to(device), qtype, self.shapes[key], dtype or torch.float32)}
         return {key: cast(tensor, device, dtype)}
-
-    def hint(self, keys: set[str]) -> str:
-        return ""
-
-
-def quantized_bytes(module: nn.Module) -> int:
-    """Bytes of the GGML-quantised weights in ``module`` (for logs and benchmarks)."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, GGMLLinear))

@@ -25,7 +25,7 @@ from types import ModuleType
 
 from torch import nn
 
-from flux.checkpoint import CheckpointError, CheckpointFormat, TensorSpec
+from flux.checkpoint import CheckpointError, CheckpointFormat, Header, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class QuantoFormat(CheckpointFormat):
         self.qmap = qmap
         self.source = source or ("built-in (every Linear in qfloat8_e4m3fn)" if qmap is None else "given")
 
-    def prepare(self, module: nn.Module, header: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    def prepare(self, module: nn.Module, header: Header) -> None:
         qmap = self.qmap if self.qmap is not None else xlabs_quantization_map(module)
         quantize_as_mapped(module, qmap, self.source)
 
