@@ -20,10 +20,9 @@ from flux.gguf_file import GGUFFile
 from flux.loading import load_flow_model, open_dit_file, single_file_format
 from flux.model import Flux
 from flux.quant.ggml import FORMATS, GGMLLinear, dequantize
-from flux.quant.gguf_format import GGUFFormat
-from tests.numerics import rel_err
+from tests.numerics import fresh_seed, rel_err
 from tests.reference_flux import flux_forward
-from tests.test_flux_model import random_inputs
+from tests.test_flux_model import random_inputs, random_model
 from tests.tiny_configs import tiny_flux_params
 from tiny_random.ggml_quant import quantize
 from tiny_random.single_files import city96_types, gguf_reference, write_gguf
@@ -44,10 +43,6 @@ QUANT_ERROR_BOUND = {
     "Q4_0": 0.17,
     "Q4_1": 0.16,
 }
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def random_blocks(qtype: str, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -103,13 +98,7 @@ def test_ggml_linear_is_a_linear_on_the_dequantised_weight(qtype):
 
 
 def tiny_state(params, seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = Flux(params)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.state_dict()
+    return random_model(params, torch.float32, seed).state_dict()
 
 
 def mixed_types(state) -> dict[str, str]:
@@ -314,4 +303,3 @@ def test_gguf_format_keeps_float_linears_as_they_are(tiny_gguf):
     params, _, _, path = tiny_gguf
     model = load_gguf_dit(path, params, torch.bfloat16)
     assert type(model.img_in) is nn.Linear and model.img_in.weight.dtype == torch.bfloat16
-    assert isinstance(GGUFFormat(), GGUFFormat)

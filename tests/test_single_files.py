@@ -18,9 +18,9 @@ from flux.model import Flux
 from flux.quant import Fp8Linear, fp8_linear_names
 from flux.quant.ggml import GGMLLinear
 from flux.text_encoders import T5_GGUF_NAMES, load_clip, load_clip_file, load_t5, load_t5_file
-from tests.numerics import rel_err
+from tests.numerics import fresh_seed, rel_err
 from tests.reference_flux import flux_forward
-from tests.test_flux_model import random_inputs
+from tests.test_flux_model import random_inputs, random_model
 from tests.tiny_configs import tiny_flux_params
 from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer, write_tiny_clip
 from tiny_random.single_files import fp8_reference, fp8_state, gguf_reference, write_gguf
@@ -28,19 +28,9 @@ from tiny_random.single_files import fp8_reference, fp8_state, gguf_reference, w
 TOL_FORWARD = 1e-5  # float32 computation on exactly the file's weights vs float64 / float32 references
 
 
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
-
-
 def tiny_dit_state(seed: int) -> tuple:
     params = tiny_flux_params()
-    torch.manual_seed(seed)
-    model = Flux(params)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return params, {k: v.contiguous() for k, v in model.state_dict().items()}
+    return params, random_model(params, torch.float32, seed).state_dict()
 
 
 def load_single_dit(path, params):
