@@ -2,7 +2,8 @@
 
 Builds full-size T5-XXL, CLIP-L, the FLUX.1-dev DiT with the 20 PuLID cross-attention blocks, the
 AE, EVA02-CLIP-L and the IDFormer with random weights (no download), and the face models as the
-stand-ins of ``tiny_random.face_models`` (the real insightface/facexlib code on CPU onnxruntime).
+stand-ins of ``tiny_random.face_models`` (the real facexlib code on the GPU, as the app places it,
+and insightface on CPU onnxruntime; runs before 2026-11-30 had facexlib on the CPU too).
 Each mode runs in its own subprocess so that its peak GPU and CPU memory are its own. Output:
 ``bench.json`` and ``bench.md`` in ``--out``, and the table on stdout.
 
@@ -50,6 +51,7 @@ PLACED = {
     "budget16": (False, False, 16.0, False, False),
     "aggressive": (False, False, None, False, True),
     "fp8-budget12": (True, True, 12.0, False, False),
+    "fp8-budget12-eager": (True, False, 12.0, False, False),
     "compiled-budget24": (False, True, 24.0, False, False),
 }
 
@@ -80,10 +82,11 @@ def build_stack(device: str, dtype, folder: Path):
     from flux.registry import MODELS
     from flux.text_encoders import CLIP_L_TEXT_CONFIG, CLIP_MAX_LENGTH, T5_XXL_CONFIG, HFEmbedder
     from pulid.encoders import PuLIDWeights
+    from pulid.face_analysis import load_face_analyzer
     from pulid.id_encoder import IDEncoder
     from pulid.pipeline import PuLIDFluxPipeline
     from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer
-    from tiny_random.pipeline import tiny_face_analyzer
+    from tiny_random.pipeline import tiny_face_model_paths
 
     spec = MODELS["flux-dev"]
     torch.manual_seed(1234)  # every mode's subprocess builds the very same random models
@@ -98,7 +101,8 @@ def build_stack(device: str, dtype, folder: Path):
     init_random_(pulid, 1)
     t5 = HFEmbedder(t5_model, tiny_t5_tokenizer(), 512, "last_hidden_state")
     clip = HFEmbedder(clip_model, tiny_clip_tokenizer(), CLIP_MAX_LENGTH, "pooler_output")
-    face = tiny_face_analyzer(folder / "models")
+    # facexlib on the GPU as the app puts it; insightface on CPU onnxruntime (no onnxruntime-gpu here)
+    face = load_face_analyzer(tiny_face_model_paths(folder / "models"), "cpu", device)
     id_encoder = IDEncoder(face, eva.eval(), pulid.pulid_encoder.eval(), device, dtype)
     return PuLIDFluxPipeline(
         flow=flow.eval(),

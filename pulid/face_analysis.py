@@ -249,6 +249,7 @@ def load_face_analyzer(
     onnx_provider: str = "gpu",
     device: str | torch.device = "cpu",
     max_side: int = MAX_SIDE,
+    session_options=None,
 ) -> FaceAnalyzer:
     """Load the face models from files: ``paths`` maps the catalogue's roles (``detector``,
     ``recognizer``, ``retinaface``, ``bisenet``, ``parsenet``) to local files.
@@ -256,8 +257,11 @@ def load_face_analyzer(
     ``onnx_provider`` ("gpu" or "cpu") picks onnxruntime's providers for insightface; ``device``
     is the torch device of facexlib's RetinaFace and BiSeNet. A file that is not the model it
     should be (truncated, another model) is a :class:`~flux.checkpoint.CheckpointError` naming it.
+    ``session_options`` replaces :func:`~pulid.face_detection.onnx_session_options`'s.
     """
-    detector = FaceDetector(paths["detector"], paths["recognizer"], onnx_provider)
+    detector = FaceDetector(
+        paths["detector"], paths["recognizer"], onnx_provider, session_options=session_options
+    )
     facexlib_files = [Path(paths[role]) for role in ("retinaface", "bisenet", "parsenet")]
     aligner = FaceAligner(_common_folder(facexlib_files), device)
     return FaceAnalyzer(detector, aligner, max_side)

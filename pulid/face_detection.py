@@ -72,6 +72,24 @@ def onnx_providers(onnx_provider: str) -> list[str]:
     return wanted or [CPU_PROVIDER]
 
 
+def onnx_session_options(spinning: bool = False, threads: int = 0):
+    """onnxruntime session options for insightface's two models.
+
+    Idle worker threads sleep rather than spin (onnxruntime spins by default). Why: the same
+    process runs torch's CPU thread pool (facexlib and image preprocessing on a CPU, the CUDA
+    launch thread on a GPU), and onnxruntime's pool of one thread per core spinning after each
+    run starved it; with torch's pool this made the ID stage take 0.3 s to 5 s at random on a
+    16-core host (``benchmarks/profile_id_stage.py``). ``threads`` 0 keeps onnxruntime's default.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 def check_onnx_file(path: Path, task: str) -> None:
     """Parse an ONNX file before onnxruntime sees it: it must be a complete model whose weights are
     all inside it (a reference to external data could make onnxruntime read another file)."""
@@ -93,14 +111,14 @@ def check_onnx_file(path: Path, task: str) -> None:
         raise CheckpointError(f"{path} is not a self-contained insightface {task} model: it {reason}.")
 
 
-def _load_onnx_model(model_zoo, path: str | Path, task: str, providers: list[str]):
+def _load_onnx_model(model_zoo, path: str | Path, task: str, providers: list[str], options=None):
     """An insightface model from an ONNX file, or a CheckpointError naming the file."""
     from flux.checkpoint import CheckpointError
 
     path = Path(path)
     check_onnx_file(path, task)
     try:
-        model = model_zoo.get_model(str(path), providers=providers)
+        model = model_zoo.get_model(str(path), providers=providers, sess_options=options)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
         raise CheckpointError(
             f"{path} could not be loaded as the insightface {task} model ({type(err).__name__}: "
@@ -188,16 +206,18 @@ class FaceDetector:
         det_sizes: Sequence[int] = DET_SIZES,
         large_det_size: int = LARGE_DET_SIZE,
         pad_fraction: float = PAD_FRACTION,
+        session_options=None,
     ) -> None:
         from insightface import model_zoo
 
         providers = onnx_providers(onnx_provider)
+        options = session_options if session_options is not None else onnx_session_options()
         self.det_sizes = tuple(int(s) for s in det_sizes)
         self.large_det_size = int(large_det_size)
         self.pad_fraction = float(pad_fraction)
         self.det_thresh = float(det_thresh)
-        self.detector = _load_onnx_model(model_zoo, detector_path, "detection", providers)
-        self.recognizer = _load_onnx_model(model_zoo, recognizer_path, "recognition", providers)
+        self.detector = _load_onnx_model(model_zoo, detector_path, "detection", providers, options)
+        self.recognizer = _load_onnx_model(model_zoo, recognizer_path, "recognition", providers, options)
         first = self.det_sizes[0] if self.det_sizes else 640
         self.detector.prepare(0, input_size=(first, first), det_thresh=self.det_thresh)
         self.recognizer.prepare(0)

@@ -441,6 +441,26 @@ def test_gpu_without_onnxruntime_gpu_warns_and_logs_real_providers(models_dir, m
     }
 
 
+def test_onnxruntime_threads_sleep_when_idle_unless_asked(models_dir):
+    """Spinning idle onnxruntime threads starved torch's pool (the ID stage took up to 5 s on a
+    16-core host): insightface's sessions are made with spinning off, and the options given win."""
+    paths = tiny_face_model_paths(models_dir)
+
+    def spinning(detector: FaceDetector) -> set[str]:
+        entries = set()
+        for model in (detector.detector, detector.recognizer):
+            options = model.session.get_session_options()
+            for pool in ("intra_op", "inter_op"):
+                entries.add(options.get_session_config_entry(f"session.{pool}.allow_spinning"))
+        return entries
+
+    assert spinning(load_face_analyzer(paths, onnx_provider="cpu").detector) == {"0"}
+    asked = face_detection.onnx_session_options(spinning=True, threads=2)
+    detector = FaceDetector(paths["detector"], paths["recognizer"], "cpu", session_options=asked)
+    assert spinning(detector) == {"1"}
+    assert detector.detector.session.get_session_options().intra_op_num_threads == 2
+
+
 def test_model_files_swapped_are_refused(models_dir):
     folder = models_dir / "antelopev2"
     with pytest.raises(CheckpointError, match="not an insightface detection model"):

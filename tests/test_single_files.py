@@ -7,6 +7,9 @@ and compared with an independent computation on the weights the file stands for.
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -23,7 +26,7 @@ from tests.reference_flux import flux_forward
 from tests.test_flux_model import random_inputs, random_model
 from tests.tiny_configs import tiny_flux_params
 from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer, write_tiny_clip
-from tiny_random.single_files import fp8_reference, fp8_state, gguf_reference, write_gguf
+from tiny_random.single_files import fp8_reference, fp8_state, gguf_reference, llama_cpp_t5_state, write_gguf
 
 TOL_FORWARD = 1e-5  # float32 computation on exactly the file's weights vs float64 / float32 references
 
@@ -60,6 +63,29 @@ def test_fp8_dit_file_loads_its_codes_into_fp8_layers(scaled, tmp_path):
         out = model(**inputs)
     expected = flux_forward(fp8_reference(stored), params, **{k: v.double() for k, v in inputs.items()})
     assert rel_err(out, expected) < TOL_FORWARD
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_a_placed_fp8_file_is_no_longer_memory_mapped(tmp_path):
+    """Under a memory placement the weights move to pinned copies; the file's memory map must go
+    with the last tensor that used it, not stay mapped beside the copies (it did: 16 GiB)."""
+    from flux.offload import ComponentOffload
+
+    params, state = tiny_dit_state(fresh_seed())
+    path = tmp_path / "flux-fp8-mapped.safetensors"
+    save_file(fp8_state(state), path)
+
+    def mapped() -> bool:
+        return str(path) in Path("/proc/self/maps").read_text()
+
+    model = load_single_dit(path, params)
+    assert mapped()  # read through the memory map, not copied at load
+    assert all(t._base is None for t in [*model.parameters(), *model.buffers()])
+    offload = ComponentOffload("cpu")
+    offload.add(model)  # packs every weight into one host buffer, as a placement does
+    gc.collect()
+    assert not mapped()
+    offload.close()
 
 
 def test_fp8_dit_file_on_fp8_hardware_uses_the_fp8_products(tmp_path, monkeypatch):
@@ -151,12 +177,6 @@ def encode(embedder) -> torch.Tensor:
         return embedder(PROMPTS)
 
 
-def llama_cpp_name(key: str) -> str:
-    for old, new in reversed(T5_GGUF_NAMES):
-        key = key.replace(new, old)
-    return key
-
-
 def test_t5_fp16_single_file_with_both_embedding_copies(t5_reference, tmp_path):
     folder, config, state = t5_reference
     path = tmp_path / "t5xxl_fp16.safetensors"
@@ -193,7 +213,7 @@ def test_t5_fp8_scaled_single_file_keeps_linears_in_fp8(t5_reference, tmp_path):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_1"])
 def test_t5_gguf_with_llama_cpp_names(t5_reference, tmp_path, qtype):
     folder, config, state = t5_reference
-    named = {llama_cpp_name(k): v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
+    named = llama_cpp_t5_state(state)
     assert "enc.blk.0.attn_q.weight" in named and "token_embd.weight" in named
     types = {k: (qtype if v.dim() == 2 and "attn_rel_b" not in k else "F32") for k, v in named.items()}
     path = write_gguf(tmp_path / f"t5-{qtype}.gguf", named, types, architecture="t5encoder")

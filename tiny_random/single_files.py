@@ -53,25 +53,40 @@ def write_gguf(
             writer.add_string(key, value)
         else:
             writer.add_uint32(key, value)
-    for name, tensor in state.items():
+    for name, tensor in state.items():  # quantised where the tensor is (a GPU is much faster)
         kind = types[name]
-        tensor = tensor.detach().cpu()
+        tensor = tensor.detach()
         if kind == "F32":
-            writer.add_tensor(name, tensor.float().numpy())
+            writer.add_tensor(name, tensor.float().cpu().numpy())
         elif kind == "F16":
-            writer.add_tensor(name, tensor.half().numpy())
+            writer.add_tensor(name, tensor.half().cpu().numpy())
         elif kind == "BF16":
-            raw = tensor.bfloat16().view(torch.int16).numpy().view(np.uint8)
+            raw = tensor.bfloat16().view(torch.int16).cpu().numpy().view(np.uint8)
             writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             rows = tensor.reshape(-1, tensor.shape[-1])
-            raw = quantize(rows, kind).reshape(*tensor.shape[:-1], -1).numpy()
+            raw = quantize(rows, kind).reshape(*tensor.shape[:-1], -1).cpu().numpy()
             writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama_cpp_t5_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers T5 encoder state under llama.cpp's GGUF names (city96's T5 files), with the
+    one embedding table those files keep."""
+    from flux.text_encoders import T5_GGUF_NAMES
+
+    out = {}
+    for key, value in state.items():
+        if key == "encoder.embed_tokens.weight":
+            continue
+        for gguf_name, hf_name in reversed(T5_GGUF_NAMES):
+            key = key.replace(hf_name, gguf_name)
+        out[key] = value
+    return out
 
 
 def fp8_state(

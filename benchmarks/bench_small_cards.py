@@ -1,0 +1,367 @@
+"""The whole app on a small card, from single files on disk: peak GPU memory, host RAM and speed.
+
+For each configuration (the DiT and T5 file formats and a ``--vram_budget``), in fresh processes:
+
+1. ``--write``: full-size random files are written to ``--files`` the way the published ones are
+   laid out: the DiT as Kijai's fp8 e4m3fn file or as a city96 GGUF (types as
+   ``tiny_random.single_files.city96_types`` assigns them), T5-XXL as ComfyUI's fp8 file or as a
+   city96 GGUF (llama.cpp names), CLIP-L in ComfyUI's layout.
+2. ``--child``: the files load through the product's loaders (``flux.loading.open_dit_file``,
+   ``load_flow_model`` with ``single_file_format``; ``flux.text_encoders.load_t5_file`` and
+   ``load_clip_file``) onto the host, as ``pulid.loading.load_pipeline`` does under a budget. The
+   autoencoder, PuLID and EVA-CLIP (2.3 GiB together; their official files are not single-file
+   choices) get random weights of the official sizes and dtypes, built on the host first. The
+   face models are the stand-ins of ``tiny_random`` (facexlib on the GPU, insightface on CPU
+   onnxruntime). ``pulid.loading.place_pipeline`` then places it all under the budget, and one
+   warm-up image and one timed image (896x1152, ID on; eager, or with ``--compile`` the blocks
+   compiled as the app's ``--compile`` does) are made.
+
+Recorded: the process's CUDA context, the allocator's peak reserved and allocated bytes (the whole
+app on the card is context + reserved), the host's peak RSS while loading and afterwards, RSS by
+kind after placement, the median DiT step and the image time. Random weights say nothing about
+image quality.
+
+    python benchmarks/bench_small_cards.py --configs fp8-12,Q8_0-8 --files /tmp/files --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GiB = 2**30
+# name -> (DiT format, T5 format, VRAM budget GiB)
+CONFIGS = {
+    "fp8-12": ("fp8", "fp8", 12.0),
+    "Q8_0-8": ("Q8_0", "Q8_0", 8.0),
+    "Q5_K-8": ("Q5_K", "Q5_K", 8.0),
+    "Q4_K-6": ("Q4_K", "Q4_K", 6.0),
+}
+
+
+def dit_path(files: Path, fmt: str) -> Path:
+    return files / (f"flux1-dev-{fmt}.gguf" if fmt != "fp8" else "flux1-dev-fp8-e4m3fn.safetensors")
+
+
+def t5_path(files: Path, fmt: str) -> Path:
+    return files / (f"t5-v1_1-xxl-encoder-{fmt}.gguf" if fmt != "fp8" else "t5xxl_fp8_e4m3fn.safetensors")
+
+
+def write_files(config: str, files: Path) -> dict:
+    """The configuration's DiT, T5 and CLIP files (random weights; the tokenizers are tiny ones)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from benchmarks.bench_gpu import init_random_
+    from flux.loading import build_flow_model
+    from flux.quant import fp8_linear_names
+    from flux.registry import flux_dev_params
+    from flux.text_encoders import CLIP_L_TEXT_CONFIG, T5_XXL_CONFIG
+    from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from tiny_random.single_files import city96_types, fp8_state, llama_cpp_t5_state, write_gguf
+
+    dit_fmt, t5_fmt, _ = CONFIGS[config]
+    files.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    start = time.perf_counter()
+    flow = build_flow_model(flux_dev_params(), "meta", torch.bfloat16).to_empty(device="cuda")
+    init_random_(flow, 0)
+    state = flow.state_dict()
+    if dit_fmt == "fp8":
+        keys = {f"{name}.weight" for name in fp8_linear_names(flow)}
+        save_file({k: v.cpu() for k, v in fp8_state(state, keys).items()}, dit_path(files, dit_fmt))
+    else:
+        write_gguf(dit_path(files, dit_fmt), state, city96_types(state, dit_fmt))
+    del flow, state
+    torch.cuda.empty_cache()
+    seconds["dit"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        t5 = T5EncoderModel._from_config(T5Config(**T5_XXL_CONFIG), dtype=torch.bfloat16)
+    state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    if t5_fmt == "fp8":
+        linears = {
+            k
+            for k, v in state.items()
+            if v.dim() == 2 and "relative_attention_bias" not in k and k != "shared.weight"
+        }
+        save_file({k: v.cpu() for k, v in fp8_state(state, linears).items()}, t5_path(files, t5_fmt))
+    else:
+        named = llama_cpp_t5_state(state)
+        types = {k: (t5_fmt if v.dim() == 2 and "attn_rel_b" not in k else "F32") for k, v in named.items()}
+        write_gguf(t5_path(files, t5_fmt), named, types, architecture="t5encoder")
+    del t5, state
+    seconds["t5"] = time.perf_counter() - start
+
+    clip_file = files / "clip_l.safetensors"
+    if not clip_file.exists():
+        clip = CLIPTextModel._from_config(CLIPTextConfig(**CLIP_L_TEXT_CONFIG), dtype=torch.float16)
+        stored = {
+            (k if k.startswith("text_model.") else f"text_model.{k}"): v.contiguous()
+            for k, v in clip.state_dict().items()
+        }
+        save_file(stored, clip_file)
+        tiny_t5_tokenizer().save_pretrained(files / "t5-tokenizer")
+        tiny_clip_tokenizer().save_pretrained(files / "clip-tokenizer")
+    sizes = {p.name: p.stat().st_size / GiB for p in (dit_path(files, dit_fmt), t5_path(files, t5_fmt))}
+    return {"write_s": seconds, "file_gib": sizes}
+
+
+def rss(field: str = "VmRSS") -> float:
+    """A line of /proc/self/status in GiB (VmRSS, VmHWM, RssAnon, RssFile, RssShmem)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+class AnonPeak:
+    """The peak of the process's anonymous RSS (what the page cache cannot take back), sampled."""
+
+    def __init__(self, every_s: float = 0.05):
+        import threading
+
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.peak = max(self.peak, rss("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss("RssAnon"))
+        return self.peak
+
+
+def random_on_host(module, seed: int):
+    """Scaled random weights on the CPU (std 1/sqrt(fan_in), unit norms, zero biases)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim == 2 else 0.02, generator=gen)
+            elif "norm" in name or name.endswith("scale") or name.endswith(".weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return module.eval().requires_grad_(False)
+
+
+def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> dict:
+    import numpy as np
+    import torch
+    from skimage import data as skimage_data
+
+    from eva_clip.model import EvaVisionTower
+    from flux.autoencoder import AutoEncoder
+    from flux.loading import load_flow_model, open_dit_file, single_file_format
+    from flux.lora import LoRAAdapters
+    from flux.offload import MemoryPolicy
+    from flux.registry import MODELS
+    from flux.text_encoders import load_clip_file, load_t5_file
+    from pulid.encoders import PuLIDWeights
+    from pulid.face_analysis import load_face_analyzer
+    from pulid.id_encoder import IDEncoder
+    from pulid.loading import place_pipeline
+    from pulid.pipeline import PuLIDFluxPipeline
+    from pulid.request import GenerationRequest
+    from tiny_random.pipeline import tiny_face_model_paths
+
+    dit_fmt, t5_fmt, budget = CONFIGS[config]
+    spec, dtype = MODELS["flux-dev"], torch.bfloat16
+    torch.zeros(1, device="cuda")
+    free, total = torch.cuda.mem_get_info()
+    context = total - free - torch.cuda.memory_reserved()
+    start_rss = rss()
+    anon = AnonPeak()
+    t0 = time.perf_counter()
+    # The random parts first, so that their float32 construction is gone before the files load.
+    eva = random_on_host(EvaVisionTower(device="cpu").to(dtype), 2)
+    pulid = random_on_host(PuLIDWeights().to(dtype), 1)
+    ae = random_on_host(AutoEncoder(spec.ae_params), 3)
+    face = load_face_analyzer(tiny_face_model_paths(files / "face-models"), "cpu", "cuda")
+    t1 = time.perf_counter()
+    t5 = load_t5_file(t5_path(files, t5_fmt), files / "t5-tokenizer", "cpu", dtype, max_length=512)
+    clip = load_clip_file(files / "clip_l.safetensors", files / "clip-tokenizer", "cpu", dtype)
+    dit_file = open_dit_file(dit_path(files, dit_fmt))
+    flow = load_flow_model(dit_file, spec.params, "cpu", dtype, fmt=single_file_format(dit_file, "cuda"))
+    load_s = time.perf_counter() - t1
+    loaded_rss = rss()
+    pipeline = PuLIDFluxPipeline(
+        flow=flow,
+        ae=ae,
+        t5=t5,
+        clip=clip,
+        pulid_ca=pulid.pulid_ca,
+        id_encoder=IDEncoder(face, eva, pulid.pulid_encoder, "cuda", dtype),
+        device="cuda",
+        dtype=dtype,
+        lora_adapters=LoRAAdapters(flow, "cuda", dtype),
+    )
+    if compiled:  # as pulid.loading does: before the placement, after the LoRA slots
+        from flux.compile import compile_blocks, compile_repeated_blocks
+
+        compile_repeated_blocks(flow)
+        compile_blocks(pulid.pulid_ca)
+    place_pipeline(pipeline, MemoryPolicy(vram_budget_gb=budget), "cuda")
+    ready_s = time.perf_counter() - t0
+    anon_peak_loading = anon.stop()
+    anon = AnonPeak()
+    placed = {k: rss(k) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+    photo = skimage_data.astronaut()
+    request = GenerationRequest(
+        prompt="portrait, color, cinematic",
+        id_images=[photo],
+        width=896,
+        height=1152,
+        num_steps=steps,
+        seed=42,
+        max_sequence_length=128,
+    )
+    pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 1}))
+    pipeline.id_encoder._cache.clear()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    events = []
+
+    def on_step(info) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        events.append(event)
+
+    wall = time.perf_counter()
+    result = pipeline.generate(
+        GenerationRequest(**{**request.__dict__, "id_images": [np.roll(photo, 5, axis=1)]}), callback=on_step
+    )
+    torch.cuda.synchronize()
+    image_s = time.perf_counter() - wall
+    steps_ms = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)]
+    reserved = torch.cuda.max_memory_reserved()
+    return {
+        "config": config,
+        "dit": dit_fmt,
+        "t5": t5_fmt,
+        "budget_gib": budget,
+        "plan": str(pipeline.placement.plan),
+        "cuda_context_gib": context / GiB,
+        "peak_reserved_gib": reserved / GiB,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+        "whole_app_gpu_gib": (context + reserved) / GiB,
+        "rss_at_start_gib": start_rss,
+        "rss_after_loading_gib": loaded_rss,
+        "rss_after_placing": placed,
+        "rss_after_image_gib": rss(),
+        "peak_rss_gib": rss("VmHWM"),
+        "peak_anon_loading_gib": anon_peak_loading,
+        "peak_anon_running_gib": anon.stop(),
+        "load_files_s": load_s,
+        "ready_s": ready_s,
+        "steps": steps,
+        "compiled": compiled,
+        "dit_step_ms_median": statistics.median(steps_ms) if steps_ms else float("nan"),
+        "image_s": image_s,
+        "id_stage_s": result.timings["id_embedding_s"],
+        "text_stage_s": result.timings["text_encoding_s"],
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| DiT / T5 files | budget | whole app on the GPU (context + reserved) | peak allocated "
+        "| host RSS peak / after placing | anon RSS peak: loading / running | DiT step | image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dit']} / {r['t5']} | {r['budget_gib']:g} GiB | {r['whole_app_gpu_gib']:.2f} GiB "
+            f"({r['cuda_context_gib']:.2f} + {r['peak_reserved_gib']:.2f}) | "
+            f"{r['peak_allocated_gib']:.2f} GiB | "
+            f"{r['peak_rss_gib']:.1f} / {r['rss_after_placing']['VmRSS']:.1f} GiB | "
+            f"{r['peak_anon_loading_gib']:.1f} / {r['peak_anon_running_gib']:.1f} GiB | "
+            f"{r['dit_step_ms_median']:.0f} ms{' compiled' if r.get('compiled') else ''} | "
+            f"{r['image_s']:.1f} s ({r['steps']} steps) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--files", type=Path, default=Path("/tmp/small-card-files"))
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="compile the repeated blocks, as --compile")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "small-cards-out")))
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--write", default=None)
+    args = parser.parse_args()
+    if args.write:
+        print("RESULT " + json.dumps(write_files(args.write, args.files)), flush=True)
+        return
+    if args.child:
+        print(
+            "RESULT " + json.dumps(run_config(args.child, args.files, args.steps, args.compile)), flush=True
+        )
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    from tiny_random.pipeline import tiny_face_model_paths
+
+    tiny_face_model_paths(args.files / "face-models")
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    rows = []
+    for config in args.configs.split(","):
+        found = {}
+        for step in ("--write", "--child"):
+            cmd = [
+                sys.executable,
+                __file__,
+                step,
+                config,
+                "--files",
+                str(args.files),
+                "--steps",
+                str(args.steps),
+                *(["--compile"] if args.compile else []),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            (args.out / f"{config}{step.replace('--', '-')}.log").write_text(
+                proc.stdout[-6000:] + proc.stderr[-6000:]
+            )
+            results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not results:
+                print(f"{config} {step} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+                break
+            found.update(json.loads(results[0]))
+        dit_fmt, t5_fmt, _ = CONFIGS[config]
+        for path in (dit_path(args.files, dit_fmt), t5_path(args.files, t5_fmt)):
+            path.unlink(missing_ok=True)
+        if "config" in found:
+            rows.append(found)
+            print(json.dumps({k: v for k, v in found.items() if k != "plan"}), flush=True)
+            (args.out / "small_cards.json").write_text(json.dumps(rows, indent=2))
+    shutil.rmtree(args.files, ignore_errors=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
