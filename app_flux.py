@@ -159,6 +159,7 @@ def input_names() -> list[str]:
         ["prompt", "id_image", "extra_images"]
         + [s.name for s in generation_settings() if s.name != "prompt"]
         + lora_input_names()
+        + ["init_image"]  # last, so that the API's earlier parameters keep their positions
     )
 
 
@@ -214,6 +215,7 @@ STAGE_FRACTIONS = {  # where a request stands when each stage starts (the progre
     "loading LoRAs": 0.005,
     "encoding the prompt": 0.01,
     "reading the face": 0.03,
+    "encoding the photo to start from": 0.04,
     "decoding": 0.9,
     "measuring the likeness": 0.96,
     "saving": 0.98,
@@ -290,9 +292,10 @@ def details(images) -> list[dict]:
 def create_demo(args: argparse.Namespace, service):
     """The UI: controls wired to :meth:`pulid.service.GenerationService.start`, nothing else."""
     import gradio as gr
+    from PIL import Image
 
     from pulid.catalogue import SPEED_LORAS
-    from pulid.request import LORA_STRENGTH, SIZE_PRESETS, generation_settings
+    from pulid.request import LORA_STRENGTH, SIZE_PRESETS, generation_settings, size_for_photo
     from pulid.service import Cancelled, SavedImage, ServiceError
     from pulid.similarity import NO_ID_PHOTO
     from pulid.uploads import UploadError, check_upload
@@ -346,7 +349,7 @@ def create_demo(args: argparse.Namespace, service):
         no server thread), and again as each image is saved: when the visitor cancels or leaves,
         gradio closes this generator, and the ``finally`` stops the work or takes the job out of
         the line."""
-        photo, extra = values.pop("id_image"), values.pop("extra_images")
+        photo, extra, start = values.pop("id_image"), values.pop("extra_images"), values.pop("init_image")
         photos = ([] if photo is None else [photo]) + list(extra or [])
         values["loras"] = chosen_loras(values)
         saved: list[SavedImage] = []
@@ -368,7 +371,9 @@ def create_demo(args: argparse.Namespace, service):
         try:
             generation = service.build_request(None, None, **values)
             visitor = visitor_of(request, args.behind_proxy)
-            job = service.start(generation, _session(request), show, client=visitor, photos=photos)
+            job = service.start(
+                generation, _session(request), show, client=visitor, photos=photos, init_image=start
+            )
         except ServiceError as err:
             raise gr.Error(str(err)) from None
 
@@ -420,6 +425,18 @@ def create_demo(args: argparse.Namespace, service):
     def size_of(preset):
         width, height = SIZE_PRESETS.get(preset, (gr.skip(), gr.skip()))
         return width, height
+
+    def match_photo(path, width, height):
+        """The size sliders to the photo to start from's aspect ratio, at the area they had."""
+        if path is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            with Image.open(path) as photo:  # the header only: nothing is decoded
+                size = photo.size
+        except (OSError, ValueError):
+            return gr.skip(), gr.skip(), gr.skip()  # the service names the unreadable file on Generate
+        new_width, new_height = size_for_photo(*size, int(width) * int(height))
+        return new_width, new_height, "custom"
 
     def photo_notice(photo):
         return gr.update(visible=photo is None)
@@ -477,6 +494,19 @@ def create_demo(args: argparse.Namespace, service):
                 with gr.Row():
                     randomize = gr.Button("Random seed", size="sm")
                     reuse = gr.Button("Use the selected image's seed", size="sm")
+                with gr.Accordion("Start from a photo (image to image)", open=False, elem_id="edit"):
+                    gr.Markdown(
+                        "The image starts from this photo instead of noise. Choosing it sets the "
+                        "size to its shape. Strength 1 ignores it; lower keeps more of it."
+                    )
+                    with gr.Row(equal_height=False):
+                        controls["init_image"] = IDImage(
+                            label="Photo to start from", type="filepath", height=200, elem_id="init-image"
+                        )
+                        with gr.Column(min_width=160):
+                            for name, setting in settings.items():
+                                if setting.group == "edit":
+                                    controls[name] = control(setting, gr)
                 with gr.Accordion("LoRA: styles, subjects, 8-step speed", open=False, elem_id="loras"):
                     gr.Markdown(
                         "LoRA files in `models/loras/` are listed here. A speed preset puts an 8-step "
@@ -577,6 +607,12 @@ def create_demo(args: argparse.Namespace, service):
         for side in ("width", "height"):  # a size set by hand is no longer the preset's
             controls[side].input(lambda: "custom", None, preset, api_visibility="private")
         controls["id_image"].change(photo_notice, controls["id_image"], notice, api_visibility="private")
+        controls["init_image"].upload(
+            match_photo,
+            [controls["init_image"], controls["width"], controls["height"]],
+            [controls["width"], controls["height"], preset],
+            api_visibility="private",
+        )
         lora_pickers = [controls[f"lora_{row}"] for row in range(1, LORA_ROWS + 1)]
         refresh.click(refresh_loras, lora_pickers, lora_pickers, api_visibility="private")
         for name, button in speed_buttons.items():

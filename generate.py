@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="photo of the person (repeat for several photos of the same person)",
     )
+    parser.add_argument(
+        "--init_image",
+        help="a photo to start from (image to image; --strength sets how much is repainted)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     lora_help = (
         "a LoRA for the transformer: a file in models/loras/, a path, a hub reference "
@@ -137,12 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     except UploadError as err:
         print(f"--id_image: {err}", file=sys.stderr)
         return 2
+    try:
+        start = None if args.init_image is None else load_upload(args.init_image)
+    except UploadError as err:
+        print(f"--init_image: {err}", file=sys.stderr)
+        return 2
     if not photos:
         print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)
     pipeline = load_or_exit(args)
     failures, saved = 0, 0
     for index, request in enumerate(args.requests):
         request.id_images = photos
+        request.init_image = start
         label = f"image {index + 1}/{len(args.requests)}"
         try:
             result = pipeline.generate(request, callback=progress_bar(label))

@@ -60,7 +60,7 @@ def init_random_(module, seed: int) -> None:
     """Scaled random weights (std 1/sqrt(fan_in)), unit norms, zero biases: finite activations."""
     import torch
 
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim >= 2:

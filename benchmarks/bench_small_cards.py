@@ -150,27 +150,12 @@ class AnonPeak:
         return self.peak
 
 
-def random_on_host(module, seed: int):
-    """Scaled random weights on the CPU (std 1/sqrt(fan_in), unit norms, zero biases)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim == 2 else 0.02, generator=gen)
-            elif "norm" in name or name.endswith("scale") or name.endswith(".weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return module.eval().requires_grad_(False)
-
-
 def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> dict:
     import numpy as np
     import torch
     from skimage import data as skimage_data
 
+    from benchmarks.bench_gpu import init_random_
     from eva_clip.model import EvaVisionTower
     from flux.autoencoder import AutoEncoder
     from flux.loading import load_flow_model, open_dit_file, single_file_format
@@ -195,9 +180,14 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
     anon = AnonPeak()
     t0 = time.perf_counter()
     # The random parts first, so that their float32 construction is gone before the files load.
-    eva = random_on_host(EvaVisionTower(device="cpu").to(dtype), 2)
-    pulid = random_on_host(PuLIDWeights().to(dtype), 1)
-    ae = random_on_host(AutoEncoder(spec.ae_params), 3)
+    eva, pulid, ae = (
+        EvaVisionTower(device="cpu").to(dtype),
+        PuLIDWeights().to(dtype),
+        AutoEncoder(spec.ae_params),
+    )
+    for seed, module in enumerate((pulid, eva, ae), start=1):
+        init_random_(module, seed)
+        module.eval().requires_grad_(False)
     face = load_face_analyzer(tiny_face_model_paths(files / "face-models"), "cpu", "cuda")
     t1 = time.perf_counter()
     t5 = load_t5_file(t5_path(files, t5_fmt), files / "t5-tokenizer", "cpu", dtype, max_length=512)

@@ -34,10 +34,11 @@ def timed(torch, fn):
     return out, time.perf_counter() - start
 
 
-def run_mode(mode: str, out: Path) -> dict:
+def warm_stack(mode: str):
+    """``bench_gpu``'s full-size random stack in ``mode`` after a warm-up image; with the photo,
+    the 2-step request the timings use, and the stack's folder."""
     import tempfile
 
-    import numpy as np
     import torch
     from skimage import data as skimage_data
 
@@ -58,6 +59,17 @@ def run_mode(mode: str, out: Path) -> dict:
         max_sequence_length=128,
     )
     pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 3}))  # warm-up
+    return pipeline, photo, request, folder
+
+
+def run_mode(mode: str, out: Path) -> dict:
+
+    import numpy as np
+    import torch
+
+    from pulid.request import GenerationRequest
+
+    pipeline, photo, request, folder = warm_stack(mode)
     pauses = []  # garbage collections: (stage, generation, seconds)
     current = {"stage": "", "gc": 0.0}
 
@@ -151,33 +163,17 @@ FACE_VARIANTS = (  # (onnxruntime threads spin when idle, torch device of facexl
 
 def run_face_variants(mode: str) -> dict:
     """The ID stage of fresh photos with the face analysis built each way of ``FACE_VARIANTS``."""
-    import tempfile
 
     import numpy as np
     import torch
-    from skimage import data as skimage_data
 
-    from benchmarks.bench_gpu import apply_mode, build_stack
     from pulid.face_analysis import load_face_analyzer
     from pulid.face_detection import onnx_session_options
     from pulid.id_encoder import IDEncoder
     from pulid.request import GenerationRequest
     from tiny_random.pipeline import tiny_face_model_paths
 
-    folder = Path(tempfile.mkdtemp(prefix="idstage-"))
-    pipeline = build_stack("cuda", torch.bfloat16, folder)
-    apply_mode(pipeline, mode)
-    photo = skimage_data.astronaut()
-    request = GenerationRequest(
-        prompt="portrait, color, cinematic",
-        id_images=[photo],
-        width=896,
-        height=1152,
-        num_steps=2,
-        seed=42,
-        max_sequence_length=128,
-    )
-    pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 3}))  # warm-up
+    pipeline, photo, request, folder = warm_stack(mode)
     paths = tiny_face_model_paths(folder / "models")
     rows, shift = [], 0
     for spin, device in FACE_VARIANTS:

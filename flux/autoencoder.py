@@ -245,9 +245,11 @@ class AutoEncoder(nn.Module):
         self.scale_factor = params.scale_factor
         self.shift_factor = params.shift_factor
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Image in [-1, 1] -> scaled, shifted latent (a sample of the posterior)."""
-        z = self.reg(self.encoder(x))
+    def encode(self, x: Tensor, *, mean: bool = False) -> Tensor:
+        """Image in [-1, 1] -> scaled, shifted latent: a sample of the posterior, or with ``mean``
+        its mean (deterministic: what image-to-image starts from, so a seed repeats its image)."""
+        moments = self.encoder(x)
+        z = torch.chunk(moments, 2, dim=self.reg.chunk_dim)[0] if mean else self.reg(moments)
         return self.scale_factor * (z - self.shift_factor)
 
     def decode(self, z: Tensor) -> Tensor:

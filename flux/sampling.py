@@ -100,6 +100,22 @@ def get_schedule(
     return timesteps.tolist()
 
 
+def image_to_image_start(num_steps: int, strength: float) -> int:
+    """The index in the schedule where image-to-image begins: ``int((1 - strength) * num_steps)``,
+    BFL's rule. ``strength`` 1 starts from pure noise (text-to-image); any strength in (0, 1]
+    leaves at least one step. (diffusers' ``num_steps - int(num_steps * strength)`` can differ by
+    one step where the float products round differently.)"""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], not {strength!r}")
+    return min(int((1.0 - strength) * num_steps), num_steps - 1)
+
+
+def noised(latents: Tensor, noise: Tensor, t: float) -> Tensor:
+    """Clean ``latents`` moved to time ``t`` of the flow: ``t * noise + (1 - t) * latents``, in
+    the noise's dtype (the interpolation flow matching trains on; BFL's and diffusers' img2img)."""
+    return t * noise + (1.0 - t) * latents.to(noise.dtype)
+
+
 @dataclass
 class TextConditioning:
     """The prompt as the DiT sees it: T5 tokens, their (zero) ids and the CLIP pooled vector."""

@@ -31,6 +31,8 @@ from flux.sampling import (
     get_noise,
     get_schedule,
     image_ids,
+    image_to_image_start,
+    noised,
     pack,
     text_ids,
     unpack,
@@ -159,7 +161,8 @@ class PuLIDFluxPipeline:
         parts += [
             Component("pulid_ca", "denoise", (self.pulid_ca,), uses="step"),
             Component("dit", "denoise", (self.flow,), blocks=tuple(block_modules(self.flow)), uses="step"),
-            Component("ae", "decode", (self.ae,), entry=(self.ae.decoder,)),
+            # Its stage begins at the decoder; the encoder (a photo to start from) also brings it in.
+            Component("ae", "decode", (self.ae,), entry=(self.ae.encoder, self.ae.decoder)),
         ]
         return parts
 
@@ -197,6 +200,18 @@ class PuLIDFluxPipeline:
             for hook in hooks:
                 hook.remove()
         return to_pil(decoded)
+
+    @torch.inference_mode()
+    def encode_image(self, image: np.ndarray) -> Tensor:
+        """An RGB photo (already the image's size) -> the autoencoder's latents (1, 16, H/8, W/8):
+        the posterior's mean, so the same photo and seed give the same image. Under autocast to
+        the pipeline's dtype, as decoding runs; the latents come back in that dtype."""
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
+        x = pixels.to(self.device, torch.float32) / 127.5 - 1.0
+        low_precision = self.dtype != torch.float32
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
+            latents = self.ae.encode(x, mean=True)
+        return latents.to(self.dtype)
 
     def load_loras(self, request: GenerationRequest) -> list[LoRAFile]:
         """The request's LoRA files, read and checked against the DiT (cached between requests)."""
@@ -274,6 +289,14 @@ class PuLIDFluxPipeline:
             embedding = self.id_encoder(request.id_images, with_uncond=request.uses_true_cfg)
         timings["id_embedding_s"] = time.perf_counter() - t0
 
+        start_latents, fit_note = None, ""
+        if request.init_image is not None:
+            t0 = time.perf_counter()
+            stage("encoding the photo to start from")
+            fitted, fit_note = fit_image(request.init_image, request.width, request.height)
+            start_latents = self.encode_image(fitted)
+            timings["init_encoding_s"] = time.perf_counter() - t0
+
         timings["denoise_s"] = timings["decode_s"] = timings["similarity_s"] = 0.0
         images: list[GeneratedImage] = []
         # With the step cache on, one image at a time: its skip decisions are made for a whole
@@ -288,7 +311,9 @@ class PuLIDFluxPipeline:
                     request.cache_threshold, request.cache_full_first, request.cache_full_last
                 )
             with self._loras_applied(active):
-                latents = self._denoise(request, chunk, cond, neg_cond, embedding, callback, cache)
+                latents = self._denoise(
+                    request, chunk, cond, neg_cond, embedding, callback, cache, start_latents
+                )
             timings["denoise_s"] += time.perf_counter() - t0
             for seed, one in zip(chunk, latents.split(1), strict=True):
                 t0 = time.perf_counter()
@@ -312,6 +337,7 @@ class PuLIDFluxPipeline:
                         else {}
                     ),
                     **({"cache_full_steps": cache_report(cache, request)} if cache is not None else {}),
+                    **({"init_image_fit": fit_note} if fit_note else {}),
                     **self.info,
                 }
                 images.append(GeneratedImage(image, seed, metadata, one, score))
@@ -361,8 +387,15 @@ class PuLIDFluxPipeline:
         embedding,
         callback: Callable[[StepInfo], None] | None,
         cache: FirstBlockCache | None = None,
+        start_latents: Tensor | None = None,
     ) -> Tensor:
-        """Packed latents of one batch: each image's noise from its own seed, one shared condition."""
+        """Packed latents of one batch: each image's noise from its own seed, one shared condition.
+
+        With ``start_latents`` (a photo to start from, encoded), the schedule begins at
+        :func:`~flux.sampling.image_to_image_start` for the request's strength and the latents
+        there are the photo's, noised to that time with each image's own noise; the ID start step
+        and the step cache count from the first step that runs.
+        """
         noise = torch.cat(
             [
                 get_noise(1, request.height, request.width, device=self.device, dtype=self.dtype, seed=s)
@@ -371,6 +404,11 @@ class PuLIDFluxPipeline:
         )
         batch = noise.shape[0]
         timesteps = get_schedule(request.num_steps, noise.shape[-1] * noise.shape[-2] // 4, shift=True)
+        img = pack(noise)
+        if start_latents is not None:
+            first = image_to_image_start(request.num_steps, request.strength)
+            img = noised(pack(start_latents).expand(batch, -1, -1), img, timesteps[first])
+            timesteps = timesteps[first:]
         id_tokens = uncond_tokens = None
         if embedding is not None:
             id_tokens = _batched(embedding.tokens, batch)
@@ -378,7 +416,7 @@ class PuLIDFluxPipeline:
                 uncond_tokens = _batched(embedding.uncond_tokens, batch)
         return denoise(
             self.flow,
-            pack(noise),
+            img,
             image_ids(batch, noise.shape[-2], noise.shape[-1], self.device),
             cond.expand(batch),
             timesteps,
@@ -392,6 +430,23 @@ class PuLIDFluxPipeline:
             callback=callback,
             step_cache=cache,
         )
+
+
+def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, str]:
+    """``image`` at ``width`` x ``height``: centre-cropped to that aspect ratio (nothing is
+    stretched), then resized with Lanczos. Returns it and a note of what was done ("" if nothing)."""
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image, ""
+    if w * height > h * width:  # wider than asked: keep the middle columns
+        crop_w, crop_h = max(1, round(h * width / height)), h
+    else:
+        crop_w, crop_h = w, max(1, round(w * height / width))
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    cropped = Image.fromarray(np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w]))
+    resized = np.asarray(cropped.resize((width, height), Image.Resampling.LANCZOS))
+    cut = f"cropped from {w}x{h} to {crop_w}x{crop_h} and " if (crop_w, crop_h) != (w, h) else ""
+    return resized, f"{cut}resized to {width}x{height}"
 
 
 def cache_report(cache: FirstBlockCache, request: GenerationRequest) -> str:

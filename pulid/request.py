@@ -9,6 +9,7 @@ step 0, T5 length 128, true CFG 1); the step slider goes to 50.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ CACHE_HELP = (
     "uncached image. The result says how many steps ran in full."
 )
 MAX_CACHE_THRESHOLD = 0.5
+STRENGTH_HELP = (
+    "With a photo to start from: how much of it is repainted. 1 ignores it (text to image); 0.5-0.8 "
+    "keeps its layout and colours; lower keeps more. The steps run are this share of the steps."
+)
 TRUE_CFG_HELP = (
     "1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass with the "
     "negative prompt (then set guidance near 1)."
@@ -215,13 +220,29 @@ class GenerationRequest:
         help="PNG is lossless; JPEG and WebP are smaller. All keep the prompt and settings.",
     )
     quality: int = setting(int, 95, "JPEG/WebP quality", minimum=50, maximum=100, step=1, group="output")
+    # Declared last so that the app's API keeps its earlier parameters' positions.
+    strength: float = setting(
+        float,
+        0.8,
+        "Image-to-image strength",
+        minimum=0.01,
+        maximum=1.0,
+        step=0.01,
+        group="edit",
+        help=STRENGTH_HELP,
+    )
+    # A photo to start from (RGB uint8): image to image (see :meth:`PuLIDFluxPipeline.generate`).
+    init_image: np.ndarray | None = None
 
     @classmethod
-    def from_values(cls, id_images: list | None = None, loras: Any = (), **values: Any) -> GenerationRequest:
+    def from_values(
+        cls, id_images: list | None = None, loras: Any = (), init_image: Any = None, **values: Any
+    ) -> GenerationRequest:
         """A request from raw values (strings, JSON numbers): each coerced and checked."""
         return cls(
             id_images=list(id_images or []),
             loras=checked_loras(loras),
+            init_image=checked_init_image(init_image),
             **coerce_all(generation_settings(), values),
         )
 
@@ -239,7 +260,12 @@ class GenerationRequest:
             not isinstance(image, np.ndarray) for image in self.id_images
         ):
             raise InvalidRequestError("The ID photos must be a list of images (numpy arrays).")
-        return GenerationRequest(id_images=list(self.id_images), loras=checked_loras(self.loras), **values)
+        return GenerationRequest(
+            id_images=list(self.id_images),
+            loras=checked_loras(self.loras),
+            init_image=checked_init_image(self.init_image),
+            **values,
+        )
 
     def seeds(self, first: int) -> list[int]:
         """The seed of each image: ``first``, ``first + 1``, ... (wrapping past :data:`MAX_SEED`)."""
@@ -249,7 +275,38 @@ class GenerationRequest:
         """The request without the photos: what the PNG metadata records."""
         values = {s.name: getattr(self, s.name) for s in generation_settings()}
         values["num_id_images"] = len(self.id_images)
+        if self.init_image is not None:  # the pixels' hash: the file's path is the visitor's business
+            digest = hashlib.sha256(np.ascontiguousarray(self.init_image).tobytes()).hexdigest()
+            values["init_image"] = f"sha256:{digest[:16]}"
         return values
+
+
+def size_for_photo(photo_width: int, photo_height: int, pixels: int) -> tuple[int, int]:
+    """An allowed image size with the photo's aspect ratio and about ``pixels`` pixels: what the
+    app sets when a photo to start from is chosen, so that nothing of it is cropped away. Sizes
+    are rounded to the declared multiple and kept in the declared range (a very long or tall
+    photo then loses a little at its ends)."""
+    declared = {s.name: s for s in generation_settings()}
+    low, high = declared["width"].minimum, declared["width"].maximum
+    step = declared["width"].multiple_of
+    aspect = photo_width / photo_height
+    width = (pixels * aspect) ** 0.5
+    height = width / aspect
+    scale = max(1.0, low / min(width, height))  # up to the smallest side allowed ...
+    scale = min(scale, high / max(width, height))  # ... but never past the largest
+    width, height = width * scale, height * scale
+    return tuple(int(min(high, max(low, step * round(side / step)))) for side in (width, height))
+
+
+def checked_init_image(image: Any) -> np.ndarray | None:
+    """``image`` if it is None or an RGB image (H, W, 3) of uint8, else :class:`InvalidRequestError`."""
+    if image is None:
+        return None
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InvalidRequestError(
+            "The photo to start from must be an image (an RGB array of height x width x 3 bytes)."
+        )
+    return image
 
 
 def checked_loras(loras: Any) -> tuple[LoRAChoice, ...]:

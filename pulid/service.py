@@ -32,7 +32,7 @@ from pulid.errors import PuLIDError
 from pulid.limits import MAX_EXTRA_PHOTOS
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
-from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.request import GenerationRequest, InvalidRequestError, checked_init_image
 from pulid.uploads import UploadError, check_header, check_upload, load_upload
 
 logger = logging.getLogger(__name__)
@@ -248,6 +248,7 @@ class GenerationService:
         progress: Progress | None = None,
         client: str | None = None,
         photos: Sequence[PhotoSource] = (),
+        init_image: PhotoSource | None = None,
     ) -> Job:
         """:meth:`run` in a worker thread: the caller can wait with a timeout and cancel the job.
 
@@ -258,7 +259,7 @@ class GenerationService:
         variables).
         """
         job = Job()
-        admitted = self._admit(request, photos, session, client, job.cancelled)
+        admitted = self._admit(request, photos, session, client, job.cancelled, init_image)
         context = contextvars.copy_context()
         thread = threading.Thread(
             target=context.run,
@@ -293,14 +294,16 @@ class GenerationService:
         cancel: threading.Event | None = None,
         client: str | None = None,
         photos: Sequence[PhotoSource] = (),
+        init_image: PhotoSource | None = None,
     ) -> ServiceResult:
         """Generate and save the request's images; ``progress`` gets each step (:class:`StepInfo`),
         the name of each stage and each :class:`SavedImage` as soon as it is written. ``cancel``
         (or :meth:`cancel` of the session) stops it at the next step or decoder block, also while
         it waits for its turn; the :class:`Cancelled` error holds the images already saved.
-        ``photos`` are added to the request's ID images (files are read when the turn comes)."""
+        ``photos`` are added to the request's ID images and ``init_image`` is the photo to start
+        from (files are read when the turn comes)."""
         cancel = cancel if cancel is not None else threading.Event()
-        admitted = self._admit(request, photos, session, client, cancel)
+        admitted = self._admit(request, photos, session, client, cancel, init_image)
         return self._run_admitted(*admitted, session, progress)
 
     def lora_names(self) -> list[str]:
@@ -336,7 +339,8 @@ class GenerationService:
         session: str,
         client: str | None,
         cancel: threading.Event,
-    ) -> tuple[GenerationRequest, list[PhotoSource], _Ticket]:
+        init_image: PhotoSource | None = None,
+    ) -> tuple[GenerationRequest, list[PhotoSource], PhotoSource | None, _Ticket]:
         """The checks that need no turn, then a place in the line (the session's cancel reaches it)."""
         try:
             request = request.checked()
@@ -345,26 +349,29 @@ class GenerationService:
         self._check_loras(request)
         photos = list(photos)
         self._check_photo_count(len(request.id_images) + len(photos) - 1)
-        checked: list[PhotoSource] = []
         try:
-            for photo in photos:
-                if isinstance(photo, np.ndarray):
-                    checked.append(photo)
-                else:
-                    path = check_upload(photo, self.upload_roots)
-                    check_header(path, f"the image {path.name}")
-                    checked.append(path)
+            checked = [self._checked_source(photo) for photo in photos]
+            start = None if init_image is None else self._checked_source(init_image)
         except UploadError as err:
             raise ServiceError(str(err)) from None
         ticket = self._line.join(client, cancel)
         with self._active_lock:
             self._active.setdefault(session, set()).add(cancel)
-        return request, checked, ticket
+        return request, checked, start, ticket
+
+    def _checked_source(self, photo: PhotoSource) -> PhotoSource:
+        """An array as it is; a path only if it is an upload whose header is a readable image."""
+        if isinstance(photo, np.ndarray):
+            return photo
+        path = check_upload(photo, self.upload_roots)
+        check_header(path, f"the image {path.name}")
+        return path
 
     def _run_admitted(
         self,
         request: GenerationRequest,
         photos: list[PhotoSource],
+        init_image: PhotoSource | None,
         ticket: _Ticket,
         session: str,
         progress: Progress | None,
@@ -389,6 +396,9 @@ class GenerationService:
             report("starting")  # a job cancelled just as its turn came stops here
             if photos:
                 request = replace(request, id_images=[*request.id_images, *self._decode(photos)])
+            if init_image is not None:
+                start = checked_init_image(next(self._decode([init_image])))
+                request = replace(request, init_image=start)
             result = self.pipeline.generate(request, callback=report, on_stage=report, on_image=save)
         except GenerationCancelled:
             raise Cancelled(saved) from None

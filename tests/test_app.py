@@ -83,6 +83,8 @@ def call(client, **kw) -> Reply:
     if values["id_image"] is not None:
         values["id_image"] = handle_file(str(values["id_image"]))
     values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
+    if values["init_image"] is not None:
+        values["init_image"] = handle_file(str(values["init_image"]))
     return Reply(client.predict(**values, api_name="/generate"))
 
 
@@ -248,6 +250,26 @@ def test_cli_applies_a_lora_and_says_so(tmp_path):
     assert "lora=tiny-style:0.5" in proc.stdout
     (image,) = (tmp_path / "out").glob("*.png")
     assert read_image_metadata(image)["loras"][0]["strength"] == 0.5
+
+
+def test_the_api_and_the_cli_start_from_a_photo(client, tmp_path):
+    plain = call(client, id_image=PHOTO, seed="5")
+    started = call(client, id_image=PHOTO, seed="5", init_image=PHOTO, strength=0.5)
+    meta = read_image_metadata(started.image)
+    assert meta["strength"] == 0.5 and meta["init_image"].startswith("sha256:")
+    assert meta["init_image_fit"] == "resized to 256x256"  # the 512x512 example photo
+    assert "init_image" not in read_image_metadata(plain.image)
+    with Image.open(plain.image) as a, Image.open(started.image) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+    flags = ["--prompt", "p", "--seed", "5", "--width", "256", "--height", "256", "--num_steps", "2"]
+    out = tmp_path / "out"
+    proc = run_cli(tmp_path, *flags, "--init_image", str(PHOTO), "--strength", "0.5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (image,) = out.glob("*.png")
+    assert read_image_metadata(image)["init_image"] == meta["init_image"]
+    missing = run_cli(tmp_path, *flags, "--init_image", str(tmp_path / "nope.png"), "--out", str(out))
+    assert missing.returncode == 2 and "--init_image" in missing.stderr and "nope.png" in missing.stderr
 
 
 def test_defaults_bind_localhost_without_share(monkeypatch):

@@ -158,3 +158,27 @@ def test_a_speed_preset_sets_the_lora_steps_and_guidance_and_a_missing_file_is_e
     set_slider(page, "Height", 256)
     page.locator("#generate").click()  # the tiny app never downloads: the message says what to get
     page.get_by_text("is not on this machine").first.wait_for(timeout=120_000)
+
+
+def test_a_photo_to_start_from_sets_the_size_and_is_recorded(page, tmp_path):
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (600, 300), (30, 120, 200)).save(wide)
+    small_request(page, seed="91")
+    page.get_by_text("Start from a photo (image to image)").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(wide))
+    width = page.get_by_label("number input for Width", exact=True)
+    for _ in range(200):  # 2:1 at the 256x256 area chosen, the short side raised to the smallest 256
+        if width.input_value() == "512":
+            break
+        time.sleep(0.05)
+    assert width.input_value() == "512"
+    assert page.get_by_label("number input for Height", exact=True).input_value() == "256"
+    set_slider(page, "Image-to-image strength", 0.5)
+    page.locator("#id-image input[type=file]").set_input_files(str(PHOTO))
+    page.locator("#generate").click()
+    page.locator("#results").get_by_text("seed 91 ·").wait_for(timeout=120_000)
+    page.get_by_text("This session's images").click()
+    page.locator("#history img").first.click()
+    page.get_by_text("sha256:").first.wait_for(timeout=30_000)  # the photo's hash, not its path

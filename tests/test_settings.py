@@ -18,7 +18,11 @@ NUMERIC = [s for s in SETTINGS if s.kind is not str]
 def test_the_declaration_is_the_request_dataclass():
     import dataclasses
 
-    fields = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("id_images", "loras")]
+    fields = [
+        f.name
+        for f in dataclasses.fields(GenerationRequest)
+        if f.name not in ("id_images", "loras", "init_image")
+    ]
     assert [s.name for s in SETTINGS] == fields
     assert all(s.label and (s.kind in (int, float, str)) for s in SETTINGS)
     for setting in SETTINGS:  # every default is a value of its own setting
@@ -48,7 +52,7 @@ def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
     by_name = {p["parameter_name"]: p for p in api}
     settings = [s.name for s in SETTINGS if s.name != "prompt"]
     loras = app_flux.lora_input_names()
-    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings, *loras]
+    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings, *loras, "init_image"]
     for setting in SETTINGS:
         default = by_name[setting.name]["parameter_default"]
         assert setting.coerce(default) == setting.default, setting.name
