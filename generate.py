@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init_image",
         help="a photo to start from (image to image; --strength sets how much is repainted)",
     )
+    parser.add_argument(
+        "--mask",
+        help="with --init_image: an image, white where to repaint and black where to keep (inpainting)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     lora_help = (
         "a LoRA for the transformer: a file in models/loras/, a path, a hub reference "
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pulid.errors import PuLIDError
     from pulid.outputs import save_new_image
-    from pulid.request import InvalidRequestError
+    from pulid.request import InvalidRequestError, checked_mask
     from pulid.uploads import UploadError, load_upload
 
     try:
@@ -146,13 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     except UploadError as err:
         print(f"--init_image: {err}", file=sys.stderr)
         return 2
+    try:
+        mask = None if args.mask is None else load_upload(args.mask)
+        checked_mask(mask, start)  # before any model loads: without --init_image, or empty
+    except (UploadError, InvalidRequestError) as err:
+        print(f"--mask: {err}", file=sys.stderr)
+        return 2
     if not photos:
         print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)
     pipeline = load_or_exit(args)
     failures, saved = 0, 0
     for index, request in enumerate(args.requests):
         request.id_images = photos
-        request.init_image = start
+        request.init_image, request.mask = start, mask
         label = f"image {index + 1}/{len(args.requests)}"
         try:
             result = pipeline.generate(request, callback=progress_bar(label))

@@ -117,6 +117,23 @@ def noised(latents: Tensor, noise: Tensor, t: float) -> Tensor:
 
 
 @dataclass
+class Inpainting:
+    """Keep what lies outside a mask on the photo's own path: after every step, the latents there
+    are replaced by the photo's latents noised to that step's time with the same noise, through a
+    mask in [0, 1] (1: repaint; values between feather the edge). At the last step (t = 0) they are
+    the photo's latents themselves. All three tensors are packed like the latents (B or 1, L, 64).
+    """
+
+    latents: Tensor
+    noise: Tensor
+    mask: Tensor
+
+    def blend(self, img: Tensor, t: float) -> Tensor:
+        kept = noised(self.latents, self.noise, t)
+        return self.mask * img + (1.0 - self.mask) * kept
+
+
+@dataclass
 class TextConditioning:
     """The prompt as the DiT sees it: T5 tokens, their (zero) ids and the CLIP pooled vector."""
 
@@ -166,6 +183,7 @@ def denoise(
     id_start_step: int = 0,
     callback: Callable[[StepInfo], None] | None = None,
     step_cache: FirstBlockCache | None = None,
+    inpainting: Inpainting | None = None,
 ) -> Tensor:
     """Euler integration of the flow from noise (t=1) to image latents (t=0).
 
@@ -176,7 +194,8 @@ def denoise(
     negative one. ``callback`` runs after each step and may raise :class:`GenerationCancelled`.
     ``step_cache`` (made for this run only) may skip the later DiT blocks on steps that barely
     change (:mod:`flux.step_cache`); each branch of true CFG keeps its own state, and nothing is
-    reused across the step where the ID starts.
+    reused across the step where the ID starts. ``inpainting`` blends the latents after each
+    step (:class:`Inpainting`), before ``callback`` sees them.
     """
     use_true_cfg = abs(true_cfg - 1.0) > 1e-2
     if use_true_cfg and neg_cond is None:
@@ -214,6 +233,8 @@ def denoise(
             )
             pred = neg_pred + true_cfg * (pred - neg_pred)
         img = img + (t_prev - t_curr) * pred
+        if inpainting is not None:
+            img = inpainting.blend(img, t_prev)
         if callback is not None:
             callback(StepInfo(step=step, total=total, t_curr=t_curr, t_prev=t_prev, latents=img))
     return img

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from flux.autoencoder import AttnBlock, AutoEncoder, ResnetBlock
 from flux.lora import ActiveLoRA, LoRAAdapters, LoRAError, LoRAFile
@@ -25,6 +26,8 @@ from flux.model import Flux
 from flux.offload.structure import Component, Stage
 from flux.repeated import block_modules
 from flux.sampling import (
+    LATENT_CHANNELS,
+    Inpainting,
     StepInfo,
     TextConditioning,
     denoise,
@@ -42,7 +45,7 @@ from pulid.id_encoder import IDEncoder
 from pulid.injection import PuLIDInjection
 from pulid.limits import MAX_IMAGES_PER_REQUEST
 from pulid.loras import LoRALibrary
-from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.request import GenerationRequest, InvalidRequestError, mask_values
 from pulid.similarity import describe, identity_similarity
 
 GiB = 1024**3
@@ -213,6 +216,27 @@ class PuLIDFluxPipeline:
             latents = self.ae.encode(x, mean=True)
         return latents.to(self.dtype)
 
+    def start_image(self, request: GenerationRequest) -> tuple[StartImage, dict[str, str]]:
+        """The request's photo to start from, encoded, and its mask at the latents' grid; with
+        notes for the metadata on what was cropped or resized."""
+        fitted, note = fit_image(request.init_image, request.width, request.height)
+        notes = {"init_image_fit": note} if note else {}
+        mask = None
+        if request.mask is not None:
+            values = mask_values(request.mask)
+            photo_h, photo_w = request.init_image.shape[:2]
+            if values.shape != (photo_h, photo_w):
+                mask_h, mask_w = values.shape
+                notes["mask_fit"] = f"resized from {mask_w}x{mask_h} to the photo's {photo_w}x{photo_h}"
+                values = np.asarray(
+                    Image.fromarray(values).resize((photo_w, photo_h), Image.Resampling.NEAREST)
+                )
+            mask = latent_mask(fit_image(values, request.width, request.height)[0]).to(
+                self.device, self.dtype
+            )
+            notes["mask_area"] = f"{float(mask.mean()):.0%} of the image repainted"
+        return StartImage(self.encode_image(fitted), mask), notes
+
     def load_loras(self, request: GenerationRequest) -> list[LoRAFile]:
         """The request's LoRA files, read and checked against the DiT (cached between requests)."""
         if not request.loras:
@@ -289,12 +313,11 @@ class PuLIDFluxPipeline:
             embedding = self.id_encoder(request.id_images, with_uncond=request.uses_true_cfg)
         timings["id_embedding_s"] = time.perf_counter() - t0
 
-        start_latents, fit_note = None, ""
+        photo_start, notes = None, {}
         if request.init_image is not None:
             t0 = time.perf_counter()
             stage("encoding the photo to start from")
-            fitted, fit_note = fit_image(request.init_image, request.width, request.height)
-            start_latents = self.encode_image(fitted)
+            photo_start, notes = self.start_image(request)
             timings["init_encoding_s"] = time.perf_counter() - t0
 
         timings["denoise_s"] = timings["decode_s"] = timings["similarity_s"] = 0.0
@@ -312,7 +335,7 @@ class PuLIDFluxPipeline:
                 )
             with self._loras_applied(active):
                 latents = self._denoise(
-                    request, chunk, cond, neg_cond, embedding, callback, cache, start_latents
+                    request, chunk, cond, neg_cond, embedding, callback, cache, photo_start
                 )
             timings["denoise_s"] += time.perf_counter() - t0
             for seed, one in zip(chunk, latents.split(1), strict=True):
@@ -337,7 +360,7 @@ class PuLIDFluxPipeline:
                         else {}
                     ),
                     **({"cache_full_steps": cache_report(cache, request)} if cache is not None else {}),
-                    **({"init_image_fit": fit_note} if fit_note else {}),
+                    **notes,
                     **self.info,
                 }
                 images.append(GeneratedImage(image, seed, metadata, one, score))
@@ -387,14 +410,15 @@ class PuLIDFluxPipeline:
         embedding,
         callback: Callable[[StepInfo], None] | None,
         cache: FirstBlockCache | None = None,
-        start_latents: Tensor | None = None,
+        start: StartImage | None = None,
     ) -> Tensor:
         """Packed latents of one batch: each image's noise from its own seed, one shared condition.
 
-        With ``start_latents`` (a photo to start from, encoded), the schedule begins at
+        With ``start`` (a photo to start from, encoded), the schedule begins at
         :func:`~flux.sampling.image_to_image_start` for the request's strength and the latents
         there are the photo's, noised to that time with each image's own noise; the ID start step
-        and the step cache count from the first step that runs.
+        and the step cache count from the first step that runs. With its mask, every step keeps
+        the photo's path outside the mask (:class:`~flux.sampling.Inpainting`).
         """
         noise = torch.cat(
             [
@@ -405,9 +429,13 @@ class PuLIDFluxPipeline:
         batch = noise.shape[0]
         timesteps = get_schedule(request.num_steps, noise.shape[-1] * noise.shape[-2] // 4, shift=True)
         img = pack(noise)
-        if start_latents is not None:
+        inpainting = None
+        if start is not None:
             first = image_to_image_start(request.num_steps, request.strength)
-            img = noised(pack(start_latents).expand(batch, -1, -1), img, timesteps[first])
+            photo = pack(start.latents).expand(batch, -1, -1)
+            if start.mask is not None:
+                inpainting = Inpainting(photo, img, start.mask.expand(batch, -1, -1))
+            img = noised(photo, img, timesteps[first])
             timesteps = timesteps[first:]
         id_tokens = uncond_tokens = None
         if embedding is not None:
@@ -429,7 +457,30 @@ class PuLIDFluxPipeline:
             id_start_step=request.start_step,
             callback=callback,
             step_cache=cache,
+            inpainting=inpainting,
         )
+
+
+@dataclass(frozen=True)
+class StartImage:
+    """A photo to start from: its latents (1, 16, h, w), and where to repaint as packed tokens
+    (1, L, 64) in [0, 1], or None to repaint everything."""
+
+    latents: Tensor
+    mask: Tensor | None
+
+
+def latent_mask(values: np.ndarray) -> Tensor:
+    """A (H, W) uint8 mask at the image's size -> the packed mask of the latents (1, L, 64).
+
+    Pixels of 128 and above repaint. Each latent pixel gets the share of its 8x8 patch that
+    repaints, then a 3x3 average feathers the edge by one latent pixel (8 image pixels) each way;
+    latent pixels further than that from any painted pixel are exactly 0 (kept).
+    """
+    painted = torch.from_numpy((values >= 128).astype(np.float32))[None, None]
+    share = F.avg_pool2d(painted, 8)
+    feathered = F.avg_pool2d(share, 3, stride=1, padding=1, count_include_pad=False)
+    return pack(feathered.expand(-1, LATENT_CHANNELS, -1, -1))
 
 
 def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, str]:

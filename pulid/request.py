@@ -233,16 +233,24 @@ class GenerationRequest:
     )
     # A photo to start from (RGB uint8): image to image (see :meth:`PuLIDFluxPipeline.generate`).
     init_image: np.ndarray | None = None
+    # With a photo to start from: where to repaint (see :func:`mask_values`); the rest is kept.
+    mask: np.ndarray | None = None
 
     @classmethod
     def from_values(
-        cls, id_images: list | None = None, loras: Any = (), init_image: Any = None, **values: Any
+        cls,
+        id_images: list | None = None,
+        loras: Any = (),
+        init_image: Any = None,
+        mask: Any = None,
+        **values: Any,
     ) -> GenerationRequest:
         """A request from raw values (strings, JSON numbers): each coerced and checked."""
         return cls(
             id_images=list(id_images or []),
             loras=checked_loras(loras),
             init_image=checked_init_image(init_image),
+            mask=checked_mask(mask, init_image),
             **coerce_all(generation_settings(), values),
         )
 
@@ -264,6 +272,7 @@ class GenerationRequest:
             id_images=list(self.id_images),
             loras=checked_loras(self.loras),
             init_image=checked_init_image(self.init_image),
+            mask=checked_mask(self.mask, self.init_image),
             **values,
         )
 
@@ -278,6 +287,9 @@ class GenerationRequest:
         if self.init_image is not None:  # the pixels' hash: the file's path is the visitor's business
             digest = hashlib.sha256(np.ascontiguousarray(self.init_image).tobytes()).hexdigest()
             values["init_image"] = f"sha256:{digest[:16]}"
+        if self.mask is not None:
+            digest = hashlib.sha256(np.ascontiguousarray(mask_values(self.mask)).tobytes()).hexdigest()
+            values["mask"] = f"sha256:{digest[:16]}"
         return values
 
 
@@ -307,6 +319,38 @@ def checked_init_image(image: Any) -> np.ndarray | None:
             "The photo to start from must be an image (an RGB array of height x width x 3 bytes)."
         )
     return image
+
+
+def mask_values(mask: np.ndarray) -> np.ndarray:
+    """A mask as (H, W) uint8, 255 where to repaint: a grey image as it is, true for booleans, the
+    brightest channel of a colour image (white or any paint repaints), the alpha of an RGBA one
+    (strokes on a transparent layer)."""
+    if mask.dtype == np.bool_:
+        return mask.astype(np.uint8) * 255
+    if mask.ndim == 3:
+        return mask[..., 3] if mask.shape[2] == 4 else mask.max(axis=2)
+    return mask
+
+
+def checked_mask(mask: Any, init_image: Any) -> np.ndarray | None:
+    """``mask`` if it is None or an image (H, W), (H, W, 1/3/4) of uint8 or bool that repaints
+    something, with a photo to start from; else :class:`InvalidRequestError` saying what to do."""
+    if mask is None:
+        return None
+    shaped = isinstance(mask, np.ndarray) and (
+        mask.ndim == 2 or (mask.ndim == 3 and mask.shape[2] in (1, 3, 4))
+    )
+    if not shaped or mask.dtype not in (np.uint8, np.bool_) or 0 in mask.shape:
+        raise InvalidRequestError("The mask must be an image: white where to repaint, black where to keep.")
+    if init_image is None:
+        raise InvalidRequestError(
+            "A mask needs a photo to start from: it says which part of that photo to repaint."
+        )
+    if not (mask_values(mask) >= 128).any():
+        raise InvalidRequestError(
+            "The mask is empty, so nothing would be repainted: paint the region to repaint in white."
+        )
+    return mask
 
 
 def checked_loras(loras: Any) -> tuple[LoRAChoice, ...]:

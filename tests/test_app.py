@@ -271,6 +271,22 @@ def test_the_api_and_the_cli_start_from_a_photo(client, tmp_path):
     missing = run_cli(tmp_path, *flags, "--init_image", str(tmp_path / "nope.png"), "--out", str(out))
     assert missing.returncode == 2 and "--init_image" in missing.stderr and "nope.png" in missing.stderr
 
+    mask = tmp_path / "mask.png"
+    painted = np.zeros((64, 64), np.uint8)
+    painted[16:48, 16:48] = 255
+    Image.fromarray(painted).save(mask)
+    inpainted = tmp_path / "inpainted"
+    proc = run_cli(tmp_path, *flags, "--init_image", str(PHOTO), "--mask", str(mask), "--out", str(inpainted))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (image,) = inpainted.glob("*.png")
+    stored = read_image_metadata(image)
+    assert (
+        stored["mask"].startswith("sha256:")
+        and stored["mask_fit"] == "resized from 64x64 to the photo's 512x512"
+    )
+    alone = run_cli(tmp_path, *flags, "--mask", str(mask), "--out", str(inpainted))
+    assert alone.returncode == 2 and "--mask: A mask needs a photo to start from" in alone.stderr
+
 
 def test_defaults_bind_localhost_without_share(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)

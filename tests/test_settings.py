@@ -21,7 +21,7 @@ def test_the_declaration_is_the_request_dataclass():
     fields = [
         f.name
         for f in dataclasses.fields(GenerationRequest)
-        if f.name not in ("id_images", "loras", "init_image")
+        if f.name not in ("id_images", "loras", "init_image", "mask")
     ]
     assert [s.name for s in SETTINGS] == fields
     assert all(s.label and (s.kind in (int, float, str)) for s in SETTINGS)

@@ -1,0 +1,124 @@
+"""Inpainting: a mask over the photo to start from says what to repaint; the rest stays the photo's.
+
+After every step the latents outside the mask are the photo's latents noised to that step's time
+with the image's own noise; after the last step they are the photo's latents. Checked on the tiny
+pipeline against float64 computations of that blend, plus the mask's checks and metadata.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flux.sampling import Inpainting, get_noise, get_schedule, image_to_image_start, pack
+from pulid.pipeline import fit_image, latent_mask
+from pulid.request import InvalidRequestError
+from tests.numerics import fresh_seed, rel_err
+from tests.test_image_to_image import init_photo, pipeline, request  # noqa: F401 (the fixture)
+
+W, H = 320, 256  # the requests' size (tests.test_image_to_image.request)
+
+
+def left_half_mask(height: int = H, width: int = W) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, : width // 2] = 255
+    return mask
+
+
+def test_the_blend_is_the_masked_sum_with_the_photo_noised_to_t():
+    g = torch.Generator().manual_seed(fresh_seed())
+    photo, noise, img = (torch.randn(2, 20, 64, generator=g) for _ in range(3))
+    mask = torch.rand(1, 20, 64, generator=g).expand(2, -1, -1)
+    t = float(torch.rand((), generator=g))
+    blended = Inpainting(photo, noise, mask).blend(img, t)
+    m, kept = mask.double(), t * noise.double() + (1 - t) * photo.double()
+    assert rel_err(blended, m * img.double() + (1 - m) * kept) < 1e-6
+    assert torch.equal(Inpainting(photo, noise, torch.zeros_like(mask)).blend(img, 0.0), photo)
+
+
+def test_the_latent_mask_is_the_painted_share_feathered_by_one_latent_pixel():
+    values = left_half_mask()
+    tokens = latent_mask(values)
+    grid = torch.zeros(1, 16, H // 8, W // 8)
+    grid[..., : W // 16] = 1.0  # the painted latent columns
+    assert tokens.shape == pack(grid).shape
+    unpacked = tokens.reshape(1, H // 16, W // 16, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(grid.shape)
+    column = unpacked[0, 0, 0]  # one row of the latent grid: 1, ..., 1, 2/3, 1/3, 0, ..., 0
+    edge = W // 16
+    assert torch.all(column[: edge - 1] == 1) and torch.all(column[edge + 1 :] == 0)
+    assert column[edge - 1].item() == pytest.approx(2 / 3) and column[edge].item() == pytest.approx(1 / 3)
+
+
+def outside(tokens: torch.Tensor, mask_tokens: torch.Tensor) -> torch.Tensor:
+    return tokens[(mask_tokens == 0).expand_as(tokens)]
+
+
+def test_outside_the_mask_each_step_follows_the_photo_and_ends_on_it(pipeline):  # noqa: F811
+    image, strength = init_photo(fresh_seed() % 1000), 0.7
+    wanted = request(init_image=image, mask=left_half_mask(), strength=strength)
+    steps = []
+    result = pipeline.generate(
+        wanted, callback=lambda info: steps.append((info.t_prev, info.latents.clone()))
+    )
+
+    start = pipeline.start_image(wanted)[0]
+    photo = pack(start.latents).double()
+    noise = pack(get_noise(1, H, W, "cpu", torch.float32, seed=7)).double()
+    schedule = get_schedule(3, (H // 16) * (W // 16))
+    assert len(steps) == 3 - image_to_image_start(3, strength)
+    for t, latents in steps:  # outside: t * noise + (1 - t) * photo, in float64
+        expected = t * noise + (1 - t) * photo
+        assert rel_err(outside(latents, start.mask), outside(expected, start.mask)) < 1e-6
+    assert steps[-1][0] == schedule[-1] == 0.0
+    assert torch.equal(outside(result.latents, start.mask), outside(pack(start.latents), start.mask))
+    inside = start.mask == 1
+    assert not torch.equal(result.latents[inside.expand_as(result.latents)], pack(start.latents)[inside])
+
+
+def test_a_mask_over_everything_is_image_to_image(pipeline):  # noqa: F811
+    image = init_photo(11)
+    everything = np.full((H, W), 255, np.uint8)
+    masked = pipeline.generate(request(init_image=image, mask=everything, strength=0.6))
+    plain = pipeline.generate(request(init_image=image, strength=0.6))
+    assert torch.equal(masked.latents, plain.latents)
+    assert masked.metadata["mask_area"] == "100% of the image repainted"
+
+
+def test_a_mask_of_another_size_is_resized_to_the_photo_and_said(pipeline):  # noqa: F811
+    small = left_half_mask(32, 40)
+    result = pipeline.generate(request(init_image=init_photo(12), mask=small, strength=0.6))
+    assert result.metadata["mask_fit"] == "resized from 40x32 to the photo's 320x256"
+    assert (
+        result.metadata["mask"].startswith("sha256:")
+        and result.metadata["mask_area"] == "50% of the image repainted"
+    )
+    fitted, note = fit_image(small, W, H)
+    assert fitted.shape == (H, W) and note == "resized to 320x256"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"mask": left_half_mask()}, "A mask needs a photo to start from"),
+        ({"init_image": init_photo(1), "mask": np.zeros((H, W), np.uint8)}, "The mask is empty"),
+        ({"init_image": init_photo(1), "mask": "mask.png"}, "The mask must be an image"),
+        ({"init_image": init_photo(1), "mask": np.ones((H, W), np.float32)}, "The mask must be an image"),
+    ],
+)
+def test_bad_masks_are_refused_with_what_to_do(pipeline, kw, message):  # noqa: F811
+    with pytest.raises(InvalidRequestError, match=message):
+        pipeline.generate(request(**kw))
+
+
+def test_colour_and_alpha_masks_read_as_painted_where_bright_or_opaque():
+    from pulid.request import mask_values
+
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 0)  # red paint repaints
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[1, 1, 3] = 255  # an opaque stroke on a transparent layer
+    assert mask_values(rgb)[0, 0] == 255 and mask_values(rgb).sum() == 255
+    assert mask_values(rgba)[1, 1] == 255 and mask_values(rgba).sum() == 255
+    assert mask_values(np.eye(4, dtype=bool)).tolist()[0] == [255, 0, 0, 0]
+    request(init_image=init_photo(1), mask=rgba).checked()
