@@ -159,7 +159,7 @@ def input_names() -> list[str]:
         ["prompt", "id_image", "extra_images"]
         + [s.name for s in generation_settings() if s.name != "prompt"]
         + lora_input_names()
-        + ["init_image"]  # last, so that the API's earlier parameters keep their positions
+        + ["init_image", "mask"]  # last, so that the API's earlier parameters keep their positions
     )
 
 
@@ -349,7 +349,8 @@ def create_demo(args: argparse.Namespace, service):
         no server thread), and again as each image is saved: when the visitor cancels or leaves,
         gradio closes this generator, and the ``finally`` stops the work or takes the job out of
         the line."""
-        photo, extra, start = values.pop("id_image"), values.pop("extra_images"), values.pop("init_image")
+        photo, extra = values.pop("id_image"), values.pop("extra_images")
+        start, mask = values.pop("init_image"), values.pop("mask")
         photos = ([] if photo is None else [photo]) + list(extra or [])
         values["loras"] = chosen_loras(values)
         saved: list[SavedImage] = []
@@ -372,7 +373,13 @@ def create_demo(args: argparse.Namespace, service):
             generation = service.build_request(None, None, **values)
             visitor = visitor_of(request, args.behind_proxy)
             job = service.start(
-                generation, _session(request), show, client=visitor, photos=photos, init_image=start
+                generation,
+                _session(request),
+                show,
+                client=visitor,
+                photos=photos,
+                init_image=start,
+                mask=mask,
             )
         except ServiceError as err:
             raise gr.Error(str(err)) from None
@@ -497,16 +504,24 @@ def create_demo(args: argparse.Namespace, service):
                 with gr.Accordion("Start from a photo (image to image)", open=False, elem_id="edit"):
                     gr.Markdown(
                         "The image starts from this photo instead of noise. Choosing it sets the "
-                        "size to its shape. Strength 1 ignores it; lower keeps more of it."
+                        "size to its shape. Strength 1 ignores it; lower keeps more of it. To "
+                        "repaint only part of it, add a mask (white repaints, black keeps) or "
+                        "choose 'face' to repaint its largest face."
                     )
                     with gr.Row(equal_height=False):
                         controls["init_image"] = IDImage(
                             label="Photo to start from", type="filepath", height=200, elem_id="init-image"
                         )
-                        with gr.Column(min_width=160):
-                            for name, setting in settings.items():
-                                if setting.group == "edit":
-                                    controls[name] = control(setting, gr)
+                        controls["mask"] = IDImage(
+                            label="Mask (optional): white repaints",
+                            type="filepath",
+                            height=200,
+                            elem_id="mask",
+                        )
+                    with gr.Row():
+                        for name, setting in settings.items():
+                            if setting.group == "edit":
+                                controls[name] = control(setting, gr)
                 with gr.Accordion("LoRA: styles, subjects, 8-step speed", open=False, elem_id="loras"):
                     gr.Markdown(
                         "LoRA files in `models/loras/` are listed here. A speed preset puts an 8-step "

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pulid.errors import PuLIDError
     from pulid.outputs import save_new_image
-    from pulid.request import InvalidRequestError, checked_mask
+    from pulid.request import InvalidRequestError, check_edit, checked_mask
     from pulid.uploads import UploadError, load_upload
 
     try:
@@ -151,10 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--init_image: {err}", file=sys.stderr)
         return 2
     try:
-        mask = None if args.mask is None else load_upload(args.mask)
-        checked_mask(mask, start)  # before any model loads: without --init_image, or empty
+        mask = None if args.mask is None else checked_mask(load_upload(args.mask))
     except (UploadError, InvalidRequestError) as err:
         print(f"--mask: {err}", file=sys.stderr)
+        return 2
+    try:  # before any model loads
+        check_edit(str(args.repaint), start is not None, mask is not None)
+    except InvalidRequestError as err:
+        print(err, file=sys.stderr)
         return 2
     if not photos:
         print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)

@@ -167,6 +167,16 @@ class FaceAnalyzer:
                 return None
             return np.asarray(self.detector.embedding(bgr, largest_face(faces).kps), np.float32)
 
+    def face_box(self, image: ImageLike) -> tuple[float, float, float, float] | None:
+        """The box (x1, y1, x2, y2, in the image's pixels) of the largest face insightface finds,
+        or None: where "repaint the face" repaints a photo to start from."""
+        _, bgr, scale = self._prepared(image)
+        with self._lock:
+            faces, _ = self.detector.detect(bgr)
+        if not faces:
+            return None
+        return tuple(float(v) / scale for v in largest_face(faces).bbox[:4])
+
     def _prepared(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, float]:
         """The RGB image, its BGR copy with the long side at most ``max_side``, and that scale."""
         original = prepare_image(image)

@@ -32,12 +32,14 @@ class FaceFeatures(Protocol):
 
 
 class FaceAnalyzing(Protocol):
-    """Anything with ``analyze`` and ``identity`` (:class:`pulid.face_analysis.FaceAnalyzer`, or a
-    test stand-in)."""
+    """Anything with ``analyze``, ``identity`` and ``face_box`` (:class:`pulid.face_analysis.FaceAnalyzer`,
+    or a test stand-in)."""
 
     def analyze(self, image_rgb: np.ndarray) -> FaceFeatures: ...
 
     def identity(self, image_rgb: np.ndarray) -> np.ndarray | None: ...
+
+    def face_box(self, image_rgb: np.ndarray) -> tuple[float, float, float, float] | None: ...
 
 
 @dataclass
@@ -126,6 +128,10 @@ class IDEncoder:
     def identity(self, image_rgb: np.ndarray) -> np.ndarray | None:
         """The ArcFace embedding of the largest face in an image (a generated one), or None."""
         return self.face_analysis.identity(image_rgb)
+
+    def face_box(self, image_rgb: np.ndarray) -> tuple[float, float, float, float] | None:
+        """The box of the largest face in an image (x1, y1, x2, y2), or None."""
+        return self.face_analysis.face_box(image_rgb)
 
 
 @dataclass(frozen=True)

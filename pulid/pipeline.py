@@ -49,6 +49,7 @@ from pulid.request import GenerationRequest, InvalidRequestError, mask_values
 from pulid.similarity import describe, identity_similarity
 
 GiB = 1024**3
+FACE_MARGIN = 0.25  # "repaint the face": the face box grown by this share of its size on each side
 
 # The stages of a generation, in order, and the device memory each needs besides weights, for
 # 1024x1024 images (``python benchmarks/bench_offload.py`` on an H100, bf16: the DiT's activations
@@ -217,25 +218,52 @@ class PuLIDFluxPipeline:
         return latents.to(self.dtype)
 
     def start_image(self, request: GenerationRequest) -> tuple[StartImage, dict[str, str]]:
-        """The request's photo to start from, encoded, and its mask at the latents' grid; with
-        notes for the metadata on what was cropped or resized."""
+        """The request's photo to start from, encoded, and what of it to repaint at the latents'
+        grid; with notes for the metadata on what was cropped or resized."""
         fitted, note = fit_image(request.init_image, request.width, request.height)
         notes = {"init_image_fit": note} if note else {}
+        values = self.repaint_values(request, notes)
         mask = None
-        if request.mask is not None:
-            values = mask_values(request.mask)
-            photo_h, photo_w = request.init_image.shape[:2]
-            if values.shape != (photo_h, photo_w):
-                mask_h, mask_w = values.shape
-                notes["mask_fit"] = f"resized from {mask_w}x{mask_h} to the photo's {photo_w}x{photo_h}"
-                values = np.asarray(
-                    Image.fromarray(values).resize((photo_w, photo_h), Image.Resampling.NEAREST)
-                )
+        if values is not None:
             mask = latent_mask(fit_image(values, request.width, request.height)[0]).to(
                 self.device, self.dtype
             )
             notes["mask_area"] = f"{float(mask.mean()):.0%} of the image repainted"
         return StartImage(self.encode_image(fitted), mask), notes
+
+    def repaint_values(self, request: GenerationRequest, notes: dict[str, str]) -> np.ndarray | None:
+        """What of the photo to start from to repaint, as (H, W) uint8 at the photo's size: the
+        face region, the mask given (resized to the photo, noted), or None for all of it."""
+        photo_h, photo_w = request.init_image.shape[:2]
+        if request.repaint == "face":
+            return self.face_mask(request.init_image)
+        if request.mask is None:
+            return None
+        values = mask_values(request.mask)
+        if values.shape != (photo_h, photo_w):
+            notes["mask_fit"] = (
+                f"resized from {values.shape[1]}x{values.shape[0]} to the photo's {photo_w}x{photo_h}"
+            )
+            values = np.asarray(Image.fromarray(values).resize((photo_w, photo_h), Image.Resampling.NEAREST))
+        return values
+
+    def face_mask(self, photo: np.ndarray) -> np.ndarray:
+        """A mask over the largest face of ``photo``: its box grown by :data:`FACE_MARGIN` of its
+        size on each side, within the photo."""
+        box = None if self.id_encoder is None else self.id_encoder.face_box(photo)
+        if box is None:
+            raise InvalidRequestError(
+                "No face was found in the photo to start from, so there is no face to repaint: "
+                "give a mask instead, or choose 'mask'."
+            )
+        x1, y1, x2, y2 = box
+        grow_x, grow_y = FACE_MARGIN * (x2 - x1), FACE_MARGIN * (y2 - y1)
+        h, w = photo.shape[:2]
+        mask = np.zeros((h, w), np.uint8)
+        left, top = max(0, int(x1 - grow_x)), max(0, int(y1 - grow_y))
+        right, bottom = min(w, int(np.ceil(x2 + grow_x))), min(h, int(np.ceil(y2 + grow_y)))
+        mask[top:bottom, left:right] = 255
+        return mask
 
     def load_loras(self, request: GenerationRequest) -> list[LoRAFile]:
         """The request's LoRA files, read and checked against the DiT (cached between requests)."""

@@ -50,6 +50,10 @@ STRENGTH_HELP = (
     "With a photo to start from: how much of it is repainted. 1 ignores it (text to image); 0.5-0.8 "
     "keeps its layout and colours; lower keeps more. The steps run are this share of the steps."
 )
+REPAINT_HELP = (
+    "With a photo to start from: 'mask' repaints the mask given (all of the photo without one); "
+    "'face' repaints the largest face found in the photo, its box grown by a quarter on each side."
+)
 TRUE_CFG_HELP = (
     "1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass with the "
     "negative prompt (then set guidance near 1)."
@@ -231,6 +235,9 @@ class GenerationRequest:
         group="edit",
         help=STRENGTH_HELP,
     )
+    repaint: str = setting(
+        str, "mask", "Repaint", choices=("mask", "face"), widget="radio", group="edit", help=REPAINT_HELP
+    )
     # A photo to start from (RGB uint8): image to image (see :meth:`PuLIDFluxPipeline.generate`).
     init_image: np.ndarray | None = None
     # With a photo to start from: where to repaint (see :func:`mask_values`); the rest is kept.
@@ -250,7 +257,7 @@ class GenerationRequest:
             id_images=list(id_images or []),
             loras=checked_loras(loras),
             init_image=checked_init_image(init_image),
-            mask=checked_mask(mask, init_image),
+            mask=checked_mask(mask),
             **coerce_all(generation_settings(), values),
         )
 
@@ -268,13 +275,15 @@ class GenerationRequest:
             not isinstance(image, np.ndarray) for image in self.id_images
         ):
             raise InvalidRequestError("The ID photos must be a list of images (numpy arrays).")
-        return GenerationRequest(
+        checked = GenerationRequest(
             id_images=list(self.id_images),
             loras=checked_loras(self.loras),
             init_image=checked_init_image(self.init_image),
-            mask=checked_mask(self.mask, self.init_image),
+            mask=checked_mask(self.mask),
             **values,
         )
+        check_edit(values["repaint"], self.init_image is not None, self.mask is not None)
+        return checked
 
     def seeds(self, first: int) -> list[int]:
         """The seed of each image: ``first``, ``first + 1``, ... (wrapping past :data:`MAX_SEED`)."""
@@ -332,9 +341,9 @@ def mask_values(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
-def checked_mask(mask: Any, init_image: Any) -> np.ndarray | None:
+def checked_mask(mask: Any) -> np.ndarray | None:
     """``mask`` if it is None or an image (H, W), (H, W, 1/3/4) of uint8 or bool that repaints
-    something, with a photo to start from; else :class:`InvalidRequestError` saying what to do."""
+    something; else :class:`InvalidRequestError` saying what to do."""
     if mask is None:
         return None
     shaped = isinstance(mask, np.ndarray) and (
@@ -342,15 +351,28 @@ def checked_mask(mask: Any, init_image: Any) -> np.ndarray | None:
     )
     if not shaped or mask.dtype not in (np.uint8, np.bool_) or 0 in mask.shape:
         raise InvalidRequestError("The mask must be an image: white where to repaint, black where to keep.")
-    if init_image is None:
-        raise InvalidRequestError(
-            "A mask needs a photo to start from: it says which part of that photo to repaint."
-        )
     if not (mask_values(mask) >= 128).any():
         raise InvalidRequestError(
             "The mask is empty, so nothing would be repainted: paint the region to repaint in white."
         )
     return mask
+
+
+def check_edit(repaint: str, has_photo: bool, has_mask: bool) -> None:
+    """What to repaint agrees with what was given: a mask, or repainting the face, needs a photo
+    to start from, and the two do not go together. :class:`InvalidRequestError` otherwise."""
+    if has_mask and not has_photo:
+        raise InvalidRequestError(
+            "A mask needs a photo to start from: it says which part of that photo to repaint."
+        )
+    if repaint == "face" and not has_photo:
+        raise InvalidRequestError(
+            "Repainting the face needs a photo to start from: add one, or choose 'mask'."
+        )
+    if repaint == "face" and has_mask:
+        raise InvalidRequestError(
+            "Give a mask or repaint the face, not both: remove the mask, or choose 'mask'."
+        )
 
 
 def checked_loras(loras: Any) -> tuple[LoRAChoice, ...]:

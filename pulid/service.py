@@ -32,7 +32,7 @@ from pulid.errors import PuLIDError
 from pulid.limits import MAX_EXTRA_PHOTOS
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
-from pulid.request import GenerationRequest, InvalidRequestError, checked_init_image
+from pulid.request import GenerationRequest, InvalidRequestError, check_edit, checked_init_image, checked_mask
 from pulid.uploads import UploadError, check_header, check_upload, load_upload
 
 logger = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ class GenerationService:
         client: str | None = None,
         photos: Sequence[PhotoSource] = (),
         init_image: PhotoSource | None = None,
+        mask: PhotoSource | None = None,
     ) -> Job:
         """:meth:`run` in a worker thread: the caller can wait with a timeout and cancel the job.
 
@@ -259,7 +260,7 @@ class GenerationService:
         variables).
         """
         job = Job()
-        admitted = self._admit(request, photos, session, client, job.cancelled, init_image)
+        admitted = self._admit(request, photos, session, client, job.cancelled, init_image, mask)
         context = contextvars.copy_context()
         thread = threading.Thread(
             target=context.run,
@@ -295,15 +296,16 @@ class GenerationService:
         client: str | None = None,
         photos: Sequence[PhotoSource] = (),
         init_image: PhotoSource | None = None,
+        mask: PhotoSource | None = None,
     ) -> ServiceResult:
         """Generate and save the request's images; ``progress`` gets each step (:class:`StepInfo`),
         the name of each stage and each :class:`SavedImage` as soon as it is written. ``cancel``
         (or :meth:`cancel` of the session) stops it at the next step or decoder block, also while
         it waits for its turn; the :class:`Cancelled` error holds the images already saved.
-        ``photos`` are added to the request's ID images and ``init_image`` is the photo to start
-        from (files are read when the turn comes)."""
+        ``photos`` are added to the request's ID images, ``init_image`` is the photo to start from
+        and ``mask`` what of it to repaint (files are read when the turn comes)."""
         cancel = cancel if cancel is not None else threading.Event()
-        admitted = self._admit(request, photos, session, client, cancel, init_image)
+        admitted = self._admit(request, photos, session, client, cancel, init_image, mask)
         return self._run_admitted(*admitted, session, progress)
 
     def lora_names(self) -> list[str]:
@@ -340,10 +342,13 @@ class GenerationService:
         client: str | None,
         cancel: threading.Event,
         init_image: PhotoSource | None = None,
-    ) -> tuple[GenerationRequest, list[PhotoSource], PhotoSource | None, _Ticket]:
+        mask: PhotoSource | None = None,
+    ) -> tuple[GenerationRequest, list[PhotoSource], tuple[PhotoSource | None, PhotoSource | None], _Ticket]:
         """The checks that need no turn, then a place in the line (the session's cancel reaches it)."""
         try:
             request = request.checked()
+            has_photo = request.init_image is not None or init_image is not None
+            check_edit(request.repaint, has_photo, request.mask is not None or mask is not None)
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
         self._check_loras(request)
@@ -351,13 +356,15 @@ class GenerationService:
         self._check_photo_count(len(request.id_images) + len(photos) - 1)
         try:
             checked = [self._checked_source(photo) for photo in photos]
-            start = None if init_image is None else self._checked_source(init_image)
+            edit = tuple(
+                None if source is None else self._checked_source(source) for source in (init_image, mask)
+            )
         except UploadError as err:
             raise ServiceError(str(err)) from None
         ticket = self._line.join(client, cancel)
         with self._active_lock:
             self._active.setdefault(session, set()).add(cancel)
-        return request, checked, start, ticket
+        return request, checked, edit, ticket
 
     def _checked_source(self, photo: PhotoSource) -> PhotoSource:
         """An array as it is; a path only if it is an upload whose header is a readable image."""
@@ -371,7 +378,7 @@ class GenerationService:
         self,
         request: GenerationRequest,
         photos: list[PhotoSource],
-        init_image: PhotoSource | None,
+        edit: tuple[PhotoSource | None, PhotoSource | None],
         ticket: _Ticket,
         session: str,
         progress: Progress | None,
@@ -396,9 +403,11 @@ class GenerationService:
             report("starting")  # a job cancelled just as its turn came stops here
             if photos:
                 request = replace(request, id_images=[*request.id_images, *self._decode(photos)])
+            init_image, mask = edit
             if init_image is not None:
-                start = checked_init_image(next(self._decode([init_image])))
-                request = replace(request, init_image=start)
+                request = replace(request, init_image=checked_init_image(next(self._decode([init_image]))))
+            if mask is not None:
+                request = replace(request, mask=checked_mask(next(self._decode([mask]))))
             result = self.pipeline.generate(request, callback=report, on_stage=report, on_image=save)
         except GenerationCancelled:
             raise Cancelled(saved) from None

@@ -83,8 +83,9 @@ def call(client, **kw) -> Reply:
     if values["id_image"] is not None:
         values["id_image"] = handle_file(str(values["id_image"]))
     values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
-    if values["init_image"] is not None:
-        values["init_image"] = handle_file(str(values["init_image"]))
+    for name in ("init_image", "mask"):
+        if values[name] is not None:
+            values[name] = handle_file(str(values[name]))
     return Reply(client.predict(**values, api_name="/generate"))
 
 
@@ -280,12 +281,14 @@ def test_the_api_and_the_cli_start_from_a_photo(client, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (image,) = inpainted.glob("*.png")
     stored = read_image_metadata(image)
+    through_api = call(client, id_image=PHOTO, seed="5", init_image=PHOTO, mask=mask, strength=0.5)
+    assert read_image_metadata(through_api.image)["mask"] == stored["mask"]
     assert (
         stored["mask"].startswith("sha256:")
         and stored["mask_fit"] == "resized from 64x64 to the photo's 512x512"
     )
     alone = run_cli(tmp_path, *flags, "--mask", str(mask), "--out", str(inpainted))
-    assert alone.returncode == 2 and "--mask: A mask needs a photo to start from" in alone.stderr
+    assert alone.returncode == 2 and "A mask needs a photo to start from" in alone.stderr
 
 
 def test_defaults_bind_localhost_without_share(monkeypatch):

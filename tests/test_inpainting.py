@@ -104,6 +104,12 @@ def test_a_mask_of_another_size_is_resized_to_the_photo_and_said(pipeline):  # n
         ({"init_image": init_photo(1), "mask": np.zeros((H, W), np.uint8)}, "The mask is empty"),
         ({"init_image": init_photo(1), "mask": "mask.png"}, "The mask must be an image"),
         ({"init_image": init_photo(1), "mask": np.ones((H, W), np.float32)}, "The mask must be an image"),
+        ({"repaint": "face"}, "Repainting the face needs a photo to start from"),
+        ({"init_image": init_photo(1), "mask": left_half_mask(), "repaint": "face"}, "not both"),
+        (
+            {"init_image": np.full((H, W, 3), 90, np.uint8), "repaint": "face"},
+            "No face was found in the photo",
+        ),
     ],
 )
 def test_bad_masks_are_refused_with_what_to_do(pipeline, kw, message):  # noqa: F811
@@ -122,3 +128,16 @@ def test_colour_and_alpha_masks_read_as_painted_where_bright_or_opaque():
     assert mask_values(rgba)[1, 1] == 255 and mask_values(rgba).sum() == 255
     assert mask_values(np.eye(4, dtype=bool)).tolist()[0] == [255, 0, 0, 0]
     request(init_image=init_photo(1), mask=rgba).checked()
+
+
+def test_repainting_the_face_keeps_everything_outside_its_grown_box(pipeline):  # noqa: F811
+    wanted = request(init_image=init_photo(13), repaint="face", strength=1.0)
+    result = pipeline.generate(wanted)
+    expected = np.zeros((H, W), np.uint8)  # the stand-in's box (128, 76.8)-(192, 153.6), grown by 1/4
+    expected[57:173, 112:208] = 255
+    face = pipeline.face_mask(wanted.init_image)
+    assert np.array_equal(face, expected)
+    start = pipeline.start_image(wanted)[0]
+    assert torch.equal(start.mask, latent_mask(expected))
+    assert torch.equal(outside(result.latents, start.mask), outside(pack(start.latents), start.mask))
+    assert result.metadata["repaint"] == "face" and result.metadata["mask_area"].endswith("repainted")

@@ -52,7 +52,7 @@ def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
     by_name = {p["parameter_name"]: p for p in api}
     settings = [s.name for s in SETTINGS if s.name != "prompt"]
     loras = app_flux.lora_input_names()
-    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings, *loras, "init_image"]
+    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings, *loras, "init_image", "mask"]
     for setting in SETTINGS:
         default = by_name[setting.name]["parameter_default"]
         assert setting.coerce(default) == setting.default, setting.name
