@@ -265,9 +265,13 @@ class GenerationRequest:
     def uses_true_cfg(self) -> bool:
         return abs(self.true_cfg - 1.0) > 1e-2
 
-    def checked(self) -> GenerationRequest:
+    def checked(self, photo_to_come: bool = False, mask_to_come: bool = False) -> GenerationRequest:
         """This request with every setting coerced to its type, or :class:`InvalidRequestError`
-        naming every setting that is not allowed. The request itself is not changed."""
+        naming every setting that is not allowed. The request itself is not changed.
+
+        ``photo_to_come`` / ``mask_to_come``: a photo to start from or a mask will be attached later
+        (a service reads uploads at the job's turn), so :func:`check_edit` counts them as given.
+        """
         values = coerce_all(
             generation_settings(), {s.name: getattr(self, s.name) for s in generation_settings()}
         )
@@ -282,7 +286,11 @@ class GenerationRequest:
             mask=checked_mask(self.mask),
             **values,
         )
-        check_edit(values["repaint"], self.init_image is not None, self.mask is not None)
+        has_photo, has_mask = (
+            self.init_image is not None or photo_to_come,
+            self.mask is not None or mask_to_come,
+        )
+        check_edit(values["repaint"], has_photo, has_mask)
         return checked
 
     def seeds(self, first: int) -> list[int]:

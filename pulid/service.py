@@ -32,7 +32,7 @@ from pulid.errors import PuLIDError
 from pulid.limits import MAX_EXTRA_PHOTOS
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
-from pulid.request import GenerationRequest, InvalidRequestError, check_edit, checked_init_image, checked_mask
+from pulid.request import GenerationRequest, InvalidRequestError, checked_init_image, checked_mask
 from pulid.uploads import UploadError, check_header, check_upload, load_upload
 
 logger = logging.getLogger(__name__)
@@ -346,9 +346,7 @@ class GenerationService:
     ) -> tuple[GenerationRequest, list[PhotoSource], tuple[PhotoSource | None, PhotoSource | None], _Ticket]:
         """The checks that need no turn, then a place in the line (the session's cancel reaches it)."""
         try:
-            request = request.checked()
-            has_photo = request.init_image is not None or init_image is not None
-            check_edit(request.repaint, has_photo, request.mask is not None or mask is not None)
+            request = request.checked(photo_to_come=init_image is not None, mask_to_come=mask is not None)
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
         self._check_loras(request)

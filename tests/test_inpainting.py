@@ -13,9 +13,9 @@ import torch
 
 from flux.sampling import Inpainting, get_noise, get_schedule, image_to_image_start, pack
 from pulid.pipeline import fit_image, latent_mask
-from pulid.request import InvalidRequestError
+from pulid.request import GenerationRequest, InvalidRequestError
 from tests.numerics import fresh_seed, rel_err
-from tests.test_image_to_image import init_photo, pipeline, request  # noqa: F401 (the fixture)
+from tests.test_image_to_image import init_photo, pipeline, request, service  # noqa: F401 (the fixtures)
 
 W, H = 320, 256  # the requests' size (tests.test_image_to_image.request)
 
@@ -141,3 +141,18 @@ def test_repainting_the_face_keeps_everything_outside_its_grown_box(pipeline):  
     assert torch.equal(start.mask, latent_mask(expected))
     assert torch.equal(outside(result.latents, start.mask), outside(pack(start.latents), start.mask))
     assert result.metadata["repaint"] == "face" and result.metadata["mask_area"].endswith("repainted")
+
+
+def test_the_service_repaints_the_face_of_an_uploaded_photo(service, pipeline):  # noqa: F811
+    """The app hands the photo to start from over as an upload the service reads at the job's
+    turn: "repaint the face" must see it coming, not refuse the request for lacking a photo."""
+    from PIL import Image
+
+    from pulid.outputs import read_image_metadata
+
+    svc, uploads = service
+    path = uploads / "face-start.png"
+    Image.fromarray(init_photo(14)).save(path)
+    settings = {"prompt": "a portrait of a woman", "width": W, "height": H, "num_steps": 2, "seed": 7}
+    result = svc.run(GenerationRequest.from_values(repaint="face", **settings), init_image=str(path))
+    assert read_image_metadata(result.path)["repaint"] == "face"
