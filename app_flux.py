@@ -310,7 +310,7 @@ def create_demo(args: argparse.Namespace, service):
         except UploadError as err:
             raise gr.Error(str(err)) from None
 
-    class IDImage(gr.Image):
+    class UploadedImage(gr.Image):
         """An image input that takes only uploads. It hands on the uploaded file, not pixels: the
         service checks its header at once and decodes it when the job's turn comes, so requests
         waiting in line hold no decoded images."""
@@ -476,7 +476,7 @@ def create_demo(args: argparse.Namespace, service):
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_button = gr.Button("Cancel", elem_id="cancel")
                 with gr.Row(equal_height=False):
-                    controls["id_image"] = IDImage(
+                    controls["id_image"] = UploadedImage(
                         label="ID photo", type="filepath", height=230, elem_id="id-image"
                     )
                     with gr.Column(min_width=160):
@@ -509,10 +509,10 @@ def create_demo(args: argparse.Namespace, service):
                         "choose 'face' to repaint its largest face."
                     )
                     with gr.Row(equal_height=False):
-                        controls["init_image"] = IDImage(
+                        controls["init_image"] = UploadedImage(
                             label="Photo to start from", type="filepath", height=200, elem_id="init-image"
                         )
-                        controls["mask"] = IDImage(
+                        controls["mask"] = UploadedImage(
                             label="Mask (optional): white repaints",
                             type="filepath",
                             height=200,

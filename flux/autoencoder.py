@@ -213,9 +213,10 @@ class DiagonalGaussian(nn.Module):
         self.sample = sample
         self.chunk_dim = chunk_dim
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, sample: bool | None = None) -> Tensor:
+        """A sample, or the mean; ``sample`` overrides the module's choice for one call."""
         mean, logvar = torch.chunk(z, 2, dim=self.chunk_dim)
-        if self.sample:
+        if self.sample if sample is None else sample:
             return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         return mean
 
@@ -248,8 +249,7 @@ class AutoEncoder(nn.Module):
     def encode(self, x: Tensor, *, mean: bool = False) -> Tensor:
         """Image in [-1, 1] -> scaled, shifted latent: a sample of the posterior, or with ``mean``
         its mean (deterministic: what image-to-image starts from, so a seed repeats its image)."""
-        moments = self.encoder(x)
-        z = torch.chunk(moments, 2, dim=self.reg.chunk_dim)[0] if mean else self.reg(moments)
+        z = self.reg(self.encoder(x), sample=False if mean else None)
         return self.scale_factor * (z - self.shift_factor)
 
     def decode(self, z: Tensor) -> Tensor:

@@ -234,11 +234,11 @@ class PuLIDFluxPipeline:
     def repaint_values(self, request: GenerationRequest, notes: dict[str, str]) -> np.ndarray | None:
         """What of the photo to start from to repaint, as (H, W) uint8 at the photo's size: the
         face region, the mask given (resized to the photo, noted), or None for all of it."""
-        photo_h, photo_w = request.init_image.shape[:2]
         if request.repaint == "face":
             return self.face_mask(request.init_image)
         if request.mask is None:
             return None
+        photo_h, photo_w = request.init_image.shape[:2]
         values = mask_values(request.mask)
         if values.shape != (photo_h, photo_w):
             notes["mask_fit"] = (
@@ -348,6 +348,7 @@ class PuLIDFluxPipeline:
             photo_start, notes = self.start_image(request)
             timings["init_encoding_s"] = time.perf_counter() - t0
 
+        settings = request.settings()  # once: it hashes the photo and mask to start from
         timings["denoise_s"] = timings["decode_s"] = timings["similarity_s"] = 0.0
         images: list[GeneratedImage] = []
         # With the step cache on, one image at a time: its skip decisions are made for a whole
@@ -379,7 +380,7 @@ class PuLIDFluxPipeline:
                     score = identity_similarity(embedding.arcface, found)
                 timings["similarity_s"] += time.perf_counter() - t0
                 metadata = {
-                    **request.settings(),
+                    **settings,
                     "seed": seed,
                     "face_similarity": describe(score, embedding is not None),
                     **(
