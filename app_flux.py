@@ -10,6 +10,7 @@ by its annotation, which must be the class itself, or every visitor would share 
 
 import argparse
 import asyncio
+import dataclasses
 import inspect
 import logging
 import os
@@ -19,7 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_QUEUED_PER_VISITOR, MAX_UPLOAD_BYTES
+from pulid.limits import (
+    MAX_EXTRA_PHOTOS,
+    MAX_PEOPLE,
+    MAX_QUEUED,
+    MAX_QUEUED_PER_VISITOR,
+    MAX_UPLOAD_BYTES,
+)
 from pulid.startup import add_model_arguments, load_or_exit
 
 logger = logging.getLogger("app_flux")
@@ -150,17 +157,50 @@ def lora_input_names() -> list[str]:
     return [name for row in range(1, LORA_ROWS + 1) for name in (f"lora_{row}", f"lora_{row}_strength")]
 
 
+def people_input_names() -> list[str]:
+    """The other people's inputs: ``person_2``, ``person_2_weight``, ``person_2_region``, ..."""
+    return [
+        name
+        for number in range(2, MAX_PEOPLE + 1)
+        for name in (f"person_{number}", f"person_{number}_weight", f"person_{number}_region")
+    ]
+
+
 def input_names() -> list[str]:
     """The /generate endpoint's parameters, in order: the prompt, the photos, every other
-    declared setting in declaration order, then the LoRA rows."""
+    declared setting in declaration order, then the LoRA rows; what came later is appended, so
+    that the API's earlier parameters keep their positions."""
     from pulid.request import generation_settings
 
     return (
         ["prompt", "id_image", "extra_images"]
-        + [s.name for s in generation_settings() if s.name != "prompt"]
+        + [s.name for s in generation_settings() if s.name != "prompt" and s.group != "people"]
         + lora_input_names()
-        + ["init_image", "mask"]  # last, so that the API's earlier parameters keep their positions
+        + ["init_image", "mask"]
+        + [s.name for s in generation_settings() if s.group == "people"]
+        + ["id_region"]
+        + people_input_names()
+        + ["mask_drawing"]
     )
+
+
+def chosen_people(values: dict) -> list:
+    """Take the other people's inputs out of ``values``: a :class:`~pulid.service.PersonUpload` for
+    each row with photos, in row order; a region without photos is refused."""
+    from pulid.service import PersonUpload, ServiceError
+
+    people = []
+    for number in range(2, MAX_PEOPLE + 1):
+        photos = values.pop(f"person_{number}", None)
+        weight = values.pop(f"person_{number}_weight", None)
+        region = values.pop(f"person_{number}_region", None)
+        photos = [photos] if isinstance(photos, str) else list(photos or [])
+        if not photos:
+            if region is not None:
+                raise ServiceError(f"Person {number} has a region but no photo: add their photo.")
+            continue
+        people.append(PersonUpload(photos, weight if weight is not None else 1.0, region))
+    return people
 
 
 def chosen_loras(values: dict) -> list[tuple[str, object]]:
@@ -292,13 +332,28 @@ def details(images) -> list[dict]:
 def create_demo(args: argparse.Namespace, service):
     """The UI: controls wired to :meth:`pulid.service.GenerationService.start`, nothing else."""
     import gradio as gr
+    from gradio.components.base import server
     from PIL import Image
 
     from pulid.catalogue import SPEED_LORAS
-    from pulid.request import LORA_STRENGTH, SIZE_PRESETS, generation_settings, size_for_photo
+    from pulid.request import (
+        LORA_STRENGTH,
+        PERSON_WEIGHT,
+        SIZE_PRESETS,
+        generation_settings,
+        painted_mask,
+        size_for_photo,
+    )
     from pulid.service import Cancelled, SavedImage, ServiceError
     from pulid.similarity import NO_ID_PHOTO
-    from pulid.uploads import UploadError, check_upload
+    from pulid.uploads import (
+        MAX_CANVAS_LAYERS,
+        UploadError,
+        check_upload,
+        painted_alpha,
+        painted_layers,
+        store_painted_layer,
+    )
 
     def uploaded(payload) -> None:
         """Refuse, before gradio opens anything, a file input that is not an upload of this app."""
@@ -322,6 +377,48 @@ def create_demo(args: argparse.Namespace, service):
                 return None
             uploaded(payload)
             return payload.path
+
+    class MaskPainter(gr.ImageEditor):
+        """The mask painted in the page over the photo to start from. Only the painted layers are
+        read (never the background, nor a file that was not uploaded); the canvas's pieces arrive
+        before the request (``accept_blobs``), bounded in count, size and pixels. The handler gets
+        the strokes' opacity as a mask, or None when nothing is painted."""
+
+        is_template = True
+
+        @server
+        def accept_blobs(self, data):
+            fields = data.data
+            if fields.get("type") != "layer":
+                return  # the background is the photo already sent; the composite is not needed
+            blob = data.files[0][1] if data.files else b""
+            try:
+                store_painted_layer(
+                    self.blob_storage, fields.get("id"), fields.get("index"), blob, MAX_QUEUED
+                )
+            except UploadError as err:
+                raise gr.Error(str(err)) from None
+
+        def preprocess(self, payload):
+            if payload is None:
+                return None
+            if payload.id is not None:
+                sources = painted_layers(self.blob_storage, payload.id)
+            else:  # through the API: files, which must be uploads of this app
+                for layer in payload.layers:
+                    uploaded(layer)
+                sources = [layer.path for layer in payload.layers]
+            try:
+                layers = [painted_alpha(source, "the drawn mask") for source in sources[:MAX_CANVAS_LAYERS]]
+            except UploadError as err:
+                raise gr.Error(str(err)) from None
+            return painted_mask(layers)
+
+        def example_payload(self):
+            return None
+
+        def example_value(self):
+            return None
 
     class Photos(gr.File):
         """Extra photos: uploads of this app only (gradio would fetch a URL or read any path)."""
@@ -351,6 +448,10 @@ def create_demo(args: argparse.Namespace, service):
         the line."""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         start, mask = values.pop("init_image"), values.pop("mask")
+        drawn, id_region = values.pop("mask_drawing"), values.pop("id_region")
+        if drawn is not None and mask is not None:
+            raise gr.Error("Give one mask: clear the drawing, or remove the uploaded mask.")
+        mask = drawn if drawn is not None else mask
         photos = ([] if photo is None else [photo]) + list(extra or [])
         values["loras"] = chosen_loras(values)
         saved: list[SavedImage] = []
@@ -370,6 +471,7 @@ def create_demo(args: argparse.Namespace, service):
                 progress(done, desc=f"denoising step {info.step + 1}/{info.total}")
 
         try:
+            people = chosen_people(values)
             generation = service.build_request(None, None, **values)
             visitor = visitor_of(request, args.behind_proxy)
             job = service.start(
@@ -380,6 +482,8 @@ def create_demo(args: argparse.Namespace, service):
                 photos=photos,
                 init_image=start,
                 mask=mask,
+                people=people,
+                id_region=id_region,
             )
         except ServiceError as err:
             raise gr.Error(str(err)) from None
@@ -505,8 +609,8 @@ def create_demo(args: argparse.Namespace, service):
                     gr.Markdown(
                         "The image starts from this photo instead of noise. Choosing it sets the "
                         "size to its shape. Strength 1 ignores it; lower keeps more of it. To "
-                        "repaint only part of it, add a mask (white repaints, black keeps) or "
-                        "choose 'face' to repaint its largest face."
+                        "repaint only part of it, paint over it below, or upload a mask (white "
+                        "repaints, black keeps), or choose 'face' to repaint its largest face."
                     )
                     with gr.Row(equal_height=False):
                         controls["init_image"] = UploadedImage(
@@ -518,10 +622,62 @@ def create_demo(args: argparse.Namespace, service):
                             height=200,
                             elem_id="mask",
                         )
+                    controls["mask_drawing"] = MaskPainter(
+                        label="Paint what to repaint (optional)",
+                        type="numpy",
+                        image_mode="RGBA",
+                        sources=(),
+                        transforms=(),
+                        layers=False,
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                        height=320,
+                        elem_id="mask-drawing",
+                    )
                     with gr.Row():
                         for name, setting in settings.items():
                             if setting.group == "edit":
                                 controls[name] = control(setting, gr)
+                with gr.Accordion(f"Several people (up to {MAX_PEOPLE})", open=False, elem_id="people"):
+                    gr.Markdown(
+                        "The ID photo above is person 1; add the others here, each with their own "
+                        "photos and ID weight. With 'columns' they stand side by side in this "
+                        "order, left to right; with 'masks' each goes where their region is white "
+                        "(regions are drawn over the image, or over the photo to start from). "
+                        "Say in the prompt how many people there are."
+                    )
+                    for name, setting in settings.items():
+                        if setting.group == "people":
+                            controls[name] = control(setting, gr)
+                    masks = settings["layout"].default == "masks"
+                    controls["id_region"] = UploadedImage(
+                        label="Person 1's region (white: where they stand)",
+                        type="filepath",
+                        height=140,
+                        elem_id="id-region",
+                        visible=masks,
+                    )
+                    for number in range(2, MAX_PEOPLE + 1):
+                        with gr.Row(equal_height=False):
+                            controls[f"person_{number}"] = Photos(
+                                label=f"Person {number}: photos of their face",
+                                file_count="multiple",
+                                file_types=["image"],
+                                type="filepath",
+                                height=140,
+                                elem_id=f"person-{number}",
+                            )
+                            with gr.Column(min_width=160):
+                                controls[f"person_{number}_weight"] = control(
+                                    dataclasses.replace(PERSON_WEIGHT, label=f"Person {number}: ID weight"),
+                                    gr,
+                                )
+                            controls[f"person_{number}_region"] = UploadedImage(
+                                label=f"Person {number}'s region",
+                                type="filepath",
+                                height=140,
+                                elem_id=f"person-{number}-region",
+                                visible=masks,
+                            )
                 with gr.Accordion("LoRA: styles, subjects, 8-step speed", open=False, elem_id="loras"):
                     gr.Markdown(
                         "LoRA files in `models/loras/` are listed here. A speed preset puts an 8-step "
@@ -622,10 +778,22 @@ def create_demo(args: argparse.Namespace, service):
         for side in ("width", "height"):  # a size set by hand is no longer the preset's
             controls[side].input(lambda: "custom", None, preset, api_visibility="private")
         controls["id_image"].change(photo_notice, controls["id_image"], notice, api_visibility="private")
+        controls["init_image"].change(
+            lambda path: path, controls["init_image"], controls["mask_drawing"], api_visibility="private"
+        )
         controls["init_image"].upload(
             match_photo,
             [controls["init_image"], controls["width"], controls["height"]],
             [controls["width"], controls["height"], preset],
+            api_visibility="private",
+        )
+        region_inputs = [controls["id_region"]] + [
+            controls[f"person_{number}_region"] for number in range(2, MAX_PEOPLE + 1)
+        ]
+        controls["layout"].change(  # the regions matter with 'masks' only
+            lambda layout: [gr.update(visible=layout == "masks")] * len(region_inputs),
+            controls["layout"],
+            region_inputs,
             api_visibility="private",
         )
         lora_pickers = [controls[f"lora_{row}"] for row in range(1, LORA_ROWS + 1)]

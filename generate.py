@@ -4,6 +4,7 @@
         --prompt "portrait, color, cinematic" --seed 1 --seed 2 --out outputs/
 
     python generate.py --id_image me.jpg --prompt "..." --speed_lora FLUX.1-Turbo-Alpha   # 8 steps
+    python generate.py --id_image me.jpg --person friend.jpg --prompt "two friends on a beach"
     python generate.py --id_image me.jpg --prompt "..." --lora my-style.safetensors:0.8 \\
         --lora owner/repo/other.safetensors:0.5        # models/loras/, a path, or the hub
 
@@ -64,6 +65,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mask",
         help="with --init_image: an image, white where to repaint and black where to keep (inpainting)",
     )
+    parser.add_argument(
+        "--person",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="PHOTO",
+        help="another person's photos (repeat for each person: persons 2, 3, 4 in order; --id_image "
+        "is person 1); --layout says where each goes",
+    )
+    parser.add_argument(
+        "--person_weight",
+        action="append",
+        default=[],
+        metavar="WEIGHT",
+        help="the ID weight of each --person, in order (default 1)",
+    )
+    parser.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="MASK",
+        help="with --layout masks: an image, white where a person stands; one per person, person 1's first",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     lora_help = (
         "a LoRA for the transformer: a file in models/loras/, a path, a hub reference "
@@ -98,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt += [line.strip() for line in lines if line.strip()]
     if not args.prompt:
         parser.error("give at least one --prompt or a --prompts_file")
+    if len(args.person_weight) > len(args.person):
+        parser.error(f"{len(args.person_weight)} --person_weight for {len(args.person)} --person")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file: give a folder for the images")
     args.seed = args.seed or ["-1"]
@@ -137,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pulid.errors import PuLIDError
     from pulid.outputs import save_new_image
-    from pulid.request import InvalidRequestError, check_edit, checked_mask
+    from pulid.request import PERSON_WEIGHT, InvalidRequestError, Person, checked_mask, checked_region
     from pulid.uploads import UploadError, load_upload
 
     try:
@@ -155,8 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     except (UploadError, InvalidRequestError) as err:
         print(f"--mask: {err}", file=sys.stderr)
         return 2
-    try:  # before any model loads
-        check_edit(str(args.repaint), start is not None, mask is not None)
+    given = 1 + len(args.person)  # the people: --id_image's, then each --person's
+    if len(args.region) > given:
+        print(f"{len(args.region)} --region for {given} people: give one per person", file=sys.stderr)
+        return 2
+    weights = args.person_weight + [PERSON_WEIGHT.default] * (len(args.person) - len(args.person_weight))
+    try:
+        regions = [checked_region(load_upload(path), f"Person {n}") for n, path in enumerate(args.region, 1)]
+        regions += [None] * (given - len(regions))
+        people = tuple(
+            Person(tuple(load_upload(path) for path in paths), PERSON_WEIGHT.coerce(weight), region)
+            for paths, weight, region in zip(args.person, weights, regions[1:], strict=True)
+        )
+    except (UploadError, InvalidRequestError) as err:
+        print(f"--person/--region: {err}", file=sys.stderr)
+        return 2
+    try:  # every request whole, before any model loads
+        for request in args.requests:
+            request.id_images = photos
+            request.init_image, request.mask = start, mask
+            request.more_people, request.id_region = people, regions[0]
+            request.checked()
     except InvalidRequestError as err:
         print(err, file=sys.stderr)
         return 2
@@ -165,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = load_or_exit(args)
     failures, saved = 0, 0
     for index, request in enumerate(args.requests):
-        request.id_images = photos
-        request.init_image, request.mask = start, mask
         label = f"image {index + 1}/{len(args.requests)}"
         try:
             result = pipeline.generate(request, callback=progress_bar(label))

@@ -172,6 +172,7 @@ def one_forward(pipeline, request):
     import torch
 
     from flux.sampling import get_noise, image_ids, pack
+    from pulid.injection import Identity
 
     with torch.inference_mode():
         noise = get_noise(1, request.height, request.width, "cuda", torch.bfloat16, seed=7)
@@ -185,7 +186,7 @@ def one_forward(pipeline, request):
             y=cond.vec,
             timesteps=torch.full((1,), 0.7, device="cuda", dtype=torch.bfloat16),
             guidance=torch.full((1,), 4.0, device="cuda", dtype=torch.bfloat16),
-            id_injection=pipeline.injection(tokens, 1.0),
+            id_injection=pipeline.injection([Identity(tokens, 1.0)]),
         )
     return pred.float().cpu()
 

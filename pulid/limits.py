@@ -7,6 +7,7 @@ checked before the work it bounds starts, and a request over a limit gets a mess
 MAX_UPLOAD_BYTES = 20 * 10**6  # one uploaded file; gradio refuses larger uploads at the door
 MAX_IMAGE_PIXELS = 50 * 10**6  # one photo (8,660 x 5,770, a 50 MP camera); checked from its header first
 MAX_EXTRA_PHOTOS = 4  # photos besides the ID image: a person in five photos is plenty
+MAX_PEOPLE = 4  # identities in one image, each with its own region (and a cross-attention pass)
 MAX_PROMPT_CHARS = 2000  # prompt and negative prompt; T5 reads at most 512 tokens of it, CLIP 77
 MAX_IMAGES_PER_REQUEST = 4  # images one request may ask for (one batch)
 MAX_QUEUED = 32  # requests waiting at once, all visitors together

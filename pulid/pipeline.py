@@ -41,10 +41,18 @@ from flux.sampling import (
     unpack,
 )
 from flux.step_cache import FirstBlockCache
-from pulid.id_encoder import IDEncoder
-from pulid.injection import PuLIDInjection
+from pulid.id_encoder import IDEmbedding, IDEncoder
+from pulid.injection import Identity, PuLIDInjection
 from pulid.limits import MAX_IMAGES_PER_REQUEST
 from pulid.loras import LoRALibrary
+from pulid.regions import (
+    TOKEN_PIXELS,
+    check_region_area,
+    column_regions,
+    covers_everything,
+    overlap_share,
+    token_region,
+)
 from pulid.request import GenerationRequest, InvalidRequestError, mask_values
 from pulid.similarity import describe, identity_similarity
 
@@ -71,7 +79,7 @@ class GeneratedImage:
     seed: int
     metadata: dict
     latents: Tensor  # (1, tokens, 64) packed, float32 as the sampler leaves them
-    face_similarity: float | None = None
+    face_similarity: float | None = None  # with several people: the lowest of theirs
 
 
 @dataclass
@@ -238,14 +246,7 @@ class PuLIDFluxPipeline:
             return self.face_mask(request.init_image)
         if request.mask is None:
             return None
-        photo_h, photo_w = request.init_image.shape[:2]
-        values = mask_values(request.mask)
-        if values.shape != (photo_h, photo_w):
-            notes["mask_fit"] = (
-                f"resized from {values.shape[1]}x{values.shape[0]} to the photo's {photo_w}x{photo_h}"
-            )
-            values = np.asarray(Image.fromarray(values).resize((photo_w, photo_h), Image.Resampling.NEAREST))
-        return values
+        return photo_sized(mask_values(request.mask), request.init_image, notes, "mask_fit")
 
     def face_mask(self, photo: np.ndarray) -> np.ndarray:
         """A mask over the largest face of ``photo``: its box grown by :data:`FACE_MARGIN` of its
@@ -276,11 +277,73 @@ class PuLIDFluxPipeline:
         except LoRAError as err:
             raise InvalidRequestError(str(err)) from None
 
-    def injection(self, tokens: Tensor | None, weight: float) -> PuLIDInjection | None:
-        if tokens is None:
+    def injection(self, identities: list[Identity]) -> PuLIDInjection | None:
+        if not identities:
             return None
         params = self.flow.params
-        return PuLIDInjection(self.pulid_ca, tokens, weight, params.depth, params.depth_single_blocks)
+        return PuLIDInjection(self.pulid_ca, identities, params.depth, params.depth_single_blocks)
+
+    def people(self, request: GenerationRequest, notes: dict[str, str]) -> list[PersonCondition]:
+        """Each person's ID tokens, weight and region at the token grid (None: the whole image),
+        with where to look for their face in the result; notes say what was resized or overlaps."""
+        if not request.id_images:
+            return []
+        if self.id_encoder is None:
+            raise InvalidRequestError("this pipeline was built without an ID encoder")
+        photos = [request.id_images, *(list(p.photos) for p in request.more_people)]
+        weights = [request.id_weight, *(p.weight for p in request.more_people)]
+        drawn = self.region_values(request, notes)
+        regions: list[Tensor | None] = [None] * len(photos)
+        if drawn is not None:
+            regions = [token_region(values) for values in drawn]
+            for number, region in enumerate(regions, start=1):
+                check_region_area(region, f"Person {number}")
+            if request.layout == "masks" and overlap_share(regions) > 0:
+                notes["regions_overlap"] = (
+                    f"{overlap_share(regions):.0%} of the image is in more than one region: "
+                    "each of those identities is added there"
+                )
+        people = []
+        for person_photos, weight, region in zip(photos, weights, regions, strict=True):
+            embedding = self.id_encoder(person_photos, with_uncond=request.uses_true_cfg)
+            box = None if region is None else token_box(region, request.width)
+            if region is not None and covers_everything(region):
+                region = None  # the whole image: the single-person computation exactly
+            on_device = None if region is None else region.to(self.device, self.dtype)
+            people.append(PersonCondition(embedding, weight, on_device, box))
+        return people
+
+    def region_values(self, request: GenerationRequest, notes: dict[str, str]) -> list[np.ndarray] | None:
+        """Each person's region as (H, W) uint8 at the image's size, or None for one person over the
+        whole image. Drawn regions are drawn over the photo to start from (resized to it, then
+        cropped with it) or, without one, over the image (cropped to its shape as a photo is)."""
+        count = 1 + len(request.more_people)
+        if request.layout == "columns":
+            return None if count == 1 else column_regions(count, request.width, request.height)
+        drawn = [request.id_region, *(p.region for p in request.more_people)]
+        fitted = []
+        for number, region in enumerate(drawn, start=1):
+            values = mask_values(region)
+            if request.init_image is not None:
+                values = photo_sized(values, request.init_image, notes, f"region_{number}_fit")
+            values, note = fit_image(values, request.width, request.height)
+            if note and request.init_image is None:
+                notes[f"region_{number}_fit"] = note
+            fitted.append(values)
+        return fitted
+
+    def likeness(self, people: list[PersonCondition], image: Image.Image) -> list[float | None]:
+        """Each person's face similarity (:mod:`pulid.similarity`): the largest face in their region
+        of the result (in all of it, for one person over the whole image)."""
+        pixels = np.asarray(image)
+        scores = []
+        for person in people:
+            where = pixels
+            if person.box is not None:
+                left, top, right, bottom = person.box
+                where = np.ascontiguousarray(pixels[top:bottom, left:right])
+            scores.append(identity_similarity(person.embedding.arcface, self.id_encoder.identity(where)))
+        return scores
 
     @torch.inference_mode()
     def generate(
@@ -333,19 +396,18 @@ class PuLIDFluxPipeline:
         timings["text_encoding_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        embedding = None
+        notes: dict[str, str] = {}
         if request.id_images:
-            stage("reading the face")
-            if self.id_encoder is None:
-                raise InvalidRequestError("this pipeline was built without an ID encoder")
-            embedding = self.id_encoder(request.id_images, with_uncond=request.uses_true_cfg)
+            stage("reading the face" if not request.more_people else "reading the faces")
+        people = self.people(request, notes)
         timings["id_embedding_s"] = time.perf_counter() - t0
 
-        photo_start, notes = None, {}
+        photo_start = None
         if request.init_image is not None:
             t0 = time.perf_counter()
             stage("encoding the photo to start from")
-            photo_start, notes = self.start_image(request)
+            photo_start, start_notes = self.start_image(request)
+            notes.update(start_notes)
             timings["init_encoding_s"] = time.perf_counter() - t0
 
         settings = request.settings()  # once: it hashes the photo and mask to start from
@@ -363,9 +425,7 @@ class PuLIDFluxPipeline:
                     request.cache_threshold, request.cache_full_first, request.cache_full_last
                 )
             with self._loras_applied(active):
-                latents = self._denoise(
-                    request, chunk, cond, neg_cond, embedding, callback, cache, photo_start
-                )
+                latents = self._denoise(request, chunk, cond, neg_cond, people, callback, cache, photo_start)
             timings["denoise_s"] += time.perf_counter() - t0
             for seed, one in zip(chunk, latents.split(1), strict=True):
                 t0 = time.perf_counter()
@@ -373,16 +433,17 @@ class PuLIDFluxPipeline:
                 image = self.decode(one, request.height, request.width, on_block=on_stage)
                 timings["decode_s"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                score = None
-                if embedding is not None:
+                scores: list[float | None] = []
+                if people:
                     stage("measuring the likeness")
-                    found = self.id_encoder.identity(np.asarray(image))
-                    score = identity_similarity(embedding.arcface, found)
+                    scores = self.likeness(people, image)
                 timings["similarity_s"] += time.perf_counter() - t0
+                found = [score for score in scores if score is not None]
+                score = None if len(found) < len(scores) or not found else min(found)
                 metadata = {
                     **settings,
                     "seed": seed,
-                    "face_similarity": describe(score, embedding is not None),
+                    "face_similarity": describe_all(scores, bool(people)),
                     **(
                         {"loras": lora_metadata, "lora_mode": self.lora_adapters.last_mode}
                         if lora_metadata
@@ -398,7 +459,7 @@ class PuLIDFluxPipeline:
         timings["total_s"] = time.perf_counter() - start
         return GenerationResult(
             images=images,
-            debug_images=[] if embedding is None else embedding.debug_images,
+            debug_images=[image for person in people for image in person.embedding.debug_images],
             timings=timings,
         )
 
@@ -436,7 +497,7 @@ class PuLIDFluxPipeline:
         seeds: list[int],
         cond: TextConditioning,
         neg_cond: TextConditioning | None,
-        embedding,
+        people: list[PersonCondition],
         callback: Callable[[StepInfo], None] | None,
         cache: FirstBlockCache | None = None,
         start: StartImage | None = None,
@@ -466,11 +527,14 @@ class PuLIDFluxPipeline:
                 inpainting = Inpainting(photo, img, start.mask.expand(batch, -1, -1))
             img = noised(photo, img, timesteps[first])
             timesteps = timesteps[first:]
-        id_tokens = uncond_tokens = None
-        if embedding is not None:
-            id_tokens = _batched(embedding.tokens, batch)
-            if embedding.uncond_tokens is not None:
-                uncond_tokens = _batched(embedding.uncond_tokens, batch)
+        identities = [
+            Identity.within(_batched(p.embedding.tokens, batch), p.weight, p.region) for p in people
+        ]
+        uncond_identities = [
+            Identity.within(_batched(p.embedding.uncond_tokens, batch), p.weight, p.region)
+            for p in people
+            if p.embedding.uncond_tokens is not None
+        ]
         return denoise(
             self.flow,
             img,
@@ -481,13 +545,25 @@ class PuLIDFluxPipeline:
             neg_cond=None if neg_cond is None else neg_cond.expand(batch),
             true_cfg=request.true_cfg,
             cfg_start_step=request.cfg_start_step,
-            id_injection=self.injection(id_tokens, request.id_weight),
-            neg_id_injection=self.injection(uncond_tokens, request.id_weight),
+            id_injection=self.injection(identities),
+            neg_id_injection=self.injection(uncond_identities),
             id_start_step=request.start_step,
             callback=callback,
             step_cache=cache,
             inpainting=inpainting,
         )
+
+
+@dataclass(frozen=True)
+class PersonCondition:
+    """One person of a request: their ID tokens, ID weight, region at the token grid (1, L, 1) on
+    the pipeline's device (None: every token), and the pixel box (left, top, right, bottom) of
+    that region, where their face is looked for in the result (None: the whole image)."""
+
+    embedding: IDEmbedding
+    weight: float
+    region: Tensor | None
+    box: tuple[int, int, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -510,6 +586,38 @@ def latent_mask(values: np.ndarray) -> Tensor:
     share = F.avg_pool2d(painted, 8)
     feathered = F.avg_pool2d(share, 3, stride=1, padding=1, count_include_pad=False)
     return pack(feathered.expand(-1, LATENT_CHANNELS, -1, -1))
+
+
+def token_box(region: Tensor, width: int) -> tuple[int, int, int, int]:
+    """The pixel box (left, top, right, bottom) of the tokens a region reaches, for an image
+    ``width`` pixels wide."""
+    columns = width // TOKEN_PIXELS
+    reached = (region.reshape(-1, columns) > 0).nonzero()
+    rows, cols = reached[:, 0], reached[:, 1]
+    return (
+        int(cols.min()) * TOKEN_PIXELS,
+        int(rows.min()) * TOKEN_PIXELS,
+        (int(cols.max()) + 1) * TOKEN_PIXELS,
+        (int(rows.max()) + 1) * TOKEN_PIXELS,
+    )
+
+
+def photo_sized(values: np.ndarray, photo: np.ndarray, notes: dict[str, str], key: str) -> np.ndarray:
+    """A mask drawn over ``photo`` (H, W) at the photo's size: nearest-neighbour resized when it is
+    not, with a note under ``key``."""
+    photo_h, photo_w = photo.shape[:2]
+    if values.shape == (photo_h, photo_w):
+        return values
+    notes[key] = f"resized from {values.shape[1]}x{values.shape[0]} to the photo's {photo_w}x{photo_h}"
+    return np.asarray(Image.fromarray(values).resize((photo_w, photo_h), Image.Resampling.NEAREST))
+
+
+def describe_all(scores: list[float | None], has_reference: bool) -> str:
+    """The face similarity as the metadata shows it: one person's score, or each person's in order
+    ("0.71 / 0.64 / no face found")."""
+    if len(scores) <= 1:
+        return describe(scores[0] if scores else None, has_reference)
+    return " / ".join(describe(score, True) for score in scores)
 
 
 def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, str]:

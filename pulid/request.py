@@ -9,16 +9,26 @@ step 0, T5 length 128, true CFG 1); the step slider goes to 50.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from flux.text_encoders import T5_MAX_LENGTHS
-from pulid.limits import MAX_IMAGES_PER_REQUEST, MAX_LORA_STRENGTH, MAX_LORAS_PER_REQUEST, MAX_PROMPT_CHARS
+from pulid.limits import (
+    MAX_EXTRA_PHOTOS,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_LORA_STRENGTH,
+    MAX_LORAS_PER_REQUEST,
+    MAX_PEOPLE,
+    MAX_PROMPT_CHARS,
+)
 from pulid.loras import LoRAChoice
 from pulid.outputs import EXTENSIONS
+from pulid.regions import LAYOUTS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 
 MAX_SEED = 2**64 - 1
@@ -54,6 +64,10 @@ REPAINT_HELP = (
     "With a photo to start from: 'mask' repaints the mask given (all of the photo without one); "
     "'face' repaints the largest face found in the photo, its box grown by a quarter on each side."
 )
+LAYOUT_HELP = (
+    "With several people: 'columns' puts them side by side in their order, left to right; 'masks' "
+    "puts each in the region drawn or uploaded for them (regions that overlap give both identities)."
+)
 TRUE_CFG_HELP = (
     "1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass with the "
     "negative prompt (then set guidance near 1)."
@@ -72,7 +86,25 @@ LORA_STRENGTH = Setting(
 )
 MAX_LORA_SOURCE_CHARS = 500
 
-__all__ = ["GenerationRequest", "InvalidRequestError", "LoRAChoice", "MAX_SEED", "generation_settings"]
+__all__ = [
+    "GenerationRequest",
+    "InvalidRequestError",
+    "LoRAChoice",
+    "MAX_SEED",
+    "Person",
+    "generation_settings",
+]
+
+
+@dataclass(frozen=True)
+class Person:
+    """Another person in the image: photos of their face (RGB uint8, averaged into one identity as
+    the ID photos are), their ID weight, and their region (a mask, white where they stand) for the
+    'masks' layout."""
+
+    photos: tuple[np.ndarray, ...]
+    weight: float = 1.0
+    region: np.ndarray | None = None
 
 
 @dataclass
@@ -238,10 +270,23 @@ class GenerationRequest:
     repaint: str = setting(
         str, "mask", "Repaint", choices=("mask", "face"), widget="radio", group="edit", help=REPAINT_HELP
     )
+    layout: str = setting(
+        str,
+        "columns",
+        "Where each person goes",
+        choices=LAYOUTS,
+        widget="radio",
+        group="people",
+        help=LAYOUT_HELP,
+    )
     # A photo to start from (RGB uint8): image to image (see :meth:`PuLIDFluxPipeline.generate`).
     init_image: np.ndarray | None = None
     # With a photo to start from: where to repaint (see :func:`mask_values`); the rest is kept.
     mask: np.ndarray | None = None
+    # Several people: the others besides the one in ``id_images`` (see :mod:`pulid.regions`), and,
+    # with the 'masks' layout, the first person's region.
+    more_people: tuple[Person, ...] = ()
+    id_region: np.ndarray | None = None
 
     @classmethod
     def from_values(
@@ -250,6 +295,8 @@ class GenerationRequest:
         loras: Any = (),
         init_image: Any = None,
         mask: Any = None,
+        more_people: Any = (),
+        id_region: Any = None,
         **values: Any,
     ) -> GenerationRequest:
         """A request from raw values (strings, JSON numbers): each coerced and checked."""
@@ -258,6 +305,8 @@ class GenerationRequest:
             loras=checked_loras(loras),
             init_image=checked_init_image(init_image),
             mask=checked_mask(mask),
+            more_people=checked_people(more_people),
+            id_region=checked_region(id_region, "Person 1"),
             **coerce_all(generation_settings(), values),
         )
 
@@ -265,12 +314,18 @@ class GenerationRequest:
     def uses_true_cfg(self) -> bool:
         return abs(self.true_cfg - 1.0) > 1e-2
 
-    def checked(self, photo_to_come: bool = False, mask_to_come: bool = False) -> GenerationRequest:
+    def checked(
+        self,
+        photo_to_come: bool = False,
+        mask_to_come: bool = False,
+        people_to_come: PeopleToCome | None = None,
+    ) -> GenerationRequest:
         """This request with every setting coerced to its type, or :class:`InvalidRequestError`
         naming every setting that is not allowed. The request itself is not changed.
 
         ``photo_to_come`` / ``mask_to_come``: a photo to start from or a mask will be attached later
-        (a service reads uploads at the job's turn), so :func:`check_edit` counts them as given.
+        (a service reads uploads at the job's turn), so :func:`check_edit` counts them as given;
+        ``people_to_come`` likewise describes the people whose photos and regions will be attached.
         """
         values = coerce_all(
             generation_settings(), {s.name: getattr(self, s.name) for s in generation_settings()}
@@ -284,6 +339,8 @@ class GenerationRequest:
             loras=checked_loras(self.loras),
             init_image=checked_init_image(self.init_image),
             mask=checked_mask(self.mask),
+            more_people=checked_people(self.more_people),
+            id_region=checked_region(self.id_region, "Person 1"),
             **values,
         )
         has_photo, has_mask = (
@@ -291,7 +348,16 @@ class GenerationRequest:
             self.mask is not None or mask_to_come,
         )
         check_edit(values["repaint"], has_photo, has_mask)
+        check_people(values["layout"], checked.people_given() if people_to_come is None else people_to_come)
         return checked
+
+    def people_given(self) -> PeopleToCome:
+        """What :func:`check_people` needs to know of this request's people."""
+        return PeopleToCome(
+            first_has_photos=bool(self.id_images),
+            first_has_region=self.id_region is not None,
+            more=tuple((bool(p.photos), p.region is not None) for p in self.more_people),
+        )
 
     def seeds(self, first: int) -> list[int]:
         """The seed of each image: ``first``, ``first + 1``, ... (wrapping past :data:`MAX_SEED`)."""
@@ -302,12 +368,30 @@ class GenerationRequest:
         values = {s.name: getattr(self, s.name) for s in generation_settings()}
         values["num_id_images"] = len(self.id_images)
         if self.init_image is not None:  # the pixels' hash: the file's path is the visitor's business
-            digest = hashlib.sha256(np.ascontiguousarray(self.init_image).tobytes()).hexdigest()
-            values["init_image"] = f"sha256:{digest[:16]}"
+            values["init_image"] = _pixel_hash(self.init_image)
         if self.mask is not None:
-            digest = hashlib.sha256(np.ascontiguousarray(mask_values(self.mask)).tobytes()).hexdigest()
-            values["mask"] = f"sha256:{digest[:16]}"
+            values["mask"] = _pixel_hash(mask_values(self.mask))
+        if self.more_people or self.id_region is not None:
+            values["people"] = self.people_metadata()
         return values
+
+    def people_metadata(self) -> list[dict[str, Any]]:
+        """Each person's photo count, weight and region (a hash, or the preset's column)."""
+        people = [(len(self.id_images), self.id_weight, self.id_region)]
+        people += [(len(p.photos), p.weight, p.region) for p in self.more_people]
+        described = []
+        for index, (photos, weight, region) in enumerate(people):
+            if self.layout == "columns":
+                where = f"column {index + 1} of {len(people)}" if len(people) > 1 else "the whole image"
+            else:
+                where = _pixel_hash(mask_values(region)) if region is not None else "none"
+            described.append({"photos": photos, "weight": weight, "region": where})
+        return described
+
+
+def _pixel_hash(pixels: np.ndarray) -> str:
+    """A short hash of an image's pixels: the metadata names inputs by content, never by path."""
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
 
 
 def size_for_photo(photo_width: int, photo_height: int, pixels: int) -> tuple[int, int]:
@@ -349,6 +433,20 @@ def mask_values(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+def painted_mask(layers: list[np.ndarray]) -> np.ndarray | None:
+    """The union of painted layers (each (H, W) uint8 opacity, as drawn in the page) as one mask
+    at the first layer's size, or None when nothing is painted (no pixel reaches 128)."""
+    if not layers:
+        return None
+    height, width = layers[0].shape
+    union = layers[0].copy()
+    for layer in layers[1:]:
+        if layer.shape != (height, width):
+            layer = np.asarray(Image.fromarray(layer).resize((width, height), Image.Resampling.NEAREST))
+        np.maximum(union, layer, out=union)
+    return union if (union >= 128).any() else None
+
+
 def checked_mask(mask: Any) -> np.ndarray | None:
     """``mask`` if it is None or an image (H, W), (H, W, 1/3/4) of uint8 or bool that repaints
     something; else :class:`InvalidRequestError` saying what to do."""
@@ -381,6 +479,96 @@ def check_edit(repaint: str, has_photo: bool, has_mask: bool) -> None:
         raise InvalidRequestError(
             "Give a mask or repaint the face, not both: remove the mask, or choose 'mask'."
         )
+
+
+@dataclass(frozen=True)
+class PeopleToCome:
+    """Who is in a request, for :func:`check_people`: whether the first person has photos and a
+    region, and (has photos, has a region) for each other person."""
+
+    first_has_photos: bool
+    first_has_region: bool
+    more: tuple[tuple[bool, bool], ...] = ()
+
+
+def check_people(layout: str, people: PeopleToCome) -> None:
+    """The people and their regions agree with the layout; :class:`InvalidRequestError` otherwise."""
+    if not people.more and not people.first_has_region:
+        return  # one person (or nobody): the whole image, as ever
+    total = 1 + len(people.more)
+    if total > MAX_PEOPLE:
+        raise InvalidRequestError(f"{total} people were given; at most {MAX_PEOPLE} can be put in one image.")
+    if not people.first_has_photos:
+        raise InvalidRequestError(
+            "Person 1 has no photo: add their ID photo (several people need a photo of each)."
+        )
+    for number, (has_photos, _) in enumerate(people.more, start=2):
+        if not has_photos:
+            raise InvalidRequestError(f"Person {number} has no photo: add one, or remove the person.")
+    regions = [people.first_has_region] + [has_region for _, has_region in people.more]
+    if layout == "columns" and any(regions):
+        raise InvalidRequestError(
+            "Regions are used with the 'masks' layout: choose 'masks', or remove the regions to put "
+            "the people side by side."
+        )
+    if layout == "masks":
+        for number, has_region in enumerate(regions, start=1):
+            if not has_region:
+                raise InvalidRequestError(
+                    f"Person {number} has no region: draw or upload one (white where they stand), or "
+                    "choose the 'columns' layout."
+                )
+
+
+def checked_region(region: Any, who: str) -> np.ndarray | None:
+    """A person's region: None, or an image (as :func:`checked_mask` takes) that paints something."""
+    if region is None:
+        return None
+    try:
+        return checked_mask(region)
+    except InvalidRequestError:
+        raise InvalidRequestError(
+            f"{who}'s region must be an image that paints where they stand in white (it is empty "
+            "or not an image)."
+        ) from None
+
+
+def checked_people(people: Any) -> tuple[Person, ...]:
+    """The other people: each a :class:`Person` (or a (photos, weight[, region]) tuple) with RGB
+    photos, a weight in the ID weight's range and a region that paints something."""
+    if people is None:
+        return ()
+    if not isinstance(people, (list, tuple)):
+        raise InvalidRequestError("The other people must be a list of persons (photos, weight, region).")
+    if len(people) > MAX_PEOPLE - 1:
+        raise InvalidRequestError(
+            f"{len(people) + 1} people were given; at most {MAX_PEOPLE} can be put in one image."
+        )
+    out = []
+    for number, item in enumerate(people, start=2):
+        if isinstance(item, Person):
+            photos, weight, region = item.photos, item.weight, item.region
+        elif isinstance(item, (list, tuple)) and len(item) in (2, 3):
+            photos, weight, region = (*item, None)[:3]
+        else:
+            raise InvalidRequestError(f"Person {number} must be given as (photos, weight, region).")
+        if not isinstance(photos, (list, tuple)) or any(checked_photo(p) is None for p in photos):
+            raise InvalidRequestError(f"Person {number}'s photos must be a list of RGB images.")
+        if len(photos) > MAX_EXTRA_PHOTOS + 1:
+            raise InvalidRequestError(
+                f"Person {number} has {len(photos)} photos; at most {MAX_EXTRA_PHOTOS + 1} are used: "
+                "keep the best."
+            )
+        out.append(
+            Person(tuple(photos), PERSON_WEIGHT.coerce(weight), checked_region(region, f"Person {number}"))
+        )
+    return tuple(out)
+
+
+def checked_photo(photo: Any) -> np.ndarray | None:
+    """``photo`` if it is an RGB image (H, W, 3) of uint8, else None."""
+    ok = isinstance(photo, np.ndarray) and photo.ndim == 3 and photo.shape[2] == 3 and photo.dtype == np.uint8
+    return photo if ok else None
 
 
 def checked_loras(loras: Any) -> tuple[LoRAChoice, ...]:
@@ -419,3 +607,7 @@ def generation_settings() -> tuple[Setting, ...]:
 
 
 _SETTINGS = declared_settings(GenerationRequest)
+# The ID weight of each other person: the first person's setting under another name.
+PERSON_WEIGHT = dataclasses.replace(
+    next(s for s in _SETTINGS if s.name == "id_weight"), name="person_weight", label="ID weight"
+)

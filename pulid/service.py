@@ -32,7 +32,17 @@ from pulid.errors import PuLIDError
 from pulid.limits import MAX_EXTRA_PHOTOS
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
-from pulid.request import GenerationRequest, InvalidRequestError, checked_init_image, checked_mask
+from pulid.request import (
+    PERSON_WEIGHT,
+    GenerationRequest,
+    InvalidRequestError,
+    PeopleToCome,
+    Person,
+    checked_init_image,
+    checked_mask,
+    checked_people,
+    checked_region,
+)
 from pulid.uploads import UploadError, check_header, check_upload, load_upload
 
 logger = logging.getLogger(__name__)
@@ -45,6 +55,27 @@ OOM_MESSAGE = (
 
 CANCELLED = "Generation cancelled."
 POLL_SECONDS = 0.25  # how often a job waiting for its turn looks at its cancel flag
+
+
+@dataclass(frozen=True)
+class PersonUpload:
+    """Another person as the app sends them: their photos and region (uploads or arrays, read at
+    the job's turn) and their ID weight (a raw value, checked at once)."""
+
+    photos: Sequence[PhotoSource]
+    weight: object = PERSON_WEIGHT.default
+    region: PhotoSource | None = None
+
+
+@dataclass
+class _Uploads:
+    """A job's files, checked from their headers at admission and decoded at its turn."""
+
+    photos: list[PhotoSource]
+    init_image: PhotoSource | None = None
+    mask: PhotoSource | None = None
+    people: list[PersonUpload] = field(default_factory=list)
+    id_region: PhotoSource | None = None
 
 
 class ServiceError(Exception):
@@ -250,6 +281,8 @@ class GenerationService:
         photos: Sequence[PhotoSource] = (),
         init_image: PhotoSource | None = None,
         mask: PhotoSource | None = None,
+        people: Sequence[PersonUpload] = (),
+        id_region: PhotoSource | None = None,
     ) -> Job:
         """:meth:`run` in a worker thread: the caller can wait with a timeout and cancel the job.
 
@@ -260,7 +293,8 @@ class GenerationService:
         variables).
         """
         job = Job()
-        admitted = self._admit(request, photos, session, client, job.cancelled, init_image, mask)
+        uploads = _Uploads(list(photos), init_image, mask, list(people), id_region)
+        admitted = self._admit(request, uploads, session, client, job.cancelled)
         context = contextvars.copy_context()
         thread = threading.Thread(
             target=context.run,
@@ -297,15 +331,19 @@ class GenerationService:
         photos: Sequence[PhotoSource] = (),
         init_image: PhotoSource | None = None,
         mask: PhotoSource | None = None,
+        people: Sequence[PersonUpload] = (),
+        id_region: PhotoSource | None = None,
     ) -> ServiceResult:
         """Generate and save the request's images; ``progress`` gets each step (:class:`StepInfo`),
         the name of each stage and each :class:`SavedImage` as soon as it is written. ``cancel``
         (or :meth:`cancel` of the session) stops it at the next step or decoder block, also while
         it waits for its turn; the :class:`Cancelled` error holds the images already saved.
         ``photos`` are added to the request's ID images, ``init_image`` is the photo to start from
-        and ``mask`` what of it to repaint (files are read when the turn comes)."""
+        and ``mask`` what of it to repaint; ``people`` are added to the request's other people and
+        ``id_region`` is the first person's region (files are read when the turn comes)."""
         cancel = cancel if cancel is not None else threading.Event()
-        admitted = self._admit(request, photos, session, client, cancel, init_image, mask)
+        uploads = _Uploads(list(photos), init_image, mask, list(people), id_region)
+        admitted = self._admit(request, uploads, session, client, cancel)
         return self._run_admitted(*admitted, session, progress)
 
     def lora_names(self) -> list[str]:
@@ -337,32 +375,65 @@ class GenerationService:
     def _admit(
         self,
         request: GenerationRequest,
-        photos: Sequence[PhotoSource],
+        uploads: _Uploads,
         session: str,
         client: str | None,
         cancel: threading.Event,
-        init_image: PhotoSource | None = None,
-        mask: PhotoSource | None = None,
-    ) -> tuple[GenerationRequest, list[PhotoSource], tuple[PhotoSource | None, PhotoSource | None], _Ticket]:
+    ) -> tuple[GenerationRequest, _Uploads, _Ticket]:
         """The checks that need no turn, then a place in the line (the session's cancel reaches it)."""
+        people = []
         try:
-            request = request.checked(photo_to_come=init_image is not None, mask_to_come=mask is not None)
+            for number, person in enumerate(uploads.people, start=2 + len(request.more_people)):
+                if not isinstance(person, PersonUpload):
+                    raise InvalidRequestError(f"Person {number} must be given as a PersonUpload.")
+                people.append(
+                    PersonUpload(list(person.photos), PERSON_WEIGHT.coerce(person.weight), person.region)
+                )
+            given = request.people_given()
+            to_come = PeopleToCome(
+                first_has_photos=given.first_has_photos or bool(uploads.photos),
+                first_has_region=given.first_has_region or uploads.id_region is not None,
+                more=given.more + tuple((bool(p.photos), p.region is not None) for p in people),
+            )
+            request = request.checked(
+                photo_to_come=uploads.init_image is not None,
+                mask_to_come=uploads.mask is not None,
+                people_to_come=to_come,
+            )
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
         self._check_loras(request)
-        photos = list(photos)
-        self._check_photo_count(len(request.id_images) + len(photos) - 1)
+        self._check_photo_count(len(request.id_images) + len(uploads.photos) - 1)
+        for number, person in enumerate(people, start=2 + len(request.more_people)):
+            if len(person.photos) > MAX_EXTRA_PHOTOS + 1:
+                raise ServiceError(
+                    f"Person {number} has {len(person.photos)} photos; at most {MAX_EXTRA_PHOTOS + 1} "
+                    "are used: keep the best."
+                )
         try:
-            checked = [self._checked_source(photo) for photo in photos]
-            edit = tuple(
-                None if source is None else self._checked_source(source) for source in (init_image, mask)
+            checked = _Uploads(
+                photos=[self._checked_source(photo) for photo in uploads.photos],
+                init_image=self._checked_optional(uploads.init_image),
+                mask=self._checked_optional(uploads.mask),
+                people=[
+                    PersonUpload(
+                        [self._checked_source(photo) for photo in person.photos],
+                        person.weight,
+                        self._checked_optional(person.region),
+                    )
+                    for person in people
+                ],
+                id_region=self._checked_optional(uploads.id_region),
             )
         except UploadError as err:
             raise ServiceError(str(err)) from None
         ticket = self._line.join(client, cancel)
         with self._active_lock:
             self._active.setdefault(session, set()).add(cancel)
-        return request, checked, edit, ticket
+        return request, checked, ticket
+
+    def _checked_optional(self, photo: PhotoSource | None) -> PhotoSource | None:
+        return None if photo is None else self._checked_source(photo)
 
     def _checked_source(self, photo: PhotoSource) -> PhotoSource:
         """An array as it is; a path only if it is an upload whose header is a readable image."""
@@ -375,8 +446,7 @@ class GenerationService:
     def _run_admitted(
         self,
         request: GenerationRequest,
-        photos: list[PhotoSource],
-        edit: tuple[PhotoSource | None, PhotoSource | None],
+        uploads: _Uploads,
         ticket: _Ticket,
         session: str,
         progress: Progress | None,
@@ -399,13 +469,7 @@ class GenerationService:
         try:
             self._line.wait_turn(ticket, report)
             report("starting")  # a job cancelled just as its turn came stops here
-            if photos:
-                request = replace(request, id_images=[*request.id_images, *self._decode(photos)])
-            init_image, mask = edit
-            if init_image is not None:
-                request = replace(request, init_image=checked_init_image(next(self._decode([init_image]))))
-            if mask is not None:
-                request = replace(request, mask=checked_mask(next(self._decode([mask]))))
+            request = self._with_uploads(request, uploads)
             result = self.pipeline.generate(request, callback=report, on_stage=report, on_image=save)
         except GenerationCancelled:
             raise Cancelled(saved) from None
@@ -426,6 +490,33 @@ class GenerationService:
                     self._active.pop(session, None)
             trim_host_memory()
         return ServiceResult(images=saved, debug_images=result.debug_images)
+
+    def _with_uploads(self, request: GenerationRequest, uploads: _Uploads) -> GenerationRequest:
+        """The request with its uploaded files decoded and attached (each checked as it would be
+        had it come in the request)."""
+        changes: dict = {}
+        if uploads.photos:
+            changes["id_images"] = [*request.id_images, *self._decode(uploads.photos)]
+        if uploads.init_image is not None:
+            changes["init_image"] = checked_init_image(self._decode_one(uploads.init_image))
+        if uploads.mask is not None:
+            changes["mask"] = checked_mask(self._decode_one(uploads.mask))
+        if uploads.id_region is not None:
+            changes["id_region"] = checked_region(self._decode_one(uploads.id_region), "Person 1")
+        if uploads.people:
+            more = [
+                Person(
+                    tuple(self._decode(person.photos)),
+                    person.weight,
+                    None if person.region is None else self._decode_one(person.region),
+                )
+                for person in uploads.people
+            ]
+            changes["more_people"] = checked_people([*request.more_people, *more])
+        return replace(request, **changes) if changes else request
+
+    def _decode_one(self, photo: PhotoSource) -> np.ndarray:
+        return next(self._decode([photo]))
 
     def _save(self, generated: GeneratedImage, request: GenerationRequest) -> SavedImage:
         with self._saving:

@@ -11,6 +11,7 @@ gigabytes). :func:`check_upload` refuses all of these before anything is opened,
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -101,3 +102,49 @@ def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | No
     with open_checked(resolved, f"the image {resolved.name}") as image:
         image.seek(0)
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+MAX_CANVAS_LAYERS = 4  # layers of a drawing in the page that are read (the app's canvas has one)
+MAX_CANVAS_ID = 64  # characters of a drawing's id, which the page chooses
+
+
+def store_painted_layer(
+    storage: dict[str, list[bytes | None]], canvas: object, index: object, blob: bytes, keep: int
+) -> None:
+    """Keep one painted layer of a drawing that the page sends ahead of its request, in ``storage``
+    (drawing id -> layers). At most ``keep`` drawings wait: a new one pushes out the oldest. A layer
+    number outside 0 .. MAX_CANVAS_LAYERS - 1 or a layer over the upload size is refused, so a
+    hostile page cannot make the server hold more than keep x MAX_CANVAS_LAYERS x the upload size."""
+    try:
+        number = int(index)
+    except (TypeError, ValueError):
+        raise UploadError("The drawing's layer is not numbered.") from None
+    if not 0 <= number < MAX_CANVAS_LAYERS:
+        raise UploadError(f"A drawing may have {MAX_CANVAS_LAYERS} layers at most.")
+    if len(blob) > MAX_UPLOAD_BYTES:
+        raise UploadError(f"The drawing is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+    key = str(canvas)[:MAX_CANVAS_ID]
+    while key not in storage and len(storage) >= keep:
+        storage.pop(next(iter(storage)))  # dicts keep insertion order: the oldest first
+    layers = storage.setdefault(key, [])
+    layers.extend([None] * (number + 1 - len(layers)))
+    layers[number] = blob
+
+
+def painted_layers(storage: dict[str, list[bytes | None]], canvas: object) -> list[bytes]:
+    """The layers kept for a drawing, taken out of ``storage`` (none if it never came, or was pushed out)."""
+    return [blob for blob in storage.pop(str(canvas)[:MAX_CANVAS_ID], []) if blob is not None]
+
+
+def painted_alpha(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
+    """One painted layer of the page's drawing canvas (bytes or an uploaded file) -> its opacity
+    (H, W) uint8; a layer without transparency gives its brightest channel. Bytes over the upload
+    limit, and images over the pixel limit (from the header), are refused before decoding."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) > MAX_UPLOAD_BYTES:
+            raise UploadError(f"{name} is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+        source = io.BytesIO(bytes(source))
+    with open_checked(source, name) as image:
+        if "A" in image.getbands() or "transparency" in image.info:
+            return np.asarray(image.convert("RGBA"))[..., 3].copy()
+        return np.asarray(image.convert("RGB")).max(axis=2)

@@ -47,6 +47,9 @@ def settings(**kw):
     small.update(
         {name: "" if name.endswith(("1", "2", "3")) else 1.0 for name in app_flux.lora_input_names()}
     )
+    for name in app_flux.people_input_names():  # nobody else: no photos, no region, weight 1
+        small[name] = 1.0 if name.endswith("_weight") else [] if name[-1].isdigit() else None
+    small["mask_drawing"] = None
     values = {}
     for name in app_flux.input_names():
         declared = {s.name: s.default for s in generation_settings()}
@@ -83,8 +86,15 @@ def call(client, **kw) -> Reply:
     if values["id_image"] is not None:
         values["id_image"] = handle_file(str(values["id_image"]))
     values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
-    for name in ("init_image", "mask"):
-        if values[name] is not None:
+    if values["mask_drawing"] is not None:  # a painted layer, as the page's editor sends it
+        layer = handle_file(str(values["mask_drawing"]))
+        values["mask_drawing"] = {"background": None, "layers": [layer], "composite": None, "id": None}
+    for name in ("init_image", "mask", "id_region", *app_flux.people_input_names()):
+        if name.endswith("_weight") or values[name] is None:
+            continue
+        if isinstance(values[name], list):
+            values[name] = [handle_file(str(p)) for p in values[name]]
+        else:
             values[name] = handle_file(str(values[name]))
     return Reply(client.predict(**values, api_name="/generate"))
 
@@ -451,3 +461,75 @@ def test_the_readme_gradio_client_example_works_as_written(server, monkeypatch, 
     exec(compile(code.replace("http://127.0.0.1:8080/", server), "README.md", "exec"), {})
     lines = [line for line in capsys.readouterr().out.splitlines() if "Loaded as API" not in line]
     assert len(lines) == 2 and lines[0].split()[1:2] == ["42"] and lines[1].split()[1:2] == ["43"]
+
+
+def test_the_api_and_the_cli_put_two_people_in_one_image(client, tmp_path):
+    friend = tmp_path / "friend.png"
+    with Image.open(PHOTO) as source:
+        source.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(friend)
+    pair = call(client, id_image=PHOTO, person_2=[friend], person_2_weight=0.7, seed="5")
+    people = read_image_metadata(pair.image)["people"]
+    assert people == [
+        {"photos": 1, "weight": 1.0, "region": "column 1 of 2"},
+        {"photos": 1, "weight": 0.7, "region": "column 2 of 2"},
+    ]
+    alone = call(client, id_image=PHOTO, seed="5")
+    with Image.open(pair.image) as a, Image.open(alone.image) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+    left = tmp_path / "left.png"
+    painted = np.zeros((64, 64), np.uint8)
+    painted[:, :32] = 255
+    Image.fromarray(painted).save(left)
+    with pytest.raises(Exception, match="Person 3 has a region but no photo"):
+        call(client, id_image=PHOTO, person_2=[friend], person_3_region=left, seed="5")
+    with pytest.raises(Exception, match="Person 2 has no region"):
+        call(client, id_image=PHOTO, person_2=[friend], layout="masks", id_region=left, seed="5")
+
+    flags = ["--prompt", "p", "--seed", "5", "--width", "256", "--height", "256", "--num_steps", "2"]
+    out = tmp_path / "out"
+    proc = run_cli(
+        tmp_path,
+        *flags,
+        "--id_image",
+        str(PHOTO),
+        "--person",
+        str(friend),
+        "--person_weight",
+        "0.7",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (image,) = out.glob("*.png")
+    assert read_image_metadata(image)["people"] == people
+    right = tmp_path / "right.png"
+    Image.fromarray(255 - painted).save(right)
+    pair = ["--id_image", str(PHOTO), "--person", str(friend)]
+    masked = tmp_path / "masked"
+    regions = ["--region", str(left), "--region", str(right)]
+    proc = run_cli(tmp_path, *flags, *pair, "--layout", "masks", *regions, "--out", str(masked))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (image,) = masked.glob("*.png")
+    assert [p["region"][:7] for p in read_image_metadata(image)["people"]] == ["sha256:", "sha256:"]
+    too_many = ["--person", str(friend)] * 4
+    refused = run_cli(tmp_path, *flags, "--id_image", str(PHOTO), *too_many, "--out", str(out))
+    assert refused.returncode == 2 and "5 people were given; at most 4" in refused.stderr
+    no_region = run_cli(tmp_path, *flags, *pair, "--layout", "masks", "--out", str(out))
+    assert no_region.returncode == 2 and "Person 1 has no region" in no_region.stderr
+
+
+def test_a_mask_painted_in_the_page_is_the_same_mask_as_uploaded(client, tmp_path):
+    strokes = np.zeros((512, 512, 4), np.uint8)  # the photo's size: transparent, one white square
+    strokes[128:384, 128:384] = 255
+    layer, mask = tmp_path / "strokes.png", tmp_path / "mask.png"
+    Image.fromarray(strokes).save(layer)
+    Image.fromarray(strokes[..., 3]).save(mask)
+    edit = {"id_image": PHOTO, "seed": "5", "init_image": PHOTO, "strength": 0.5}
+    painted = read_image_metadata(call(client, **edit, mask_drawing=layer).image)
+    uploaded = read_image_metadata(call(client, **edit, mask=mask).image)
+    assert painted["mask"] == uploaded["mask"] and painted["mask_area"] == uploaded["mask_area"]
+    assert "mask_fit" not in painted  # the layer is at the photo's size
+    with pytest.raises(Exception, match="Give one mask"):
+        call(client, **edit, mask_drawing=layer, mask=mask)
+    Image.fromarray(np.zeros((512, 512, 4), np.uint8)).save(layer)  # nothing painted: no mask
+    assert "mask" not in read_image_metadata(call(client, **edit, mask_drawing=layer).image)

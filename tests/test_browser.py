@@ -182,3 +182,45 @@ def test_a_photo_to_start_from_sets_the_size_and_is_recorded(page, tmp_path):
     page.get_by_text("This session's images").click()
     page.locator("#history img").first.click()
     page.get_by_text("sha256:").first.wait_for(timeout=30_000)  # the photo's hash, not its path
+
+
+def test_a_mask_drawn_over_the_photo_repaints_that_part(page, tmp_path):
+    small_request(page, seed="93")
+    page.get_by_text("Start from a photo (image to image)").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(PHOTO))
+    canvas = page.locator("#mask-drawing canvas").first
+    canvas.wait_for()
+    time.sleep(1)  # the photo becomes the canvas's background
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.3
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 11):  # a short diagonal stroke of the white brush
+        page.mouse.move(x + 8 * step, y + 6 * step)
+    page.mouse.up()
+    screenshot(page, "mask-drawing.png", tmp_path)
+    for side in ("Width", "Height"):  # the photo set 512 x 512: back to the small size
+        set_slider(page, side, 256)
+    page.locator("#generate").click()
+    page.locator("#results").get_by_text("seed 93 ·").wait_for(timeout=120_000)
+    page.get_by_text("This session's images").click()
+    page.locator("#history img").first.click()
+    page.get_by_text("of the image repainted").first.wait_for(timeout=30_000)  # mask_area
+    shown = page.locator("body").inner_text()
+    assert "mask_fit" not in shown  # the strokes came at the photo's size
+
+
+def test_two_people_side_by_side_and_regions_shown_for_masks(page):
+    small_request(page, seed="95")
+    page.locator("#id-image input[type=file]").set_input_files(str(PHOTO))
+    page.get_by_text("Several people (up to 4)").click()
+    assert not page.locator("#id-region").is_visible()  # 'columns' needs no regions
+    page.locator("#person-2 input[type=file]").set_input_files(str(PHOTO))
+    page.locator("#generate").click()
+    page.locator("#results").get_by_text("seed 95 ·").wait_for(timeout=120_000)
+    page.get_by_text("This session's images").click()
+    page.locator("#history img").first.click()
+    page.get_by_text("column 2 of 2").first.wait_for(timeout=30_000)
+    page.get_by_label("masks").check()
+    page.locator("#id-region").wait_for(state="visible", timeout=10_000)
+    assert page.locator("#person-4-region").is_visible()

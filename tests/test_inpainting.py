@@ -7,6 +7,8 @@ pipeline against float64 computations of that blend, plus the mask's checks and 
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,76 @@ def test_the_service_repaints_the_face_of_an_uploaded_photo(service, pipeline): 
     settings = {"prompt": "a portrait of a woman", "width": W, "height": H, "num_steps": 2, "seed": 7}
     result = svc.run(GenerationRequest.from_values(repaint="face", **settings), init_image=str(path))
     assert read_image_metadata(result.path)["repaint"] == "face"
+
+
+# ---------------------------------------------------------------- a mask painted in the page
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_painted_layers_give_their_opacity_and_their_union_is_the_mask():
+    from pulid.request import painted_mask
+    from pulid.uploads import painted_alpha
+
+    strokes = np.zeros((40, 60, 4), np.uint8)
+    strokes[5:15, 10:30] = (255, 255, 255, 255)
+    strokes[20:25, 40:50, 3] = 100  # faint: under the 128 that repaints
+    alpha = painted_alpha(png_bytes(strokes), "the drawn mask")
+    assert alpha.shape == (40, 60) and np.array_equal(alpha, strokes[..., 3])
+    other = np.zeros((20, 30), np.uint8)  # another layer at half the size: resized to the first
+    other[10:20, 0:5] = 255
+    union = painted_mask([alpha, other])
+    assert union[5:15, 10:30].min() == 255 and union[20:40, 0:10].min() == 255
+    assert (union >= 128).sum() == 10 * 20 + 20 * 10
+    faint_only = np.zeros((40, 60), np.uint8)
+    faint_only[:5] = 100
+    assert painted_mask([faint_only]) is None and painted_mask([]) is None
+    grey = np.full((8, 8, 3), 200, np.uint8)  # a layer without transparency: its brightest channel
+    assert painted_alpha(png_bytes(grey), "x").min() == 200
+
+
+def test_painted_layers_are_bounded_before_anything_is_decoded():
+    from pulid.limits import MAX_UPLOAD_BYTES
+    from pulid.uploads import (
+        MAX_CANVAS_LAYERS,
+        UploadError,
+        painted_alpha,
+        painted_layers,
+        store_painted_layer,
+    )
+
+    storage: dict = {}
+    store_painted_layer(storage, "a", "0", b"first", keep=2)
+    store_painted_layer(storage, "a", 2, b"third", keep=2)
+    assert painted_layers(storage, "a") == [b"first", b"third"] and storage == {}
+    for canvas in ("a", "b", "c"):  # a third drawing pushes out the oldest waiting one
+        store_painted_layer(storage, canvas, 0, canvas.encode(), keep=2)
+    assert list(storage) == ["b", "c"] and painted_layers(storage, "a") == []
+    store_painted_layer(storage, "x" * 10_000, 0, b"", keep=2)
+    assert max(len(key) for key in storage) == 64
+    for index, blob, message in [
+        (MAX_CANVAS_LAYERS, b"", "layers at most"),
+        (10**12, b"", "layers at most"),
+        (-1, b"", "layers at most"),
+        ("null", b"", "not numbered"),
+        (None, b"", "not numbered"),
+        (0, b"\0" * (MAX_UPLOAD_BYTES + 1), "larger than"),
+    ]:
+        with pytest.raises(UploadError, match=message):
+            store_painted_layer(storage, "y", index, blob, keep=2)
+    assert "y" not in storage
+    with pytest.raises(UploadError, match="Could not read the drawn mask"):
+        painted_alpha(b"not a png", "the drawn mask")
+    huge = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
+    huge[16:24] = (100_000).to_bytes(4, "big") * 2  # the header says 100,000 x 100,000 pixels
+    huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")  # with a valid checksum
+    with pytest.raises(UploadError, match="megapixels"):
+        painted_alpha(bytes(huge), "the drawn mask")

@@ -33,7 +33,7 @@ from flux.offload.plan import DEFAULT_OVERHEAD
 from flux.registry import MODELS
 from flux.repeated import block_modules
 from pulid.catalogue import FLUX_DIT_BYTES
-from pulid.injection import PuLIDInjection
+from pulid.injection import Identity, PuLIDInjection
 from pulid.loading import meta_pipeline, plan_counts
 from pulid.pipeline import STAGES
 from tests.test_flux_model import random_inputs, random_model
@@ -120,7 +120,7 @@ def tiny_setup(seed=0):
 def injection(seed=0):
     cas = tiny_ca_modules(PARAMS, dtype=torch.float32, seed=seed)
     tokens = torch.randn(1, 4, 48, generator=torch.Generator().manual_seed(seed))
-    return cas, PuLIDInjection(cas, tokens, 0.8, PARAMS.depth, PARAMS.depth_single_blocks)
+    return cas, PuLIDInjection(cas, [Identity(tokens, 0.8)], PARAMS.depth, PARAMS.depth_single_blocks)
 
 
 def block_sizes(model):

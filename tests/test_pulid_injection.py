@@ -5,7 +5,7 @@ import torch
 
 from flux.model import Flux, IDInjection
 from pulid.encoders import PerceiverAttentionCA, PuLIDWeights, num_pulid_ca
-from pulid.injection import PuLIDInjection
+from pulid.injection import Identity, PuLIDInjection
 from tests.numerics import rel_err
 from tests.reference_flux import flux_forward
 from tests.test_flux_model import TOL_F64, random_inputs, random_model
@@ -37,7 +37,7 @@ def test_injection_points_and_module_order():
 
         return ca
 
-    injection = PuLIDInjection([recorder(i) for i in range(6)], torch.zeros(1, 4, 48), 1.0, 5, 9)
+    injection = PuLIDInjection([recorder(i) for i in range(6)], [Identity(torch.zeros(1, 4, 48), 1.0)], 5, 9)
     assert isinstance(injection, IDInjection)
     img = torch.zeros(1, 3, 64)
     hits_double = [i for i in range(5) if injection.after_double_block(i, img) is not None]
@@ -47,7 +47,7 @@ def test_injection_points_and_module_order():
 
 
 def test_full_size_injection_points_match_the_official_ones():
-    injection = PuLIDInjection([lambda x, y: y] * 20, torch.zeros(1), 1.0, 19, 38)
+    injection = PuLIDInjection([lambda x, y: y] * 20, [Identity(torch.zeros(1), 1.0)], 19, 38)
     img = torch.ones(1)
     assert [i for i in range(19) if injection.after_double_block(i, img) is not None] == list(range(0, 19, 2))
     assert [i for i in range(38) if injection.after_single_block(i, img) is not None] == list(range(0, 38, 4))
@@ -55,7 +55,7 @@ def test_full_size_injection_points_match_the_official_ones():
 
 def test_wrong_number_of_modules_is_an_error():
     with pytest.raises(ValueError, match="expected 20"):
-        PuLIDInjection([lambda x, y: y] * 19, torch.zeros(1), 1.0, 19, 38)
+        PuLIDInjection([lambda x, y: y] * 19, [Identity(torch.zeros(1), 1.0)], 19, 38)
 
 
 def test_dit_with_id_matches_reference_with_cross_attention_residuals():
@@ -68,7 +68,9 @@ def test_dit_with_id_matches_reference_with_cross_attention_residuals():
     with torch.no_grad():
         out = model(
             **inputs,
-            id_injection=PuLIDInjection(cas, id_tokens, weight, params.depth, params.depth_single_blocks),
+            id_injection=PuLIDInjection(
+                cas, [Identity(id_tokens, weight)], params.depth, params.depth_single_blocks
+            ),
         )
         base = model(**inputs)
 
@@ -92,7 +94,9 @@ def test_id_weight_zero_is_exactly_no_id(dtype):
     with torch.no_grad():
         zero = model(
             **inputs,
-            id_injection=PuLIDInjection(cas, id_tokens, 0.0, params.depth, params.depth_single_blocks),
+            id_injection=PuLIDInjection(
+                cas, [Identity(id_tokens, 0.0)], params.depth, params.depth_single_blocks
+            ),
         )
         none = model(**inputs)
     assert torch.equal(zero, none)

@@ -21,7 +21,7 @@ def test_the_declaration_is_the_request_dataclass():
     fields = [
         f.name
         for f in dataclasses.fields(GenerationRequest)
-        if f.name not in ("id_images", "loras", "init_image", "mask")
+        if f.name not in ("id_images", "loras", "init_image", "mask", "more_people", "id_region")
     ]
     assert [s.name for s in SETTINGS] == fields
     assert all(s.label and (s.kind in (int, float, str)) for s in SETTINGS)
@@ -50,9 +50,24 @@ def test_a_bad_flag_value_is_refused_by_the_command_line_before_loading(flag, va
 def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
     api = client.view_api(return_format="dict")["named_endpoints"]["/generate"]["parameters"]
     by_name = {p["parameter_name"]: p for p in api}
-    settings = [s.name for s in SETTINGS if s.name != "prompt"]
+    settings = [s.name for s in SETTINGS if s.name != "prompt" and s.group != "people"]
     loras = app_flux.lora_input_names()
-    assert list(by_name) == ["prompt", "id_image", "extra_images", *settings, *loras, "init_image", "mask"]
+    people = app_flux.people_input_names()
+    # Parameters added later come last, so that positional callers of the earlier ones keep working.
+    assert list(by_name) == [
+        "prompt",
+        "id_image",
+        "extra_images",
+        *settings,
+        *loras,
+        "init_image",
+        "mask",
+        "layout",
+        "id_region",
+        *people,
+        "mask_drawing",
+    ]
+    assert people[:3] == ["person_2", "person_2_weight", "person_2_region"] and len(people) == 9
     for setting in SETTINGS:
         default = by_name[setting.name]["parameter_default"]
         assert setting.coerce(default) == setting.default, setting.name

@@ -1,0 +1,158 @@
+"""The DiT step's cost of several people and of inpainting, against one person, with random weights.
+
+Builds the full-size stack of ``bench_gpu`` once (bf16, resident), then times the median DiT step
+of the same request in several variants, interleaved over ``--rounds`` rounds so that drift hits
+them all alike: no ID, one person, two and four people (the columns layout), two people with
+drawn regions (the masks layout), and one person repainting half of a photo (inpainting). Eager
+first, then with the DiT's blocks and the ID cross-attentions compiled (``--compile``). Output:
+``people.json`` and ``people.md`` in ``--out``, and the table on stdout.
+
+    python benchmarks/bench_people.py --steps 10 --rounds 3 --compile --out /tmp/people
+
+Random weights show the cost, not whether each face lands in its region (image quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_gpu import build_stack  # noqa: E402
+
+VARIANTS = ("no ID", "one person", "two people", "four people", "two people, masks", "one person, inpainting")
+
+
+def requests(photo, width: int, height: int, steps: int) -> dict:
+    """The request of each variant: the same prompt, size, steps and seed."""
+    import numpy as np
+
+    from pulid.request import GenerationRequest, Person
+
+    base = {"prompt": "friends on a beach", "width": width, "height": height, "num_steps": steps, "seed": 42}
+    flipped = np.ascontiguousarray(photo[:, ::-1])
+    left = np.zeros((height, width), np.uint8)
+    left[:, : width // 2] = 255
+    start = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return {
+        "no ID": GenerationRequest(**base),
+        "one person": GenerationRequest(**base, id_images=[photo]),
+        "two people": GenerationRequest(**base, id_images=[photo], more_people=(Person((flipped,)),)),
+        "four people": GenerationRequest(
+            **base, id_images=[photo], more_people=tuple(Person((p,)) for p in (flipped, photo, flipped))
+        ),
+        "two people, masks": GenerationRequest(
+            **base,
+            id_images=[photo],
+            layout="masks",
+            id_region=left,
+            more_people=(Person((flipped,), 1.0, 255 - left),),
+        ),
+        "one person, inpainting": GenerationRequest(
+            **base, id_images=[photo], init_image=start, mask=left, strength=1.0
+        ),
+    }
+
+
+def step_times(pipeline, request) -> list[float]:
+    """The DiT steps of one generation, in ms (CUDA events at each step's end)."""
+    import torch
+
+    events = []
+
+    def on_step(info) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        events.append(event)
+
+    pipeline.generate(request, callback=on_step)
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)]
+
+
+def measure(pipeline, variants: dict, rounds: int) -> dict[str, list[float]]:
+    import torch
+
+    for request in variants.values():  # warm-up: compiles, autotunes, fills the ID cache
+        pipeline.generate(type(request)(**{**request.__dict__, "num_steps": 2}))
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, request in variants.items():
+            times[name] += step_times(pipeline, request)
+    return times
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| mode | variant | DiT step (ms, median) | vs one person |", "|---|---|---|---|"]
+    for row in rows:
+        step, ratio = row["step_ms_median"], row["vs_one_person"]
+        lines.append(f"| {row['mode']} | {row['variant']} | {step:.1f} | {ratio:.3f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=896)
+    parser.add_argument("--height", type=int, default=1152)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time with the blocks compiled")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "people-out")))
+    args = parser.parse_args()
+
+    import torch
+    from skimage import data as skimage_data
+
+    from flux.compile import compile_blocks, compile_repeated_blocks
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pipeline = build_stack("cuda", torch.bfloat16, Path(tempfile.mkdtemp(prefix="bench-people-")))
+    build_s = time.perf_counter() - t0
+    variants = requests(skimage_data.astronaut(), args.width, args.height, args.steps)
+    rows = []
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    for mode in modes:
+        if mode == "compiled":
+            compile_repeated_blocks(pipeline.flow)
+            compile_blocks(pipeline.pulid_ca)
+        times = measure(pipeline, variants, args.rounds)
+        one = statistics.median(times["one person"])
+        for name in VARIANTS:
+            median = statistics.median(times[name])
+            rows.append(
+                {
+                    "mode": mode,
+                    "variant": name,
+                    "step_ms_median": median,
+                    "step_ms_min": min(times[name]),
+                    "steps_timed": len(times[name]),
+                    "vs_one_person": median / one,
+                }
+            )
+        print(table([r for r in rows if r["mode"] == mode]), flush=True)
+    meta = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "size": f"{args.width}x{args.height}",
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "build_s": build_s,
+    }
+    (args.out / "people.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "people.md").write_text(table(rows) + "\n")
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Where each person of a several-people image goes: regions at the image's size and at the DiT's
+token grid.
+
+A region is drawn or uploaded like an inpainting mask (white: this person; see
+:func:`pulid.request.mask_values`), or comes from a preset layout: with ``columns`` the people
+stand side by side in equal columns, left to right in their order (left/right for two,
+left/middle/right for three). At the token grid each image token (a 16 x 16 pixel patch) gets the
+share of its pixels that the region paints, so columns that split a token share it and every token
+of a columns layout sums to exactly 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from pulid.settings import InvalidRequestError
+
+LAYOUTS = ("columns", "masks")
+TOKEN_PIXELS = 16  # one image token of the DiT: a 2 x 2 patch of 8 x 8-pixel latent cells
+MIN_REGION_TOKENS = 4.0  # a 32 x 32-pixel square: a region smaller than this cannot hold a face
+
+
+def column_regions(count: int, width: int, height: int) -> list[np.ndarray]:
+    """``count`` side-by-side columns of an image, left to right, as (H, W) uint8 masks (255: in)."""
+    edges = [round(i * width / count) for i in range(count + 1)]
+    regions = []
+    for left, right in zip(edges[:-1], edges[1:], strict=True):
+        region = np.zeros((height, width), np.uint8)
+        region[:, left:right] = 255
+        regions.append(region)
+    return regions
+
+
+def token_region(values: np.ndarray) -> Tensor:
+    """A region (H, W) uint8 at the image's size (H and W multiples of 16) -> (1, L, 1) float32:
+    each image token's share of pixels of 128 and above, in the DiT's token order (row-major)."""
+    painted = torch.from_numpy((values >= 128).astype(np.float32))[None, None]
+    share = F.avg_pool2d(painted, TOKEN_PIXELS)
+    return share.reshape(1, -1, 1)
+
+
+def check_region_area(region: Tensor, who: str) -> None:
+    """Refuse a region too small to hold a face (see :data:`MIN_REGION_TOKENS`)."""
+    if float(region.sum()) < MIN_REGION_TOKENS:
+        raise InvalidRequestError(
+            f"{who}'s region is too small to hold a face (under 32 x 32 pixels of the image): "
+            "paint a larger one."
+        )
+
+
+def overlap_share(regions: list[Tensor]) -> float:
+    """The share of image tokens where the regions' factors sum above 1: where regions overlap
+    (each identity adds its own ID there). Columns that share a token split it, so they never do."""
+    total = torch.stack(regions).sum(dim=0)
+    return float((total > 1 + 1e-6).float().mean())
+
+
+def covers_everything(region: Tensor) -> bool:
+    return bool((region == 1).all())
