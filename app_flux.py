@@ -38,6 +38,7 @@ IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they 
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
 SPACE_KEEP_OUTPUTS = 500  # a Space's disk is small and shared by every visitor
 MIN_KEEP_OUTPUTS = 50  # below this a busy server could delete a batch before the visitor sees it
+CANVAS_SIDE = 512  # the long side of the blank canvas regions are painted on without a photo
 HISTORY_SIZE = 48  # images the session gallery keeps (the files stay in the outputs folder)
 LORA_ROWS = 3  # LoRA pickers in the UI (the Python API and the CLI take up to MAX_LORAS_PER_REQUEST)
 NO_LORA = ("(none)", "")
@@ -180,27 +181,42 @@ def input_names() -> list[str]:
         + [s.name for s in generation_settings() if s.group == "people"]
         + ["id_region"]
         + people_input_names()
-        + ["mask_drawing"]
+        + ["mask_drawing", "region_drawing"]
     )
 
 
-def chosen_people(values: dict) -> list:
-    """Take the other people's inputs out of ``values``: a :class:`~pulid.service.PersonUpload` for
-    each row with photos, in row order; a region without photos is refused."""
+def chosen_people(values: dict, painted: list | None = None) -> tuple[list, object]:
+    """Take the people's inputs out of ``values``: person 1's region, and a
+    :class:`~pulid.service.PersonUpload` for each other row with photos, in row order. ``painted``
+    (each person's region painted in the page, person 1 first) counts as uploaded; a painted and an
+    uploaded region for one person, or a region for a row without photos, is refused. Regions count
+    with the 'masks' layout only: the page hides them otherwise, so they are left out."""
     from pulid.service import PersonUpload, ServiceError
 
+    use_regions = str(values.get("layout") or "").strip().lower() == "masks"
+    painted = list(painted or []) + [None] * MAX_PEOPLE
+
+    def region_of(number: int, uploaded):
+        if not use_regions:
+            return None
+        drawn = painted[number - 1]
+        if drawn is not None and uploaded is not None:
+            raise ServiceError(f"Person {number} has a painted region and an uploaded one: keep one.")
+        return drawn if drawn is not None else uploaded
+
+    id_region = region_of(1, values.pop("id_region", None))
     people = []
     for number in range(2, MAX_PEOPLE + 1):
         photos = values.pop(f"person_{number}", None)
         weight = values.pop(f"person_{number}_weight", None)
-        region = values.pop(f"person_{number}_region", None)
+        region = region_of(number, values.pop(f"person_{number}_region", None))
         photos = [photos] if isinstance(photos, str) else list(photos or [])
         if not photos:
             if region is not None:
                 raise ServiceError(f"Person {number} has a region but no photo: add their photo.")
             continue
         people.append(PersonUpload(photos, weight if weight is not None else 1.0, region))
-    return people
+    return people, id_region
 
 
 def chosen_loras(values: dict) -> list[tuple[str, object]]:
@@ -336,6 +352,7 @@ def create_demo(args: argparse.Namespace, service):
     from PIL import Image
 
     from pulid.catalogue import SPEED_LORAS
+    from pulid.regions import PALETTE, painted_regions
     from pulid.request import (
         LORA_STRENGTH,
         PERSON_WEIGHT,
@@ -350,7 +367,7 @@ def create_demo(args: argparse.Namespace, service):
         MAX_CANVAS_LAYERS,
         UploadError,
         check_upload,
-        painted_alpha,
+        painted_layer,
         painted_layers,
         store_painted_layer,
     )
@@ -378,13 +395,23 @@ def create_demo(args: argparse.Namespace, service):
             uploaded(payload)
             return payload.path
 
-    class MaskPainter(gr.ImageEditor):
-        """The mask painted in the page over the photo to start from. Only the painted layers are
-        read (never the background, nor a file that was not uploaded); the canvas's pieces arrive
-        before the request (``accept_blobs``), bounded in count, size and pixels. The handler gets
-        the strokes' opacity as a mask, or None when nothing is painted."""
+    class Painting(gr.ImageEditor):
+        """Strokes painted in the page, handed on as ``read(layers)`` of their RGBA layers (the
+        subclasses: a mask, or each person's region). Only the painted layers are read (never the
+        background, nor a file that was not uploaded); the canvas's pieces arrive before the
+        request (``accept_blobs``), bounded in count, size and pixels."""
 
         is_template = True
+
+        def get_block_name(self) -> str:  # the front end's own image editor, for the subclasses too
+            return "imageeditor"
+
+        def get_block_class(self) -> str:
+            return "imageeditor"
+
+        @staticmethod
+        def read(layers):
+            raise NotImplementedError
 
         @server
         def accept_blobs(self, data):
@@ -409,16 +436,28 @@ def create_demo(args: argparse.Namespace, service):
                     uploaded(layer)
                 sources = [layer.path for layer in payload.layers]
             try:
-                layers = [painted_alpha(source, "the drawn mask") for source in sources[:MAX_CANVAS_LAYERS]]
+                layers = [painted_layer(source, "the painting") for source in sources[:MAX_CANVAS_LAYERS]]
             except UploadError as err:
                 raise gr.Error(str(err)) from None
-            return painted_mask(layers)
+            return self.read(layers)
 
         def example_payload(self):
             return None
 
         def example_value(self):
             return None
+
+    class MaskPainting(Painting):
+        """What to repaint, painted over the photo to start from: a mask, or None."""
+
+        read = staticmethod(painted_mask)
+
+    class RegionPainting(Painting):
+        """Where each person stands, painted in the brush colours: a region or None per person."""
+
+        @staticmethod
+        def read(layers):
+            return painted_regions(layers, MAX_PEOPLE)
 
     class Photos(gr.File):
         """Extra photos: uploads of this app only (gradio would fetch a URL or read any path)."""
@@ -439,6 +478,7 @@ def create_demo(args: argparse.Namespace, service):
 
     settings = {s.name: s for s in generation_settings()}
     controls: dict = {}
+    brushes = ["#{:02x}{:02x}{:02x}".format(*colour) for colour in PALETTE]
     faces_dir = Path(tempfile.mkdtemp(prefix="pulid-flux-faces-")) if args.dev else None
 
     async def generate(values: dict, request: gr.Request, progress: gr.Progress):
@@ -448,7 +488,7 @@ def create_demo(args: argparse.Namespace, service):
         the line."""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         start, mask = values.pop("init_image"), values.pop("mask")
-        drawn, id_region = values.pop("mask_drawing"), values.pop("id_region")
+        drawn, painted = values.pop("mask_drawing"), values.pop("region_drawing")
         if drawn is not None and mask is not None:
             raise gr.Error("Give one mask: clear the drawing, or remove the uploaded mask.")
         mask = drawn if drawn is not None else mask
@@ -471,7 +511,7 @@ def create_demo(args: argparse.Namespace, service):
                 progress(done, desc=f"denoising step {info.step + 1}/{info.total}")
 
         try:
-            people = chosen_people(values)
+            people, id_region = chosen_people(values, painted)
             generation = service.build_request(None, None, **values)
             visitor = visitor_of(request, args.behind_proxy)
             job = service.start(
@@ -549,6 +589,19 @@ def create_demo(args: argparse.Namespace, service):
         new_width, new_height = size_for_photo(*size, int(width) * int(height))
         return new_width, new_height, "custom"
 
+    def canvas_background(photo, width, height):
+        """What regions are painted over: the photo to start from, or a blank of the image's shape."""
+        if photo is not None:
+            return photo
+        try:
+            width, height = int(width), int(height)
+        except (TypeError, ValueError):
+            return gr.skip()  # a size being typed: the canvas waits for a whole number
+        if min(width, height) < 16:
+            return gr.skip()
+        scale = CANVAS_SIDE / max(width, height)
+        return Image.new("RGB", (round(width * scale), round(height * scale)), (200, 200, 200))
+
     def photo_notice(photo):
         return gr.update(visible=photo is None)
 
@@ -622,7 +675,7 @@ def create_demo(args: argparse.Namespace, service):
                             height=200,
                             elem_id="mask",
                         )
-                    controls["mask_drawing"] = MaskPainter(
+                    controls["mask_drawing"] = MaskPainting(
                         label="Paint what to repaint (optional)",
                         type="numpy",
                         image_mode="RGBA",
@@ -678,6 +731,21 @@ def create_demo(args: argparse.Namespace, service):
                                 elem_id=f"person-{number}-region",
                                 visible=masks,
                             )
+                    controls["region_drawing"] = RegionPainting(
+                        value=canvas_background(
+                            None, *(settings[side].default for side in ("width", "height"))
+                        ),
+                        label="Or paint where each stands: red 1, green 2, blue 3, yellow 4",
+                        type="numpy",
+                        image_mode="RGBA",
+                        sources=(),
+                        transforms=(),
+                        layers=False,
+                        brush=gr.Brush(colors=brushes, default_color=brushes[0], color_mode="fixed"),
+                        height=360,
+                        elem_id="region-drawing",
+                        visible=masks,
+                    )
                 with gr.Accordion("LoRA: styles, subjects, 8-step speed", open=False, elem_id="loras"):
                     gr.Markdown(
                         "LoRA files in `models/loras/` are listed here. A speed preset puts an 8-step "
@@ -787,9 +855,14 @@ def create_demo(args: argparse.Namespace, service):
             [controls["width"], controls["height"], preset],
             api_visibility="private",
         )
-        region_inputs = [controls["id_region"]] + [
+        region_inputs = [controls["id_region"], controls["region_drawing"]] + [
             controls[f"person_{number}_region"] for number in range(2, MAX_PEOPLE + 1)
         ]
+        canvas_inputs = [controls["init_image"], controls["width"], controls["height"]]
+        for source in canvas_inputs:  # the regions are painted over the photo, or the image's shape
+            source.change(
+                canvas_background, canvas_inputs, controls["region_drawing"], api_visibility="private"
+            )
         controls["layout"].change(  # the regions matter with 'masks' only
             lambda layout: [gr.update(visible=layout == "masks")] * len(region_inputs),
             controls["layout"],

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
 from pulid.settings import InvalidRequestError
 
 LAYOUTS = ("columns", "masks")
+# The brush colours of the page's region painting, person 1 first: red, green, blue, yellow.
+PALETTE = ((230, 25, 75), (60, 180, 75), (67, 99, 216), (255, 225, 25))
 TOKEN_PIXELS = 16  # one image token of the DiT: a 2 x 2 patch of 8 x 8-pixel latent cells
 MIN_REGION_TOKENS = 4.0  # a 32 x 32-pixel square: a region smaller than this cannot hold a face
 
@@ -60,3 +63,25 @@ def overlap_share(regions: list[Tensor]) -> float:
 
 def covers_everything(region: Tensor) -> bool:
     return bool((region == 1).all())
+
+
+def painted_regions(layers: list[np.ndarray], count: int) -> list[np.ndarray | None]:
+    """Each person's region from the page's region painting (RGBA layers (H, W, 4), later layers
+    over earlier): a painted pixel (opacity 128 or more) belongs to the person whose brush colour
+    (:data:`PALETTE`) is nearest to its colour. One (H, W) uint8 mask per person for the first
+    ``count`` people, None for a person nobody painted."""
+    if not layers:
+        return [None] * count
+    height, width = layers[0].shape[:2]
+    owner = np.full((height, width), -1, np.int64)
+    palette = np.asarray(PALETTE, np.int64)
+    for layer in layers:
+        if layer.shape[:2] != (height, width):
+            layer = np.asarray(Image.fromarray(layer).resize((width, height), Image.Resampling.NEAREST))
+        painted = layer[..., 3] >= 128
+        distance = ((layer[..., None, :3].astype(np.int64) - palette) ** 2).sum(axis=-1)
+        owner = np.where(painted, distance.argmin(axis=-1), owner)
+    return [
+        (owner == person).astype(np.uint8) * 255 if (owner == person).any() else None
+        for person in range(count)
+    ]

@@ -434,16 +434,17 @@ def mask_values(mask: np.ndarray) -> np.ndarray:
 
 
 def painted_mask(layers: list[np.ndarray]) -> np.ndarray | None:
-    """The union of painted layers (each (H, W) uint8 opacity, as drawn in the page) as one mask
-    at the first layer's size, or None when nothing is painted (no pixel reaches 128)."""
+    """The union of painted layers (RGBA (H, W, 4), as drawn in the page) as one mask, their
+    opacity at the first layer's size; None when nothing is painted (no pixel reaches 128)."""
     if not layers:
         return None
-    height, width = layers[0].shape
-    union = layers[0].copy()
-    for layer in layers[1:]:
-        if layer.shape != (height, width):
-            layer = np.asarray(Image.fromarray(layer).resize((width, height), Image.Resampling.NEAREST))
-        np.maximum(union, layer, out=union)
+    height, width = layers[0].shape[:2]
+    union = np.zeros((height, width), np.uint8)
+    for layer in layers:
+        alpha = layer[..., 3]
+        if alpha.shape != (height, width):
+            alpha = np.asarray(Image.fromarray(alpha).resize((width, height), Image.Resampling.NEAREST))
+        np.maximum(union, alpha, out=union)
     return union if (union >= 128).any() else None
 
 

@@ -136,15 +136,16 @@ def painted_layers(storage: dict[str, list[bytes | None]], canvas: object) -> li
     return [blob for blob in storage.pop(str(canvas)[:MAX_CANVAS_ID], []) if blob is not None]
 
 
-def painted_alpha(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
-    """One painted layer of the page's drawing canvas (bytes or an uploaded file) -> its opacity
-    (H, W) uint8; a layer without transparency gives its brightest channel. Bytes over the upload
-    limit, and images over the pixel limit (from the header), are refused before decoding."""
+def painted_layer(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
+    """One painted layer of the page's drawing canvas (bytes or an uploaded file) -> RGBA (H, W, 4)
+    uint8; a layer without transparency gets its brightest channel as its opacity. Bytes over the
+    upload limit, and images over the pixel limit (from the header), are refused before decoding."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > MAX_UPLOAD_BYTES:
             raise UploadError(f"{name} is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
         source = io.BytesIO(bytes(source))
     with open_checked(source, name) as image:
         if "A" in image.getbands() or "transparency" in image.info:
-            return np.asarray(image.convert("RGBA"))[..., 3].copy()
-        return np.asarray(image.convert("RGB")).max(axis=2)
+            return np.array(image.convert("RGBA"))
+        rgb = np.asarray(image.convert("RGB"))
+        return np.concatenate([rgb, rgb.max(axis=2, keepdims=True)], axis=2)

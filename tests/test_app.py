@@ -49,7 +49,7 @@ def settings(**kw):
     )
     for name in app_flux.people_input_names():  # nobody else: no photos, no region, weight 1
         small[name] = 1.0 if name.endswith("_weight") else [] if name[-1].isdigit() else None
-    small["mask_drawing"] = None
+    small["mask_drawing"] = small["region_drawing"] = None
     values = {}
     for name in app_flux.input_names():
         declared = {s.name: s.default for s in generation_settings()}
@@ -86,9 +86,10 @@ def call(client, **kw) -> Reply:
     if values["id_image"] is not None:
         values["id_image"] = handle_file(str(values["id_image"]))
     values["extra_images"] = [handle_file(str(p)) for p in values["extra_images"]]
-    if values["mask_drawing"] is not None:  # a painted layer, as the page's editor sends it
-        layer = handle_file(str(values["mask_drawing"]))
-        values["mask_drawing"] = {"background": None, "layers": [layer], "composite": None, "id": None}
+    for name in ("mask_drawing", "region_drawing"):  # a painted layer, as the page's editor sends it
+        if values[name] is not None:
+            layer = handle_file(str(values[name]))
+            values[name] = {"background": None, "layers": [layer], "composite": None, "id": None}
     for name in ("init_image", "mask", "id_region", *app_flux.people_input_names()):
         if name.endswith("_weight") or values[name] is None:
             continue
@@ -463,7 +464,7 @@ def test_the_readme_gradio_client_example_works_as_written(server, monkeypatch, 
     assert len(lines) == 2 and lines[0].split()[1:2] == ["42"] and lines[1].split()[1:2] == ["43"]
 
 
-def test_the_api_and_the_cli_put_two_people_in_one_image(client, tmp_path):
+def test_the_api_and_the_cli_put_two_people_in_one_image(client, tmp_path, capsys):
     friend = tmp_path / "friend.png"
     with Image.open(PHOTO) as source:
         source.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(friend)
@@ -481,7 +482,12 @@ def test_the_api_and_the_cli_put_two_people_in_one_image(client, tmp_path):
     painted[:, :32] = 255
     Image.fromarray(painted).save(left)
     with pytest.raises(Exception, match="Person 3 has a region but no photo"):
-        call(client, id_image=PHOTO, person_2=[friend], person_3_region=left, seed="5")
+        call(client, id_image=PHOTO, person_2=[friend], person_3_region=left, layout="masks", seed="5")
+    # with 'columns' the page hides the regions, so one left there is not used
+    hidden = call(
+        client, id_image=PHOTO, person_2=[friend], person_2_weight=0.7, person_2_region=left, seed="5"
+    )
+    assert read_image_metadata(hidden.image)["people"] == people
     with pytest.raises(Exception, match="Person 2 has no region"):
         call(client, id_image=PHOTO, person_2=[friend], layout="masks", id_region=left, seed="5")
 
@@ -511,11 +517,13 @@ def test_the_api_and_the_cli_put_two_people_in_one_image(client, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (image,) = masked.glob("*.png")
     assert [p["region"][:7] for p in read_image_metadata(image)["people"]] == ["sha256:", "sha256:"]
+    import generate  # refusals come before any model loads: in this process
+
     too_many = ["--person", str(friend)] * 4
-    refused = run_cli(tmp_path, *flags, "--id_image", str(PHOTO), *too_many, "--out", str(out))
-    assert refused.returncode == 2 and "5 people were given; at most 4" in refused.stderr
-    no_region = run_cli(tmp_path, *flags, *pair, "--layout", "masks", "--out", str(out))
-    assert no_region.returncode == 2 and "Person 1 has no region" in no_region.stderr
+    assert generate.main([*flags, "--id_image", str(PHOTO), *too_many, "--out", str(out)]) == 2
+    assert "5 people were given; at most 4" in capsys.readouterr().err
+    assert generate.main([*flags, *pair, "--layout", "masks", "--out", str(out)]) == 2
+    assert "Person 1 has no region" in capsys.readouterr().err
 
 
 def test_a_mask_painted_in_the_page_is_the_same_mask_as_uploaded(client, tmp_path):
@@ -533,3 +541,26 @@ def test_a_mask_painted_in_the_page_is_the_same_mask_as_uploaded(client, tmp_pat
         call(client, **edit, mask_drawing=layer, mask=mask)
     Image.fromarray(np.zeros((512, 512, 4), np.uint8)).save(layer)  # nothing painted: no mask
     assert "mask" not in read_image_metadata(call(client, **edit, mask_drawing=layer).image)
+
+
+def test_regions_painted_in_the_page_are_the_regions_uploaded(client, tmp_path):
+    from pulid.regions import PALETTE
+
+    friend = tmp_path / "friend.png"
+    with Image.open(PHOTO) as source:
+        source.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(friend)
+    strokes = np.zeros((256, 256, 4), np.uint8)  # red (person 1) on the left, green (person 2) right
+    strokes[:, :120] = (*PALETTE[0], 255)
+    strokes[:, 136:] = (*PALETTE[1], 255)
+    painting, left, right = tmp_path / "painting.png", tmp_path / "left.png", tmp_path / "right.png"
+    Image.fromarray(strokes).save(painting)
+    Image.fromarray((strokes[..., 1] == PALETTE[0][1]).astype(np.uint8) * 255).save(left)
+    Image.fromarray((strokes[..., 1] == PALETTE[1][1]).astype(np.uint8) * 255).save(right)
+    pair = {"id_image": PHOTO, "person_2": [friend], "layout": "masks", "seed": "5"}
+    painted = read_image_metadata(call(client, **pair, region_drawing=painting).image)["people"]
+    uploaded = read_image_metadata(call(client, **pair, id_region=left, person_2_region=right).image)[
+        "people"
+    ]
+    assert painted == uploaded and painted[0]["region"] != painted[1]["region"]
+    with pytest.raises(Exception, match="Person 2 has a painted region and an uploaded one"):
+        call(client, **pair, region_drawing=painting, person_2_region=right)

@@ -224,3 +224,14 @@ def test_two_people_side_by_side_and_regions_shown_for_masks(page):
     page.get_by_label("masks").check()
     page.locator("#id-region").wait_for(state="visible", timeout=10_000)
     assert page.locator("#person-4-region").is_visible()
+    canvas = page.locator("#region-drawing canvas").first  # a blank of the image's shape
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 11):  # the first brush colour, red: person 1's region
+        page.mouse.move(x + 5 * step, y + 8 * step)
+    page.mouse.up()
+    page.locator("#generate").click()  # person 1 has their painted region; person 2 has none
+    page.get_by_text("Person 2 has no region").first.wait_for(timeout=60_000)

@@ -175,23 +175,23 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def test_painted_layers_give_their_opacity_and_their_union_is_the_mask():
     from pulid.request import painted_mask
-    from pulid.uploads import painted_alpha
+    from pulid.uploads import painted_layer
 
     strokes = np.zeros((40, 60, 4), np.uint8)
     strokes[5:15, 10:30] = (255, 255, 255, 255)
     strokes[20:25, 40:50, 3] = 100  # faint: under the 128 that repaints
-    alpha = painted_alpha(png_bytes(strokes), "the drawn mask")
-    assert alpha.shape == (40, 60) and np.array_equal(alpha, strokes[..., 3])
-    other = np.zeros((20, 30), np.uint8)  # another layer at half the size: resized to the first
+    layer = painted_layer(png_bytes(strokes), "the painting")
+    assert np.array_equal(layer, strokes)
+    other = np.zeros((20, 30, 4), np.uint8)  # another layer at half the size: resized to the first
     other[10:20, 0:5] = 255
-    union = painted_mask([alpha, other])
+    union = painted_mask([layer, other])
     assert union[5:15, 10:30].min() == 255 and union[20:40, 0:10].min() == 255
     assert (union >= 128).sum() == 10 * 20 + 20 * 10
-    faint_only = np.zeros((40, 60), np.uint8)
-    faint_only[:5] = 100
+    faint_only = np.zeros((40, 60, 4), np.uint8)
+    faint_only[:5, :, 3] = 100
     assert painted_mask([faint_only]) is None and painted_mask([]) is None
     grey = np.full((8, 8, 3), 200, np.uint8)  # a layer without transparency: its brightest channel
-    assert painted_alpha(png_bytes(grey), "x").min() == 200
+    assert painted_layer(png_bytes(grey), "x")[..., 3].min() == 200
 
 
 def test_painted_layers_are_bounded_before_anything_is_decoded():
@@ -199,7 +199,7 @@ def test_painted_layers_are_bounded_before_anything_is_decoded():
     from pulid.uploads import (
         MAX_CANVAS_LAYERS,
         UploadError,
-        painted_alpha,
+        painted_layer,
         painted_layers,
         store_painted_layer,
     )
@@ -225,9 +225,9 @@ def test_painted_layers_are_bounded_before_anything_is_decoded():
             store_painted_layer(storage, "y", index, blob, keep=2)
     assert "y" not in storage
     with pytest.raises(UploadError, match="Could not read the drawn mask"):
-        painted_alpha(b"not a png", "the drawn mask")
+        painted_layer(b"not a png", "the drawn mask")
     huge = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
     huge[16:24] = (100_000).to_bytes(4, "big") * 2  # the header says 100,000 x 100,000 pixels
     huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")  # with a valid checksum
     with pytest.raises(UploadError, match="megapixels"):
-        painted_alpha(bytes(huge), "the drawn mask")
+        painted_layer(bytes(huge), "the drawn mask")

@@ -66,6 +66,7 @@ def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
         "id_region",
         *people,
         "mask_drawing",
+        "region_drawing",
     ]
     assert people[:3] == ["person_2", "person_2_weight", "person_2_region"] and len(people) == 9
     for setting in SETTINGS:

@@ -139,6 +139,21 @@ def test_a_region_reaching_most_tokens_is_not_gathered_and_gathers_pad_to_the_bu
     assert Identity.within(tokens, 1.0, None).region is None
 
 
+def test_painted_regions_go_to_the_person_of_the_nearest_brush_colour():
+    from pulid.regions import PALETTE, painted_regions
+
+    layer = np.zeros((20, 40, 4), np.uint8)
+    layer[:, :10] = (*PALETTE[0], 255)
+    layer[:, 10:20] = (*(c - 20 for c in PALETTE[2]), 255)  # an anti-aliased blue: still person 3
+    layer[:5, 30:] = (*PALETTE[0], 90)  # faint: nobody's
+    later = np.zeros((20, 40, 4), np.uint8)
+    later[:, 5:10] = (*PALETTE[3], 255)  # painted over person 1's strip: person 4 there
+    regions = painted_regions([layer, later], 4)
+    assert (regions[0] > 0).sum() == 20 * 5 and regions[1] is None
+    assert (regions[2] > 0).sum() == 20 * 10 and (regions[3] > 0).sum() == 20 * 5
+    assert painted_regions([], 2) == [None, None]
+
+
 def test_columns_split_the_image_left_to_right_and_share_split_tokens():
     for count in (2, 3, 4):
         columns = column_regions(count, W, H)
