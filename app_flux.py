@@ -199,10 +199,8 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
     def region_of(number: int, uploaded):
         if not use_regions:
             return None
-        drawn = painted[number - 1]
-        if drawn is not None and uploaded is not None:
-            raise ServiceError(f"Person {number} has a painted region and an uploaded one: keep one.")
-        return drawn if drawn is not None else uploaded
+        refusal = f"Person {number} has a painted region and an uploaded one: keep one."
+        return painted_or_uploaded(painted[number - 1], uploaded, refusal)
 
     id_region = region_of(1, values.pop("id_region", None))
     people = []
@@ -217,6 +215,15 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
             continue
         people.append(PersonUpload(photos, weight if weight is not None else 1.0, region))
     return people, id_region
+
+
+def painted_or_uploaded(painted, uploaded, refusal: str):
+    """What was painted in the page or else what was uploaded; both is refused with ``refusal``."""
+    from pulid.service import ServiceError
+
+    if painted is not None and uploaded is not None:
+        raise ServiceError(refusal)
+    return painted if painted is not None else uploaded
 
 
 def chosen_loras(values: dict) -> list[tuple[str, object]]:
@@ -479,6 +486,8 @@ def create_demo(args: argparse.Namespace, service):
     settings = {s.name: s for s in generation_settings()}
     controls: dict = {}
     brushes = ["#{:02x}{:02x}{:02x}".format(*colour) for colour in PALETTE]
+    # A canvas to paint over a background the app sets: one layer, no upload, no crop or resize.
+    paint_over = dict(type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False)
     faces_dir = Path(tempfile.mkdtemp(prefix="pulid-flux-faces-")) if args.dev else None
 
     async def generate(values: dict, request: gr.Request, progress: gr.Progress):
@@ -489,9 +498,6 @@ def create_demo(args: argparse.Namespace, service):
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         start, mask = values.pop("init_image"), values.pop("mask")
         drawn, painted = values.pop("mask_drawing"), values.pop("region_drawing")
-        if drawn is not None and mask is not None:
-            raise gr.Error("Give one mask: clear the drawing, or remove the uploaded mask.")
-        mask = drawn if drawn is not None else mask
         photos = ([] if photo is None else [photo]) + list(extra or [])
         values["loras"] = chosen_loras(values)
         saved: list[SavedImage] = []
@@ -511,6 +517,9 @@ def create_demo(args: argparse.Namespace, service):
                 progress(done, desc=f"denoising step {info.step + 1}/{info.total}")
 
         try:
+            mask = painted_or_uploaded(
+                drawn, mask, "Give one mask: clear the drawing, or remove the uploaded mask."
+            )
             people, id_region = chosen_people(values, painted)
             generation = service.build_request(None, None, **values)
             visitor = visitor_of(request, args.behind_proxy)
@@ -677,11 +686,7 @@ def create_demo(args: argparse.Namespace, service):
                         )
                     controls["mask_drawing"] = MaskPainting(
                         label="Paint what to repaint (optional)",
-                        type="numpy",
-                        image_mode="RGBA",
-                        sources=(),
-                        transforms=(),
-                        layers=False,
+                        **paint_over,
                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
                         height=320,
                         elem_id="mask-drawing",
@@ -736,11 +741,7 @@ def create_demo(args: argparse.Namespace, service):
                             None, *(settings[side].default for side in ("width", "height"))
                         ),
                         label="Or paint where each stands: red 1, green 2, blue 3, yellow 4",
-                        type="numpy",
-                        image_mode="RGBA",
-                        sources=(),
-                        transforms=(),
-                        layers=False,
+                        **paint_over,
                         brush=gr.Brush(colors=brushes, default_color=brushes[0], color_mode="fixed"),
                         height=360,
                         elem_id="region-drawing",

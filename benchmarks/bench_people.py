@@ -15,6 +15,7 @@ Random weights show the cost, not whether each face lands in its region (image q
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -81,7 +82,7 @@ def measure(pipeline, variants: dict, rounds: int) -> dict[str, list[float]]:
     import torch
 
     for request in variants.values():  # warm-up: compiles, autotunes, fills the ID cache
-        pipeline.generate(type(request)(**{**request.__dict__, "num_steps": 2}))
+        pipeline.generate(dataclasses.replace(request, num_steps=2))
     torch.cuda.synchronize()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):

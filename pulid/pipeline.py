@@ -10,6 +10,7 @@ decoding under bf16 autocast).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -298,9 +299,10 @@ class PuLIDFluxPipeline:
             regions = [token_region(values) for values in drawn]
             for number, region in enumerate(regions, start=1):
                 check_region_area(region, f"Person {number}")
-            if request.layout == "masks" and overlap_share(regions) > 0:
+            overlap = overlap_share(regions) if request.layout == "masks" else 0.0
+            if overlap > 0:
                 notes["regions_overlap"] = (
-                    f"{overlap_share(regions):.0%} of the image is in more than one region: "
+                    f"{overlap:.0%} of the image is in more than one region: "
                     "each of those identities is added there"
                 )
         people = []
@@ -310,7 +312,11 @@ class PuLIDFluxPipeline:
             if region is not None and covers_everything(region):
                 region = None  # the whole image: the single-person computation exactly
             on_device = None if region is None else region.to(self.device, self.dtype)
-            people.append(PersonCondition(embedding, weight, on_device, box))
+            identity = Identity.within(embedding.tokens, weight, on_device)
+            uncond = None
+            if embedding.uncond_tokens is not None:  # the same region and gathered tokens
+                uncond = dataclasses.replace(identity, tokens=embedding.uncond_tokens)
+            people.append(PersonCondition(embedding, identity, uncond, box))
         return people
 
     def region_values(self, request: GenerationRequest, notes: dict[str, str]) -> list[np.ndarray] | None:
@@ -527,14 +533,8 @@ class PuLIDFluxPipeline:
                 inpainting = Inpainting(photo, img, start.mask.expand(batch, -1, -1))
             img = noised(photo, img, timesteps[first])
             timesteps = timesteps[first:]
-        identities = [
-            Identity.within(_batched(p.embedding.tokens, batch), p.weight, p.region) for p in people
-        ]
-        uncond_identities = [
-            Identity.within(_batched(p.embedding.uncond_tokens, batch), p.weight, p.region)
-            for p in people
-            if p.embedding.uncond_tokens is not None
-        ]
+        identities = [_batched_identity(p.identity, batch) for p in people]
+        uncond_identities = [_batched_identity(p.uncond, batch) for p in people if p.uncond is not None]
         return denoise(
             self.flow,
             img,
@@ -556,13 +556,14 @@ class PuLIDFluxPipeline:
 
 @dataclass(frozen=True)
 class PersonCondition:
-    """One person of a request: their ID tokens, ID weight, region at the token grid (1, L, 1) on
-    the pipeline's device (None: every token), and the pixel box (left, top, right, bottom) of
-    that region, where their face is looked for in the result (None: the whole image)."""
+    """One person of a request: their embedding (for the likeness), their identity for the
+    injection (ID tokens, weight and region at the token grid on the pipeline's device, made once
+    per request) and its unconditional twin for true CFG, and the pixel box (left, top, right,
+    bottom) of their region, where their face is looked for in the result (None: the whole image)."""
 
     embedding: IDEmbedding
-    weight: float
-    region: Tensor | None
+    identity: Identity
+    uncond: Identity | None
     box: tuple[int, int, int, int] | None
 
 
@@ -640,6 +641,11 @@ def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, s
 def cache_report(cache: FirstBlockCache, request: GenerationRequest) -> str:
     """ "21 of 28" (steps whose DiT ran in full), for the metadata and the result's text."""
     return f"{cache.full_passes()} of {request.num_steps}"
+
+
+def _batched_identity(identity: Identity, batch: int) -> Identity:
+    """An identity with its tokens for each image of a batch (its region is shared)."""
+    return dataclasses.replace(identity, tokens=_batched(identity.tokens, batch))
 
 
 def _batched(tokens: Tensor, batch: int) -> Tensor:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
 from pulid.settings import InvalidRequestError
+from pulid.uploads import at_first_size
 
 LAYOUTS = ("columns", "masks")
 # The brush colours of the page's region painting, person 1 first: red, green, blue, yellow.
@@ -72,12 +72,9 @@ def painted_regions(layers: list[np.ndarray], count: int) -> list[np.ndarray | N
     ``count`` people, None for a person nobody painted."""
     if not layers:
         return [None] * count
-    height, width = layers[0].shape[:2]
-    owner = np.full((height, width), -1, np.int64)
+    owner = np.full(layers[0].shape[:2], -1, np.int64)
     palette = np.asarray(PALETTE, np.int64)
-    for layer in layers:
-        if layer.shape[:2] != (height, width):
-            layer = np.asarray(Image.fromarray(layer).resize((width, height), Image.Resampling.NEAREST))
+    for layer in at_first_size(layers):
         painted = layer[..., 3] >= 128
         distance = ((layer[..., None, :3].astype(np.int64) - palette) ** 2).sum(axis=-1)
         owner = np.where(painted, distance.argmin(axis=-1), owner)

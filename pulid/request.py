@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from flux.text_encoders import T5_MAX_LENGTHS
 from pulid.limits import (
@@ -30,6 +29,7 @@ from pulid.loras import LoRAChoice
 from pulid.outputs import EXTENSIONS
 from pulid.regions import LAYOUTS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
+from pulid.uploads import at_first_size
 
 MAX_SEED = 2**64 - 1
 OUTPUT_FORMATS = tuple(EXTENSIONS)  # png, jpeg, webp
@@ -415,7 +415,7 @@ def checked_init_image(image: Any) -> np.ndarray | None:
     """``image`` if it is None or an RGB image (H, W, 3) of uint8, else :class:`InvalidRequestError`."""
     if image is None:
         return None
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    if checked_photo(image) is None:
         raise InvalidRequestError(
             "The photo to start from must be an image (an RGB array of height x width x 3 bytes)."
         )
@@ -438,13 +438,7 @@ def painted_mask(layers: list[np.ndarray]) -> np.ndarray | None:
     opacity at the first layer's size; None when nothing is painted (no pixel reaches 128)."""
     if not layers:
         return None
-    height, width = layers[0].shape[:2]
-    union = np.zeros((height, width), np.uint8)
-    for layer in layers:
-        alpha = layer[..., 3]
-        if alpha.shape != (height, width):
-            alpha = np.asarray(Image.fromarray(alpha).resize((width, height), Image.Resampling.NEAREST))
-        np.maximum(union, alpha, out=union)
+    union = np.max([layer[..., 3] for layer in at_first_size(layers)], axis=0)
     return union if (union >= 128).any() else None
 
 
@@ -496,9 +490,7 @@ def check_people(layout: str, people: PeopleToCome) -> None:
     """The people and their regions agree with the layout; :class:`InvalidRequestError` otherwise."""
     if not people.more and not people.first_has_region:
         return  # one person (or nobody): the whole image, as ever
-    total = 1 + len(people.more)
-    if total > MAX_PEOPLE:
-        raise InvalidRequestError(f"{total} people were given; at most {MAX_PEOPLE} can be put in one image.")
+    check_people_count(1 + len(people.more))
     if not people.first_has_photos:
         raise InvalidRequestError(
             "Person 1 has no photo: add their ID photo (several people need a photo of each)."
@@ -521,6 +513,20 @@ def check_people(layout: str, people: PeopleToCome) -> None:
                 )
 
 
+def check_people_count(total: int) -> None:
+    """At most :data:`~pulid.limits.MAX_PEOPLE` people in one image."""
+    if total > MAX_PEOPLE:
+        raise InvalidRequestError(f"{total} people were given; at most {MAX_PEOPLE} can be put in one image.")
+
+
+def check_person_photo_count(number: int, count: int) -> None:
+    """At most the first person's photos (the ID photo and its extras) for any other person."""
+    if count > MAX_EXTRA_PHOTOS + 1:
+        raise InvalidRequestError(
+            f"Person {number} has {count} photos; at most {MAX_EXTRA_PHOTOS + 1} are used: keep the best."
+        )
+
+
 def checked_region(region: Any, who: str) -> np.ndarray | None:
     """A person's region: None, or an image (as :func:`checked_mask` takes) that paints something."""
     if region is None:
@@ -541,10 +547,7 @@ def checked_people(people: Any) -> tuple[Person, ...]:
         return ()
     if not isinstance(people, (list, tuple)):
         raise InvalidRequestError("The other people must be a list of persons (photos, weight, region).")
-    if len(people) > MAX_PEOPLE - 1:
-        raise InvalidRequestError(
-            f"{len(people) + 1} people were given; at most {MAX_PEOPLE} can be put in one image."
-        )
+    check_people_count(1 + len(people))
     out = []
     for number, item in enumerate(people, start=2):
         if isinstance(item, Person):
@@ -555,11 +558,7 @@ def checked_people(people: Any) -> tuple[Person, ...]:
             raise InvalidRequestError(f"Person {number} must be given as (photos, weight, region).")
         if not isinstance(photos, (list, tuple)) or any(checked_photo(p) is None for p in photos):
             raise InvalidRequestError(f"Person {number}'s photos must be a list of RGB images.")
-        if len(photos) > MAX_EXTRA_PHOTOS + 1:
-            raise InvalidRequestError(
-                f"Person {number} has {len(photos)} photos; at most {MAX_EXTRA_PHOTOS + 1} are used: "
-                "keep the best."
-            )
+        check_person_photo_count(number, len(photos))
         out.append(
             Person(tuple(photos), PERSON_WEIGHT.coerce(weight), checked_region(region, f"Person {number}"))
         )

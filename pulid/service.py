@@ -38,6 +38,7 @@ from pulid.request import (
     InvalidRequestError,
     PeopleToCome,
     Person,
+    check_person_photo_count,
     checked_init_image,
     checked_mask,
     checked_people,
@@ -386,6 +387,7 @@ class GenerationService:
             for number, person in enumerate(uploads.people, start=2 + len(request.more_people)):
                 if not isinstance(person, PersonUpload):
                     raise InvalidRequestError(f"Person {number} must be given as a PersonUpload.")
+                check_person_photo_count(number, len(person.photos))
                 people.append(
                     PersonUpload(list(person.photos), PERSON_WEIGHT.coerce(person.weight), person.region)
                 )
@@ -404,12 +406,6 @@ class GenerationService:
             raise ServiceError(str(err)) from None
         self._check_loras(request)
         self._check_photo_count(len(request.id_images) + len(uploads.photos) - 1)
-        for number, person in enumerate(people, start=2 + len(request.more_people)):
-            if len(person.photos) > MAX_EXTRA_PHOTOS + 1:
-                raise ServiceError(
-                    f"Person {number} has {len(person.photos)} photos; at most {MAX_EXTRA_PHOTOS + 1} "
-                    "are used: keep the best."
-                )
         try:
             checked = _Uploads(
                 photos=[self._checked_source(photo) for photo in uploads.photos],

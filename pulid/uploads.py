@@ -149,3 +149,17 @@ def painted_layer(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
             return np.array(image.convert("RGBA"))
         rgb = np.asarray(image.convert("RGB"))
         return np.concatenate([rgb, rgb.max(axis=2, keepdims=True)], axis=2)
+
+
+def at_first_size(layers: list[np.ndarray]) -> list[np.ndarray]:
+    """Painted layers all at the first one's size (nearest-neighbour, so no new colours or
+    opacities appear at stroke edges)."""
+    from PIL import Image
+
+    height, width = layers[0].shape[:2]
+    return [
+        layer
+        if layer.shape[:2] == (height, width)
+        else np.asarray(Image.fromarray(layer).resize((width, height), Image.Resampling.NEAREST))
+        for layer in layers
+    ]

@@ -227,7 +227,7 @@ def test_a_regional_person_leaves_other_regions_alone_in_the_first_block(pipelin
     people = pipeline.people(wanted.checked(), {})
     (person,) = people
     img = torch.randn(1, (H // 16) * (W // 16), pipeline.flow.hidden_size)
-    injection = pipeline.injection([Identity(person.embedding.tokens, person.weight, person.region)])
+    injection = pipeline.injection([person.identity])
     with torch.inference_mode():
         residual = injection.after_double_block(0, img).reshape(H // 16, W // 16, -1)
     assert torch.all(residual[:, W // 32 :] == 0) and torch.all(residual[:, : W // 32].abs().sum(-1) > 0)
