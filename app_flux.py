@@ -887,10 +887,10 @@ def create_demo(args: argparse.Namespace, service):
     return demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
 
 
-def make_service(pipeline, output_dir=None, keep_outputs: int = 0):
+def make_service(pipeline, output_dir=None, keep_outputs: int = 0, runner=None):
     """The service under the app: file inputs are read only from gradio's upload folder, the
     line for the GPU is bounded, per visitor too, and the outputs folder keeps ``keep_outputs``
-    images (0: all)."""
+    images (0: all). ``runner``: where the GPU work runs (default: in this process)."""
     from gradio.utils import get_upload_folder
 
     from pulid.service import GenerationService
@@ -903,6 +903,7 @@ def make_service(pipeline, output_dir=None, keep_outputs: int = 0):
         max_waiting=MAX_QUEUED,
         max_per_client=MAX_QUEUED_PER_VISITOR,
         keep_outputs=keep_outputs,
+        runner=runner,
     )
 
 
@@ -941,13 +942,24 @@ def _session(request) -> str:
 
 
 def configure_space() -> None:
-    """On a Hugging Face Space: keep downloads on the persistent disk when there is one."""
-    if IN_SPACE and Path("/data").is_dir() and "HF_HOME" not in os.environ:
+    """On a Hugging Face Space: keep downloads on the persistent disk when there is one, unless
+    the build already put the weights in the default cache (README's ``preload_from_hub``)."""
+    if IN_SPACE and Path("/data").is_dir() and "HF_HOME" not in os.environ and not preloaded():
         os.environ["HF_HOME"] = "/data/.huggingface"
         logger.info("Space with persistent storage: caching weights in %s", os.environ["HF_HOME"])
 
 
+def preloaded() -> bool:
+    """Whether the Space's build downloaded FLUX.1-dev into the default Hugging Face cache."""
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / "models--black-forest-labs--FLUX.1-dev").is_dir()
+
+
 def main(argv: list[str] | None = None) -> None:
+    # First: on ZeroGPU, importing ``spaces`` patches torch before anything starts CUDA.
+    from pulid.zerogpu import ON_ZERO_GPU, ZeroGPURunner, check_flags
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Before CUDA starts: keeps the allocator's reserved memory near what is in use, which the
     # memory budgets count on (measured in BENCHMARKS.md).
@@ -956,8 +968,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
-    pipeline = load_or_exit(args)
-    demo = create_demo(args, make_service(pipeline, args.outputs_dir, args.keep_outputs))
+    if ON_ZERO_GPU:
+        if problems := check_flags(args):
+            raise SystemExit("\nCannot start on ZeroGPU:\n- " + "\n- ".join(problems) + "\n")
+        args.onnx_provider = "cpu"  # the app process has no GPU; the face stage is small (BENCHMARKS.md)
+    pipeline = load_or_exit(args)  # on ZeroGPU: placed on cuda now, moved into each GPU worker by spaces
+    runner = ZeroGPURunner(pipeline) if ON_ZERO_GPU else None
+    demo = create_demo(args, make_service(pipeline, args.outputs_dir, args.keep_outputs, runner))
     launch(demo, args)
 
 

@@ -154,13 +154,14 @@ class TextConditioning:
 
 @dataclass
 class StepInfo:
-    """What a per-step callback gets: 0-based ``step`` of ``total``, and the latents after it."""
+    """What a per-step callback gets: 0-based ``step`` of ``total``, and the latents after it
+    (None once the step is reported to another process, where they stay behind)."""
 
     step: int
     total: int
     t_curr: float
     t_prev: float
-    latents: Tensor
+    latents: Tensor | None
 
 
 class GenerationCancelled(Exception):

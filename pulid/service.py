@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -226,6 +227,43 @@ class ServiceResult:
 Progress = Callable[[StepInfo | str | SavedImage], None]  # steps, stage names, and each saved image
 
 
+class Runner(Protocol):
+    """Where a request's GPU work runs: in this process (:class:`LocalRunner`) or in a ZeroGPU
+    worker (:class:`pulid.zerogpu.ZeroGPURunner`)."""
+
+    def admit(self, request: GenerationRequest) -> None:
+        """Raise :class:`~pulid.request.InvalidRequestError` for a request this runner cannot take."""
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        report: Callable[[StepInfo | str], None],
+        on_image: Callable[[GeneratedImage], None],
+    ) -> list[np.ndarray]:
+        """Generate, handing each finished image to ``on_image``; returns the ``--dev`` face crops.
+        ``report`` gets each step and stage name and may raise
+        :class:`~flux.sampling.GenerationCancelled` to stop."""
+
+
+class LocalRunner:
+    """Runs generations on a pipeline of this process."""
+
+    def __init__(self, pipeline: PuLIDFluxPipeline):
+        self.pipeline = pipeline
+
+    def admit(self, request: GenerationRequest) -> None:
+        pass
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        report: Callable[[StepInfo | str], None],
+        on_image: Callable[[GeneratedImage], None],
+    ) -> list[np.ndarray]:
+        result = self.pipeline.generate(request, callback=report, on_stage=report, on_image=on_image)
+        return result.debug_images
+
+
 def trim_host_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise, after a large photo)."""
     if sys.platform.startswith("linux"):
@@ -249,14 +287,17 @@ class GenerationService:
         max_per_client: int | None = None,
         keep_outputs: int = 0,
         listed_loras_only: bool = False,
+        runner: Runner | None = None,
     ):
         """``upload_roots``: the only folders file inputs may come from (the app passes gradio's
         upload cache); ``None`` accepts any regular file (local use). ``keep_outputs``: how many
         images the output folder keeps, the newest (0: all). ``listed_loras_only``: requests may
         name only the LoRAs :meth:`lora_names` lists (the app's rule: no server paths, no
-        arbitrary downloads)."""
+        arbitrary downloads). ``runner``: where the GPU work runs (default: :class:`LocalRunner` on
+        ``pipeline``)."""
         self.listed_loras_only = listed_loras_only
         self.pipeline = pipeline
+        self.runner = runner if runner is not None else LocalRunner(pipeline)
         self.keep_outputs = keep_outputs
         self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="pulid-flux-outputs-"))
@@ -402,6 +443,7 @@ class GenerationService:
                 mask_to_come=uploads.mask is not None,
                 people_to_come=to_come,
             )
+            self.runner.admit(request)
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
         self._check_loras(request)
@@ -466,7 +508,7 @@ class GenerationService:
             self._line.wait_turn(ticket, report)
             report("starting")  # a job cancelled just as its turn came stops here
             request = self._with_uploads(request, uploads)
-            result = self.pipeline.generate(request, callback=report, on_stage=report, on_image=save)
+            debug_images = self.runner.generate(request, report, save)
         except GenerationCancelled:
             raise Cancelled(saved) from None
         except PuLIDError as err:  # no face, unreadable image: the message is for the user
@@ -485,7 +527,7 @@ class GenerationService:
                 if not flags:
                     self._active.pop(session, None)
             trim_host_memory()
-        return ServiceResult(images=saved, debug_images=result.debug_images)
+        return ServiceResult(images=saved, debug_images=debug_images)
 
     def _with_uploads(self, request: GenerationRequest, uploads: _Uploads) -> GenerationRequest:
         """The request with its uploaded files decoded and attached (each checked as it would be

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from pulid.catalogue import CATALOGUE, markdown_table
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README_PATH = Path(__file__).resolve().parent.parent / "README.md"
+README = README_PATH.read_text()
 
 
 def test_quick_start_commands():
@@ -19,6 +20,28 @@ def test_quick_start_commands():
 def test_space_front_matter():
     front = README.split("---")[1]
     assert re.search(r"^sdk: gradio$", front, re.M) and re.search(r"^app_file: app_flux.py$", front, re.M)
+
+
+def test_the_space_preloads_every_file_the_default_app_loads():
+    """``preload_from_hub`` (downloaded at the Space's build) and ``models`` are the catalogue's
+    files for the app's default flags, repository by repository, so no request waits for one."""
+    import yaml
+
+    from pulid.catalogue import DEFAULT_VERSION, required_weights
+
+    front = yaml.safe_load(README.split("---")[1])
+    needed: dict[str, set[str]] = {}
+    for entry in required_weights("flux-dev", DEFAULT_VERSION, None, {}).values():
+        needed.setdefault(entry.weights.repo_id, set()).update(entry.weights.files)
+    preloaded = {}
+    for line in front["preload_from_hub"]:
+        repo, files = line.split(" ")
+        preloaded[repo] = set(files.split(","))
+    assert preloaded == needed
+    assert set(front["models"]) == set(needed)
+    assert front["suggested_hardware"] == "zero-a10g"  # the flavour name of ZeroGPU Spaces
+    assert front["license"] == "apache-2.0"
+    assert "Apache License" in (README_PATH.parent / "LICENSE").read_text()
 
 
 def test_the_weights_table_is_the_catalogue():

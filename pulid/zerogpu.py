@@ -1,0 +1,214 @@
+"""Generations on a ZeroGPU Space: the GPU work as a function of plain data that ``spaces.GPU`` runs.
+
+On ZeroGPU (``SPACES_ZERO_GPU`` set by Hugging Face) the app process has no GPU. The models are
+placed on ``cuda`` at start-up as usual: ``spaces`` keeps them in host memory and moves them into a
+worker process that it forks for each GPU slice it grants. Every call of a ``spaces.GPU`` function
+runs in that worker, so:
+
+- its arguments and what it yields are pickled between the processes: the request (its photos
+  decoded), then steps, stage names and finished images; no callbacks cross, and the service's
+  line, cancel flags and output folder stay in the app process;
+- the worker reads the pipeline from this module (:func:`use_pipeline`, called before the first
+  request; a forked worker inherits it);
+- the slice is booked for :func:`gpu_seconds` of the request, estimated from its steps, size, true
+  CFG and number of images; a request that could not finish within :data:`MAX_GPU_SECONDS` is
+  refused before it is queued;
+- closing the generator (a cancel) makes ``spaces`` close it in the worker, which stops the
+  generation at its next step or decoder block;
+- an error other than ``gradio.Error`` reaches the app only as its class name, so expected
+  failures travel as a :class:`Failed` event with their message for the user.
+
+Outside a Space, ``spaces.GPU`` returns the function unchanged and :class:`ZeroGPURunner` runs it
+in the calling process: the same code, the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+try:  # first: on ZeroGPU, ``spaces`` must patch torch before CUDA is touched
+    import spaces
+except ImportError:  # a local install without it: nothing to schedule
+    spaces = None
+
+import numpy as np
+import torch
+
+from flux.sampling import GenerationCancelled, StepInfo
+from pulid.errors import PuLIDError
+from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
+from pulid.request import GenerationRequest, InvalidRequestError
+
+ON_ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")  # as spaces reads it
+
+# The estimate of a request's GPU time, from BENCHMARKS.md (resident bf16, eager, H200: 174 ms per
+# DiT step at 896x1152 = 4,032 image tokens, 5.4 s per 28-step image). A ZeroGPU "large" slice is
+# an H200 MIG 3g.71gb, 60 of the H200's 132 multiprocessors (spaces 0.51's defaults), so the step
+# and decode figures are those times 2.2; the fixed part covers a worker's start, moving the
+# weights in, and the text and ID stages. torch.compile is not available there: eager figures.
+REFERENCE_TOKENS = 4032
+STEP_SECONDS = 0.40  # one DiT pass at REFERENCE_TOKENS image tokens
+DECODE_SECONDS = 0.5  # one decode (and likeness check) at that size
+FIXED_SECONDS = 20.0
+MARGIN = 1.25  # booked over the estimate, so a slow call is not cut off at its last step
+MAX_GPU_SECONDS = 300  # the longest slice a request may ask for; larger ones are refused at once
+JOIN_SECONDS = 30.0  # how long a cancelled generation may take to reach its next step or block
+
+
+def gpu_seconds(request: GenerationRequest) -> int:
+    """The seconds of GPU to book for ``request``: DiT passes scaled by image tokens (attention
+    grows faster than the rest), decodes per image, and the fixed stages, with a margin."""
+    tokens = (request.width // 16) * (request.height // 16)
+    ratio = tokens / REFERENCE_TOKENS
+    per_pass = STEP_SECONDS * ratio * (0.85 + 0.15 * ratio)  # attention is about 15% of a step here
+    passes = request.num_steps * (2 if request.uses_true_cfg else 1) * request.num_images
+    decodes = DECODE_SECONDS * ratio * request.num_images
+    return int(np.ceil(MARGIN * (FIXED_SECONDS + passes * per_pass + decodes)))
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a generation: the face crops the ``--dev`` view shows."""
+
+    debug_images: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An expected failure (no face, a bad request, out of GPU memory), with its message."""
+
+    message: str
+
+
+Event = StepInfo | str | GeneratedImage | Finished | Failed
+
+_pipeline: PuLIDFluxPipeline | None = None
+
+
+def use_pipeline(pipeline: PuLIDFluxPipeline) -> None:
+    """The pipeline the GPU function runs (set in the app process before any request)."""
+    global _pipeline
+    _pipeline = pipeline
+
+
+def _generate(request: GenerationRequest) -> Iterator[Event]:
+    """The GPU work of one request, as picklable events (see the module's docstring).
+
+    The generation runs in a thread of its own so that its callbacks become yields; closing this
+    generator sets its cancel flag and waits for it to stop.
+    """
+    from pulid.service import OOM_MESSAGE, GenerationService
+
+    if _pipeline is None:
+        raise RuntimeError("pulid.zerogpu.use_pipeline was not called before the first request")
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    done = object()
+
+    def report(event) -> None:
+        if cancel.is_set():
+            raise GenerationCancelled
+        events.put(event)
+
+    def work() -> None:
+        try:
+            result = _pipeline.generate(
+                request,
+                callback=lambda info: report(replace(info, latents=None)),
+                on_stage=report,
+                on_image=lambda image: report(replace(image, latents=image.latents.cpu())),
+            )
+            events.put(Finished(result.debug_images))
+        except GenerationCancelled:
+            pass
+        except (PuLIDError, InvalidRequestError) as err:
+            events.put(Failed(getattr(err, "user_message", str(err))))
+        except torch.OutOfMemoryError:
+            GenerationService.release_memory()
+            events.put(Failed(OOM_MESSAGE))
+        except BaseException as err:  # noqa: BLE001 - a bug: raised again in this generator
+            events.put(err)
+        finally:
+            events.put(done)
+
+    thread = threading.Thread(target=work, name="zerogpu-generation", daemon=True)
+    thread.start()
+    try:
+        while (event := events.get()) is not done:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        cancel.set()
+        thread.join(JOIN_SECONDS)
+
+
+generate_on_gpu = _generate if spaces is None else spaces.GPU(_generate, duration=gpu_seconds)
+
+
+def check_flags(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the app's flags for a ZeroGPU Space, each with what to do instead
+    (empty: nothing). The models must be placed on the one GPU at start-up: ``spaces`` moves all of
+    them into each worker, so memory modes would only slow every call down."""
+    problems = []
+    if args.offload or args.aggressive_offload or args.vram_budget is not None:
+        problems.append(
+            "--offload, --aggressive_offload and --vram_budget do nothing useful on ZeroGPU, whose "
+            "slice (about 70 GB) holds the whole app: remove them from PULID_FLUX_ARGS."
+        )
+    if args.device not in (None, "cuda", "cuda:0"):
+        problems.append(f"--device {args.device}: a ZeroGPU Space has one GPU, cuda: remove --device.")
+    if args.compile:
+        problems.append(
+            "--compile: ZeroGPU cannot run torch.compile at request time; remove it (the eager "
+            "figures are in BENCHMARKS.md)."
+        )
+    if args.preset is not None:
+        problems.append(f"--preset {args.preset} runs on the CPU: remove it on a ZeroGPU Space.")
+    return problems
+
+
+class ZeroGPURunner:
+    """Runs the service's generations through :data:`generate_on_gpu` (see the module's docstring)."""
+
+    def __init__(self, pipeline: PuLIDFluxPipeline, max_seconds: int = MAX_GPU_SECONDS):
+        use_pipeline(pipeline)
+        self.max_seconds = max_seconds
+
+    def admit(self, request: GenerationRequest) -> None:
+        """Refuse a request whose GPU slice would be longer than a ZeroGPU call may be."""
+        seconds = gpu_seconds(request)
+        if seconds > self.max_seconds:
+            raise InvalidRequestError(
+                f"This request would need about {seconds} s of GPU time and a ZeroGPU call may take "
+                f"at most {self.max_seconds} s: use fewer steps or images, a smaller size, or true "
+                "CFG scale 1."
+            )
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        report: Callable[[StepInfo | str], None],
+        on_image: Callable[[GeneratedImage], None],
+    ) -> list[np.ndarray]:
+        """The request's images, each handed to ``on_image``; returns the face crops. ``report``
+        may raise :class:`~flux.sampling.GenerationCancelled`, which closes the GPU call."""
+        events = generate_on_gpu(request)
+        try:
+            for event in events:
+                if isinstance(event, GeneratedImage):
+                    on_image(event)
+                elif isinstance(event, Finished):
+                    return event.debug_images
+                elif isinstance(event, Failed):
+                    raise InvalidRequestError(event.message)
+                else:
+                    report(event)
+        finally:
+            events.close()
+        raise RuntimeError("the GPU call ended without its images")
