@@ -144,7 +144,7 @@ def apply_mode(pipeline, mode: str) -> None:
 
         torch.cuda.empty_cache()
         policy = MemoryPolicy(vram_budget_gb=budget, offload=offload or aggressive, aggressive=aggressive)
-        place_pipeline(pipeline, policy, "cuda")
+        place_pipeline(pipeline, policy)
         print(str(pipeline.placement.plan), flush=True)
         if compiled:
             compile_repeated_blocks(pipeline.flow)

@@ -212,7 +212,7 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
 
         compile_repeated_blocks(flow)
         compile_blocks(pulid.pulid_ca)
-    place_pipeline(pipeline, MemoryPolicy(vram_budget_gb=budget), "cuda")
+    place_pipeline(pipeline, MemoryPolicy(vram_budget_gb=budget))
     ready_s = time.perf_counter() - t0
     anon_peak_loading = anon.stop()
     anon = AnonPeak()

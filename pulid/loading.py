@@ -31,7 +31,8 @@ from flux.hub import (
 )
 from flux.loading import load_autoencoder, load_flow_model, open_dit_file, single_file_format
 from flux.lora import LoRAAdapters
-from flux.offload import MemoryPolicy, PipelinePlacement, measure
+from flux.offload import MemoryPlan, MemoryPolicy, PipelinePlacement, measure
+from flux.offload.device_map import DeviceMap, check_device_map
 from flux.registry import get_model_spec
 from flux.text_encoders import (
     encoder_file_format,
@@ -215,8 +216,10 @@ def load_pipeline(
     dit: str | None = None,
     t5: str | None = None,
     clip: str | None = None,
+    devices: str | None = None,
 ) -> PuLIDFluxPipeline:
-    """The whole stack on ``device`` (default: the first CUDA GPU, else the CPU).
+    """The whole stack on ``device`` (default: the first CUDA GPU, else the CPU), or its stages
+    spread over several devices by ``devices`` (``--devices``, :class:`~flux.offload.DeviceMap`).
 
     ``dit``, ``t5``, ``clip``: single files instead of the official ones, as a catalogue name
     (:data:`pulid.catalogue.DIT_FILES`, ``T5_FILES``, ``CLIP_FILES``) or a path: GGUF files keep
@@ -231,18 +234,30 @@ def load_pipeline(
     Memory: with a placed ``memory`` policy (a VRAM budget, offload, aggressive offload) the weights
     load into host memory and a :class:`~flux.offload.PipelinePlacement` moves them (or streams
     the DiT's and T5's blocks) to ``device`` stage by stage, within the plan the policy makes from
-    the pipeline's declared components; the plan is logged as a table.
+    the pipeline's declared components; the plan is logged as a table. With ``devices``, each
+    device has its own plan (a budget is per GPU), and a map this machine cannot honour (a missing
+    device, a GPU with less free memory than its plan's peak) is refused before anything loads.
     """
     memory = memory or MemoryPolicy()
-    device = resolve_device(device)
-    fp8 = resolve_fp8_mode(fp8, device)
-    memory.check_device(device)
     spec = get_model_spec(model_name)
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
     files = {"dit": dit, "t5": t5, "clip": clip}
-    entries = required_weights(model_name, version, fp8, files)
     single = dit is not None or t5 is not None
-    if memory.placed and not single:  # a budget that cannot be met fails now, not after loading 36 GB
+    device_map = None
+    if devices is not None:
+        if device is not None:
+            raise HardwareError(
+                "--device and --devices both given: --devices places every stage, drop --device"
+            )
+        device_map = DeviceMap.parse(devices, STAGES)
+        if not single:
+            check_device_map(device_map, device_plans(device_map, memory, meta_pipeline(model_name, fp8)))
+        device = device_map.device_of("denoise")
+    device = resolve_device(device)
+    fp8 = resolve_fp8_mode(fp8, device)
+    memory.check_device(device)
+    entries = required_weights(model_name, version, fp8, files)
+    if memory.placed and not single and device_map is None:  # fails now, not after loading 36 GB
         memory.plan(measure(meta_pipeline(model_name, fp8).components()), STAGES, plan_counts())
     explicit = {
         SINGLE_FILE_ROLES[kind]: value for kind, value in files.items() if is_path_choice(kind, value)
@@ -258,38 +273,54 @@ def load_pipeline(
         planned = {
             SINGLE_FILE_ROLES[k]: paths[SINGLE_FILE_ROLES[k]] for k in ("dit", "t5") if files[k] is not None
         }
-        memory.plan(measure(meta_pipeline(model_name, fp8, planned).components()), STAGES, plan_counts())
+        planned_pipeline = meta_pipeline(model_name, fp8, planned)
+        if device_map is not None:
+            check_device_map(device_map, device_plans(device_map, memory, planned_pipeline))
+        else:
+            memory.plan(measure(planned_pipeline.components()), STAGES, plan_counts())
 
     from pulid.face_analysis import load_face_analyzer
 
-    weights_device = "cpu" if memory.placed else device
+    device_map = device_map or DeviceMap.single(device, STAGES)
+
+    def weights_on(stage: str) -> torch.device:
+        """Where a stage's weights load: the host under a memory placement, else its device."""
+        return torch.device("cpu") if memory.placed else device_map.device_of(stage)
+
     logger.info("Loading PuLID-FLUX (%s, PuLID %s) for %s", model_name, version, describe(device))
+    if len(device_map.devices) > 1:
+        logger.info("Stages by device: %s", device_map)
+    id_device = device_map.device_of("id")
     face_analysis = load_face_analyzer(
-        {role: paths[role] for role in FACE_MODEL_ROLES}, onnx_provider=onnx_provider, device=device
+        {role: paths[role] for role in FACE_MODEL_ROLES}, onnx_provider=onnx_provider, device=id_device
     )
+    text_weights = weights_on("text")
     if t5 is not None:
-        t5_encoder = load_t5_file(paths["t5"], paths["t5_tokenizer"], weights_device, dtype, max_length=512)
+        t5_encoder = load_t5_file(paths["t5"], paths["t5_tokenizer"], text_weights, dtype, max_length=512)
     else:
-        t5_encoder = load_t5(paths["t5"], weights_device, dtype, max_length=512)
+        t5_encoder = load_t5(paths["t5"], text_weights, dtype, max_length=512)
     if clip is not None:
-        clip_encoder = load_clip_file(paths["clip"], paths["clip_tokenizer"], weights_device, dtype)
+        clip_encoder = load_clip_file(paths["clip"], paths["clip_tokenizer"], text_weights, dtype)
     else:
-        clip_encoder = load_clip(paths["clip"], weights_device, dtype)
+        clip_encoder = load_clip(paths["clip"], text_weights, dtype)
     if dit is not None:
         dit_file = open_dit_file(paths["flow"])
         fmt = single_file_format(dit_file, device)
-        flow = load_flow_model(dit_file, spec.params, weights_device, dtype, fmt=fmt)
+        flow = load_flow_model(dit_file, spec.params, weights_on("denoise"), dtype, fmt=fmt)
     else:
-        flow = load_flow_model(paths["flow"], spec.params, weights_device, dtype, fmt=_dit_format(fp8, paths))
-    ae = load_autoencoder(paths["ae"], spec.ae_params, weights_device)
+        flow = load_flow_model(
+            paths["flow"], spec.params, weights_on("denoise"), dtype, fmt=_dit_format(fp8, paths)
+        )
+    ae = load_autoencoder(paths["ae"], spec.ae_params, weights_on("decode"))
     pulid = load_pulid_weights(
         paths["pulid"],
-        device=weights_device,
+        device=weights_on("denoise"),
         dtype=dtype,
         num_ca=num_pulid_ca(spec.params.depth, spec.params.depth_single_blocks),
     )
-    eva = load_eva_clip(paths["eva"], weights_device, dtype)
-    id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, device, dtype)
+    pulid.pulid_encoder.to(weights_on("id"))  # the IDFormer runs in the ID stage, the CAs while denoising
+    eva = load_eva_clip(paths["eva"], weights_on("id"), dtype)
+    id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, id_device, dtype)
     # LoRA slots before compilation: torch.compile ignores hooks added after it has traced a block.
     lora_adapters = LoRAAdapters(flow, device, dtype)
     if compiled:
@@ -320,9 +351,10 @@ def load_pipeline(
         lora_library=LoRALibrary(
             models_dir / "loras", lora_adapters.targets, models_dir=models_dir, allow_download=allow_download
         ),
+        device_map=device_map,
     )
     if memory.placed:
-        place_pipeline(pipeline, memory, device)
+        place_pipeline(pipeline, memory)
     return pipeline
 
 
@@ -340,15 +372,37 @@ def _dit_format(fp8: str | None, paths: Mapping[str, Path]):
     return PLAIN
 
 
-def place_pipeline(
-    pipeline: PuLIDFluxPipeline,
+def device_plans(
+    device_map: DeviceMap,
     memory: MemoryPolicy,
-    device: torch.device | str,
+    pipeline: PuLIDFluxPipeline,
     request: GenerationRequest | None = None,
+) -> dict[torch.device, MemoryPlan]:
+    """Each device's memory plan over its own stages and components (``pipeline`` may be the meta
+    one: only sizes are read)."""
+    parts = device_map.split(measure(pipeline.components()), pipeline.stages)
+    return {
+        device: memory.plan(sizes, stages, plan_counts(request)) for device, (sizes, stages) in parts.items()
+    }
+
+
+def place_pipeline(
+    pipeline: PuLIDFluxPipeline, memory: MemoryPolicy, request: GenerationRequest | None = None
 ) -> PipelinePlacement:
-    """Wrap the pipeline's host-resident models in the placement the policy plans for them."""
+    """Wrap the pipeline's host-resident models in the placement the policy plans for them: one
+    placement per GPU of its device map. Returns the denoising device's placement."""
+    device_map = pipeline.device_map
     components = pipeline.components()
-    plan = memory.plan(measure(components), pipeline.stages, plan_counts(request))
-    logger.info("Memory plan (%s):\n%s", memory.describe(), plan)
-    pipeline.placement = PipelinePlacement(components, pipeline.stages, plan, device).attach()
+    parts = device_map.split(measure(components), pipeline.stages)
+    for where, (sizes, stages) in parts.items():
+        if where.type != "cuda":  # host memory is not planned: those stages stay where they loaded
+            continue
+        names = {size.name for size in sizes}
+        plan = memory.plan(sizes, stages, plan_counts(request))
+        logger.info("Memory plan for %s (%s):\n%s", where, memory.describe(), plan)
+        mine = [component for component in components if component.name in names]
+        placement = PipelinePlacement(mine, stages, plan, where).attach()
+        pipeline.placements.append(placement)
+        if where == pipeline.device:
+            pipeline.placement = placement
     return pipeline.placement

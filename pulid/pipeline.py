@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from flux.autoencoder import AttnBlock, AutoEncoder, ResnetBlock
 from flux.lora import ActiveLoRA, LoRAAdapters, LoRAError, LoRAFile
 from flux.model import Flux
+from flux.offload.device_map import DeviceMap
 from flux.offload.structure import Component, Stage
 from flux.repeated import block_modules
 from flux.sampling import (
@@ -138,7 +139,11 @@ class PuLIDFluxPipeline:
         info: dict | None = None,
         lora_adapters: LoRAAdapters | None = None,
         lora_library: LoRALibrary | None = None,
+        device_map: DeviceMap | None = None,
     ):
+        """``device``: where the DiT denoises. ``device_map``: the device of each stage when they
+        are not all on ``device`` (:mod:`flux.offload.device_map`); each stage's results move to
+        the next stage's device once."""
         self.flow = flow
         self.ae = ae
         self.t5 = t5
@@ -146,6 +151,11 @@ class PuLIDFluxPipeline:
         self.pulid_ca = pulid_ca
         self.id_encoder = id_encoder
         self.device = torch.device(device)
+        self.device_map = device_map or DeviceMap.single(self.device, self.stages)
+        if self.device_map.device_of("denoise") != self.device:
+            raise ValueError(
+                f"the device map denoises on {self.device_map.device_of('denoise')}, not {device}"
+            )
         self.dtype = dtype
         self.info = dict(info or {})
         # LoRA slots wrapping the DiT (installed by the loader, before any compilation) and where
@@ -156,8 +166,10 @@ class PuLIDFluxPipeline:
         # keeps every layer on the side path. Memory placements never merge.
         self.lora_merge = True
         # A memory placement (flux.offload) wrapping these models, when one is used; kept here so
-        # it lives as long as the pipeline. The pipeline itself never moves weights.
+        # it lives as long as the pipeline. The pipeline itself never moves weights. With several
+        # devices, ``placement`` is the denoising device's and ``placements`` holds every one.
         self.placement = None
+        self.placements: list = []
 
     def components(self) -> list[Component]:
         """The models by stage, for memory placement: what runs when, and what may stream.
@@ -200,14 +212,15 @@ class PuLIDFluxPipeline:
         ``on_block("decoding")`` runs before each of the decoder's blocks (hooks that live only for
         this call), so a large decode can be cancelled between them.
         """
-        unpacked = unpack(latents.float(), height, width)
+        device = self.device_map.device_of("decode")
+        unpacked = unpack(latents.float(), height, width).to(device)
         low_precision = self.dtype != torch.float32
         hooks = []
         if on_block is not None:
             blocks = [m for m in self.ae.decoder.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
             hooks = [block.register_forward_pre_hook(lambda *_: on_block("decoding")) for block in blocks]
         try:
-            with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
+            with torch.autocast(device_type=device.type, dtype=self.dtype, enabled=low_precision):
                 decoded = self.ae.decode(unpacked)
         finally:
             for hook in hooks:
@@ -218,13 +231,15 @@ class PuLIDFluxPipeline:
     def encode_image(self, image: np.ndarray) -> Tensor:
         """An RGB photo (already the image's size) -> the autoencoder's latents (1, 16, H/8, W/8):
         the posterior's mean, so the same photo and seed give the same image. Under autocast to
-        the pipeline's dtype, as decoding runs; the latents come back in that dtype."""
+        the pipeline's dtype, as decoding runs; the latents come back in that dtype, on the
+        denoising device."""
+        device = self.device_map.device_of("decode")  # the autoencoder's
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
-        x = pixels.to(self.device, torch.float32) / 127.5 - 1.0
+        x = pixels.to(device, torch.float32) / 127.5 - 1.0
         low_precision = self.dtype != torch.float32
-        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=low_precision):
+        with torch.autocast(device_type=device.type, dtype=self.dtype, enabled=low_precision):
             latents = self.ae.encode(x, mean=True)
-        return latents.to(self.dtype)
+        return latents.to(self.device, self.dtype)
 
     def start_image(self, request: GenerationRequest) -> tuple[StartImage, dict[str, str]]:
         """The request's photo to start from, encoded, and what of it to repaint at the latents'
@@ -312,10 +327,10 @@ class PuLIDFluxPipeline:
             if region is not None and covers_everything(region):
                 region = None  # the whole image: the single-person computation exactly
             on_device = None if region is None else region.to(self.device, self.dtype)
-            identity = Identity.within(embedding.tokens, weight, on_device)
+            identity = Identity.within(embedding.tokens.to(self.device), weight, on_device)
             uncond = None
             if embedding.uncond_tokens is not None:  # the same region and gathered tokens
-                uncond = dataclasses.replace(identity, tokens=embedding.uncond_tokens)
+                uncond = dataclasses.replace(identity, tokens=embedding.uncond_tokens.to(self.device))
             people.append(PersonCondition(embedding, identity, uncond, box))
         return people
 

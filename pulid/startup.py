@@ -59,6 +59,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="torch device for the models (default: cuda if present)"
     )
     parser.add_argument(
+        "--devices",
+        default=None,
+        metavar="DEVICES",
+        help="several GPUs: 'cuda:0,cuda:1' puts the DiT on the first and the text encoders, the ID "
+        "path and the autoencoder on the second; or a map by stage, 'denoise=cuda:0,text=cuda:1,"
+        "id=cuda:1,decode=cuda:1' (a stage left out goes with denoise). Memory flags apply per GPU",
+    )
+    parser.add_argument(
         "--offload", action="store_true", help="keep each model on the GPU only while it is used"
     )
     parser.add_argument(
@@ -150,6 +158,7 @@ def build_pipeline(args: argparse.Namespace):
         dit=args.dit,
         t5=args.t5,
         clip=args.clip,
+        devices=args.devices,
     )
 
 

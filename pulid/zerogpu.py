@@ -161,8 +161,9 @@ def check_flags(args: argparse.Namespace) -> list[str]:
             "--offload, --aggressive_offload and --vram_budget do nothing useful on ZeroGPU, whose "
             "slice (about 70 GB) holds the whole app: remove them from PULID_FLUX_ARGS."
         )
-    if args.device not in (None, "cuda", "cuda:0"):
-        problems.append(f"--device {args.device}: a ZeroGPU Space has one GPU, cuda: remove --device.")
+    if args.device not in (None, "cuda", "cuda:0") or args.devices is not None:
+        given = f"--devices {args.devices}" if args.devices is not None else f"--device {args.device}"
+        problems.append(f"{given}: a ZeroGPU Space has one GPU, cuda: remove it.")
     if args.compile:
         problems.append(
             "--compile: ZeroGPU cannot run torch.compile at request time; remove it (the eager "
