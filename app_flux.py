@@ -974,8 +974,19 @@ def main(argv: list[str] | None = None) -> None:
         args.onnx_provider = "cpu"  # the app process has no GPU; the face stage is small (BENCHMARKS.md)
     pipeline = load_or_exit(args)  # on ZeroGPU: placed on cuda now, moved into each GPU worker by spaces
     runner = ZeroGPURunner(pipeline) if ON_ZERO_GPU else None
+    if args.sequence_parallel:  # torchrun: rank 0 serves and shares each request with the others
+        from pulid.ranks import SequenceParallelRunner, follow, leads
+
+        if not leads():
+            follow(pipeline)
+            return
+        runner = SequenceParallelRunner(pipeline)
     demo = create_demo(args, make_service(pipeline, args.outputs_dir, args.keep_outputs, runner))
-    launch(demo, args)
+    try:
+        launch(demo, args)
+    finally:
+        if args.sequence_parallel:
+            runner.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
     python generate.py --id_image me.jpg --prompt "..." --lora my-style.safetensors:0.8 \\
         --lora owner/repo/other.safetensors:0.5        # models/loras/, a path, or the hub
 
+    torchrun --nproc-per-node 2 generate.py --sequence_parallel --id_image me.jpg --prompt "..."
+
 Every (prompt, seed) pair becomes ``--num_images`` images (seeds seed, seed+1, ...) in ``--out``
 with the settings in their metadata; each line printed gives the file, the seed and the face
 similarity (see pulid/similarity.py). Models load once for the whole batch. Prompts can also come
@@ -208,14 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     if not photos:
         print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)
     pipeline = load_or_exit(args)
+    from pulid.ranks import leads
+
+    writes = leads()  # under torchrun --sequence_parallel every rank runs the batch; rank 0 writes it
     failures, saved = 0, 0
     for index, request in enumerate(args.requests):
         label = f"image {index + 1}/{len(args.requests)}"
         try:
-            result = pipeline.generate(request, callback=progress_bar(label))
+            result = pipeline.generate(request, callback=progress_bar(label) if writes else None)
         except (PuLIDError, InvalidRequestError) as err:
-            print(f"{label} ({request.prompt!r}, seed {request.seed}): {err}", file=sys.stderr)
+            if writes:
+                print(f"{label} ({request.prompt!r}, seed {request.seed}): {err}", file=sys.stderr)
             failures += 1
+            continue
+        if not writes:
             continue
         for image in result.images:
             saved += 1

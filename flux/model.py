@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from flux.layers import (
+    Attention,
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
@@ -117,6 +118,7 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         id_injection: IDInjection | None = None,
         step_cache: StepCache | None = None,
+        attention: Attention | None = None,
     ) -> Tensor:
         """Predict the flow for packed latents ``img`` (B, L_img, in_channels).
 
@@ -124,6 +126,8 @@ class Flux(nn.Module):
         replaces the official ``id``/``id_weight`` pair. With ``id_injection=None`` this is exactly
         the base FLUX model. ``step_cache`` (see :class:`StepCache`) may skip every block after the
         first; without one, or when it does not skip, the computation is unchanged.
+        ``attention``: how the blocks attend (default :func:`flux.math.attention`); the tokens of
+        one rank under sequence parallelism attend through :class:`flux.parallel.UlyssesAttention`.
         """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must have 3 dimensions (batch, tokens, channels)")
@@ -136,10 +140,11 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        attend = {} if attention is None else {"attend": attention}  # none: the official call
 
         embedded = img
         for index, block in enumerate(self.double_blocks):
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, **attend)
             if id_injection is not None:
                 residual = id_injection.after_double_block(index, img)
                 if residual is not None:
@@ -154,7 +159,7 @@ class Flux(nn.Module):
         num_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
         for index, block in enumerate(self.single_blocks):
-            x = block(x, vec=vec, pe=pe)
+            x = block(x, vec=vec, pe=pe, **attend)
             if id_injection is not None:
                 residual = id_injection.after_single_block(index, x[:, num_txt:])
                 if residual is not None:

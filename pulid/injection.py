@@ -61,6 +61,12 @@ class Identity:
         factors = torch.cat([region[:, reached], region.new_zeros(1, pad, 1)], dim=1)
         return cls(tokens, weight, region, index, factors)
 
+    def part(self, tokens: slice) -> Identity:
+        """This identity for the image tokens ``tokens`` only: one rank's share of them when the
+        DiT's tokens are split over several GPUs (:mod:`flux.parallel`)."""
+        region = None if self.region is None else self.region[:, tokens]
+        return Identity.within(self.tokens, self.weight, region)
+
 
 class PuLIDInjection:
     """Identities applied through the ``pulid_ca`` modules (see the module's docstring)."""

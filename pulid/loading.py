@@ -217,6 +217,7 @@ def load_pipeline(
     t5: str | None = None,
     clip: str | None = None,
     devices: str | None = None,
+    sequence_parallel: bool = False,
 ) -> PuLIDFluxPipeline:
     """The whole stack on ``device`` (default: the first CUDA GPU, else the CPU), or its stages
     spread over several devices by ``devices`` (``--devices``, :class:`~flux.offload.DeviceMap`).
@@ -237,6 +238,10 @@ def load_pipeline(
     the pipeline's declared components; the plan is logged as a table. With ``devices``, each
     device has its own plan (a budget is per GPU), and a map this machine cannot honour (a missing
     device, a GPU with less free memory than its plan's peak) is refused before anything loads.
+
+    ``sequence_parallel``: this process is one rank of a ``torchrun`` group (already joined, see
+    :func:`pulid.ranks.join_torchrun`) that denoises each image together, the DiT's tokens split
+    over the ranks (:mod:`flux.parallel`); every rank must then run the same requests.
     """
     memory = memory or MemoryPolicy()
     spec = get_model_spec(model_name)
@@ -244,6 +249,11 @@ def load_pipeline(
     files = {"dit": dit, "t5": t5, "clip": clip}
     single = dit is not None or t5 is not None
     device_map = None
+    if sequence_parallel and devices is not None:
+        raise HardwareError(
+            "--sequence_parallel and --devices both given: each rank holds the whole pipeline on its "
+            "own GPU, drop --devices"
+        )
     if devices is not None:
         if device is not None:
             raise HardwareError(
@@ -328,6 +338,14 @@ def load_pipeline(
 
         compile_repeated_blocks(flow)
         compile_blocks(pulid.pulid_ca)
+    parallel = None
+    if sequence_parallel:
+        from flux.parallel import SequenceParallelFlux, ShardingError
+
+        try:
+            parallel = SequenceParallelFlux(flow)
+        except ShardingError as err:
+            raise HardwareError(str(err)) from None
     pipeline = PuLIDFluxPipeline(
         flow=flow,
         ae=ae,
@@ -352,6 +370,7 @@ def load_pipeline(
             models_dir / "loras", lora_adapters.targets, models_dir=models_dir, allow_download=allow_download
         ),
         device_map=device_map,
+        parallel=parallel,
     )
     if memory.placed:
         place_pipeline(pipeline, memory)

@@ -26,9 +26,11 @@ from flux.lora import ActiveLoRA, LoRAAdapters, LoRAError, LoRAFile
 from flux.model import Flux
 from flux.offload.device_map import DeviceMap
 from flux.offload.structure import Component, Stage
+from flux.parallel import SequenceParallelFlux, ShardingError
 from flux.repeated import block_modules
 from flux.sampling import (
     LATENT_CHANNELS,
+    GenerationCancelled,
     Inpainting,
     StepInfo,
     TextConditioning,
@@ -140,10 +142,12 @@ class PuLIDFluxPipeline:
         lora_adapters: LoRAAdapters | None = None,
         lora_library: LoRALibrary | None = None,
         device_map: DeviceMap | None = None,
+        parallel: SequenceParallelFlux | None = None,
     ):
         """``device``: where the DiT denoises. ``device_map``: the device of each stage when they
         are not all on ``device`` (:mod:`flux.offload.device_map`); each stage's results move to
-        the next stage's device once."""
+        the next stage's device once. ``parallel``: ``flow`` wrapped for this rank when one image
+        is denoised on several GPUs (:mod:`flux.parallel`); every rank then runs the same requests."""
         self.flow = flow
         self.ae = ae
         self.t5 = t5
@@ -170,6 +174,9 @@ class PuLIDFluxPipeline:
         # devices, ``placement`` is the denoising device's and ``placements`` holds every one.
         self.placement = None
         self.placements: list = []
+        if parallel is not None and parallel.flow is not flow:
+            raise ValueError("the sequence-parallel wrapper must wrap this pipeline's DiT")
+        self.parallel = parallel
 
     def components(self) -> list[Component]:
         """The models by stage, for memory placement: what runs when, and what may stream.
@@ -384,9 +391,12 @@ class PuLIDFluxPipeline:
         """
         stage = on_stage or (lambda name: None)
         request = request.checked()
+        self.check_sharding(request)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         first = request.seed if request.seed != -1 else torch.Generator(device="cpu").seed()
+        if self.parallel is not None:  # every rank denoises the same noise
+            first = self.parallel.same_on_every_rank(first)
         seeds = request.seeds(first)
         if request.loras:
             stage("loading LoRAs")
@@ -484,6 +494,16 @@ class PuLIDFluxPipeline:
             timings=timings,
         )
 
+    def check_sharding(self, request: GenerationRequest) -> None:
+        """With the DiT's tokens split over several GPUs, refuse a size or T5 length they cannot
+        share evenly."""
+        if self.parallel is None:
+            return
+        try:
+            self.parallel.check(request.max_sequence_length, (request.width // 16) * (request.height // 16))
+        except ShardingError as err:
+            raise InvalidRequestError(str(err)) from None
+
     @contextlib.contextmanager
     def _loras_applied(self, active: list[ActiveLoRA]):
         """The DiT with the request's LoRAs for one denoising; under a memory placement their
@@ -550,8 +570,14 @@ class PuLIDFluxPipeline:
             timesteps = timesteps[first:]
         identities = [_batched_identity(p.identity, batch) for p in people]
         uncond_identities = [_batched_identity(p.uncond, batch) for p in people if p.uncond is not None]
+        model = self.flow
+        if self.parallel is not None:  # this rank's image tokens only
+            model, mine = self.parallel, self.parallel.image_tokens(img.shape[1])
+            identities = [identity.part(mine) for identity in identities]
+            uncond_identities = [identity.part(mine) for identity in uncond_identities]
+            callback = _agreed_steps(self.parallel, callback)
         return denoise(
-            self.flow,
+            model,
             img,
             image_ids(batch, noise.shape[-2], noise.shape[-1], self.device),
             cond.expand(batch),
@@ -656,6 +682,26 @@ def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, s
 def cache_report(cache: FirstBlockCache, request: GenerationRequest) -> str:
     """ "21 of 28" (steps whose DiT ran in full), for the metadata and the result's text."""
     return f"{cache.full_passes()} of {request.num_steps}"
+
+
+def _agreed_steps(
+    parallel: SequenceParallelFlux, callback: Callable[[StepInfo], None] | None
+) -> Callable[[StepInfo], None]:
+    """The step callback of one rank of a split denoising: a cancel on any rank (its callback
+    raising :class:`~flux.sampling.GenerationCancelled`) stops every rank after the same step, so
+    none is left waiting in a collective."""
+
+    def step(info: StepInfo) -> None:
+        cancelled = False
+        try:
+            if callback is not None:
+                callback(info)
+        except GenerationCancelled:
+            cancelled = True
+        if parallel.any_rank(cancelled):
+            raise GenerationCancelled
+
+    return step
 
 
 def _batched_identity(identity: Identity, batch: int) -> Identity:

@@ -67,6 +67,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "id=cuda:1,decode=cuda:1' (a stage left out goes with denoise). Memory flags apply per GPU",
     )
     parser.add_argument(
+        "--sequence_parallel",
+        action="store_true",
+        help="denoise each image on several GPUs at once, the DiT's tokens split between them "
+        "(Ulysses); start with torchrun --nproc-per-node N, one process per GPU",
+    )
+    parser.add_argument(
         "--offload", action="store_true", help="keep each model on the GPU only while it is used"
     )
     parser.add_argument(
@@ -139,16 +145,42 @@ def load_errors() -> tuple[type[BaseException], ...]:
 
 def build_pipeline(args: argparse.Namespace):
     """The pipeline the flags ask for (the tiny-random preset, or the real models)."""
+    from flux.devices import HardwareError
+
     if args.preset == "tiny-random":
         from tiny_random.pipeline import tiny_pipeline_with_face_models
 
-        return tiny_pipeline_with_face_models(Path(tempfile.gettempdir()) / "pulid-flux-tiny-random")
+        folder = Path(tempfile.gettempdir()) / "pulid-flux-tiny-random"
+        if not args.sequence_parallel:
+            return tiny_pipeline_with_face_models(folder)
+        import torch.distributed as dist
+
+        from flux.parallel import SequenceParallelFlux
+        from pulid.ranks import join_torchrun
+
+        first = join_torchrun().leads  # rank 0 writes the tiny files; the others read them after
+        if not first:
+            dist.barrier()
+        pipeline = tiny_pipeline_with_face_models(folder)
+        if first:
+            dist.barrier()
+        pipeline.parallel = SequenceParallelFlux(pipeline.flow)
+        return pipeline
     from pulid.loading import load_pipeline
 
+    device = args.device
+    if args.sequence_parallel:
+        from pulid.ranks import join_torchrun
+
+        if device is not None:
+            raise HardwareError(
+                "--sequence_parallel gives each rank its own GPU (cuda:LOCAL_RANK): drop --device"
+            )
+        device = join_torchrun().device
     return load_pipeline(
         args.name,
         args.version,
-        args.device,
+        device,
         fp8=args.fp8_mode if args.fp8 else None,
         compiled=args.compile,
         memory=memory_policy(args),
@@ -159,6 +191,7 @@ def build_pipeline(args: argparse.Namespace):
         t5=args.t5,
         clip=args.clip,
         devices=args.devices,
+        sequence_parallel=args.sequence_parallel,
     )
 
 

@@ -169,6 +169,8 @@ def check_flags(args: argparse.Namespace) -> list[str]:
             "--compile: ZeroGPU cannot run torch.compile at request time; remove it (the eager "
             "figures are in BENCHMARKS.md)."
         )
+    if args.sequence_parallel:
+        problems.append("--sequence_parallel needs several GPUs under torchrun: remove it on ZeroGPU.")
     if args.preset is not None:
         problems.append(f"--preset {args.preset} runs on the CPU: remove it on a ZeroGPU Space.")
     return problems

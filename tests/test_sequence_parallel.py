@@ -1,0 +1,294 @@
+"""One image on several ranks (Ulysses sequence parallelism), on the CPU with two gloo processes.
+
+Both ranks hold the same tiny pipeline and run the same requests with the DiT's tokens split
+between them; the results must be those of one process: the DiT's prediction against a float64
+computation of the unsplit model, and whole generations (two people in their regions, true CFG,
+the step cache's decisions) against one process in float32.
+"""
+
+import copy
+import dataclasses
+import datetime
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flux.model import Flux
+from flux.parallel import SequenceParallelFlux, SequenceShards, ShardingError
+from pulid.injection import Identity, PuLIDInjection
+from pulid.pipeline import PuLIDFluxPipeline
+from pulid.ranks import SequenceParallelRunner, follow
+from pulid.request import GenerationRequest, InvalidRequestError, Person
+from pulid.service import GenerationService, ServiceError
+from tests.test_pipeline import StubFaceAnalysis, photo
+from tiny_random.models import tiny_flux_params
+from tiny_random.pipeline import tiny_pipeline
+
+WORLD = 2
+F32_TOLERANCE = 2e-5  # float32 against float64, relative (max abs error over max abs value)
+
+
+def requests() -> dict[str, GenerationRequest]:
+    base = dict(prompt="two friends", id_images=[photo(1)], width=256, height=256, num_steps=4, seed=11)
+    base["max_sequence_length"] = 128
+    friend = Person((photo(2),), 0.9)
+    return {
+        "two people in columns, true CFG": GenerationRequest(
+            **base, more_people=(friend,), layout="columns", true_cfg=2.0, neg_prompt="blurry"
+        ),
+        "one person, step cache": GenerationRequest(
+            **{**base, "num_steps": 8}, cache_threshold=0.5, cache_full_first=1, cache_full_last=1
+        ),
+    }
+
+
+def with_parallel(pipeline: PuLIDFluxPipeline, parallel) -> PuLIDFluxPipeline:
+    return PuLIDFluxPipeline(
+        flow=pipeline.flow,
+        ae=pipeline.ae,
+        t5=pipeline.t5,
+        clip=pipeline.clip,
+        pulid_ca=pipeline.pulid_ca,
+        id_encoder=pipeline.id_encoder,
+        device=pipeline.device,
+        dtype=pipeline.dtype,
+        parallel=parallel,
+    )
+
+
+def four_head_dit():
+    """A tiny DiT with 4 heads, 2 per rank: the all-to-alls must keep the heads in order."""
+    torch.manual_seed(7)
+    return Flux(tiny_flux_params(num_heads=4, axes_dim=[4, 6, 6])).eval()
+
+
+def dit_inputs(flow, tokens=(6, 8), txt=10, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    h, w = tokens
+    params = flow.params
+    ids = torch.zeros(1, h * w, 3)
+    ids[0, :, 1] = torch.arange(h).repeat_interleave(w)
+    ids[0, :, 2] = torch.arange(w).repeat(h)
+    return dict(
+        img=torch.randn(1, h * w, params.in_channels, generator=g),
+        img_ids=ids,
+        txt=torch.randn(1, txt, params.context_in_dim, generator=g),
+        txt_ids=torch.zeros(1, txt, 3),
+        timesteps=torch.tensor([0.7]),
+        y=torch.randn(1, params.vec_in_dim, generator=g),
+        guidance=torch.tensor([3.5]),
+    )
+
+
+def two_identities(cas, length, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    left = torch.zeros(1, length, 1)
+    left[:, : length // 3] = 1.0
+    left[:, length // 3 : length // 2] = 0.5  # a soft edge that crosses the ranks' boundary
+    right = 1.0 - left
+    width = cas[0].norm1.normalized_shape[0]  # the ID tokens' width (kv_dim)
+    tokens = [torch.randn(1, 32, width, generator=g) for _ in range(2)]
+    return [Identity.within(tokens[0], 1.0, left), Identity.within(tokens[1], 0.8, right)]
+
+
+def _rank(rank: int, port: int, folder: str, out: str) -> None:
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=datetime.timedelta(seconds=60),  # a rank left waiting fails the test, not hangs it
+        )
+        torch.manual_seed(0)
+        pipeline = tiny_pipeline(Path(folder), StubFaceAnalysis())
+        results = {}
+        # the DiT alone, with two identities in regions that the ranks split
+        dit = SequenceParallelFlux(four_head_dit())
+        inputs = dit_inputs(dit.flow)
+        identities = two_identities(pipeline.pulid_ca, inputs["img"].shape[1])
+        mine = dit.image_tokens(inputs["img"].shape[1])
+        params = dit.params
+        injection = PuLIDInjection(
+            pipeline.pulid_ca, [i.part(mine) for i in identities], params.depth, params.depth_single_blocks
+        )
+        with torch.inference_mode():
+            results["dit"] = dit(**inputs, id_injection=injection)
+        parallel = SequenceParallelFlux(pipeline.flow)
+        # whole generations
+        split = with_parallel(pipeline, parallel)
+        for name, request in requests().items():
+            result = split.generate(request)
+            results[name] = (result.latents, result.metadata.get("cache_full_steps"))
+        try:  # 17 x 17 image tokens cannot be split in two
+            split.generate(dataclasses.replace(requests()["one person, step cache"], width=272, height=272))
+        except InvalidRequestError as err:
+            results["refusal"] = str(err)
+        # the app: rank 0's service shares each request; a cancel there stops both ranks
+        if rank == 0:
+            runner = SequenceParallelRunner(split)
+            service = GenerationService(split, Path(out) / "app", runner=runner)
+            request = requests()["one person, step cache"]
+
+            def cancel_at_second_step(event):
+                if getattr(event, "step", None) == 1:
+                    service.cancel("visitor")
+
+            try:
+                service.run(request, session="visitor", progress=cancel_at_second_step)
+            except ServiceError as err:
+                results["app cancelled"] = str(err)
+            results["app after"] = service.run(request).seed
+            runner.close()
+        else:
+            follow(split)
+            results["app after"] = "followed to the end"
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out) / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Both ranks' results (one launch for every check here)."""
+    folder, out = tmp_path_factory.mktemp("tiny"), tmp_path_factory.mktemp("ranks")
+    tiny_pipeline(folder, StubFaceAnalysis())  # writes the text encoders' files once, before the ranks
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        mp.start_processes(_rank, args=(port, str(folder), str(out)), nprocs=WORLD, start_method="spawn")
+    except Exception:
+        errors = [p.read_text() for p in sorted(out.glob("*.error"))]
+        pytest.fail("a rank failed:\n" + "\n".join(errors))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], folder
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_the_split_dit_predicts_what_the_whole_one_does_in_float64(ranks):
+    results, folder = ranks
+    pipeline = tiny_pipeline(folder, StubFaceAnalysis())
+    reference = four_head_dit().double()
+    cas = copy.deepcopy(pipeline.pulid_ca).double()
+    inputs = {k: v.double() for k, v in dit_inputs(reference).items()}
+    identities = [
+        dataclasses.replace(i, tokens=i.tokens.double(), region=i.region.double())
+        for i in two_identities(pipeline.pulid_ca, inputs["img"].shape[1])
+    ]
+    params = reference.params
+    injection = PuLIDInjection(cas, identities, params.depth, params.depth_single_blocks)
+    with torch.inference_mode():
+        expected = reference(**inputs, id_injection=injection)
+    for rank in results:
+        assert rank["dit"].shape == expected.shape
+        assert relative_error(rank["dit"], expected) < F32_TOLERANCE
+    assert torch.equal(results[0]["dit"], results[1]["dit"])  # every rank has the whole prediction
+
+
+@pytest.mark.parametrize("name", list(requests()))
+def test_a_split_generation_gives_the_latents_of_one_process(ranks, name):
+    results, folder = ranks
+    pipeline = tiny_pipeline(folder, StubFaceAnalysis())
+    alone = pipeline.generate(requests()[name])
+    for rank in results:
+        latents, cache_steps = rank[name]
+        assert relative_error(latents, alone.latents) < 1e-4  # float32 both ways, 4-8 steps apart
+        assert cache_steps == alone.metadata.get("cache_full_steps")  # the same skips on every rank
+    if "cache" in name:
+        assert alone.metadata["cache_full_steps"] != "8 of 8"  # the cache did skip some steps
+
+
+def test_sizes_the_ranks_cannot_share_are_refused_with_what_to_change(ranks):
+    results, _ = ranks
+    for rank in results:
+        assert (
+            "289 image tokens ((width / 16) x (height / 16)) cannot be split evenly over 2 GPUs"
+            in (rank["refusal"])
+        )
+
+
+def test_shards_are_contiguous_equal_parts():
+    parts = [SequenceShards(r, 3).part(12) for r in range(3)]
+    assert parts == [slice(0, 4), slice(4, 8), slice(8, 12)]
+    with pytest.raises(ShardingError, match="10 tokens cannot be split evenly over 3 GPUs"):
+        SequenceShards(0, 3).part(10)
+
+
+def test_the_command_line_under_torchrun_writes_the_image_of_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 generate.py --sequence_parallel`` on the tiny preset (gloo on
+    the CPU): rank 0 writes the one image, and it is the image one process makes."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    import generate
+    from pulid.startup import build_pipeline
+
+    root = Path(__file__).resolve().parent.parent
+    flags = ["--preset", "tiny-random", "--id_image", str(root / "example_inputs" / "astronaut.png")]
+    flags += [
+        "--prompt",
+        "a portrait",
+        "--seed",
+        "3",
+        "--num_steps",
+        "3",
+        "--width",
+        "256",
+        "--height",
+        "256",
+    ]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}"]
+    done = subprocess.run(
+        [*launch, "generate.py", *flags, "--sequence_parallel", "--out", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = list(tmp_path.glob("*.png"))
+    assert len(written) == 1 and done.stdout.count("seed=3") == 1  # rank 0 alone writes and prints
+
+    args = generate.parse_args([*flags, "--out", str(tmp_path / "alone")])
+    request = args.requests[0]
+    request.id_images = [np.asarray(Image.open(root / "example_inputs" / "astronaut.png").convert("RGB"))]
+    alone = np.asarray(build_pipeline(args).generate(request).image, dtype=int)
+    split = np.asarray(Image.open(written[0]), dtype=int)
+    difference = np.abs(split - alone)
+    # float32 sums in another order: a value may cross a uint8 step, by one, in a few pixels
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.005
+
+
+def test_sequence_parallel_without_torchrun_says_how_to_start_it(monkeypatch):
+    from flux.devices import HardwareError
+    from pulid.ranks import join_torchrun
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(HardwareError, match="start it with torchrun, e.g. `torchrun --nproc-per-node 2"):
+        join_torchrun()
+
+
+def test_the_app_shares_each_request_and_a_cancel_stops_every_rank(ranks):
+    results, _ = ranks
+    assert results[0]["app cancelled"] == "Generation cancelled."
+    assert results[0]["app after"] == 11  # the next request ran on both ranks
+    assert results[1]["app after"] == "followed to the end"  # rank 1 left its loop when told
