@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{SPACE_KEEP_OUTPUTS} in a Space; at least {MIN_KEEP_OUTPUTS})",
     )
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one whole pipeline on each of N GPUs (cuda:0 ... cuda:N-1): N visitors served at once",
+    )
+    parser.add_argument(
         "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
     )
     args = parser.parse_args(argv)
@@ -972,8 +979,16 @@ def main(argv: list[str] | None = None) -> None:
         if problems := check_flags(args):
             raise SystemExit("\nCannot start on ZeroGPU:\n- " + "\n- ".join(problems) + "\n")
         args.onnx_provider = "cpu"  # the app process has no GPU; the face stage is small (BENCHMARKS.md)
-    pipeline = load_or_exit(args)  # on ZeroGPU: placed on cuda now, moved into each GPU worker by spaces
-    runner = ZeroGPURunner(pipeline) if ON_ZERO_GPU else None
+    runner = None
+    if args.replicas > 1:  # one pipeline per GPU, a job on each at once
+        from pulid.service import ReplicaRunner
+
+        pipelines = load_or_exit(args, args.replicas)
+        pipeline, runner = pipelines[0], ReplicaRunner(pipelines)
+    else:  # on ZeroGPU: placed on cuda now, moved into each GPU worker by spaces
+        pipeline = load_or_exit(args)
+    if ON_ZERO_GPU:
+        runner = ZeroGPURunner(pipeline)
     if args.sequence_parallel:  # torchrun: rank 0 serves and shares each request with the others
         from pulid.ranks import SequenceParallelRunner, follow, leads
 

@@ -16,6 +16,7 @@ import gc
 import itertools
 import logging
 import os
+import queue
 import sys
 import tempfile
 import threading
@@ -108,12 +109,14 @@ class _Ticket:
 
 
 class _Line:
-    """First come, first served turns on the one pipeline, with a cap on the line's length and on
-    each visitor's places in it (running job included), so one client cannot fill it."""
+    """First come, first served turns on the pipelines (``running`` jobs at once, one per replica),
+    with a cap on the line's length and on each visitor's places in it (running jobs included), so
+    one client cannot fill it."""
 
-    def __init__(self, max_waiting: int | None, max_per_client: int | None):
+    def __init__(self, max_waiting: int | None, max_per_client: int | None, running: int = 1):
         self.max_waiting = max_waiting
         self.max_per_client = max_per_client
+        self.running = running
         self._tickets: deque[_Ticket] = deque()  # the head is the running job
         self._changed = threading.Condition()
 
@@ -126,7 +129,7 @@ class _Line:
                         f"You already have {mine} requests running or waiting, the most one visitor "
                         "may have: wait for one to finish, or cancel it, before sending another."
                     )
-            waiting = max(len(self._tickets) - 1, 0)
+            waiting = max(len(self._tickets) - self.running, 0)
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise ServiceBusy(
                     f"The server is busy ({waiting} requests are waiting). Try again in a few minutes."
@@ -136,15 +139,15 @@ class _Line:
             return ticket
 
     def wait_turn(self, ticket: _Ticket, report: Callable[[str], None]) -> None:
-        """Return when ``ticket`` is at the head; ``report`` hears the place while it waits and may
-        raise (a cancel) to leave the line."""
+        """Return when ``ticket`` is among the first ``running``; ``report`` hears the place while it
+        waits and may raise (a cancel) to leave the line."""
         told = None
         while True:
             with self._changed:
-                ahead = self._tickets.index(ticket)
+                ahead = max(self._tickets.index(ticket) - self.running + 1, 0)
                 if ahead and ahead == told:  # nothing new to tell: wait for a change or a poll
                     self._changed.wait(POLL_SECONDS)
-                    ahead = self._tickets.index(ticket)
+                    ahead = max(self._tickets.index(ticket) - self.running + 1, 0)
             if ahead == 0:
                 return
             if ahead != told or ticket.cancel.is_set():
@@ -158,6 +161,35 @@ class _Line:
 
     def __len__(self) -> int:
         return len(self._tickets)
+
+
+class ReplicaRunner:
+    """One pipeline per GPU of this host (``--replicas N``): each generation runs on a free one,
+    so the service runs N jobs at once (:attr:`capacity`)."""
+
+    def __init__(self, pipelines: Sequence[PuLIDFluxPipeline]):
+        if not pipelines:
+            raise ValueError("a replica runner needs at least one pipeline")
+        self.pipelines = list(pipelines)
+        self.capacity = len(self.pipelines)
+        self._free: queue.SimpleQueue[PuLIDFluxPipeline] = queue.SimpleQueue()
+        for pipeline in self.pipelines:
+            self._free.put(pipeline)
+
+    def admit(self, request: GenerationRequest) -> None:
+        pass
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        report: Callable[[StepInfo | str], None],
+        on_image: Callable[[GeneratedImage], None],
+    ) -> list[np.ndarray]:
+        pipeline = self._free.get()  # the line lets at most `capacity` jobs in: one is free
+        try:
+            return LocalRunner(pipeline).generate(request, report, on_image)
+        finally:
+            self._free.put(pipeline)
 
 
 class Job:
@@ -228,8 +260,10 @@ Progress = Callable[[StepInfo | str | SavedImage], None]  # steps, stage names, 
 
 
 class Runner(Protocol):
-    """Where a request's GPU work runs: in this process (:class:`LocalRunner`) or in a ZeroGPU
-    worker (:class:`pulid.zerogpu.ZeroGPURunner`)."""
+    """Where a request's GPU work runs: in this process (:class:`LocalRunner`), on one of several
+    pipelines (:class:`ReplicaRunner`), in a ZeroGPU worker (:class:`pulid.zerogpu.ZeroGPURunner`),
+    or on a Ray Serve replica (:class:`pulid.ray_serve.RayRunner`). ``capacity``, when a runner
+    has it, is how many jobs it runs at once (default 1)."""
 
     def admit(self, request: GenerationRequest) -> None:
         """Raise :class:`~pulid.request.InvalidRequestError` for a request this runner cannot take."""
@@ -302,7 +336,7 @@ class GenerationService:
         self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="pulid-flux-outputs-"))
         self._saving = threading.Lock()  # saving and pruning the output folder
-        self._line = _Line(max_waiting, max_per_client)
+        self._line = _Line(max_waiting, max_per_client, running=getattr(self.runner, "capacity", 1))
         self._counter = itertools.count(1)  # numbers this service's images in its output folder
         self._active: dict[str, set[threading.Event]] = {}  # session -> cancel flags of its jobs
         self._active_lock = threading.Lock()

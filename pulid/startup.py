@@ -195,10 +195,40 @@ def build_pipeline(args: argparse.Namespace):
     )
 
 
-def load_or_exit(args: argparse.Namespace):
-    """:func:`build_pipeline`, or exit with status 1 and the reason when the start cannot go on."""
+def build_replicas(args: argparse.Namespace, count: int) -> list:
+    """``count`` pipelines, one per GPU (cuda:0, cuda:1, ...; the tiny preset: on the CPU), each
+    with the memory flags for its own GPU."""
+    from flux.devices import HardwareError
+
+    if count < 1:
+        raise HardwareError(f"--replicas {count}: give at least one")
+    if count == 1:
+        return [build_pipeline(args)]
+    if args.device is not None or args.devices is not None or args.sequence_parallel:
+        raise HardwareError(
+            "--replicas puts one whole pipeline on each GPU (cuda:0, cuda:1, ...): drop --device, "
+            "--devices and --sequence_parallel"
+        )
+    if args.preset is None:
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count > found:
+            raise HardwareError(f"--replicas {count} needs {count} GPUs and this machine has {found}")
+    replicas = []
+    for index in range(count):
+        one = argparse.Namespace(**vars(args))
+        if args.preset is None:
+            one.device = f"cuda:{index}"
+        replicas.append(build_pipeline(one))
+    return replicas
+
+
+def load_or_exit(args: argparse.Namespace, replicas: int | None = None):
+    """:func:`build_pipeline` (or, with ``replicas``, :func:`build_replicas`'s list), or exit with
+    status 1 and the reason when the start cannot go on."""
     try:
-        return build_pipeline(args)
+        return build_pipeline(args) if replicas is None else build_replicas(args, replicas)
     except load_errors() as err:
         logger.debug("start-up failed", exc_info=True)
         raise SystemExit(f"\nCannot start: {err}\n") from None

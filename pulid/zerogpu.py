@@ -169,6 +169,8 @@ def check_flags(args: argparse.Namespace) -> list[str]:
             "--compile: ZeroGPU cannot run torch.compile at request time; remove it (the eager "
             "figures are in BENCHMARKS.md)."
         )
+    if getattr(args, "replicas", 1) > 1:
+        problems.append("--replicas: ZeroGPU gives each call its own GPU slice already; remove it.")
     if args.sequence_parallel:
         problems.append("--sequence_parallel needs several GPUs under torchrun: remove it on ZeroGPU.")
     if args.preset is not None:
