@@ -103,6 +103,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one whole pipeline on each of N GPUs (cuda:0 ... cuda:N-1): N visitors served at once",
     )
     parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve (pip install -r requirements-serve.txt): --replicas N pipelines, "
+        "one per GPU of a local Ray or of the cluster at --ray_address, behind this page and HTTP",
+    )
+    parser.add_argument(
+        "--ray_address", default=None, help="with --ray: a Ray cluster to join ('auto': the local one)"
+    )
+    parser.add_argument(
+        "--ray_http_port", type=int, default=8000, help="with --ray: port of the HTTP endpoint POST /generate"
+    )
+    parser.add_argument(
         "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
     )
     args = parser.parse_args(argv)
@@ -980,6 +992,25 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("\nCannot start on ZeroGPU:\n- " + "\n- ".join(problems) + "\n")
         args.onnx_provider = "cpu"  # the app process has no GPU; the face stage is small (BENCHMARKS.md)
     runner = None
+    if args.ray:  # the pipelines live in Ray Serve replicas; this process serves the page
+        from pulid.ray_serve import RayRunner, start
+
+        if args.device is not None or args.devices is not None or args.sequence_parallel:
+            raise SystemExit(
+                "\nCannot start: Ray gives each replica a GPU of its own: drop --device, "
+                "--devices and --sequence_parallel\n"
+            )
+        handle = start(
+            argv,
+            args.replicas,
+            on_gpus=args.preset is None,
+            address=args.ray_address,
+            http_host=args.host,
+            http_port=args.ray_http_port,
+        )
+        service = make_service(None, args.outputs_dir, args.keep_outputs, RayRunner(handle, args.replicas))
+        launch(create_demo(args, service), args)
+        return
     if args.replicas > 1:  # one pipeline per GPU, a job on each at once
         from pulid.service import ReplicaRunner
 

@@ -314,7 +314,7 @@ class GenerationService:
 
     def __init__(
         self,
-        pipeline: PuLIDFluxPipeline,
+        pipeline: PuLIDFluxPipeline | None,
         output_dir: str | os.PathLike | None = None,
         upload_roots: Sequence[str | os.PathLike] | None = None,
         max_waiting: int | None = None,
@@ -328,9 +328,12 @@ class GenerationService:
         images the output folder keeps, the newest (0: all). ``listed_loras_only``: requests may
         name only the LoRAs :meth:`lora_names` lists (the app's rule: no server paths, no
         arbitrary downloads). ``runner``: where the GPU work runs (default: :class:`LocalRunner` on
-        ``pipeline``)."""
+        ``pipeline``); with a runner whose pipelines are elsewhere (Ray Serve), ``pipeline`` is
+        None."""
         self.listed_loras_only = listed_loras_only
         self.pipeline = pipeline
+        if runner is None and pipeline is None:
+            raise ValueError("a service needs a pipeline, or a runner that has its own")
         self.runner = runner if runner is not None else LocalRunner(pipeline)
         self.keep_outputs = keep_outputs
         self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
@@ -424,6 +427,8 @@ class GenerationService:
 
     def lora_names(self) -> list[str]:
         """The LoRAs a request may name in the app: files in the LoRA folder and the speed LoRAs."""
+        if hasattr(self.runner, "lora_names"):  # the pipelines are elsewhere: ask them
+            return self.runner.lora_names()
         library = getattr(self.pipeline, "lora_library", None)
         return [] if library is None else library.names()
 

@@ -104,6 +104,18 @@ def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | No
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
+def load_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """An image sent as bytes (an HTTP API's body) as RGB uint8, checked as an upload is: its size,
+    then its header against the pixel limit, before decoding."""
+    from PIL import ImageOps
+
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadError(f"{name[:60]} is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB: send a smaller copy.")
+    with open_checked(io.BytesIO(data), name) as image:
+        image.seek(0)
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
 MAX_CANVAS_LAYERS = 4  # layers of a drawing in the page that are read (the app's canvas has one)
 MAX_CANVAS_ID = 64  # characters of a drawing's id, which the page chooses
 

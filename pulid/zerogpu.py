@@ -16,7 +16,8 @@ runs in that worker, so:
 - closing the generator (a cancel) makes ``spaces`` close it in the worker, which stops the
   generation at its next step or decoder block;
 - an error other than ``gradio.Error`` reaches the app only as its class name, so expected
-  failures travel as a :class:`Failed` event with their message for the user.
+  failures travel as a :class:`~pulid.events.Failed` event with their message for the user
+  (:mod:`pulid.events`).
 
 Outside a Space, ``spaces.GPU`` returns the function unchanged and :class:`ZeroGPURunner` runs it
 in the calling process: the same code, the same images.
@@ -26,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
 
 try:  # first: on ZeroGPU, ``spaces`` must patch torch before CUDA is touched
     import spaces
@@ -37,10 +35,9 @@ except ImportError:  # a local install without it: nothing to schedule
     spaces = None
 
 import numpy as np
-import torch
 
-from flux.sampling import GenerationCancelled, StepInfo
-from pulid.errors import PuLIDError
+from flux.sampling import StepInfo
+from pulid.events import Event, consume, generation_events
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
 
@@ -57,7 +54,6 @@ DECODE_SECONDS = 0.5  # one decode (and likeness check) at that size
 FIXED_SECONDS = 20.0
 MARGIN = 1.25  # booked over the estimate, so a slow call is not cut off at its last step
 MAX_GPU_SECONDS = 300  # the longest slice a request may ask for; larger ones are refused at once
-JOIN_SECONDS = 30.0  # how long a cancelled generation may take to reach its next step or block
 
 
 def gpu_seconds(request: GenerationRequest) -> int:
@@ -71,22 +67,6 @@ def gpu_seconds(request: GenerationRequest) -> int:
     return int(np.ceil(MARGIN * (FIXED_SECONDS + passes * per_pass + decodes)))
 
 
-@dataclass(frozen=True)
-class Finished:
-    """The last event of a generation: the face crops the ``--dev`` view shows."""
-
-    debug_images: list[np.ndarray]
-
-
-@dataclass(frozen=True)
-class Failed:
-    """An expected failure (no face, a bad request, out of GPU memory), with its message."""
-
-    message: str
-
-
-Event = StepInfo | str | GeneratedImage | Finished | Failed
-
 _pipeline: PuLIDFluxPipeline | None = None
 
 
@@ -97,55 +77,10 @@ def use_pipeline(pipeline: PuLIDFluxPipeline) -> None:
 
 
 def _generate(request: GenerationRequest) -> Iterator[Event]:
-    """The GPU work of one request, as picklable events (see the module's docstring).
-
-    The generation runs in a thread of its own so that its callbacks become yields; closing this
-    generator sets its cancel flag and waits for it to stop.
-    """
-    from pulid.service import OOM_MESSAGE, GenerationService
-
+    """The GPU work of one request, as picklable events (:func:`pulid.events.generation_events`)."""
     if _pipeline is None:
         raise RuntimeError("pulid.zerogpu.use_pipeline was not called before the first request")
-    events: queue.Queue = queue.Queue()
-    cancel = threading.Event()
-    done = object()
-
-    def report(event) -> None:
-        if cancel.is_set():
-            raise GenerationCancelled
-        events.put(event)
-
-    def work() -> None:
-        try:
-            result = _pipeline.generate(
-                request,
-                callback=lambda info: report(replace(info, latents=None)),
-                on_stage=report,
-                on_image=lambda image: report(replace(image, latents=image.latents.cpu())),
-            )
-            events.put(Finished(result.debug_images))
-        except GenerationCancelled:
-            pass
-        except (PuLIDError, InvalidRequestError) as err:
-            events.put(Failed(getattr(err, "user_message", str(err))))
-        except torch.OutOfMemoryError:
-            GenerationService.release_memory()
-            events.put(Failed(OOM_MESSAGE))
-        except BaseException as err:  # noqa: BLE001 - a bug: raised again in this generator
-            events.put(err)
-        finally:
-            events.put(done)
-
-    thread = threading.Thread(target=work, name="zerogpu-generation", daemon=True)
-    thread.start()
-    try:
-        while (event := events.get()) is not done:
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-    finally:
-        cancel.set()
-        thread.join(JOIN_SECONDS)
+    yield from generation_events(_pipeline, request)
 
 
 generate_on_gpu = _generate if spaces is None else spaces.GPU(_generate, duration=gpu_seconds)
@@ -203,17 +138,4 @@ class ZeroGPURunner:
     ) -> list[np.ndarray]:
         """The request's images, each handed to ``on_image``; returns the face crops. ``report``
         may raise :class:`~flux.sampling.GenerationCancelled`, which closes the GPU call."""
-        events = generate_on_gpu(request)
-        try:
-            for event in events:
-                if isinstance(event, GeneratedImage):
-                    on_image(event)
-                elif isinstance(event, Finished):
-                    return event.debug_images
-                elif isinstance(event, Failed):
-                    raise InvalidRequestError(event.message)
-                else:
-                    report(event)
-        finally:
-            events.close()
-        raise RuntimeError("the GPU call ended without its images")
+        return consume(generate_on_gpu(request), report, on_image)

@@ -56,6 +56,12 @@ def test_lower_layers_import_nothing_above_them(package):
         assert not above, f"{path.relative_to(REPO)} imports {sorted(above)}"
 
 
+def test_the_packages_do_not_import_the_front_ends():
+    for path in sources("pulid", "flux", "eva_clip"):
+        front = {top_level(m) for m in imported_modules(path)} & {"app_flux", "generate"}
+        assert not front, f"{path.relative_to(REPO)} imports {sorted(front)}"
+
+
 def test_product_code_leaves_the_fixtures_to_the_preset():
     for path in [*sources("pulid", "flux", "eva_clip"), REPO / "app_flux.py", REPO / "generate.py"]:
         uses = {m for m in imported_modules(path) if top_level(m) == "tiny_random"}
@@ -127,6 +133,7 @@ def test_the_package_builds_with_entry_points_and_the_requirement_files(tmp_path
         "app_flux.py",
         "generate.py",
         "flux/offload/plan.py",
+        "flux/lora/adapters.py",
         "flux/quant/fp8_linear.py",
         "pulid/catalogue.py",
         "eva_clip/model.py",

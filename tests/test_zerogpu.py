@@ -201,5 +201,5 @@ def test_a_cancel_closes_the_gpu_call_and_stops_the_generation(pipeline, tmp_pat
     with pytest.raises(ServiceError, match="cancelled"):
         service.run(request(num_steps=8), session="bob", progress=cancel_at_first_step)
     assert seen == [0]
-    assert not [t for t in threading.enumerate() if t.name == "zerogpu-generation"]
+    assert not [t for t in threading.enumerate() if t.name == "generation-events"]
     assert service.run(request(num_images=1), session="bob").seed == 5

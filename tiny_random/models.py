@@ -7,6 +7,10 @@ downloading anything.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -132,15 +136,32 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def written_once(target: Path, write: Callable[[Path], object]) -> None:
+    """``write(folder)`` into ``target`` unless it exists, atomically: the files are written in a
+    folder of this process's own and renamed into place, so processes starting together (ranks,
+    replicas) never read a half-written folder."""
+    target = Path(target)
+    if target.is_dir():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
+        os.rename(staging, target)  # fails if another process got there first: theirs is whole
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def tiny_text_encoders(
     folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[HFEmbedder, HFEmbedder]:
     """Write (once) and load the tiny T5 and CLIP through the real loaders."""
     t5_dir, clip_dir = Path(folder) / "t5", Path(folder) / "clip"
-    if not (t5_dir / "config.json").is_file():
-        write_tiny_t5(t5_dir)
-    if not (clip_dir / "config.json").is_file():
-        write_tiny_clip(clip_dir)
+    written_once(t5_dir, write_tiny_t5)
+    written_once(clip_dir, write_tiny_clip)
     t5 = load_t5(t5_dir, device, dtype, max_length=512, expected=TINY_T5_CONFIG)
     clip = load_clip(clip_dir, device, dtype, expected=TINY_CLIP_CONFIG)
     return t5, clip

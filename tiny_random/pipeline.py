@@ -91,12 +91,11 @@ def tiny_pipeline(
 def build_tiny_face_models(models_dir: Path) -> Path:
     """Write the stand-in antelopev2 and facexlib files into ``models_dir`` (skipped if present)."""
     from tiny_random.face_models import build_antelopev2, build_facexlib_models
+    from tiny_random.models import written_once
 
     models_dir = Path(models_dir)
-    if not (models_dir / "antelopev2" / "glintr100.onnx").is_file():
-        build_antelopev2(models_dir / "antelopev2")
-    if not (models_dir / "facexlib" / "parsing_parsenet.pth").is_file():
-        build_facexlib_models(models_dir / "facexlib")
+    written_once(models_dir / "antelopev2", build_antelopev2)
+    written_once(models_dir / "facexlib", build_facexlib_models)
     return models_dir
 
 

@@ -1,0 +1,201 @@
+"""Replicas beyond one machine: the pipeline as a Ray Serve deployment, one replica per GPU.
+
+    pip install -r requirements-serve.txt                # ray[serve]: an optional extra
+    python app_flux.py --ray --replicas 2                 # a local Ray; --ray_address auto joins a cluster
+    python app_flux.py --ray --replicas 2 --preset tiny-random   # on the CPU, to try it
+
+Each replica (:class:`PuLIDReplica`) loads the whole pipeline on the GPU Ray gives it (its
+``cuda``) from the same model flags as the app. In front of them:
+
+- an HTTP endpoint, ``POST /generate`` on ``--ray_http_port`` (default 8000): a JSON object with
+  ``prompt``, ``id_images`` (base64 JPEG/PNG files) and any declared setting by name; the answer is
+  ``{"images": [{"seed", "face_similarity", "metadata", "png"}]}`` (``png`` in base64), or
+  ``{"error": message}`` with status 400 for a request that cannot be served as sent;
+- the gradio app on ``--port``, whose service sends each job to a replica (:class:`RayRunner`):
+  steps and stages stream back, cancel reaches the replica, and the line runs as many jobs at
+  once as there are replicas.
+
+Ray Serve routes each request to a replica with room (``max_ongoing_requests`` is 1: a GPU
+generates one request at a time). A replica that dies mid-request fails that request only, with
+a message that says to send it again; Serve starts a new replica, and the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from flux.sampling import StepInfo
+from pulid.events import Event, consume, generation_events
+from pulid.pipeline import GeneratedImage
+from pulid.request import GenerationRequest, InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "pulid"
+ROUTE = "/generate"
+REPLICA_LOST = (
+    "The GPU worker running this request stopped before it finished (it was lost or restarted); "
+    "the other workers go on: send the request again."
+)
+
+
+class PuLIDReplica:
+    """One pipeline on one GPU, built from the app's model flags (``argv``)."""
+
+    def __init__(self, argv: Sequence[str]):
+        from pulid.startup import add_model_arguments, build_pipeline
+
+        parser = argparse.ArgumentParser(prog="pulid-replica")
+        add_model_arguments(parser)
+        args, _ = parser.parse_known_args(list(argv))  # the app's own flags are the front end's
+        self.pipeline = build_pipeline(args)
+
+    def events(self, request: GenerationRequest) -> Iterator[Event]:
+        """The request as a stream of events (:mod:`pulid.events`), for :class:`RayRunner`."""
+        yield from generation_events(self.pipeline, request)
+
+    def lora_names(self) -> list[str]:
+        library = getattr(self.pipeline, "lora_library", None)
+        return [] if library is None else library.names()
+
+    async def __call__(self, http_request) -> object:
+        """``POST /generate``: JSON in, JSON out (see the module's docstring)."""
+        import asyncio
+
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await http_request.json()
+            request = request_from_json(body)
+        except (InvalidRequestError, ValueError) as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        images: list[GeneratedImage] = []
+        try:
+            await asyncio.to_thread(lambda: consume(self.events(request), lambda _: None, images.append))
+        except InvalidRequestError as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        return JSONResponse({"images": [image_json(image) for image in images]})
+
+
+def request_from_json(body: object) -> GenerationRequest:
+    """A request from the HTTP API's JSON: photos decoded and checked as uploads, settings coerced."""
+    from pulid.uploads import UploadError, load_image_bytes
+
+    if not isinstance(body, dict):
+        raise InvalidRequestError("Send a JSON object with a prompt, id_images and settings.")
+    values = dict(body)
+    encoded = values.pop("id_images", [])
+    if not isinstance(encoded, list) or not all(isinstance(item, str) for item in encoded):
+        raise InvalidRequestError("id_images must be a list of base64-encoded JPEG or PNG files.")
+    photos = []
+    for number, text in enumerate(encoded, start=1):
+        try:
+            photos.append(load_image_bytes(base64.b64decode(text, validate=True), f"id_images[{number}]"))
+        except (UploadError, ValueError) as err:
+            message = str(err) if isinstance(err, UploadError) else "it is not base64"
+            raise InvalidRequestError(f"id_images[{number}]: {message}") from None
+    return GenerationRequest.from_values(id_images=photos, **values).checked()
+
+
+def image_json(image: GeneratedImage) -> dict:
+    """One image for the HTTP API: PNG bytes in base64, with its seed and settings."""
+    buffer = io.BytesIO()
+    image.image.save(buffer, format="PNG")
+    return {
+        "seed": image.seed,
+        "face_similarity": image.face_similarity,
+        "metadata": image.metadata,
+        "png": base64.b64encode(buffer.getvalue()).decode("ascii"),
+    }
+
+
+def _stream(response) -> Iterator[Event]:
+    """A streaming Serve response as a plain generator: closing it cancels the request on the
+    replica, and a replica lost mid-request is :data:`REPLICA_LOST` for the user."""
+    from ray.exceptions import RayActorError
+
+    from pulid.service import ServiceError
+
+    try:
+        yield from response
+    except GeneratorExit:
+        response.cancel()
+        raise
+    except RayActorError:
+        logger.warning("a replica stopped during a request", exc_info=True)
+        raise ServiceError(REPLICA_LOST) from None
+
+
+class RayRunner:
+    """The service's runner (:class:`pulid.service.Runner`) in front of a Serve deployment."""
+
+    def __init__(self, handle, capacity: int):
+        self.handle = handle
+        self.capacity = capacity
+
+    def admit(self, request: GenerationRequest) -> None:
+        pass
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        report: Callable[[StepInfo | str], None],
+        on_image: Callable[[GeneratedImage], None],
+    ) -> list[np.ndarray]:
+        report("waiting for a GPU worker")
+        response = self.handle.options(stream=True).events.remote(request)
+        return consume(_stream(response), report, on_image)
+
+    def lora_names(self) -> list[str]:
+        return self.handle.lora_names.remote().result()
+
+
+def deploy(
+    model_argv: Sequence[str],
+    replicas: int,
+    *,
+    gpus_per_replica: float = 1.0,
+    cpus_per_replica: float = 1.0,
+    http_host: str = "127.0.0.1",
+    http_port: int = 8000,
+):
+    """Start Serve's HTTP proxy and ``replicas`` replicas of :class:`PuLIDReplica`; returns the
+    handle. Ray must be initialised (``ray.init``)."""
+    from ray import serve
+
+    serve.start(http_options={"host": http_host, "port": http_port})
+    deployment = serve.deployment(
+        PuLIDReplica,
+        name="PuLIDReplica",
+        num_replicas=replicas,
+        max_ongoing_requests=1,
+        ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
+    )
+    return serve.run(deployment.bind(list(model_argv)), name=APP_NAME, route_prefix=ROUTE)
+
+
+def start(
+    model_argv: Sequence[str],
+    replicas: int,
+    *,
+    on_gpus: bool = True,
+    address: str | None = None,
+    http_host: str = "127.0.0.1",
+    http_port: int = 8000,
+):
+    """Join Ray (a local one, or the cluster at ``address``) and :func:`deploy` the replicas, each
+    on a GPU of its own (``on_gpus``; the tiny preset runs on the CPU); returns the handle."""
+    import ray
+
+    ray.init(address=address)
+    handle = deploy(
+        model_argv, replicas, gpus_per_replica=1 if on_gpus else 0, http_host=http_host, http_port=http_port
+    )
+    logger.info("%d replicas; HTTP endpoint: http://%s:%d%s", replicas, http_host, http_port, ROUTE)
+    return handle

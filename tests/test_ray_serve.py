@@ -1,0 +1,156 @@
+"""Replicas beyond one host: the Ray Serve deployment on the CPU with the tiny preset.
+
+Two replicas serve concurrent requests with the right images, through the app's service and
+through the HTTP endpoint; a replica killed mid-request fails that request alone, with a message
+that says to send it again, while the other request finishes and later ones are served.
+"""
+
+import base64
+import io
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+
+from pulid.ray_serve import APP_NAME, REPLICA_LOST, ROUTE, RayRunner, deploy
+from pulid.request import GenerationRequest
+from pulid.service import GenerationService, ServiceError
+from tiny_random.pipeline import tiny_pipeline_with_face_models
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO = ROOT / "example_inputs" / "astronaut.png"
+REPLICAS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    """A local Ray with the deployment's two replicas (tiny preset, on the CPU), and its handle."""
+    # the preset's files exist before the replicas start (they would also write them safely)
+    local = tiny_pipeline_with_face_models(Path(tempfile.gettempdir()) / "pulid-flux-tiny-random")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    port = free_port()
+    try:
+        handle = deploy(
+            ["--preset", "tiny-random"], REPLICAS, gpus_per_replica=0, cpus_per_replica=1, http_port=port
+        )
+        yield handle, port, local
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def photo() -> np.ndarray:
+    return np.asarray(Image.open(PHOTO).convert("RGB"))
+
+
+def request(seed: int, steps: int = 3, size: int = 256) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="a portrait", id_images=[photo()], width=size, height=size, num_steps=steps, seed=seed
+    )
+
+
+def close_to(image, reference) -> bool:
+    """The same image up to float32 sums in another order (a uint8 step in a few pixels)."""
+    difference = np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int))
+    return difference.max() <= 1 and (difference > 0).mean() < 0.005
+
+
+def test_two_replicas_serve_concurrent_requests_with_the_right_images(served, tmp_path):
+    handle, _, local = served
+    service = GenerationService(None, tmp_path, runner=RayRunner(handle, REPLICAS))
+    seen: dict[int, list[float]] = {1: [], 2: []}
+    jobs = {
+        seed: service.start(
+            request(seed, steps=12),
+            session=f"s{seed}",
+            progress=lambda e, s=seed: seen[s].append(time.time()),
+        )
+        for seed in (1, 2)
+    }
+    for job in jobs.values():
+        assert job.wait(180)
+    for seed, job in jobs.items():
+        result = job.result()
+        assert result.seed == seed
+        assert close_to(Image.open(result.path).convert("RGB"), local.generate(request(seed, steps=12)).image)
+    # they ran at once: each had events before the other's last one
+    assert min(seen[1]) < max(seen[2]) and min(seen[2]) < max(seen[1])
+    assert service.lora_names() == local.lora_library.names()  # asked of a replica
+
+
+def test_the_http_endpoint_answers_with_the_image_and_refuses_bad_requests(served):
+    _, port, local = served
+    url = f"http://127.0.0.1:{port}{ROUTE}"
+    body = {
+        "prompt": "a portrait",
+        "id_images": [base64.b64encode(PHOTO.read_bytes()).decode()],
+        "width": 256,
+        "height": 256,
+        "num_steps": 3,
+        "seed": 7,
+    }
+    answer = httpx.post(url, json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    (image,) = answer.json()["images"]
+    assert image["seed"] == 7 and image["metadata"]["num_steps"] == 3
+    decoded = Image.open(io.BytesIO(base64.b64decode(image["png"]))).convert("RGB")
+    assert close_to(decoded, local.generate(request(7)).image)
+    for bad, message in (
+        ({**body, "num_steps": "many"}, "Number of steps must be a whole number"),
+        ({**body, "colour": "red"}, "Unknown setting(s): colour"),
+        ({**body, "id_images": ["not base64!"]}, "id_images[1]: it is not base64"),
+    ):
+        refused = httpx.post(url, json=bad, timeout=60)
+        assert refused.status_code == 400 and message in refused.json()["error"], refused.text
+
+
+def test_a_replica_killed_mid_request_fails_that_request_alone(served, tmp_path):
+    handle, _, _ = served
+    service = GenerationService(None, tmp_path, runner=RayRunner(handle, REPLICAS))
+    stepping = {1: threading.Event(), 2: threading.Event()}
+
+    def watch(seed):
+        return lambda event: getattr(event, "step", -1) >= 1 and stepping[seed].set()
+
+    jobs = {
+        seed: service.start(request(seed, steps=50, size=512), session=f"k{seed}", progress=watch(seed))
+        for seed in (1, 2)
+    }
+    assert stepping[1].wait(120) and stepping[2].wait(120)  # both are mid-request, on both replicas
+    replicas = [
+        actor for actor in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in actor["name"]
+    ]
+    assert len(replicas) == REPLICAS
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    outcomes = {}
+    for seed, job in jobs.items():
+        assert job.wait(180)
+        try:
+            outcomes[seed] = job.result().seed
+        except ServiceError as err:
+            outcomes[seed] = str(err)
+    lost = [seed for seed, outcome in outcomes.items() if outcome == REPLICA_LOST]
+    finished = [seed for seed, outcome in outcomes.items() if outcome == seed]
+    assert len(lost) == 1 and len(finished) == 1, outcomes
+    # Serve replaces the lost replica; later requests are served
+    assert service.run(request(3)).seed == 3
+    assert serve.status().applications[APP_NAME].status == "RUNNING"
