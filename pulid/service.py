@@ -332,8 +332,6 @@ class GenerationService:
         None."""
         self.listed_loras_only = listed_loras_only
         self.pipeline = pipeline
-        if runner is None and pipeline is None:
-            raise ValueError("a service needs a pipeline, or a runner that has its own")
         self.runner = runner if runner is not None else LocalRunner(pipeline)
         self.keep_outputs = keep_outputs
         self.upload_roots = None if upload_roots is None else [Path(root) for root in upload_roots]
