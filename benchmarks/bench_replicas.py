@@ -29,7 +29,10 @@ from benchmarks.bench_gpu import build_stack  # noqa: E402
 def burst(service, requests: list) -> dict:
     """Submit every request at once; wall time until all are saved, and each one's latency."""
     start = time.perf_counter()
-    jobs = [service.start(request, session=f"visitor-{i}", client=f"visitor-{i}") for i, request in enumerate(requests)]
+    jobs = [
+        service.start(request, session=f"visitor-{i}", client=f"visitor-{i}")
+        for i, request in enumerate(requests)
+    ]
     latencies = []
     for job in jobs:
         job.wait()
@@ -87,15 +90,17 @@ def main() -> None:
         burst(service, requests[:count])  # warm-up: one request on each replica
         result = burst(service, requests)
         rows.append({"replicas": count, "burst": args.burst, **result})
-        print(f"{count} replica(s): {result['requests_per_minute']:.1f} requests/min ({result['wall_s']:.1f} s)")
+        rate, wall = result["requests_per_minute"], result["wall_s"]
+        print(f"{count} replica(s): {rate:.1f} requests/min ({wall:.1f} s)", flush=True)
     base = rows[0]["requests_per_minute"]
     for row in rows:
         row["vs_first"] = row["requests_per_minute"] / base
     table = ["| replicas | burst | wall (s) | requests per minute | vs 1 replica |", "|---|---|---|---|---|"]
-    table += [
-        f"| {r['replicas']} | {r['burst']} | {r['wall_s']:.1f} | {r['requests_per_minute']:.1f} | {r['vs_first']:.2f}x |"
-        for r in rows
-    ]
+    for r in rows:
+        rate = r["requests_per_minute"]
+        table.append(
+            f"| {r['replicas']} | {r['burst']} | {r['wall_s']:.1f} | {rate:.1f} | {r['vs_first']:.2f}x |"
+        )
     meta = {
         "command": " ".join(sys.argv),
         "device": device,
