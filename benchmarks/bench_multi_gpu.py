@@ -181,7 +181,7 @@ def main() -> None:
     from pulid.ranks import join_torchrun
     from pulid.request import GenerationRequest
 
-    rank = join_torchrun()
+    rank = join_torchrun(minimum=1)  # one process: the parallel path's own cost, no split
     lead = rank.leads
     torch.backends.cuda.matmul.allow_tf32 = True
     folder = Path(tempfile.mkdtemp(prefix=f"bench-multi-{rank.rank}-"))
@@ -226,7 +226,7 @@ def main() -> None:
                 rows.append(
                     {
                         "mode": mode,
-                        "variant": "two GPUs, sequence parallel",
+                        "variant": f"{rank.world} GPU(s), sequence parallel",
                         **two,
                         "step_ratio": two["step_ms"] / one["step_ms"],
                         "whole_ratio": two["whole_s"] / one["whole_s"],
@@ -246,6 +246,8 @@ def main() -> None:
     if lead:
         last = "compiled" if args.compile else "eager"
         try:
+            if torch.cuda.device_count() < 2:
+                raise RuntimeError("the stage split needs a second GPU")
             staged = stage_split(pipeline, request, folder, args.rounds, one_by_mode[last])
             one = one_by_mode[last]
             rows.append(

@@ -45,9 +45,10 @@ class Rank:
         return self.rank == 0
 
 
-def join_torchrun(backend: str | None = None) -> Rank:
+def join_torchrun(backend: str | None = None, minimum: int = 2) -> Rank:
     """Join the group ``torchrun`` set up (its RANK, WORLD_SIZE, LOCAL_RANK variables), on GPU
-    ``cuda:LOCAL_RANK`` with NCCL, or on the CPU with gloo where there is no GPU."""
+    ``cuda:LOCAL_RANK`` with NCCL, or on the CPU with gloo where there is no GPU. Fewer than
+    ``minimum`` processes is refused (a benchmark may run the parallel path on one)."""
     missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if name not in os.environ]
     if missing:
         raise HardwareError(
@@ -55,7 +56,7 @@ def join_torchrun(backend: str | None = None) -> Rank:
             "with torchrun, e.g. `torchrun --nproc-per-node 2 generate.py --sequence_parallel ...`"
         )
     world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if world < 2:
+    if world < minimum:
         raise HardwareError("--sequence_parallel needs at least two processes: torchrun --nproc-per-node 2")
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
