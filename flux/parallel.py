@@ -76,17 +76,20 @@ class UlyssesAttention(nn.Module):
             q, k = apply_rope(q, k, pe)
         b, h, length, d = q.shape
         n = self.world
-        # (3, B, H, L, D) -> n head groups, group j sent to rank j: (n, 3, B, H/n, L, D)
-        send = torch.stack((q, k, v)).view(3, b, n, h // n, length, d).permute(2, 0, 1, 3, 4, 5)
-        received = funcol.all_to_all_single(send.contiguous().view(n, -1), None, None, self.group)
-        # part i holds rank i's tokens for this rank's heads: the sequence is their concatenation
-        received = received.view(n, 3, b, h // n, length, d).permute(1, 2, 3, 0, 4, 5)
-        q, k, v = received.reshape(3, b, h // n, n * length, d)
-        out = F.scaled_dot_product_attention(q, k, v)
-        back = out.view(b, h // n, n, length, d).permute(2, 0, 1, 3, 4).contiguous()
-        mine = funcol.all_to_all_single(back.view(n, -1), None, None, self.group)
+        heads = h // n
+        # One buffer (n, L, B, 3, H/n, D): part j, for rank j, holds head group j of this rank's
+        # tokens, token-major, so that what arrives is already one sequence.
+        send = q.new_empty(n, length, b, 3, heads, d)
+        for index, x in enumerate((q, k, v)):
+            send[:, :, :, index] = x.view(b, n, heads, length, d).permute(1, 3, 0, 2, 4)
+        received = funcol.all_to_all_single(send.view(n, -1), None, None, self.group)
+        # rank i's tokens follow rank i-1's: (n*L, B, 3, H/n, D) is the whole sequence, a view
+        q, k, v = received.view(n * length, b, 3, heads, d).permute(2, 1, 3, 0, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H/n, n*L, D)
+        back = out.permute(2, 0, 1, 3).contiguous().view(n, -1)  # part i: rank i's tokens
+        mine = funcol.all_to_all_single(back, None, None, self.group)
         # part i holds head group i for this rank's tokens: (B, L, H*D) with the heads in order
-        return mine.view(n, b, h // n, length, d).permute(1, 3, 0, 2, 4).reshape(b, length, h * d)
+        return mine.view(n, length, b, heads, d).permute(2, 1, 0, 3, 4).reshape(b, length, h * d)
 
 
 class _WholeImageCache:
@@ -120,6 +123,12 @@ class SequenceParallelFlux(nn.Module):
                 f"{self.shards.world} GPUs: use a number of GPUs that divides {flow.params.num_heads}"
             )
         self.attention = UlyssesAttention(self.group, self.shards.world)
+        # Agreements (a seed, whether to stop) over gloo on the host: no GPU synchronisation
+        # between the denoising steps, whatever the main group's backend.
+        ranks = dist.get_process_group_ranks(self.group)
+        self.control = (
+            self.group if dist.get_backend(self.group) == "gloo" else dist.new_group(ranks, backend="gloo")
+        )
 
     @property
     def params(self):
@@ -137,7 +146,7 @@ class SequenceParallelFlux(nn.Module):
     def same_on_every_rank(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (a seed drawn at random, say)."""
         box = [value]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.control)
         return box[0]
 
     def any_rank(self, flag: bool) -> bool:
