@@ -117,21 +117,17 @@ def stage_split(pipeline, request, folder: Path, rounds: int, one: dict) -> dict
     from flux.offload.device_map import DeviceMap
     from pulid.face_analysis import load_face_analyzer
     from pulid.id_encoder import IDEncoder
-    from pulid.pipeline import STAGES, PuLIDFluxPipeline
+    from pulid.pipeline import STAGES
     from tiny_random.pipeline import tiny_face_model_paths
 
     other = torch.device("cuda", 1)
     encoder = pipeline.id_encoder
     face = load_face_analyzer(tiny_face_model_paths(folder / "models"), "cpu", other)
-    split = PuLIDFluxPipeline(
-        flow=pipeline.flow,
+    split = pipeline.with_options(
         ae=pipeline.ae.to(other),
         t5=pipeline.t5.to(other),
         clip=pipeline.clip.to(other),
-        pulid_ca=pipeline.pulid_ca,
         id_encoder=IDEncoder(face, encoder.eva.to(other), encoder.id_former.to(other), other, pipeline.dtype),
-        device=pipeline.device,
-        dtype=pipeline.dtype,
         device_map=DeviceMap.parse("cuda:0,cuda:1", STAGES),
     )
     torch.cuda.reset_peak_memory_stats(1)
@@ -177,7 +173,6 @@ def main() -> None:
 
     from flux.compile import compile_blocks, compile_repeated_blocks
     from flux.parallel import SequenceParallelFlux
-    from pulid.pipeline import PuLIDFluxPipeline
     from pulid.ranks import join_torchrun
     from pulid.request import GenerationRequest
 
@@ -188,17 +183,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pipeline = build_stack(str(rank.device), torch.bfloat16, folder)
     build_s = time.perf_counter() - t0
-    split = PuLIDFluxPipeline(
-        flow=pipeline.flow,
-        ae=pipeline.ae,
-        t5=pipeline.t5,
-        clip=pipeline.clip,
-        pulid_ca=pipeline.pulid_ca,
-        id_encoder=pipeline.id_encoder,
-        device=pipeline.device,
-        dtype=pipeline.dtype,
-        parallel=SequenceParallelFlux(pipeline.flow),
-    )
+    split = pipeline.with_options(parallel=SequenceParallelFlux(pipeline.flow))
     request = GenerationRequest(
         prompt="a portrait, cinematic",
         id_images=[skimage_data.astronaut()],

@@ -178,6 +178,26 @@ class PuLIDFluxPipeline:
             raise ValueError("the sequence-parallel wrapper must wrap this pipeline's DiT")
         self.parallel = parallel
 
+    def with_options(self, **changes) -> PuLIDFluxPipeline:
+        """A pipeline over the same models (shared, not copied) with some construction options
+        changed: ``parallel``, ``device_map``, or a model moved to another device."""
+        options = dict(
+            flow=self.flow,
+            ae=self.ae,
+            t5=self.t5,
+            clip=self.clip,
+            pulid_ca=self.pulid_ca,
+            id_encoder=self.id_encoder,
+            device=self.device,
+            dtype=self.dtype,
+            info=self.info,
+            lora_adapters=self.lora_adapters,
+            lora_library=self.lora_library,
+            device_map=self.device_map,
+            parallel=self.parallel,
+        )
+        return type(self)(**{**options, **changes})
+
     def components(self) -> list[Component]:
         """The models by stage, for memory placement: what runs when, and what may stream.
 

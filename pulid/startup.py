@@ -164,8 +164,7 @@ def build_pipeline(args: argparse.Namespace):
         pipeline = tiny_pipeline_with_face_models(folder)
         if first:
             dist.barrier()
-        pipeline.parallel = SequenceParallelFlux(pipeline.flow)
-        return pipeline
+        return pipeline.with_options(parallel=SequenceParallelFlux(pipeline.flow))
     from pulid.loading import load_pipeline
 
     device = args.device

@@ -113,13 +113,4 @@ def test_a_pipeline_denoises_on_its_maps_denoising_device(tmp_path):
     pipeline = tiny_pipeline(tmp_path, StubFaceAnalysis())
     assert pipeline.device_map == DeviceMap.single("cpu", STAGES)
     with pytest.raises(ValueError, match="denoises on cuda:0, not cpu"):
-        type(pipeline)(
-            flow=pipeline.flow,
-            ae=pipeline.ae,
-            t5=pipeline.t5,
-            clip=pipeline.clip,
-            pulid_ca=pipeline.pulid_ca,
-            id_encoder=pipeline.id_encoder,
-            device="cpu",
-            device_map=DeviceMap.parse("cuda:0,cpu", STAGES),
-        )
+        pipeline.with_options(device_map=DeviceMap.parse("cuda:0,cpu", STAGES))

@@ -21,7 +21,6 @@ import torch.multiprocessing as mp
 from flux.model import Flux
 from flux.parallel import SequenceParallelFlux, SequenceShards, ShardingError
 from pulid.injection import Identity, PuLIDInjection
-from pulid.pipeline import PuLIDFluxPipeline
 from pulid.ranks import SequenceParallelRunner, follow
 from pulid.request import GenerationRequest, InvalidRequestError, Person
 from pulid.service import GenerationService, ServiceError
@@ -45,20 +44,6 @@ def requests() -> dict[str, GenerationRequest]:
             **{**base, "num_steps": 8}, cache_threshold=0.5, cache_full_first=1, cache_full_last=1
         ),
     }
-
-
-def with_parallel(pipeline: PuLIDFluxPipeline, parallel) -> PuLIDFluxPipeline:
-    return PuLIDFluxPipeline(
-        flow=pipeline.flow,
-        ae=pipeline.ae,
-        t5=pipeline.t5,
-        clip=pipeline.clip,
-        pulid_ca=pipeline.pulid_ca,
-        id_encoder=pipeline.id_encoder,
-        device=pipeline.device,
-        dtype=pipeline.dtype,
-        parallel=parallel,
-    )
 
 
 def four_head_dit():
@@ -121,7 +106,7 @@ def _rank(rank: int, port: int, folder: str, out: str) -> None:
             results["dit"] = dit(**inputs, id_injection=injection)
         parallel = SequenceParallelFlux(pipeline.flow)
         # whole generations
-        split = with_parallel(pipeline, parallel)
+        split = pipeline.with_options(parallel=parallel)
         for name, request in requests().items():
             result = split.generate(request)
             results[name] = (result.latents, result.metadata.get("cache_full_steps"))
