@@ -277,3 +277,75 @@ def test_the_app_shares_each_request_and_a_cancel_stops_every_rank(ranks):
     assert results[0]["app cancelled"] == "Generation cancelled."
     assert results[0]["app after"] == 11  # the next request ran on both ranks
     assert results[1]["app after"] == "followed to the end"  # rank 1 left its loop when told
+
+
+def test_the_app_under_torchrun_serves_the_image_of_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 app_flux.py --sequence_parallel``: rank 0 serves the page and
+    shares each request; the image that comes back is the one one process makes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from pulid.startup import build_pipeline
+
+    root = Path(__file__).resolve().parent.parent
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        f"--master-port={ports[0]}",
+    ]
+    app = [*launch, "app_flux.py", "--preset", "tiny-random", "--sequence_parallel", "--port", str(ports[1])]
+    log = open(tmp_path / "app.log", "w")  # noqa: SIM115 - closed with the process below
+    server = subprocess.Popen(app, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{ports[1]}/"
+        for _ in range(120):
+            try:
+                client = Client(url, verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                assert server.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+                time.sleep(1)
+        photo = root / "example_inputs" / "astronaut.png"
+        gallery, *_ = client.predict(
+            id_image=handle_file(str(photo)),
+            prompt="a portrait",
+            width=256,
+            height=256,
+            num_steps=3,
+            seed="3",
+            api_name="/generate",
+        )
+        served = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"), dtype=int)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()
+    import app_flux
+
+    args = app_flux.parse_args(["--preset", "tiny-random"])
+    request = GenerationRequest(
+        prompt="a portrait",
+        id_images=[np.asarray(Image.open(photo).convert("RGB"))],
+        width=256,
+        height=256,
+        num_steps=3,
+        seed=3,
+    )
+    alone = np.asarray(build_pipeline(args).generate(request).image, dtype=int)
+    difference = np.abs(served - alone)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.005
