@@ -987,10 +987,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
+    ahead_of_time = False
     if ON_ZERO_GPU:
         if problems := check_flags(args):
             raise SystemExit("\nCannot start on ZeroGPU:\n- " + "\n- ".join(problems) + "\n")
         args.onnx_provider = "cpu"  # the app process has no GPU; the face stage is small (BENCHMARKS.md)
+        ahead_of_time, args.compile = args.compile, False  # compiled ahead of time below, not at load
     runner = None
     if args.ray:  # the pipelines live in Ray Serve replicas; this process serves the page
         from pulid.ray_serve import RayRunner, start
@@ -1019,6 +1021,11 @@ def main(argv: list[str] | None = None) -> None:
     else:  # on ZeroGPU: placed on cuda now, moved into each GPU worker by spaces
         pipeline = load_or_exit(args)
     if ON_ZERO_GPU:
+        if ahead_of_time:
+            from pulid.uploads import load_upload
+            from pulid.zerogpu import prepare_ahead_of_time
+
+            prepare_ahead_of_time(pipeline, load_upload(EXAMPLE_PHOTO))
         runner = ZeroGPURunner(pipeline)
     if args.sequence_parallel:  # torchrun: rank 0 serves and shares each request with the others
         from pulid.ranks import SequenceParallelRunner, follow, leads

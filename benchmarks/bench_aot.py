@@ -59,12 +59,6 @@ def steps_of(pipeline, generation) -> tuple[list[float], object]:
     return [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)], result
 
 
-def blocks_of(pipeline) -> list:
-    from flux.repeated import block_modules
-
-    return [*block_modules(pipeline.flow), *pipeline.pulid_ca]
-
-
 def phase(args) -> dict:
     import torch
 
@@ -75,7 +69,7 @@ def phase(args) -> dict:
     out: dict = {}
     if args.phase == "build":
         backend = AheadOfTime(args.packages, "build")
-        compile_ahead(blocks_of(pipeline), backend)
+        compile_ahead(pipeline.compiled_blocks(), backend)
         t0 = time.perf_counter()
         pipeline.generate(request(args, 2))
         torch.cuda.synchronize()
@@ -85,7 +79,7 @@ def phase(args) -> dict:
     pipeline.generate(request(args, 2))  # warm-up
     eager, reference = steps_of(pipeline, request(args, args.steps))
     backend = AheadOfTime(args.packages, "load")
-    compile_ahead(blocks_of(pipeline), backend)
+    compile_ahead(pipeline.compiled_blocks(), backend)
     t0 = time.perf_counter()
     pipeline.generate(request(args, 2))
     torch.cuda.synchronize()
@@ -94,7 +88,7 @@ def phase(args) -> dict:
     torch._dynamo.reset()
     from flux.compile import compile_blocks
 
-    compile_blocks(blocks_of(pipeline))
+    compile_blocks(pipeline.compiled_blocks())
     t0 = time.perf_counter()
     pipeline.generate(request(args, 2))
     torch.cuda.synchronize()

@@ -331,13 +331,7 @@ def load_pipeline(
     pulid.pulid_encoder.to(weights_on("id"))  # the IDFormer runs in the ID stage, the CAs while denoising
     eva = load_eva_clip(paths["eva"], weights_on("id"), dtype)
     id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, id_device, dtype)
-    # LoRA slots before compilation: torch.compile ignores hooks added after it has traced a block.
     lora_adapters = LoRAAdapters(flow, device, dtype)
-    if compiled:
-        from flux.compile import compile_blocks, compile_repeated_blocks
-
-        compile_repeated_blocks(flow)
-        compile_blocks(pulid.pulid_ca)
     parallel = None
     if sequence_parallel:
         from flux.parallel import SequenceParallelFlux, ShardingError
@@ -372,6 +366,10 @@ def load_pipeline(
         device_map=device_map,
         parallel=parallel,
     )
+    if compiled:  # after the LoRA slots: torch.compile ignores hooks added after it has traced a block
+        from flux.compile import compile_blocks
+
+        compile_blocks(pipeline.compiled_blocks())
     if memory.placed:
         place_pipeline(pipeline, memory)
     return pipeline

@@ -178,6 +178,11 @@ class PuLIDFluxPipeline:
             raise ValueError("the sequence-parallel wrapper must wrap this pipeline's DiT")
         self.parallel = parallel
 
+    def compiled_blocks(self) -> list[nn.Module]:
+        """The modules compiled one by one (``--compile``, ahead of time on ZeroGPU): the DiT's
+        declared blocks, then the ID cross-attentions."""
+        return [*block_modules(self.flow), *self.pulid_ca]
+
     def with_options(self, **changes) -> PuLIDFluxPipeline:
         """A pipeline over the same models (shared, not copied) with some construction options
         changed: ``parallel``, ``device_map``, or a model moved to another device."""

@@ -26,8 +26,11 @@ in the calling process: the same code, the same images.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 try:  # first: on ZeroGPU, ``spaces`` must patch torch before CUDA is touched
     import spaces
@@ -35,11 +38,15 @@ except ImportError:  # a local install without it: nothing to schedule
     spaces = None
 
 import numpy as np
+import torch
 
+from flux.aot import AheadOfTime, compile_ahead
 from flux.sampling import StepInfo
 from pulid.events import Event, consume, generation_events
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 ON_ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")  # as spaces reads it
 
@@ -85,6 +92,54 @@ def _generate(request: GenerationRequest) -> Iterator[Event]:
 
 generate_on_gpu = _generate if spaces is None else spaces.GPU(_generate, duration=gpu_seconds)
 
+# --compile on ZeroGPU: the blocks are compiled ahead of time, in one GPU slice at start-up, for
+# these sizes (the official default and the square preset; other sizes run uncompiled). About
+# 80 s a size on an H100 (BENCHMARKS.md); packages already in the folder are not built again.
+AOT_SIZES = ((896, 1152), (1024, 1024))
+AOT_SECONDS = 900
+
+
+def aot_folder() -> Path:
+    """Where the packages go: the persistent disk when the Space has one (kept across restarts)."""
+    root = Path("/data") if Path("/data").is_dir() else Path(tempfile.gettempdir())
+    return root / "pulid-flux-aot"
+
+
+def _build_ahead(folder: str, photo: np.ndarray, sizes: tuple[tuple[int, int], ...]) -> list[str]:
+    """(In a GPU slice.) The pipeline's blocks compiled into packages in ``folder`` while one
+    short generation runs at each size; returns the keys built."""
+    if _pipeline is None:
+        raise RuntimeError("pulid.zerogpu.use_pipeline was not called before building")
+    backend = AheadOfTime(folder, "build")
+    compile_ahead(_pipeline.compiled_blocks(), backend)
+    for width, height in sizes:
+        _pipeline.generate(
+            GenerationRequest(prompt="", id_images=[photo], width=width, height=height, num_steps=2, seed=0)
+        )
+    return backend.built
+
+
+build_ahead_on_gpu = _build_ahead if spaces is None else spaces.GPU(_build_ahead, duration=AOT_SECONDS)
+
+
+def prepare_ahead_of_time(
+    pipeline: PuLIDFluxPipeline,
+    photo: np.ndarray,
+    folder: str | os.PathLike | None = None,
+    sizes: tuple[tuple[int, int], ...] = AOT_SIZES,
+) -> AheadOfTime:
+    """``--compile`` on ZeroGPU (:mod:`flux.aot`): build the packages in a GPU slice now, then
+    compile the blocks here with the backend that loads them, which each GPU worker inherits.
+    ``photo`` has a face, so that the ID cross-attentions are built too."""
+    folder = Path(folder) if folder is not None else aot_folder()
+    use_pipeline(pipeline)
+    built = build_ahead_on_gpu(str(folder), photo, tuple(sizes))
+    logger.info("ahead-of-time packages in %s: %d built now", folder, len(built))
+    torch._dynamo.reset()  # outside ZeroGPU the build ran here: forget its compiled frames
+    backend = AheadOfTime(folder, "load")
+    compile_ahead(pipeline.compiled_blocks(), backend)
+    return backend
+
 
 def check_flags(args: argparse.Namespace) -> list[str]:
     """What is wrong with the app's flags for a ZeroGPU Space, each with what to do instead
@@ -99,11 +154,6 @@ def check_flags(args: argparse.Namespace) -> list[str]:
     if args.device not in (None, "cuda", "cuda:0") or args.devices is not None:
         given = f"--devices {args.devices}" if args.devices is not None else f"--device {args.device}"
         problems.append(f"{given}: a ZeroGPU Space has one GPU, cuda: remove it.")
-    if args.compile:
-        problems.append(
-            "--compile: ZeroGPU cannot run torch.compile at request time; remove it (the eager "
-            "figures are in BENCHMARKS.md)."
-        )
     if getattr(args, "replicas", 1) > 1:
         problems.append("--replicas: ZeroGPU gives each call its own GPU slice already; remove it.")
     if args.sequence_parallel:

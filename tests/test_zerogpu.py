@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import spaces
+import torch
 
 from pulid import zerogpu
 from pulid.outputs import read_image_metadata
@@ -72,15 +73,17 @@ def test_the_gpu_function_is_handed_to_spaces_with_the_requests_duration():
         "import inspect, spaces\n"
         "seen = {}\n"
         "def recording_gpu(task, duration=None):\n"
-        "    seen.update(task=task, duration=duration)\n"
-        "    return 'scheduled'\n"
+        "    seen[task.__name__] = duration\n"
+        "    return 'scheduled ' + task.__name__\n"
         "spaces.GPU = recording_gpu\n"
         "from pulid import zerogpu\n"
-        "assert zerogpu.generate_on_gpu == 'scheduled'\n"
-        "assert seen['task'] is zerogpu._generate and inspect.isgeneratorfunction(seen['task'])\n"
-        "assert seen['duration'] is zerogpu.gpu_seconds\n"
+        "assert zerogpu.generate_on_gpu == 'scheduled _generate'\n"
+        "assert inspect.isgeneratorfunction(zerogpu._generate)\n"
+        "assert seen['_generate'] is zerogpu.gpu_seconds\n"
         "params = lambda f: list(inspect.signature(f).parameters)\n"
-        "assert params(seen['duration']) == params(seen['task']) == ['request']\n"
+        "assert params(zerogpu.gpu_seconds) == params(zerogpu._generate) == ['request']\n"
+        "assert zerogpu.build_ahead_on_gpu == 'scheduled _build_ahead'\n"
+        "assert seen['_build_ahead'] == zerogpu.AOT_SECONDS\n"
         "print('handed over')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -112,10 +115,10 @@ def test_the_flags_a_zero_gpu_space_refuses():
     from app_flux import parse_args
 
     assert zerogpu.check_flags(parse_args([])) == []
-    problems = zerogpu.check_flags(parse_args(["--offload", "--compile", "--device", "cpu"]))
+    problems = zerogpu.check_flags(parse_args(["--offload", "--device", "cpu", "--replicas", "2"]))
     assert len(problems) == 3
     assert any("--offload" in p and "PULID_FLUX_ARGS" in p for p in problems)
-    assert any("--device cpu" in p for p in problems) and any("torch.compile" in p for p in problems)
+    assert any("--device cpu" in p for p in problems) and any("--replicas" in p for p in problems)
 
 
 def test_the_zero_gpu_runner_saves_the_same_images_as_the_local_one(pipeline, tmp_path):
@@ -203,3 +206,40 @@ def test_a_cancel_closes_the_gpu_call_and_stops_the_generation(pipeline, tmp_pat
     assert seen == [0]
     assert not [t for t in threading.enumerate() if t.name == "generation-events"]
     assert service.run(request(num_images=1), session="bob").seed == 5
+
+
+def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process(tmp_path, monkeypatch):
+    """``--compile`` on ZeroGPU: the GPU function builds the packages while generating at each size,
+    then the app process compiles the blocks with the loading backend (which each worker
+    inherits). The backends here only record what they are asked (the real one: tests/test_aot.py)."""
+    made = []
+
+    class Recording:
+        def __init__(self, folder, mode):
+            self.mode, self.graphs, self.built = mode, 0, []
+            made.append(self)
+
+        def __call__(self, graph, inputs):
+            self.graphs += 1
+            return graph.forward
+
+    calls = []
+
+    def on_gpu(folder, photo, sizes):
+        calls.append((folder, sizes))
+        return zerogpu._build_ahead(folder, photo, sizes)
+
+    monkeypatch.setattr(zerogpu, "AheadOfTime", Recording)
+    monkeypatch.setattr(zerogpu, "build_ahead_on_gpu", on_gpu)
+    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalysis())  # its own: its blocks get compiled
+    before = pipeline.generate(request(num_images=1)).latents
+    zerogpu.prepare_ahead_of_time(pipeline, photo(1), tmp_path / "aot", sizes=((256, 256), (320, 256)))
+    assert calls == [(str(tmp_path / "aot"), ((256, 256), (320, 256)))]
+    assert [b.mode for b in made] == ["build", "load"]
+    assert made[0].graphs >= 3  # a double block, a single block and a cross-attention graph
+    assert made[1].graphs == 0  # the loading backend waits for the first request
+    after = pipeline.generate(request(num_images=1)).latents
+    assert made[1].graphs >= 3 and torch.allclose(after, before, rtol=1e-5, atol=1e-6)
+    from app_flux import parse_args
+
+    assert zerogpu.check_flags(parse_args(["--compile"])) == []  # --compile means ahead of time there

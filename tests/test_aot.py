@@ -1,0 +1,91 @@
+"""Blocks compiled ahead of time (``flux.aot``): built once, loaded by a fresh process.
+
+A small DiT with two blocks of each kind: every block of a kind runs through one package with its
+own weights as inputs, so a package that had kept the first block's weights would be caught. The
+fresh process compiles nothing, and a size that was not built runs uncompiled, still right.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from flux.aot import AheadOfTime, compile_ahead
+from flux.model import Flux
+from flux.repeated import block_modules
+from tests.test_sequence_parallel import dit_inputs
+from tiny_random.models import tiny_flux_params
+
+ROOT = Path(__file__).resolve().parent.parent
+F32_TOLERANCE = 1e-5  # float32 against float64, relative to the largest value
+
+
+def small_dit() -> Flux:
+    torch.manual_seed(11)
+    return Flux(tiny_flux_params(depth=2, depth_single_blocks=2)).eval()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+LOAD = """
+import json, sys, torch
+from flux.aot import AheadOfTime, compile_ahead
+from flux.repeated import block_modules
+from tests.test_aot import small_dit, dit_inputs
+dit = small_dit()
+backend = AheadOfTime(sys.argv[1], "load")
+compile_ahead(block_modules(dit), backend)
+with torch.inference_mode():
+    built_size = dit(**dit_inputs(dit))
+    other_size = dit(**dit_inputs(dit, tokens=(4, 8)))
+torch.save({"built": built_size, "other": other_size}, sys.argv[2])
+print(json.dumps({"built": backend.built, "loaded": backend.loaded, "missing": backend.missing}))
+"""
+
+
+def test_packages_built_once_run_every_block_with_its_own_weights_in_a_fresh_process(tmp_path):
+    dit = small_dit()
+    inputs = dit_inputs(dit)
+    with torch.inference_mode():
+        expected = small_dit().double()(**{k: v.double() for k, v in inputs.items()})
+        backend = AheadOfTime(tmp_path / "packages", "build")
+        assert compile_ahead(block_modules(dit), backend) == 4
+        built = dit(**inputs)
+    assert len(backend.built) == 2  # one graph per kind of block, shared by both blocks of the kind
+    assert relative_error(built, expected) < F32_TOLERANCE
+
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, str(tmp_path / "packages"), str(tmp_path / "out.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["built"] == [] and sorted(report["loaded"]) == sorted(backend.built)
+    assert len(report["missing"]) == 2  # the other size's two graphs: run as traced
+    outputs = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert relative_error(outputs["built"], expected) < F32_TOLERANCE
+    with torch.inference_mode():
+        other = small_dit().double()(**{k: v.double() for k, v in dit_inputs(dit, tokens=(4, 8)).items()})
+    assert relative_error(outputs["other"], other) < F32_TOLERANCE
+
+
+def test_a_graph_key_names_its_code_and_its_inputs():
+    from flux.aot import graph_key
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    graph = torch.fx.symbolic_trace(Twice())
+    key = graph_key(graph, [torch.zeros(2, 3)])
+    assert key == graph_key(graph, [torch.ones(2, 3)])  # values do not matter
+    assert key != graph_key(graph, [torch.zeros(3, 2)])  # shapes do
+    assert key != graph_key(graph, [torch.zeros(2, 3, dtype=torch.float64)])  # dtypes do
+    assert key != graph_key(torch.fx.symbolic_trace(torch.nn.Identity()), [torch.zeros(2, 3)])
