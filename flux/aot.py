@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -55,10 +56,22 @@ class AheadOfTime:
         # compiled on its own) and gets the same graph for all blocks of a kind, whose weights
         # are its inputs; loading a package again for each would cost about 0.4 s a block.
         self.runners: dict[str, Callable] = {}
+        self.seconds: dict[str, float] = {}  # "load <key>", "first run <key>": what a worker pays once
 
     @property
     def loaded(self) -> list[str]:
         return list(self.runners)
+
+    def prepare(self) -> float:
+        """Do now, once per process, what the first package load would otherwise do: Inductor's
+        check of the CPU's vector instructions, which runs the C++ compiler several times (47 s
+        of a fresh process's first load on an H100 host, BENCHMARKS.md). Called in the app
+        process, its result is inherited by every GPU worker forked after it. Returns seconds."""
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+        start = time.perf_counter()
+        valid_vec_isa_list()
+        return time.perf_counter() - start
 
     def package(self, key: str) -> Path:
         return self.folder / f"{key}.pt2"
@@ -77,9 +90,24 @@ class AheadOfTime:
             exported = torch.export.export(graph, tuple(inputs), strict=False)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
             self.built.append(key)
+        start = time.perf_counter()
         package = torch._inductor.aoti_load_package(str(path))
-        self.runners[key] = lambda *args: package(*args)
-        return self.runners[key]
+        self.seconds[f"load {key}"] = time.perf_counter() - start
+        first = [True]
+
+        def run(*args):
+            if not first[0]:
+                return package(*args)
+            first[0] = False
+            start = time.perf_counter()
+            out = package(*args)
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+                torch.cuda.synchronize(args[0].device)
+            self.seconds[f"first run {key}"] = time.perf_counter() - start
+            return out
+
+        self.runners[key] = run
+        return run
 
 
 def compile_ahead(blocks: Iterable[nn.Module], backend: AheadOfTime) -> int:

@@ -137,6 +137,7 @@ def prepare_ahead_of_time(
     logger.info("ahead-of-time packages in %s: %d built now", folder, len(built))
     torch._dynamo.reset()  # outside ZeroGPU the build ran here: forget its compiled frames
     backend = AheadOfTime(folder, "load")
+    logger.info("the packages' one-time set-up took %.1f s here, for every worker", backend.prepare())
     compile_ahead(pipeline.compiled_blocks(), backend)
     return backend
 

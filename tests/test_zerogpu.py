@@ -223,6 +223,10 @@ def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process
             self.graphs += 1
             return graph.forward
 
+        def prepare(self):
+            self.prepared = True
+            return 0.0
+
     calls = []
 
     def on_gpu(folder, photo, sizes):
@@ -238,6 +242,7 @@ def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process
     assert [b.mode for b in made] == ["build", "load"]
     assert made[0].graphs >= 3  # a double block, a single block and a cross-attention graph
     assert made[1].graphs == 0  # the loading backend waits for the first request
+    assert getattr(made[1], "prepared", False)  # its one-time set-up done here, for every worker
     after = pipeline.generate(request(num_images=1)).latents
     assert made[1].graphs >= 3 and torch.allclose(after, before, rtol=1e-5, atol=1e-6)
     from app_flux import parse_args
