@@ -155,6 +155,8 @@ def check_flags(args: argparse.Namespace) -> list[str]:
     if args.device not in (None, "cuda", "cuda:0") or args.devices is not None:
         given = f"--devices {args.devices}" if args.devices is not None else f"--device {args.device}"
         problems.append(f"{given}: a ZeroGPU Space has one GPU, cuda: remove it.")
+    if getattr(args, "ray", False):
+        problems.append("--ray: a ZeroGPU Space schedules its own GPU slices; remove it.")
     if getattr(args, "replicas", 1) > 1:
         problems.append("--replicas: ZeroGPU gives each call its own GPU slice already; remove it.")
     if args.sequence_parallel:

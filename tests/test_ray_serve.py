@@ -153,4 +153,8 @@ def test_a_replica_killed_mid_request_fails_that_request_alone(served, tmp_path)
     assert len(lost) == 1 and len(finished) == 1, outcomes
     # Serve replaces the lost replica; later requests are served
     assert service.run(request(3)).seed == 3
+    for _ in range(120):  # Serve reports the application unhealthy until the new replica is up
+        if serve.status().applications[APP_NAME].status == "RUNNING":
+            break
+        time.sleep(0.5)
     assert serve.status().applications[APP_NAME].status == "RUNNING"

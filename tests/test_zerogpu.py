@@ -115,8 +115,8 @@ def test_the_flags_a_zero_gpu_space_refuses():
     from app_flux import parse_args
 
     assert zerogpu.check_flags(parse_args([])) == []
-    problems = zerogpu.check_flags(parse_args(["--offload", "--device", "cpu", "--replicas", "2"]))
-    assert len(problems) == 3
+    problems = zerogpu.check_flags(parse_args(["--offload", "--device", "cpu", "--replicas", "2", "--ray"]))
+    assert len(problems) == 4 and any("--ray" in p for p in problems)
     assert any("--offload" in p and "PULID_FLUX_ARGS" in p for p in problems)
     assert any("--device cpu" in p for p in problems) and any("--replicas" in p for p in problems)
 
