@@ -996,6 +996,7 @@ def main(argv: list[str] | None = None) -> None:
     runner = None
     if args.ray:  # the pipelines live in Ray Serve replicas; this process serves the page
         from pulid.ray_serve import RayRunner, start
+        from pulid.web_guard import allowed_hosts
 
         if args.device is not None or args.devices is not None or args.sequence_parallel:
             raise SystemExit(
@@ -1009,6 +1010,7 @@ def main(argv: list[str] | None = None) -> None:
             address=args.ray_address,
             http_host=args.host,
             http_port=args.ray_http_port,
+            hosts=allowed_hosts(args.host, args.share, IN_SPACE, args.allowed_hosts),
         )
         service = make_service(None, args.outputs_dir, args.keep_outputs, RayRunner(handle, args.replicas))
         launch(create_demo(args, service), args)

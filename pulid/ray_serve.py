@@ -48,8 +48,11 @@ REPLICA_LOST = (
 class PuLIDReplica:
     """One pipeline on one GPU, built from the app's model flags (``argv``)."""
 
-    def __init__(self, argv: Sequence[str]):
+    def __init__(self, argv: Sequence[str], hosts: Sequence[str] = ("*",)):
+        """``hosts``: the host names the HTTP endpoint answers to (:mod:`pulid.web_guard`)."""
         from pulid.startup import add_model_arguments, build_pipeline
+
+        self.hosts = tuple(hosts)
 
         parser = argparse.ArgumentParser(prog="pulid-replica")
         add_model_arguments(parser)
@@ -70,6 +73,12 @@ class PuLIDReplica:
 
         from starlette.responses import JSONResponse
 
+        from pulid.web_guard import host_allowed, host_name
+
+        header = http_request.headers.get("host", "")
+        if "*" not in self.hosts and not host_allowed(header, self.hosts):  # DNS rebinding
+            name = host_name(header)[:100]
+            return JSONResponse({"error": f"This endpoint does not answer to the host name {name!r}."}, 421)
         try:
             body = await http_request.json()
             request = request_from_json(body)
@@ -164,10 +173,16 @@ def deploy(
     cpus_per_replica: float = 1.0,
     http_host: str = "127.0.0.1",
     http_port: int = 8000,
+    hosts: Sequence[str] | None = None,
 ):
     """Start Serve's HTTP proxy and ``replicas`` replicas of :class:`PuLIDReplica`; returns the
-    handle. Ray must be initialised (``ray.init``)."""
+    handle. Ray must be initialised (``ray.init``). ``hosts``: the host names the endpoint answers
+    to (default: the app's rule for ``http_host``, :func:`pulid.web_guard.allowed_hosts`)."""
     from ray import serve
+
+    from pulid.web_guard import allowed_hosts
+
+    hosts = tuple(hosts) if hosts is not None else allowed_hosts(http_host, False, False, None)
 
     serve.start(http_options={"host": http_host, "port": http_port})
     deployment = serve.deployment(
@@ -177,7 +192,7 @@ def deploy(
         max_ongoing_requests=1,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
     )
-    return serve.run(deployment.bind(list(model_argv)), name=APP_NAME, route_prefix=ROUTE)
+    return serve.run(deployment.bind(list(model_argv), hosts), name=APP_NAME, route_prefix=ROUTE)
 
 
 def start(
@@ -188,6 +203,7 @@ def start(
     address: str | None = None,
     http_host: str = "127.0.0.1",
     http_port: int = 8000,
+    hosts: Sequence[str] | None = None,
 ):
     """Join Ray (a local one, or the cluster at ``address``) and :func:`deploy` the replicas, each
     on a GPU of its own (``on_gpus``; the tiny preset runs on the CPU); returns the handle."""
@@ -195,7 +211,12 @@ def start(
 
     ray.init(address=address)
     handle = deploy(
-        model_argv, replicas, gpus_per_replica=1 if on_gpus else 0, http_host=http_host, http_port=http_port
+        model_argv,
+        replicas,
+        gpus_per_replica=1 if on_gpus else 0,
+        http_host=http_host,
+        http_port=http_port,
+        hosts=hosts,
     )
     logger.info("%d replicas; HTTP endpoint: http://%s:%d%s", replicas, http_host, http_port, ROUTE)
     return handle

@@ -114,6 +114,8 @@ def test_the_http_endpoint_answers_with_the_image_and_refuses_bad_requests(serve
     assert image["seed"] == 7 and image["metadata"]["num_steps"] == 3
     decoded = Image.open(io.BytesIO(base64.b64decode(image["png"]))).convert("RGB")
     assert close_to(decoded, local.generate(request(7)).image)
+    rebound = httpx.post(url, json=body, headers={"Host": "attacker.example"}, timeout=60)
+    assert rebound.status_code == 421 and "'attacker.example'" in rebound.json()["error"]  # DNS rebinding
     for bad, message in (
         ({**body, "num_steps": "many"}, "Number of steps must be a whole number"),
         ({**body, "colour": "red"}, "Unknown setting(s): colour"),
