@@ -27,7 +27,7 @@ from pulid.limits import (
     MAX_QUEUED_PER_VISITOR,
     MAX_UPLOAD_BYTES,
 )
-from pulid.startup import add_model_arguments, load_or_exit
+from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, load_or_exit
 
 logger = logging.getLogger("app_flux")
 
@@ -969,10 +969,13 @@ def configure_space() -> None:
 
 
 def preloaded() -> bool:
-    """Whether the Space's build downloaded FLUX.1-dev into the default Hugging Face cache."""
-    from huggingface_hub import constants
+    """Whether the default flags' FLUX.1-dev transformer is already on this machine (the Space's
+    build put it in the default Hugging Face cache), as the loader will look for it."""
+    from flux.hub import default_models_dir, find_local
+    from pulid.catalogue import DEFAULT_VERSION, required_weights
 
-    return (Path(constants.HF_HUB_CACHE) / "models--black-forest-labs--FLUX.1-dev").is_dir()
+    flow = required_weights("flux-dev", DEFAULT_VERSION, None, {})["flow"]
+    return find_local(flow.weights, default_models_dir()) is not None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -995,14 +998,14 @@ def main(argv: list[str] | None = None) -> None:
         ahead_of_time, args.compile = args.compile, False  # compiled ahead of time below, not at load
     runner = None
     if args.ray:  # the pipelines live in Ray Serve replicas; this process serves the page
+        from flux.devices import HardwareError
         from pulid.ray_serve import RayRunner, start
         from pulid.web_guard import allowed_hosts
 
-        if args.device is not None or args.devices is not None or args.sequence_parallel:
-            raise SystemExit(
-                "\nCannot start: Ray gives each replica a GPU of its own: drop --device, "
-                "--devices and --sequence_parallel\n"
-            )
+        try:
+            check_whole_pipeline_per_gpu(args, "--ray")
+        except HardwareError as err:
+            raise SystemExit(f"\nCannot start: {err}\n") from None
         handle = start(
             argv,
             args.replicas,

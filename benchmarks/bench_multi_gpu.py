@@ -79,7 +79,7 @@ def comm_ms(parallel, request, repeats: int = 5) -> float:
 
     params = parallel.params
     world = parallel.shards.world
-    local = (request.max_sequence_length + (request.width // 16) * (request.height // 16)) // world
+    local = (request.max_sequence_length + request.image_tokens) // world
     head_dim = params.hidden_size // params.num_heads
     blocks = params.depth + params.depth_single_blocks
     send = torch.randn(

@@ -261,7 +261,8 @@ def load_pipeline(
             )
         device_map = DeviceMap.parse(devices, STAGES)
         if not single:
-            check_device_map(device_map, device_plans(device_map, memory, meta_pipeline(model_name, fp8)))
+            plans = device_plans(device_map, memory, meta_pipeline(model_name, fp8))
+            logger.info("Stages by device:\n%s", check_device_map(device_map, plans))
         device = device_map.device_of("denoise")
     device = resolve_device(device)
     fp8 = resolve_fp8_mode(fp8, device)
@@ -285,7 +286,8 @@ def load_pipeline(
         }
         planned_pipeline = meta_pipeline(model_name, fp8, planned)
         if device_map is not None:
-            check_device_map(device_map, device_plans(device_map, memory, planned_pipeline))
+            plans = device_plans(device_map, memory, planned_pipeline)
+            logger.info("Stages by device:\n%s", check_device_map(device_map, plans))
         else:
             memory.plan(measure(planned_pipeline.components()), STAGES, plan_counts())
 
@@ -298,8 +300,6 @@ def load_pipeline(
         return torch.device("cpu") if memory.placed else device_map.device_of(stage)
 
     logger.info("Loading PuLID-FLUX (%s, PuLID %s) for %s", model_name, version, describe(device))
-    if len(device_map.devices) > 1:
-        logger.info("Stages by device: %s", device_map)
     id_device = device_map.device_of("id")
     face_analysis = load_face_analyzer(
         {role: paths[role] for role in FACE_MODEL_ROLES}, onnx_provider=onnx_provider, device=id_device

@@ -525,7 +525,7 @@ class PuLIDFluxPipeline:
         if self.parallel is None:
             return
         try:
-            self.parallel.check(request.max_sequence_length, (request.width // 16) * (request.height // 16))
+            self.parallel.check(request.max_sequence_length, request.image_tokens)
         except ShardingError as err:
             raise InvalidRequestError(str(err)) from None
 

@@ -27,6 +27,7 @@ from flux.sampling import GenerationCancelled, StepInfo
 from pulid.errors import PuLIDError
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.service import LocalRunner
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ class SequenceParallelRunner:
         on_image: Callable[[GeneratedImage], None],
     ) -> list[np.ndarray]:
         _share(request)
-        result = self.pipeline.generate(request, callback=report, on_stage=report, on_image=on_image)
-        return result.debug_images
+        return LocalRunner(self.pipeline).generate(request, report, on_image)
 
     def close(self) -> None:
         """Let the other ranks' :func:`follow` return."""

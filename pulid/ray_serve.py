@@ -64,8 +64,9 @@ class PuLIDReplica:
         yield from generation_events(self.pipeline, request)
 
     def lora_names(self) -> list[str]:
-        library = getattr(self.pipeline, "lora_library", None)
-        return [] if library is None else library.names()
+        from pulid.service import lora_names_of
+
+        return lora_names_of(self.pipeline)
 
     async def __call__(self, http_request) -> object:
         """``POST /generate``: JSON in, JSON out (see the module's docstring)."""

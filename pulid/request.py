@@ -27,7 +27,7 @@ from pulid.limits import (
 )
 from pulid.loras import LoRAChoice
 from pulid.outputs import EXTENSIONS
-from pulid.regions import LAYOUTS
+from pulid.regions import LAYOUTS, TOKEN_PIXELS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 from pulid.uploads import at_first_size
 
@@ -309,6 +309,11 @@ class GenerationRequest:
             id_region=checked_region(id_region, "Person 1"),
             **coerce_all(generation_settings(), values),
         )
+
+    @property
+    def image_tokens(self) -> int:
+        """How many image tokens the DiT sees: one per 16 x 16 pixels."""
+        return (self.width // TOKEN_PIXELS) * (self.height // TOKEN_PIXELS)
 
     @property
     def uses_true_cfg(self) -> bool:

@@ -144,15 +144,19 @@ class _Line:
         told = None
         while True:
             with self._changed:
-                ahead = max(self._tickets.index(ticket) - self.running + 1, 0)
+                ahead = self._ahead(ticket)
                 if ahead and ahead == told:  # nothing new to tell: wait for a change or a poll
                     self._changed.wait(POLL_SECONDS)
-                    ahead = max(self._tickets.index(ticket) - self.running + 1, 0)
+                    ahead = self._ahead(ticket)
             if ahead == 0:
                 return
             if ahead != told or ticket.cancel.is_set():
                 report(f"waiting for the GPU: {ahead} ahead")  # raises if cancelled
                 told = ahead
+
+    def _ahead(self, ticket: _Ticket) -> int:
+        """Jobs that must finish before ``ticket`` runs (0: it may run now); hold the lock."""
+        return max(self._tickets.index(ticket) - self.running + 1, 0)
 
     def leave(self, ticket: _Ticket) -> None:
         with self._changed:
@@ -298,6 +302,12 @@ class LocalRunner:
         return result.debug_images
 
 
+def lora_names_of(pipeline: PuLIDFluxPipeline | None) -> list[str]:
+    """The LoRAs ``pipeline`` can load by name (none without a LoRA library)."""
+    library = getattr(pipeline, "lora_library", None)
+    return [] if library is None else library.names()
+
+
 def trim_host_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise, after a large photo)."""
     if sys.platform.startswith("linux"):
@@ -427,8 +437,7 @@ class GenerationService:
         """The LoRAs a request may name in the app: files in the LoRA folder and the speed LoRAs."""
         if hasattr(self.runner, "lora_names"):  # the pipelines are elsewhere: ask them
             return self.runner.lora_names()
-        library = getattr(self.pipeline, "lora_library", None)
-        return [] if library is None else library.names()
+        return lora_names_of(self.pipeline)
 
     def _check_loras(self, request: GenerationRequest) -> None:
         if not (self.listed_loras_only and request.loras):

@@ -194,6 +194,17 @@ def build_pipeline(args: argparse.Namespace):
     )
 
 
+def check_whole_pipeline_per_gpu(args: argparse.Namespace, flag: str) -> None:
+    """``flag`` (``--replicas``, ``--ray``) gives each GPU a whole pipeline of its own: refuse the
+    flags that place one pipeline's models instead."""
+    from flux.devices import HardwareError
+
+    if args.device is not None or args.devices is not None or args.sequence_parallel:
+        raise HardwareError(
+            f"{flag} puts one whole pipeline on each GPU: drop --device, --devices and --sequence_parallel"
+        )
+
+
 def build_replicas(args: argparse.Namespace, count: int) -> list:
     """``count`` pipelines, one per GPU (cuda:0, cuda:1, ...; the tiny preset: on the CPU), each
     with the memory flags for its own GPU."""
@@ -203,11 +214,7 @@ def build_replicas(args: argparse.Namespace, count: int) -> list:
         raise HardwareError(f"--replicas {count}: give at least one")
     if count == 1:
         return [build_pipeline(args)]
-    if args.device is not None or args.devices is not None or args.sequence_parallel:
-        raise HardwareError(
-            "--replicas puts one whole pipeline on each GPU (cuda:0, cuda:1, ...): drop --device, "
-            "--devices and --sequence_parallel"
-        )
+    check_whole_pipeline_per_gpu(args, "--replicas")
     if args.preset is None:
         import torch
 

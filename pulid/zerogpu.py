@@ -44,7 +44,7 @@ from flux.aot import AheadOfTime, compile_ahead
 from flux.sampling import StepInfo
 from pulid.events import Event, consume, generation_events
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
-from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.request import SIZE_PRESETS, GenerationRequest, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ MAX_GPU_SECONDS = 300  # the longest slice a request may ask for; larger ones ar
 def gpu_seconds(request: GenerationRequest) -> int:
     """The seconds of GPU to book for ``request``: DiT passes scaled by image tokens (attention
     grows faster than the rest), decodes per image, and the fixed stages, with a margin."""
-    tokens = (request.width // 16) * (request.height // 16)
-    ratio = tokens / REFERENCE_TOKENS
+    ratio = request.image_tokens / REFERENCE_TOKENS
     per_pass = STEP_SECONDS * ratio * (0.85 + 0.15 * ratio)  # attention is about 15% of a step here
     passes = request.num_steps * (2 if request.uses_true_cfg else 1) * request.num_images
     decodes = DECODE_SECONDS * ratio * request.num_images
@@ -83,11 +82,15 @@ def use_pipeline(pipeline: PuLIDFluxPipeline) -> None:
     _pipeline = pipeline
 
 
+def _the_pipeline() -> PuLIDFluxPipeline:
+    if _pipeline is None:
+        raise RuntimeError("pulid.zerogpu.use_pipeline was not called before the GPU work")
+    return _pipeline
+
+
 def _generate(request: GenerationRequest) -> Iterator[Event]:
     """The GPU work of one request, as picklable events (:func:`pulid.events.generation_events`)."""
-    if _pipeline is None:
-        raise RuntimeError("pulid.zerogpu.use_pipeline was not called before the first request")
-    yield from generation_events(_pipeline, request)
+    yield from generation_events(_the_pipeline(), request)
 
 
 generate_on_gpu = _generate if spaces is None else spaces.GPU(_generate, duration=gpu_seconds)
@@ -95,7 +98,7 @@ generate_on_gpu = _generate if spaces is None else spaces.GPU(_generate, duratio
 # --compile on ZeroGPU: the blocks are compiled ahead of time, in one GPU slice at start-up, for
 # these sizes (the official default and the square preset; other sizes run uncompiled). About
 # 80 s a size on an H100 (BENCHMARKS.md); packages already in the folder are not built again.
-AOT_SIZES = ((896, 1152), (1024, 1024))
+AOT_SIZES = tuple(SIZE_PRESETS.values())[:2]
 AOT_SECONDS = 900
 
 
@@ -108,12 +111,11 @@ def aot_folder() -> Path:
 def _build_ahead(folder: str, photo: np.ndarray, sizes: tuple[tuple[int, int], ...]) -> list[str]:
     """(In a GPU slice.) The pipeline's blocks compiled into packages in ``folder`` while one
     short generation runs at each size; returns the keys built."""
-    if _pipeline is None:
-        raise RuntimeError("pulid.zerogpu.use_pipeline was not called before building")
+    pipeline = _the_pipeline()
     backend = AheadOfTime(folder, "build")
-    compile_ahead(_pipeline.compiled_blocks(), backend)
+    compile_ahead(pipeline.compiled_blocks(), backend)
     for width, height in sizes:
-        _pipeline.generate(
+        pipeline.generate(
             GenerationRequest(prompt="", id_images=[photo], width=width, height=height, num_steps=2, seed=0)
         )
     return backend.built

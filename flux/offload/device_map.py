@@ -167,12 +167,7 @@ def check_device_map(
         except HardwareError as err:
             problems.append(str(err))
     if problems:  # free memory cannot be asked of a device that does not exist
-        raise HardwareError(
-            f"--devices {device_map}:\n"
-            + "\n".join(f"- {p}" for p in problems)
-            + "\n"
-            + plan_table(device_map, plans, {})
-        )
+        raise _refusal(device_map, problems, plan_table(device_map, plans, {}))
     room = {device: free(device) for device in device_map.devices}
     for device in device_map.devices:
         need, have = plans[device].peak, room[device]
@@ -184,7 +179,9 @@ def check_device_map(
             )
     table = plan_table(device_map, plans, room)
     if problems:
-        raise HardwareError(
-            f"--devices {device_map}:\n" + "\n".join(f"- {p}" for p in problems) + "\n" + table
-        )
+        raise _refusal(device_map, problems, table)
     return table
+
+
+def _refusal(device_map: DeviceMap, problems: list[str], table: str) -> HardwareError:
+    return HardwareError(f"--devices {device_map}:\n" + "\n".join(f"- {p}" for p in problems) + "\n" + table)
