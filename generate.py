@@ -41,10 +41,18 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{setting.label}: {setting.describe_range()}"
         if setting.name in REPEATABLE:
             group.add_argument(*flags, action="append", default=[], help=f"{help_text} (repeatable)")
-        else:
-            group.add_argument(
-                *flags, default=setting.default, help=f"{help_text} (default {setting.default})"
-            )
+        else:  # None = not given: :func:`fill_setting_defaults` tells it from a value given
+            group.add_argument(*flags, default=None, help=f"{help_text} (default {setting.default})")
+
+
+def fill_setting_defaults(args: argparse.Namespace, defaults: dict[str, object]) -> None:
+    """Each setting not given on the command line gets ``defaults``' value, else its declared one
+    (argparse's own default could not tell ``--num_step 20`` or an alias from no flag at all)."""
+    from pulid.request import generation_settings
+
+    for setting in generation_settings():
+        if setting.name not in REPEATABLE and getattr(args, setting.name) is None:
+            setattr(args, setting.name, defaults.get(setting.name, setting.default))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,14 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    speed_defaults: dict[str, object] = {}
     if args.speed_lora:
         speed = SPEED_LORAS[args.speed_lora]
         args.lora.insert(0, f"{speed.name}:{speed.strength}")
-        given = {arg.split("=", 1)[0] for arg in argv}
-        if "--num_steps" not in given:
-            args.num_steps = str(speed.steps)
-        if "--guidance" not in given:
-            args.guidance = str(speed.guidance)
+        speed_defaults = {"num_steps": speed.steps, "guidance": speed.guidance}
+    fill_setting_defaults(args, speed_defaults)
     if args.prompts_file:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()

@@ -505,7 +505,7 @@ class PuLIDFluxPipeline:
                         if lora_metadata
                         else {}
                     ),
-                    **({"cache_full_steps": cache_report(cache, request)} if cache is not None else {}),
+                    **({"cache_full_steps": cache_report(cache)} if cache is not None else {}),
                     **notes,
                     **self.info,
                 }
@@ -704,9 +704,11 @@ def fit_image(image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, s
     return resized, f"{cut}resized to {width}x{height}"
 
 
-def cache_report(cache: FirstBlockCache, request: GenerationRequest) -> str:
-    """ "21 of 28" (steps whose DiT ran in full), for the metadata and the result's text."""
-    return f"{cache.full_passes()} of {request.num_steps}"
+def cache_report(cache: FirstBlockCache) -> str:
+    """ "21 of 28": of the steps that ran (fewer than ``num_steps`` when starting from a photo),
+    those whose DiT ran in full, for the metadata and the result's text."""
+    full = cache.full_passes()
+    return f"{full} of {full + cache.reused_passes()}"
 
 
 def _agreed_steps(

@@ -10,7 +10,10 @@ Each replica (:class:`PuLIDReplica`) loads the whole pipeline on the GPU Ray giv
 - an HTTP endpoint, ``POST /generate`` on ``--ray_http_port`` (default 8000): a JSON object with
   ``prompt``, ``id_images`` (base64 JPEG/PNG files) and any declared setting by name; the answer is
   ``{"images": [{"seed", "face_similarity", "metadata", "png"}]}`` (``png`` in base64), or
-  ``{"error": message}`` with status 400 for a request that cannot be served as sent;
+  ``{"error": message}`` with status 400 for a request that cannot be served as sent (the app's
+  checks and limits, :mod:`pulid.limits`; ``loras`` only by the names the app lists), 413 for a body
+  larger than a valid request can be, or 503 from Serve when :data:`~pulid.limits.MAX_QUEUED`
+  requests already wait;
 - the gradio app on ``--port``, whose service sends each job to a replica (:class:`RayRunner`):
   steps and stages stream back, cancel reaches the replica, and the line runs as many jobs at
   once as there are replicas.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
@@ -32,13 +36,17 @@ import numpy as np
 
 from flux.sampling import StepInfo
 from pulid.events import Event, consume, generation_events
+from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_UPLOAD_BYTES
 from pulid.pipeline import GeneratedImage
 from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.service import ServiceError, check_listed_loras, lora_names_of
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "pulid"
 ROUTE = "/generate"
+# the largest body a valid request can be: its photos in base64 (4/3 of their bytes), and settings
+MAX_BODY_BYTES = (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES * 4 // 3 + 10**6
 REPLICA_LOST = (
     "The GPU worker running this request stopped before it finished (it was lost or restarted); "
     "the other workers go on: send the request again."
@@ -64,8 +72,7 @@ class PuLIDReplica:
         yield from generation_events(self.pipeline, request)
 
     def lora_names(self) -> list[str]:
-        from pulid.service import lora_names_of
-
+        """The LoRAs requests may name: the replica's LoRA folder and the speed LoRAs."""
         return lora_names_of(self.pipeline)
 
     async def __call__(self, http_request) -> object:
@@ -81,9 +88,15 @@ class PuLIDReplica:
             name = host_name(header)[:100]
             return JSONResponse({"error": f"This endpoint does not answer to the host name {name!r}."}, 421)
         try:
-            body = await http_request.json()
+            body = json.loads(await read_body(http_request, MAX_BODY_BYTES))
+        except BodyTooLarge as err:
+            return JSONResponse({"error": str(err)}, status_code=413)
+        except ValueError:
+            return JSONResponse({"error": "The body is not JSON: send a JSON object."}, status_code=400)
+        try:
             request = request_from_json(body)
-        except (InvalidRequestError, ValueError) as err:
+            check_listed_loras(request, self.lora_names())  # no server paths, no arbitrary downloads
+        except InvalidRequestError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
         images: list[GeneratedImage] = []
         try:
@@ -91,6 +104,28 @@ class PuLIDReplica:
         except InvalidRequestError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
         return JSONResponse({"images": [image_json(image) for image in images]})
+
+
+class BodyTooLarge(Exception):
+    """An HTTP body over :data:`MAX_BODY_BYTES` (answered with 413 before it is all read)."""
+
+
+async def read_body(http_request, limit: int) -> bytes:
+    """The body, read as it arrives and refused as soon as it passes ``limit`` bytes (also when its
+    Content-Length says so), so one client cannot make a replica hold an arbitrary upload."""
+    too_large = BodyTooLarge(
+        f"The request is larger than {limit // 10**6} MB: send at most {MAX_EXTRA_PHOTOS + 1} photos "
+        f"of at most {MAX_UPLOAD_BYTES // 10**6} MB each."
+    )
+    declared = http_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in http_request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 def request_from_json(body: object) -> GenerationRequest:
@@ -129,8 +164,6 @@ def _stream(response) -> Iterator[Event]:
     """A streaming Serve response as a plain generator: closing it cancels the request on the
     replica, and a replica lost mid-request is :data:`REPLICA_LOST` for the user."""
     from ray.exceptions import RayActorError
-
-    from pulid.service import ServiceError
 
     try:
         yield from response
@@ -191,6 +224,7 @@ def deploy(
         name="PuLIDReplica",
         num_replicas=replicas,
         max_ongoing_requests=1,
+        max_queued_requests=MAX_QUEUED,  # beyond it Serve answers 503 at once (the app's line bound)
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
     )
     return serve.run(deployment.bind(list(model_argv), hosts), name=APP_NAME, route_prefix=ROUTE)

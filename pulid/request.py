@@ -339,6 +339,7 @@ class GenerationRequest:
             not isinstance(image, np.ndarray) for image in self.id_images
         ):
             raise InvalidRequestError("The ID photos must be a list of images (numpy arrays).")
+        check_person_photo_count(1, len(self.id_images))
         checked = GenerationRequest(
             id_images=list(self.id_images),
             loras=checked_loras(self.loras),
@@ -525,9 +526,14 @@ def check_people_count(total: int) -> None:
 
 
 def check_person_photo_count(number: int, count: int) -> None:
-    """At most the first person's photos (the ID photo and its extras) for any other person."""
-    if count > MAX_EXTRA_PHOTOS + 1:
+    """At most one ID photo and :data:`~pulid.limits.MAX_EXTRA_PHOTOS` more for each person."""
+    if count <= MAX_EXTRA_PHOTOS + 1:
+        return
+    if number == 1:  # the app's first person: one ID photo, then "extra photos"
         raise InvalidRequestError(
+            f"{count - 1} extra photos were sent; at most {MAX_EXTRA_PHOTOS} can be used: keep the best."
+        )
+    raise InvalidRequestError(
             f"Person {number} has {count} photos; at most {MAX_EXTRA_PHOTOS + 1} are used: keep the best."
         )
 

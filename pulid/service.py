@@ -31,7 +31,6 @@ import torch
 
 from flux.sampling import GenerationCancelled, StepInfo
 from pulid.errors import PuLIDError
-from pulid.limits import MAX_EXTRA_PHOTOS
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import (
@@ -308,6 +307,17 @@ def lora_names_of(pipeline: PuLIDFluxPipeline | None) -> list[str]:
     return [] if library is None else library.names()
 
 
+def check_listed_loras(request: GenerationRequest, listed: Sequence[str]) -> None:
+    """A public front door's rule for LoRAs: only those the server lists (no server paths, no
+    arbitrary downloads), else :class:`InvalidRequestError` naming the first one that is not."""
+    allowed = set(listed)
+    for choice in request.loras:
+        if choice.source not in allowed:
+            raise InvalidRequestError(
+                f"LoRA {choice.source!r} is not one of this app's LoRAs: pick one from the list."
+            )
+
+
 def trim_host_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise, after a large photo)."""
     if sys.platform.startswith("linux"):
@@ -397,11 +407,11 @@ class GenerationService:
     ) -> GenerationRequest:
         """A request from what the browser sent: the photo, uploaded file paths and raw setting values."""
         extra_images = list(extra_images or [])
-        self._check_photo_count(len(extra_images))
         photos = [] if id_image is None else [np.asarray(id_image)]
         try:
+            check_person_photo_count(1, len(photos) + len(extra_images))  # before reading any file
             photos += [load_upload(path, self.upload_roots) for path in extra_images]
-        except UploadError as err:
+        except (UploadError, InvalidRequestError) as err:
             raise ServiceError(str(err)) from None
         try:
             return GenerationRequest.from_values(id_images=photos, **settings)
@@ -442,23 +452,14 @@ class GenerationService:
     def _check_loras(self, request: GenerationRequest) -> None:
         if not (self.listed_loras_only and request.loras):
             return
-        listed = set(self.lora_names())
-        for choice in request.loras:
-            if choice.source not in listed:
-                raise ServiceError(
-                    f"LoRA {choice.source!r} is not one of this app's LoRAs: pick one from the list."
-                )
+        try:
+            check_listed_loras(request, self.lora_names())
+        except InvalidRequestError as err:
+            raise ServiceError(str(err)) from None
 
     def waiting(self) -> int:
         """Requests in the line, the running one included."""
         return len(self._line)
-
-    @staticmethod
-    def _check_photo_count(extra: int) -> None:
-        if extra > MAX_EXTRA_PHOTOS:
-            raise ServiceError(
-                f"{extra} extra photos were sent; at most {MAX_EXTRA_PHOTOS} can be used: keep the best."
-            )
 
     def _admit(
         self,
@@ -471,6 +472,7 @@ class GenerationService:
         """The checks that need no turn, then a place in the line (the session's cancel reaches it)."""
         people = []
         try:
+            check_person_photo_count(1, len(request.id_images) + len(uploads.photos))
             for number, person in enumerate(uploads.people, start=2 + len(request.more_people)):
                 if not isinstance(person, PersonUpload):
                     raise InvalidRequestError(f"Person {number} must be given as a PersonUpload.")
@@ -493,7 +495,6 @@ class GenerationService:
         except InvalidRequestError as err:
             raise ServiceError(str(err)) from None
         self._check_loras(request)
-        self._check_photo_count(len(request.id_images) + len(uploads.photos) - 1)
         try:
             checked = _Uploads(
                 photos=[self._checked_source(photo) for photo in uploads.photos],

@@ -11,6 +11,7 @@ from PIL import Image
 
 import app_flux
 from pulid.outputs import read_a1111_parameters, read_image_metadata
+from pulid.request import generation_settings
 from scripts.soak import free_port
 from tiny_random.loras import write_example_loras
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
@@ -239,6 +240,17 @@ def test_cli_takes_loras_and_speed_presets():
     assert [(c.source, c.strength) for c in request.loras] == [("Hyper-FLUX.1-dev-8steps", 0.125)]
     mine = generate.parse_args(["--prompt", "x", "--speed_lora", "FLUX.1-Turbo-Alpha", "--num_steps=10"])
     assert mine.requests[0].num_steps == 10 and mine.requests[0].guidance == 3.5
+    # however the user spells the flag (argparse takes unique prefixes), what they gave wins
+    short = generate.parse_args(
+        ["--prompt", "x", "--speed_lora", "FLUX.1-Turbo-Alpha", "--num_step", "20", "--guid", "2"]
+    )
+    assert (short.requests[0].num_steps, short.requests[0].guidance) == (20, 2.0)
+    plain = generate.parse_args(["--prompt", "x"])
+    declared = {s.name: s.default for s in generation_settings()}
+    assert (plain.requests[0].num_steps, plain.requests[0].width) == (
+        declared["num_steps"],
+        declared["width"],
+    )
     with pytest.raises(SystemExit):  # a hostile strength stops at the parser, with the range
         generate.parse_args(["--prompt", "x", "--lora", "a.safetensors:1e9"])
 

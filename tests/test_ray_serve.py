@@ -20,7 +20,17 @@ import ray
 from PIL import Image
 from ray import serve
 
-from pulid.ray_serve import APP_NAME, REPLICA_LOST, ROUTE, RayRunner, deploy
+from pulid.limits import MAX_EXTRA_PHOTOS, MAX_UPLOAD_BYTES
+from pulid.ray_serve import (
+    APP_NAME,
+    MAX_BODY_BYTES,
+    REPLICA_LOST,
+    ROUTE,
+    BodyTooLarge,
+    RayRunner,
+    deploy,
+    read_body,
+)
 from pulid.request import GenerationRequest
 from pulid.service import GenerationService, ServiceError
 from tiny_random.pipeline import tiny_pipeline_with_face_models
@@ -120,9 +130,45 @@ def test_the_http_endpoint_answers_with_the_image_and_refuses_bad_requests(serve
         ({**body, "num_steps": "many"}, "Number of steps must be a whole number"),
         ({**body, "colour": "red"}, "Unknown setting(s): colour"),
         ({**body, "id_images": ["not base64!"]}, "id_images[1]: it is not base64"),
+        # the app's rules: LoRAs only from the list (no server paths, no downloads), the photo limit
+        ({**body, "loras": [["/etc/passwd", 1.0]]}, "'/etc/passwd' is not one of this app's LoRAs"),
+        ({**body, "loras": [["someone/repo/x.safetensors", 1.0]]}, "is not one of this app's LoRAs"),
+        ({**body, "id_images": body["id_images"] * 6}, "5 extra photos were sent; at most 4"),
     ):
         refused = httpx.post(url, json=bad, timeout=60)
         assert refused.status_code == 400 and message in refused.json()["error"], refused.text
+    garbled = httpx.post(url, content=b"{not json", timeout=60)
+    assert garbled.status_code == 400 and "not JSON" in garbled.json()["error"]
+
+
+class FakeBody:
+    """What :func:`read_body` reads of a starlette request: headers and the body in chunks."""
+
+    def __init__(self, chunks: list[bytes], declared: int | None = None):
+        self.chunks = chunks
+        self.headers = {} if declared is None else {"content-length": str(declared)}
+        self.read = 0
+
+    async def stream(self):
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_all_read():
+    import asyncio
+
+    assert asyncio.run(read_body(FakeBody([b"ab", b"cd"]), limit=4)) == b"abcd"
+    declared = FakeBody([b"x" * 10], declared=10)
+    with pytest.raises(BodyTooLarge, match="larger than"):
+        asyncio.run(read_body(declared, limit=4))
+    assert declared.read == 0  # refused from its Content-Length
+    streamed = FakeBody([b"x" * 3] * 100)  # chunked: no length given
+    with pytest.raises(BodyTooLarge):
+        asyncio.run(read_body(streamed, limit=4))
+    assert streamed.read == 2  # stopped at the chunk that passed the limit
+    # the limit fits the largest valid request: every photo at the upload limit, in base64
+    assert MAX_BODY_BYTES > (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES * 4 / 3
 
 
 def test_a_replica_killed_mid_request_fails_that_request_alone(served, tmp_path):

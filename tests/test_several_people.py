@@ -296,6 +296,18 @@ def test_bad_people_are_refused_with_what_to_do(pipeline, kw, message):  # noqa:
         pipeline.generate(request(id_images=[photo(1)], **kw))
 
 
+def test_each_person_has_at_most_the_photo_limit_through_every_front_door():
+    """The limit is the request's own (the Python API, the CLI and the HTTP endpoint share it), not
+    only the app service's: five photos of a person are used, six are refused before any work."""
+    five = [photo(i) for i in range(5)]
+    six = five + [photo(5)]
+    GenerationRequest(prompt="p", id_images=five, more_people=(Person(tuple(five)),)).checked()
+    with pytest.raises(InvalidRequestError, match="5 extra photos were sent; at most 4 can be used"):
+        GenerationRequest(prompt="p", id_images=six).checked()
+    with pytest.raises(InvalidRequestError, match="Person 2 has 6 photos; at most 5 are used"):
+        GenerationRequest(prompt="p", id_images=five, more_people=(Person(tuple(six)),)).checked()
+
+
 def test_people_without_a_first_photo_or_with_a_tiny_region_are_refused(pipeline):  # noqa: F811
     with pytest.raises(InvalidRequestError, match="Person 1 has no photo"):
         pipeline.generate(request(more_people=(Person((photo(1),)),)))

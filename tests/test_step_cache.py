@@ -221,3 +221,14 @@ def test_the_pipeline_reports_full_steps_keeps_batches_exact_and_keeps_nothing(p
         GenerationRequest(**base, cache_threshold=0.5, cache_full_first=10, cache_full_last=0)
     )
     assert everything.metadata["cache_full_steps"] == "10 of 10"  # the first 10 steps never skip
+    # from a photo only the last strength x steps run: the count is of those (all kept in full here)
+    photo = skimage_data.astronaut()[:256, :256].copy()
+    steps: list[int] = []
+    edited = pipeline.generate(
+        GenerationRequest(
+            **{**base, "num_steps": 20}, init_image=photo, strength=0.3, cache_threshold=0.5, cache_full_first=10
+        ),
+        callback=lambda info: steps.append(info.step),
+    )
+    assert 0 < len(steps) < 20
+    assert edited.metadata["cache_full_steps"] == f"{len(steps)} of {len(steps)}"
