@@ -534,8 +534,8 @@ def check_person_photo_count(number: int, count: int) -> None:
             f"{count - 1} extra photos were sent; at most {MAX_EXTRA_PHOTOS} can be used: keep the best."
         )
     raise InvalidRequestError(
-            f"Person {number} has {count} photos; at most {MAX_EXTRA_PHOTOS + 1} are used: keep the best."
-        )
+        f"Person {number} has {count} photos; at most {MAX_EXTRA_PHOTOS + 1} are used: keep the best."
+    )
 
 
 def checked_region(region: Any, who: str) -> np.ndarray | None:

@@ -226,7 +226,11 @@ def test_the_pipeline_reports_full_steps_keeps_batches_exact_and_keeps_nothing(p
     steps: list[int] = []
     edited = pipeline.generate(
         GenerationRequest(
-            **{**base, "num_steps": 20}, init_image=photo, strength=0.3, cache_threshold=0.5, cache_full_first=10
+            **{**base, "num_steps": 20},
+            init_image=photo,
+            strength=0.3,
+            cache_threshold=0.5,
+            cache_full_first=10,
         ),
         callback=lambda info: steps.append(info.step),
     )
