@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pulid import stages
 from pulid.limits import (
     MAX_EXTRA_PHOTOS,
     MAX_PEOPLE,
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     default_port = int(os.environ.get("GRADIO_SERVER_PORT", 7860 if IN_SPACE else 8080))
     default_host = os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if IN_SPACE else "127.0.0.1")
-    parser.add_argument("--port", type=int, default=default_port, help="port to serve on")
+    parser.add_argument("--port", type=PORT, default=default_port, help="port to serve on")
     parser.add_argument(
         "--host", default=default_host, help="interface to bind (0.0.0.0 exposes it to the network)"
     )
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--replicas",
-        type=int,
+        type=whole_number(1, 64),
         default=1,
         metavar="N",
         help="one whole pipeline on each of N GPUs (cuda:0 ... cuda:N-1): N visitors served at once",
@@ -112,7 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ray_address", default=None, help="with --ray: a Ray cluster to join ('auto': the local one)"
     )
     parser.add_argument(
-        "--ray_http_port", type=int, default=8000, help="with --ray: port of the HTTP endpoint POST /generate"
+        "--ray_http_port",
+        type=PORT,
+        default=8000,
+        help="with --ray: port of the HTTP endpoint POST /generate",
     )
     parser.add_argument(
         "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
@@ -121,6 +125,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.outputs_dir.exists() and not args.outputs_dir.is_dir():
         parser.error(f"--outputs_dir {args.outputs_dir} is a file: give a folder for the images")
     return args
+
+
+def whole_number(low: int, high: int):
+    """An argparse type: a whole number from ``low`` to ``high``, else the range in the error."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number is needed (got {text!r})") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"from {low} to {high} (got {value})")
+        return value
+
+    return convert
+
+
+PORT = whole_number(1, 65535)
 
 
 def keep_count(text: str) -> int:
@@ -290,23 +312,6 @@ def with_signature(handler, names: list[str], gr):
     wired.__annotations__ = {"request": gr.Request}  # how gradio recognises the parameter to fill
     wired.__name__ = handler.__name__
     return wired
-
-
-STAGE_FRACTIONS = {  # where a request stands when each stage starts (the progress bar's fill)
-    "starting": 0.0,
-    "loading LoRAs": 0.005,
-    "encoding the prompt": 0.01,
-    "reading the face": 0.03,
-    "encoding the photo to start from": 0.04,
-    "decoding": 0.9,
-    "measuring the likeness": 0.96,
-    "saving": 0.98,
-}
-DENOISE_SPAN = (0.05, 0.9)  # the denoising steps fill this part of the bar
-
-
-def stage_fraction(stage: str) -> float:
-    return STAGE_FRACTIONS.get(stage, 0.0)  # "waiting for the GPU: n ahead": nothing done yet
 
 
 def face_files(images, folder: Path, keep: int = 96) -> list[str]:
@@ -529,10 +534,11 @@ def create_demo(args: argparse.Namespace, service):
             elif isinstance(info, str):
                 if info != shown_stage[0]:  # "decoding" comes before each decoder block
                     shown_stage[0] = info
-                    progress(stage_fraction(info), desc=info)
+                    progress(stages.progress_of(info), desc=info)
             else:
                 shown_stage[0] = "denoising"
-                done = DENOISE_SPAN[0] + (DENOISE_SPAN[1] - DENOISE_SPAN[0]) * (info.step + 1) / info.total
+                low, high = stages.DENOISE_SPAN
+                done = low + (high - low) * (info.step + 1) / info.total
                 progress(done, desc=f"denoising step {info.step + 1}/{info.total}")
 
         try:

@@ -45,6 +45,7 @@ from flux.sampling import (
     unpack,
 )
 from flux.step_cache import FirstBlockCache
+from pulid import stages
 from pulid.id_encoder import IDEmbedding, IDEncoder
 from pulid.injection import Identity, PuLIDInjection
 from pulid.limits import MAX_IMAGES_PER_REQUEST
@@ -250,7 +251,8 @@ class PuLIDFluxPipeline:
         hooks = []
         if on_block is not None:
             blocks = [m for m in self.ae.decoder.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
-            hooks = [block.register_forward_pre_hook(lambda *_: on_block("decoding")) for block in blocks]
+            announce = lambda *_: on_block(stages.DECODING)  # noqa: E731
+            hooks = [block.register_forward_pre_hook(announce) for block in blocks]
         try:
             with torch.autocast(device_type=device.type, dtype=self.dtype, enabled=low_precision):
                 decoded = self.ae.decode(unpacked)
@@ -424,7 +426,7 @@ class PuLIDFluxPipeline:
             first = self.parallel.same_on_every_rank(first)
         seeds = request.seeds(first)
         if request.loras:
-            stage("loading LoRAs")
+            stage(stages.LOADING_LORAS)
         lora_files = self.load_loras(request)
         active = [
             ActiveLoRA(lora.name, lora.layers, choice.strength)
@@ -442,7 +444,7 @@ class PuLIDFluxPipeline:
         ]
 
         t0 = time.perf_counter()
-        stage("encoding the prompt")
+        stage(stages.ENCODING_PROMPT)
         cond = self.encode_prompt(request.prompt, request.max_sequence_length)
         neg_cond = (
             self.encode_prompt(request.neg_prompt, request.max_sequence_length)
@@ -454,14 +456,14 @@ class PuLIDFluxPipeline:
         t0 = time.perf_counter()
         notes: dict[str, str] = {}
         if request.id_images:
-            stage("reading the face" if not request.more_people else "reading the faces")
+            stage(stages.READING_FACES if request.more_people else stages.READING_FACE)
         people = self.people(request, notes)
         timings["id_embedding_s"] = time.perf_counter() - t0
 
         photo_start = None
         if request.init_image is not None:
             t0 = time.perf_counter()
-            stage("encoding the photo to start from")
+            stage(stages.ENCODING_PHOTO)
             photo_start, start_notes = self.start_image(request)
             notes.update(start_notes)
             timings["init_encoding_s"] = time.perf_counter() - t0
@@ -485,13 +487,13 @@ class PuLIDFluxPipeline:
             timings["denoise_s"] += time.perf_counter() - t0
             for seed, one in zip(chunk, latents.split(1), strict=True):
                 t0 = time.perf_counter()
-                stage("decoding")
+                stage(stages.DECODING)
                 image = self.decode(one, request.height, request.width, on_block=on_stage)
                 timings["decode_s"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 scores: list[float | None] = []
                 if people:
-                    stage("measuring the likeness")
+                    stage(stages.MEASURING_LIKENESS)
                     scores = self.likeness(people, image)
                 timings["similarity_s"] += time.perf_counter() - t0
                 found = [score for score in scores if score is not None]

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from flux.sampling import StepInfo
+from pulid import stages
 from pulid.events import Event, consume, generation_events
 from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_UPLOAD_BYTES
 from pulid.pipeline import GeneratedImage
@@ -191,7 +192,7 @@ class RayRunner:
         report: Callable[[StepInfo | str], None],
         on_image: Callable[[GeneratedImage], None],
     ) -> list[np.ndarray]:
-        report("waiting for a GPU worker")
+        report(stages.WAITING_FOR_WORKER)
         response = self.handle.options(stream=True).events.remote(request)
         return consume(_stream(response), report, on_image)
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from flux.sampling import GenerationCancelled, StepInfo
+from pulid import stages
 from pulid.errors import PuLIDError
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
@@ -150,7 +151,7 @@ class _Line:
             if ahead == 0:
                 return
             if ahead != told or ticket.cancel.is_set():
-                report(f"waiting for the GPU: {ahead} ahead")  # raises if cancelled
+                report(stages.waiting_in_line(ahead))  # raises if cancelled
                 told = ahead
 
     def _ahead(self, ticket: _Ticket) -> int:
@@ -546,14 +547,14 @@ class GenerationService:
                 progress(info)
 
         def save(generated: GeneratedImage) -> None:
-            report("saving")
+            report(stages.SAVING)
             saved.append(self._save(generated, request))
             if progress is not None:
                 progress(saved[-1])  # delivered even if a cancel comes next: it is finished
 
         try:
             self._line.wait_turn(ticket, report)
-            report("starting")  # a job cancelled just as its turn came stops here
+            report(stages.STARTING)  # a job cancelled just as its turn came stops here
             request = self._with_uploads(request, uploads)
             debug_images = self.runner.generate(request, report, save)
         except GenerationCancelled:

@@ -81,6 +81,23 @@ def test_replicas_that_cannot_be_placed_are_refused():
         build_replicas(parse_args(["--replicas", "2", "--device", "cuda:1"]), 2)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--replicas", "0"], "--replicas: from 1 to 64 (got 0)"),
+        (["--replicas", "-2", "--ray"], "--replicas: from 1 to 64 (got -2)"),
+        (["--replicas", "two"], "--replicas: a whole number is needed (got 'two')"),
+        (["--ray_http_port", "70000"], "--ray_http_port: from 1 to 65535 (got 70000)"),
+    ],
+)
+def test_a_replica_count_or_port_out_of_range_stops_at_the_parser(argv, message, capsys):
+    from app_flux import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def _png(path):
     from PIL import Image
 

@@ -373,3 +373,30 @@ def test_the_service_reads_uploaded_people_and_regions(service, pipeline):  # no
         kw.pop("layout", None)
         with pytest.raises(ServiceError, match=message):
             svc.run(GenerationRequest.from_values(layout=layout, **settings), photos=[str(paths["p1"])], **kw)
+
+
+def test_the_progress_bar_only_moves_forward_through_every_stage(service):  # noqa: F811
+    """Each stage a request reports (several people, from a photo) is one the app places, so the
+    bar goes forward from start to saving and never jumps back to the start mid-request."""
+    from pulid import stages
+
+    service, _ = service
+    fills: list[float] = []
+    names: list[str] = []
+
+    def progress(info) -> None:
+        if isinstance(info, str):
+            names.append(info)
+            assert info in stages.PROGRESS, f"stage {info!r} is not declared in pulid.stages"
+            fills.append(stages.progress_of(info))
+        elif hasattr(info, "step"):
+            low, high = stages.DENOISE_SPAN
+            fills.append(low + (high - low) * (info.step + 1) / info.total)
+
+    service.run(
+        request(id_images=[photo(1)], more_people=(Person((photo(2),)),), init_image=photo(3)[:H, :W].copy()),
+        progress=progress,
+    )
+    assert fills == sorted(fills) and fills[-1] == stages.PROGRESS[stages.SAVING]
+    for expected in (stages.READING_FACES, stages.ENCODING_PHOTO, stages.DECODING, stages.MEASURING_LIKENESS):
+        assert expected in names

@@ -1,0 +1,45 @@
+"""The stages a generation reports, declared once.
+
+The pipeline, the service and the runners report these names (``on_stage``, the service's
+progress); the app places each on its progress bar with :data:`PROGRESS`. A waiting request reports
+:func:`waiting_in_line` instead, which has done nothing yet.
+"""
+
+from __future__ import annotations
+
+STARTING = "starting"
+WAITING_FOR_WORKER = "waiting for a GPU worker"  # Ray Serve: the job is routed to a replica
+LOADING_LORAS = "loading LoRAs"
+ENCODING_PROMPT = "encoding the prompt"
+READING_FACE = "reading the face"
+READING_FACES = "reading the faces"  # several people
+ENCODING_PHOTO = "encoding the photo to start from"
+DECODING = "decoding"
+MEASURING_LIKENESS = "measuring the likeness"
+SAVING = "saving"
+
+# Where a request stands when each stage starts (the progress bar's fill). The denoising steps
+# fill DENOISE_SPAN, between the stages before them and decoding.
+PROGRESS = {
+    STARTING: 0.0,
+    WAITING_FOR_WORKER: 0.0,
+    LOADING_LORAS: 0.005,
+    ENCODING_PROMPT: 0.01,
+    READING_FACE: 0.03,
+    READING_FACES: 0.03,
+    ENCODING_PHOTO: 0.04,
+    DECODING: 0.9,
+    MEASURING_LIKENESS: 0.96,
+    SAVING: 0.98,
+}
+DENOISE_SPAN = (0.05, 0.9)
+
+
+def waiting_in_line(ahead: int) -> str:
+    """What a request waiting for its turn reports."""
+    return f"waiting for the GPU: {ahead} ahead"
+
+
+def progress_of(stage: str) -> float:
+    """The bar's fill when ``stage`` starts; 0 for a request still waiting in line."""
+    return PROGRESS.get(stage, 0.0)
