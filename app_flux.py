@@ -49,12 +49,15 @@ EXAMPLES = [  # prompt, ID start step, guidance, seed: photoreal scenes start at
     ("portrait, pixar style, 3d render, soft light", 1, 4.0, "12"),
     ("watercolor painting of a woman in a sunflower field", 0, 4.0, "3"),
 ]
-TIPS = """
-- **timestep to start inserting ID**: smaller keeps the face closer, larger leaves more room for the prompt;
-  0-4 works best (4 for photorealistic scenes, 0-1 for stylised ones).
-- **true CFG scale**: 1 uses FLUX's distilled guidance (faster, usually best); above 1 runs a second pass
-  with the negative prompt (then set guidance near 1).
-"""
+TIPS_FOR = ("start_step", "true_cfg")  # the settings whose advice the page shows under the controls
+
+
+def tips() -> str:
+    """The advice of :data:`TIPS_FOR`, as declared with each setting."""
+    from pulid.request import generation_settings
+
+    chosen = [s for s in generation_settings() if s.name in TIPS_FOR]
+    return "\n".join(f"- **{s.label}**: {s.help}" for s in chosen)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -232,6 +235,7 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
     (each person's region painted in the page, person 1 first) counts as uploaded; a painted and an
     uploaded region for one person, or a region for a row without photos, is refused. Regions count
     with the 'masks' layout only: the page hides them otherwise, so they are left out."""
+    from pulid.request import PERSON_WEIGHT
     from pulid.service import PersonUpload, ServiceError
 
     use_regions = str(values.get("layout") or "").strip().lower() == "masks"
@@ -254,7 +258,7 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
             if region is not None:
                 raise ServiceError(f"Person {number} has a region but no photo: add their photo.")
             continue
-        people.append(PersonUpload(photos, weight if weight is not None else 1.0, region))
+        people.append(PersonUpload(photos, PERSON_WEIGHT.default if weight is None else weight, region))
     return people, id_region
 
 
@@ -819,7 +823,7 @@ def create_demo(args: argparse.Namespace, service):
                         controls[name] = control(setting, gr)
             with gr.Column():
                 with gr.Accordion("Advanced: T5 length, true CFG", open=False):
-                    gr.Markdown(TIPS)
+                    gr.Markdown(tips())
                     for name, setting in settings.items():
                         if setting.group in ("advanced", "dev"):
                             controls[name] = control(setting, gr, setting.group != "dev" or args.dev)
@@ -978,9 +982,9 @@ def preloaded() -> bool:
     """Whether the default flags' FLUX.1-dev transformer is already on this machine (the Space's
     build put it in the default Hugging Face cache), as the loader will look for it."""
     from flux.hub import default_models_dir, find_local
-    from pulid.catalogue import DEFAULT_VERSION, required_weights
+    from pulid.catalogue import DEFAULT_MODEL, DEFAULT_VERSION, required_weights
 
-    flow = required_weights("flux-dev", DEFAULT_VERSION, None, {})["flow"]
+    flow = required_weights(DEFAULT_MODEL, DEFAULT_VERSION, None, {})["flow"]
     return find_local(flow.weights, default_models_dir()) is not None
 
 

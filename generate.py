@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from pulid.catalogue import SPEED_LORAS
+from pulid.request import PERSON_WEIGHT
 from pulid.startup import add_model_arguments, load_or_exit
 
 REPEATABLE = ("prompt", "seed")  # a batch is every prompt with every seed
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="WEIGHT",
-        help="the ID weight of each --person, in order (default 1)",
+        help=f"the ID weight of each --person, in order (default {PERSON_WEIGHT.default:g})",
     )
     parser.add_argument(
         "--region",

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from flux.math import apply_rope
 from flux.model import Flux, IDInjection, StepCache
+from flux.sampling import TOKEN_PIXELS
 
 
 class ShardingError(ValueError):
@@ -137,7 +138,7 @@ class SequenceParallelFlux(nn.Module):
     def check(self, txt_tokens: int, img_tokens: int) -> None:
         """Refuse token counts the ranks cannot share evenly (before any work starts)."""
         self.shards.check(txt_tokens, "text tokens (the T5 length)")
-        self.shards.check(img_tokens, "image tokens ((width / 16) x (height / 16))")
+        self.shards.check(img_tokens, f"image tokens ((width / {TOKEN_PIXELS}) x (height / {TOKEN_PIXELS}))")
 
     def image_tokens(self, count: int) -> slice:
         """Which of ``count`` image tokens this rank holds (for an ID injection's regions)."""

@@ -19,6 +19,7 @@ from flux.model import Flux, IDInjection
 from flux.step_cache import FirstBlockCache
 
 LATENT_CHANNELS = 16
+TOKEN_PIXELS = 16  # one image token of the DiT: a 2 x 2 patch of 8 x 8-pixel latent cells
 
 
 def get_noise(
@@ -33,8 +34,8 @@ def get_noise(
     return torch.randn(
         num_samples,
         LATENT_CHANNELS,
-        2 * math.ceil(height / 16),
-        2 * math.ceil(width / 16),
+        2 * math.ceil(height / TOKEN_PIXELS),
+        2 * math.ceil(width / TOKEN_PIXELS),
         device=device,
         dtype=dtype,
         generator=torch.Generator(device=device).manual_seed(seed),
@@ -51,7 +52,7 @@ def pack(latents: Tensor) -> Tensor:
 def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
     """Inverse of :func:`pack` for an image of ``height`` x ``width`` pixels."""
     b, _, d = tokens.shape
-    h, w = math.ceil(height / 16), math.ceil(width / 16)
+    h, w = math.ceil(height / TOKEN_PIXELS), math.ceil(width / TOKEN_PIXELS)
     c = d // 4
     x = tokens.reshape(b, h, w, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, c, h * 2, w * 2)
@@ -168,6 +169,12 @@ class GenerationCancelled(Exception):
     """Raised by a step callback to stop sampling; the caller decides what to show."""
 
 
+def uses_true_cfg(true_cfg: float) -> bool:
+    """Whether a true-CFG scale asks for the negative pass: the official code's rule, a scale
+    further than 0.01 from 1."""
+    return abs(true_cfg - 1.0) > 1e-2
+
+
 def denoise(
     model: Flux,
     img: Tensor,
@@ -198,7 +205,7 @@ def denoise(
     reused across the step where the ID starts. ``inpainting`` blends the latents after each
     step (:class:`Inpainting`), before ``callback`` sees them.
     """
-    use_true_cfg = abs(true_cfg - 1.0) > 1e-2
+    use_true_cfg = uses_true_cfg(true_cfg)
     if use_true_cfg and neg_cond is None:
         raise ValueError("true CFG needs a negative prompt conditioning (neg_cond)")
     batch = img.shape[0]

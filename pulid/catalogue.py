@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from flux.hub import HubWeights, format_size
 
-DEFAULT_VERSION = "v0.9.1"
+DEFAULT_MODEL = "flux-dev"  # --name
+DEFAULT_VERSION = "v0.9.1"  # --version
 PULID_VERSIONS = ("v0.9.0", "v0.9.1")
 FP8_MODES = ("auto", "native", "quanto")
 
@@ -83,7 +84,7 @@ def _flux(name: str, repo: str, licence: str, flow_file: str, ae_local: str) -> 
                 licence_url=licence,
             ),
             f"`--name {name}`"
-            + (" (default)" if name == "flux-dev" else "")
+            + (" (default)" if name == DEFAULT_MODEL else "")
             + ", unless `--fp8_mode quanto`",
         ),
         CatalogueEntry(
@@ -97,7 +98,7 @@ def _flux(name: str, repo: str, licence: str, flow_file: str, ae_local: str) -> 
                 gated=True,
                 licence_url=licence,
             ),
-            f"`--name {name}`" + (" (default)" if name == "flux-dev" else ""),
+            f"`--name {name}`" + (" (default)" if name == DEFAULT_MODEL else ""),
         ),
     )
 
@@ -494,7 +495,7 @@ def check_single_file_name(kind: str, value: str | None) -> None:
 
 
 def required_weights(
-    model: str = "flux-dev",
+    model: str = DEFAULT_MODEL,
     version: str = DEFAULT_VERSION,
     fp8: str | None = None,
     files: Mapping[str, str | None] | None = None,

@@ -43,6 +43,7 @@ from flux.text_encoders import (
     open_t5_file,
 )
 from pulid.catalogue import (
+    DEFAULT_MODEL,
     DEFAULT_VERSION,
     FACE_MODEL_ROLES,
     FP8_MODES,
@@ -150,7 +151,7 @@ def resolve_fp8_mode(fp8: str | None, device: torch.device) -> str | None:
 
 
 def meta_pipeline(
-    model_name: str = "flux-dev", fp8: str | None = None, files: Mapping[str, Path] | None = None
+    model_name: str = DEFAULT_MODEL, fp8: str | None = None, files: Mapping[str, Path] | None = None
 ) -> PuLIDFluxPipeline:
     """The full-size pipeline on the meta device (no memory, no weights): for planning memory.
 
@@ -201,7 +202,7 @@ def meta_pipeline(
 
 
 def load_pipeline(
-    model_name: str = "flux-dev",
+    model_name: str = DEFAULT_MODEL,
     version: str = DEFAULT_VERSION,
     device: torch.device | str | None = None,
     *,

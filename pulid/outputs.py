@@ -24,6 +24,8 @@ from pathlib import Path
 from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
+from flux.sampling import uses_true_cfg
+
 SOFTWARE = "PuLID-FLUX studio"
 JSON_KEY = "pulid_flux"
 A1111_KEY = "parameters"
@@ -42,7 +44,7 @@ def a1111_parameters(metadata: dict) -> str:
     tags = "".join(f" <lora:{lora['name']}:{lora['strength']:g}>" for lora in loras)
     lines = [str(metadata.get("prompt", "")) + tags]
     true_cfg = float(metadata.get("true_cfg", 1.0))
-    if metadata.get("neg_prompt") and abs(true_cfg - 1.0) > 1e-2:  # read only with true CFG
+    if metadata.get("neg_prompt") and uses_true_cfg(true_cfg):  # read only with true CFG
         lines.append(f"Negative prompt: {metadata['neg_prompt']}")
     fields = {
         "Steps": metadata.get("num_steps"),

@@ -30,6 +30,7 @@ from flux.parallel import SequenceParallelFlux, ShardingError
 from flux.repeated import block_modules
 from flux.sampling import (
     LATENT_CHANNELS,
+    TOKEN_PIXELS,
     GenerationCancelled,
     Inpainting,
     StepInfo,
@@ -51,7 +52,6 @@ from pulid.injection import Identity, PuLIDInjection
 from pulid.limits import MAX_IMAGES_PER_REQUEST
 from pulid.loras import LoRALibrary
 from pulid.regions import (
-    TOKEN_PIXELS,
     check_region_area,
     column_regions,
     covers_everything,

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from flux.sampling import TOKEN_PIXELS
 from pulid.settings import InvalidRequestError
 from pulid.uploads import at_first_size
 
 LAYOUTS = ("columns", "masks")
 # The brush colours of the page's region painting, person 1 first: red, green, blue, yellow.
 PALETTE = ((230, 25, 75), (60, 180, 75), (67, 99, 216), (255, 225, 25))
-TOKEN_PIXELS = 16  # one image token of the DiT: a 2 x 2 patch of 8 x 8-pixel latent cells
 MIN_REGION_TOKENS = 4.0  # a 32 x 32-pixel square: a region smaller than this cannot hold a face
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flux.sampling import TOKEN_PIXELS, uses_true_cfg
 from flux.text_encoders import T5_MAX_LENGTHS
 from pulid.limits import (
     MAX_EXTRA_PHOTOS,
@@ -27,7 +28,7 @@ from pulid.limits import (
 )
 from pulid.loras import LoRAChoice
 from pulid.outputs import EXTENSIONS
-from pulid.regions import LAYOUTS, TOKEN_PIXELS
+from pulid.regions import LAYOUTS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
 from pulid.uploads import at_first_size
 
@@ -317,7 +318,7 @@ class GenerationRequest:
 
     @property
     def uses_true_cfg(self) -> bool:
-        return abs(self.true_cfg - 1.0) > 1e-2
+        return uses_true_cfg(self.true_cfg)
 
     def checked(
         self,

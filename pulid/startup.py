@@ -26,9 +26,17 @@ PRESETS = ("tiny-random",)
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose which weight files load: the app's, the CLI's and the download command's."""
     from flux.registry import MODELS
-    from pulid.catalogue import CLIP_FILES, DEFAULT_VERSION, DIT_FILES, FP8_MODES, PULID_VERSIONS, T5_FILES
+    from pulid.catalogue import (
+        CLIP_FILES,
+        DEFAULT_MODEL,
+        DEFAULT_VERSION,
+        DIT_FILES,
+        FP8_MODES,
+        PULID_VERSIONS,
+        T5_FILES,
+    )
 
-    parser.add_argument("--name", default="flux-dev", choices=sorted(MODELS), help="FLUX model")
+    parser.add_argument("--name", default=DEFAULT_MODEL, choices=sorted(MODELS), help="FLUX model")
     parser.add_argument("--version", default=DEFAULT_VERSION, choices=PULID_VERSIONS, help="PuLID weights")
     parser.add_argument("--fp8", action="store_true", help="run the transformer in fp8 (see --fp8_mode)")
     parser.add_argument(
