@@ -981,8 +981,8 @@ def configure_space() -> None:
 def preloaded() -> bool:
     """Whether the default flags' FLUX.1-dev transformer is already on this machine (the Space's
     build put it in the default Hugging Face cache), as the loader will look for it."""
-    from flux.hub import default_models_dir, find_local
-    from pulid.catalogue import DEFAULT_MODEL, DEFAULT_VERSION, required_weights
+    from flux.hub import find_local
+    from pulid.catalogue import DEFAULT_MODEL, DEFAULT_VERSION, default_models_dir, required_weights
 
     flow = required_weights(DEFAULT_MODEL, DEFAULT_VERSION, None, {})["flow"]
     return find_local(flow.weights, default_models_dir()) is not None

@@ -7,8 +7,8 @@ entries a product needs is the catalogue's business (``pulid.catalogue``).
 :func:`find_local` looks, without touching the network, in this order:
 
 1. an explicit path the user gave (a flag such as ``--pretrained_model``);
-2. the models folder (``models/``; ``PULID_MODELS_DIR`` or ``--models_dir`` override it), under
-   the entry's ``local_name``;
+2. the models folder the caller gives (the product's default: ``pulid.catalogue.default_models_dir``),
+   under the entry's ``local_name``;
 3. the Hugging Face cache (``HF_HOME``), where an earlier download put it.
 
 :func:`hub_reachable` decides once per process, within a few seconds, whether downloading is
@@ -30,7 +30,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REACHABILITY_TIMEOUT_S = 3.0
 
 
@@ -72,15 +71,6 @@ class HubWeights:
 
 class WeightsNotFoundError(FileNotFoundError):
     """Weight files are neither on disk nor downloadable; the message says how to get each one."""
-
-
-def default_models_dir() -> Path:
-    """``$PULID_MODELS_DIR``; else ``models/`` of the source checkout; else ``./models`` (installed)."""
-    if os.environ.get("PULID_MODELS_DIR"):
-        return Path(os.environ["PULID_MODELS_DIR"]).expanduser()
-    if (REPO_ROOT / "pyproject.toml").is_file():
-        return REPO_ROOT / "models"
-    return Path.cwd() / "models"
 
 
 def format_size(num_bytes: int) -> str:

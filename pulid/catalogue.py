@@ -12,10 +12,24 @@ the hub's listed sizes where no manifest exists (the text encoders, the face mod
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from flux.hub import HubWeights, format_size
+
+CHECKOUT = Path(__file__).resolve().parent.parent  # the source checkout, when run from one
+
+
+def default_models_dir() -> Path:
+    """``$PULID_MODELS_DIR``; else ``models/`` of the source checkout; else ``./models`` (installed)."""
+    if os.environ.get("PULID_MODELS_DIR"):
+        return Path(os.environ["PULID_MODELS_DIR"]).expanduser()
+    if (CHECKOUT / "pyproject.toml").is_file():
+        return CHECKOUT / "models"
+    return Path.cwd() / "models"
+
 
 DEFAULT_MODEL = "flux-dev"  # --name
 DEFAULT_VERSION = "v0.9.1"  # --version

@@ -20,13 +20,12 @@ from pathlib import Path
 
 from flux.hub import (
     WeightsNotFoundError,
-    default_models_dir,
     download,
     download_blocked,
     find_local,
     format_size,
 )
-from pulid.catalogue import CATALOGUE, SPEED_LORAS, required_weights
+from pulid.catalogue import CATALOGUE, SPEED_LORAS, default_models_dir, required_weights
 from pulid.startup import add_weight_arguments
 
 

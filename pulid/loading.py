@@ -23,7 +23,6 @@ from eva_clip.model import load_eva_clip
 from flux.devices import HardwareError, describe, resolve_device
 from flux.hub import (
     WeightsNotFoundError,
-    default_models_dir,
     download,
     download_blocked,
     find_local,
@@ -49,6 +48,7 @@ from pulid.catalogue import (
     FP8_MODES,
     SINGLE_FILE_ROLES,
     CatalogueEntry,
+    default_models_dir,
     is_path_choice,
     required_weights,
 )
