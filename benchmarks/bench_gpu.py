@@ -336,9 +336,9 @@ def main() -> None:
         print(f"{mode}: {rows[-1]['dit_step_ms_median']:.1f} ms/step", flush=True)
     reference = next((r for r in rows if r["mode"] == "resident"), None)
     if reference is not None:
-        ref = torch.load(reference["one_step_latents"])
+        ref = torch.load(reference["one_step_latents"], weights_only=True)
         for r in rows:
-            lat = torch.load(r["one_step_latents"])
+            lat = torch.load(r["one_step_latents"], weights_only=True)
             r["rel_err_vs_resident"] = ((lat - ref).norm() / ref.norm()).item()
     (args.out / "bench.json").write_text(json.dumps(rows, indent=2))
     md = table(rows)

@@ -39,7 +39,6 @@ FP8_MODES = ("auto", "native", "quanto")
 FLUX_DEV_LICENCE = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
 FLUX_KREA_LICENCE = "https://huggingface.co/black-forest-labs/FLUX.1-Krea-dev/blob/main/LICENSE.md"
 INSIGHTFACE_LICENCE = "https://github.com/deepinsight/insightface#license"
-FACEXLIB_RELEASES = "https://github.com/xinntao/facexlib/releases/download"
 
 FLUX_DIT_BYTES = 23_802_816_640  # 11,901,408,320 bf16 parameters
 AE_BYTES = 335_278_732  # float32
@@ -361,7 +360,8 @@ ID_MODELS = (
         "always",
     ),
     # facexlib publishes these as GitHub release assets (v0.1.0/detection_Resnet50_Final.pth,
-    # v0.2.0/parsing_bisenet.pth, v0.2.2/parsing_parsenet.pth under FACEXLIB_RELEASES), not on the
+    # v0.2.0/parsing_bisenet.pth, v0.2.2/parsing_parsenet.pth under
+    # https://github.com/xinntao/facexlib/releases/download), not on the
     # hub; leonelhs/facexlib mirrors them.
     CatalogueEntry(
         "retinaface",
@@ -398,6 +398,11 @@ ID_MODELS = (
     ),
 )
 FACE_MODEL_ROLES = ("detector", "recognizer", "retinaface", "bisenet", "parsenet")
+FACEXLIB_ROLES = ("retinaface", "parsenet", "bisenet")  # one folder, as facexlib's model_rootpath
+# The files facexlib reads from that folder, under the names it looks for.
+FACEXLIB_FILES = tuple(
+    Path(entry.weights.local_name).name for entry in ID_MODELS if entry.role in FACEXLIB_ROLES
+)
 
 
 @dataclass(frozen=True)

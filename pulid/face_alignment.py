@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pulid.catalogue import FACEXLIB_FILES
+
 logger = logging.getLogger(__name__)
 
 FACE_SIZE = 512  # FaceRestoreHelper(face_size=512, crop_ratio=(1, 1)): FFHQ template at 512
@@ -79,9 +81,6 @@ def clip_input(features: torch.Tensor) -> torch.Tensor:
 def tensor_to_rgb8(x: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) in [0, 1] to an (H, W, 3) uint8 image, rounding like basicsr's tensor2img."""
     return (x[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-
-
-FACEXLIB_FILES = ("detection_Resnet50_Final.pth", "parsing_parsenet.pth", "parsing_bisenet.pth")
 
 
 def check_plain_weights(path: Path) -> None:
