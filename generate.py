@@ -99,7 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="MASK",
         help="with --layout masks: an image, white where a person stands; one per person, person 1's first",
     )
-    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs"),
+        help="folder for the images (PNG unless --output_format says otherwise)",
+    )
     lora_help = (
         "a LoRA for the transformer: a file in models/loras/, a path, a hub reference "
         "owner/repo/file.safetensors or a speed LoRA's name, with an optional :STRENGTH "

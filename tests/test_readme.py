@@ -63,3 +63,24 @@ def test_the_limits_table_is_the_limits_module():
     assert f"| prompt, negative prompt | {limits.MAX_PROMPT_CHARS:,} characters" in section
     assert f"all visitors together | {limits.MAX_QUEUED} |" in section
     assert f"one visitor, running or waiting | {limits.MAX_QUEUED_PER_VISITOR} " in section
+
+
+def test_the_layout_names_every_folder_and_module():
+    """Every tracked top-level folder, and every module and sub-package of ``flux/`` and
+    ``pulid/``, is in README's Layout section, so a new folder or module comes with its line."""
+    import subprocess
+
+    layout = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    root = README_PATH.parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True)
+    folders = {path.split("/", 1)[0] for path in tracked.stdout.splitlines() if "/" in path}
+    missing = [f"{name}/" for name in sorted(folders) if f"`{name}/`" not in layout]
+    for package in ("flux", "pulid"):
+        for child in sorted((root / package).iterdir()):
+            if child.name.startswith("_"):
+                continue
+            if child.suffix == ".py" and f"`{child.name}`" not in layout:
+                missing.append(f"{package}/{child.name}")
+            if child.is_dir() and (child / "__init__.py").is_file() and f"`{child.name}/`" not in layout:
+                missing.append(f"{package}/{child.name}/")
+    assert not missing, f"README's Layout does not name: {', '.join(missing)}"
