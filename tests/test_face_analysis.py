@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from skimage import data as skimage_data  # a test dependency: its photo is the real face
 
 from flux.checkpoint import CheckpointError
 from pulid import face_detection
@@ -28,8 +29,6 @@ from tiny_random.face_models import (
     build_antelopev2,
 )
 from tiny_random.pipeline import tiny_face_model_paths
-
-skimage_data = pytest.importorskip("skimage.data")
 
 NO_FACE_MESSAGE = "No face found in the ID image. Upload a clear, front-facing photo of one person."
 # facexlib's FFHQ 5-point template at 512 (FaceRestoreHelper, template_3points=False)
