@@ -176,15 +176,14 @@ def load_t5(
     """
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-    folder = Path(folder)
-    what = "the T5-XXL text encoder"
-    config = _from_folder(T5Config.from_pretrained, folder, what)
-    check_config(config, expected, str(folder), what)
-    tokenizer = _from_folder(T5Tokenizer.from_pretrained, folder, what, max_length=max_length)
-    model, info = _from_folder(
-        T5EncoderModel.from_pretrained, folder, what, dtype=dtype, output_loading_info=True
+    model, tokenizer = _load_folder(
+        folder,
+        "the T5-XXL text encoder",
+        (T5Config, T5Tokenizer, T5EncoderModel),
+        expected,
+        dtype,
+        max_length,
     )
-    _check_loading(info, str(folder))
     return HFEmbedder(model.to(device), tokenizer, max_length, "last_hidden_state")
 
 
@@ -200,16 +199,40 @@ def load_clip(
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    folder = Path(folder)
-    what = "the CLIP-L text encoder"
-    config = _from_folder(CLIPTextConfig.from_pretrained, folder, what)
-    check_config(config, expected, str(folder), what)
-    tokenizer = _from_folder(CLIPTokenizer.from_pretrained, folder, what, max_length=CLIP_MAX_LENGTH)
-    model, info = _from_folder(
-        CLIPTextModel.from_pretrained, folder, what, dtype=dtype, output_loading_info=True
+    model, tokenizer = _load_folder(
+        folder,
+        "the CLIP-L text encoder",
+        (CLIPTextConfig, CLIPTokenizer, CLIPTextModel),
+        expected,
+        dtype,
+        CLIP_MAX_LENGTH,
+        unused_prefixes=CLIP_UNUSED_PREFIXES,
     )
-    _check_loading(info, str(folder), CLIP_UNUSED_PREFIXES)
     return HFEmbedder(model.to(device), tokenizer, CLIP_MAX_LENGTH, "pooler_output")
+
+
+def _load_folder(
+    folder: str | os.PathLike,
+    what: str,
+    classes: tuple[Any, Any, Any],
+    expected: Mapping[str, Any],
+    dtype: torch.dtype,
+    max_length: int,
+    unused_prefixes: tuple[str, ...] = (),
+) -> tuple[Any, Any]:
+    """A transformers encoder and its tokenizer from ``folder``, strictly: the config checked
+    against ``expected`` first, then every weight present and none unexpected (but for
+    ``unused_prefixes``). ``classes``: its config, tokenizer and model classes."""
+    config_class, tokenizer_class, model_class = classes
+    folder = Path(folder)
+    config = _from_folder(config_class.from_pretrained, folder, what)
+    check_config(config, expected, str(folder), what)
+    tokenizer = _from_folder(tokenizer_class.from_pretrained, folder, what, max_length=max_length)
+    model, info = _from_folder(
+        model_class.from_pretrained, folder, what, dtype=dtype, output_loading_info=True
+    )
+    _check_loading(info, str(folder), unused_prefixes)
+    return model, tokenizer
 
 
 def t5_gguf_name(key: str) -> str:
