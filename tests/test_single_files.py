@@ -229,8 +229,14 @@ def test_t5_gguf_with_llama_cpp_names(t5_reference, tmp_path, qtype):
     reference["encoder.embed_tokens.weight"] = reference["shared.weight"]
     out = encode(t5)
     assert rel_err(out, t5_with_state(folder, config, reference)) < TOL_FORWARD
-    bound = {"Q8_0": 0.02, "Q5_0": 0.1, "Q4_1": 0.2}[qtype]
-    assert rel_err(out, t5_with_state(folder, config, state)) < bound
+    # The file holds the float weights up to the format's own rounding: a stable bound per weight
+    # (each error is an average over thousands of values; measured 0.0055, 0.044 and 0.080 at most).
+    # Through a tiny random T5 the output's error is not stable enough to bound.
+    bound = {"Q8_0": 0.008, "Q5_0": 0.055, "Q4_1": 0.1}[qtype]
+    stored = gguf_reference(path)
+    for key, kind in types.items():
+        if kind == qtype:
+            assert rel_err(stored[key], named[key]) < bound, key
 
 
 def test_t5_files_of_other_models_are_refused(t5_reference, tmp_path):
