@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,12 @@ class Setting:
             raise InvalidRequestError(
                 f"{self.label} is too long ({len(value):,} characters; at most {self.max_length:,})."
             )
+        try:
+            value.encode("utf-8")  # a lone surrogate (from JSON's "\\ud800" or a bad byte) is not text
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                f"{self.label} holds characters that are not valid Unicode: retype or paste it again."
+            ) from None
         return value
 
     def _coerce_number(self, given: Any) -> int | float:
@@ -103,13 +110,14 @@ class Setting:
             text = value.strip()
             if not text:  # an emptied box means the default (an empty seed: a random one)
                 return self.default
-            try:
-                value = int(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    raise self._refuse(given) from None
+            # Only plain ASCII numbers: Python's int() and float() would also take "1_000", other
+            # scripts' digits and "1e3" for a whole number, and round a long one through a float.
+            if WHOLE_NUMBER.fullmatch(text):
+                value = int(text.split(".")[0])
+            elif self.kind is float and DECIMAL_NUMBER.fullmatch(text):
+                value = float(text)
+            else:
+                raise self._refuse(given)
         if isinstance(value, int):
             return value if self.kind is int else float(value)
         try:
@@ -119,10 +127,15 @@ class Setting:
         if not math.isfinite(number):
             raise self._refuse(given)
         if self.kind is int:
-            if not number.is_integer():
+            # a float past 2**53 is a whole number, but maybe not the one that was sent
+            if not number.is_integer() or abs(number) >= 2**53:
                 raise self._refuse(given)
             return int(number)
         return number
+
+
+WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+(\.0*)?")  # "42", "-3", "42.0" (what a number box may send)
+DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def _show(number: float) -> str:

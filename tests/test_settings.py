@@ -111,7 +111,22 @@ def test_floats_accept_numbers_and_ints_accept_whole_floats():
     declared = {s.name: s for s in SETTINGS}
     assert declared["guidance"].coerce("3.5") == 3.5 and declared["guidance"].coerce(3) == 3.0
     assert declared["num_steps"].coerce(4.0) == 4 and isinstance(declared["num_steps"].coerce(4.0), int)
-    assert declared["seed"].coerce("1e3") == 1000 and declared["seed"].coerce(str(2**64 - 1)) == 2**64 - 1
+    assert declared["seed"].coerce("42.0") == 42 and declared["seed"].coerce(str(2**64 - 1)) == 2**64 - 1
+    assert declared["seed"].coerce("12345678901234567891.0") == 12345678901234567891  # exact, not via a float
+    # whole numbers in plain ASCII digits only: nothing that int()/float() would read another way
+    for loose in ("1e3", "1_000", "\u0663", "0x10", float(2**60)):
+        with pytest.raises(InvalidRequestError, match="Seed .* must be a whole number"):
+            declared["seed"].coerce(loose)
+    with pytest.raises(InvalidRequestError, match="Guidance must be"):
+        declared["guidance"].coerce("3_5")
+
+
+def test_text_that_is_not_valid_unicode_is_refused_by_name():
+    declared = {s.name: s for s in SETTINGS}
+    for name in ("prompt", "neg_prompt"):
+        with pytest.raises(InvalidRequestError, match="holds characters that are not valid Unicode"):
+            declared[name].coerce("a portrait \ud800")
+    assert declared["prompt"].coerce("caf\u00e9 \U0001f600") == "caf\u00e9 \U0001f600"
     assert not math.isnan(declared["true_cfg"].coerce(1))
 
 
