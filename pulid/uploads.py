@@ -101,7 +101,7 @@ def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | No
     resolved = check_upload(path, roots)
     with open_checked(resolved, f"the image {resolved.name}") as image:
         image.seek(0)
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return rgb8(ImageOps.exif_transpose(image))
 
 
 def load_image_bytes(data: bytes, name: str) -> np.ndarray:
@@ -113,7 +113,21 @@ def load_image_bytes(data: bytes, name: str) -> np.ndarray:
         raise UploadError(f"{name[:60]} is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB: send a smaller copy.")
     with open_checked(io.BytesIO(data), name) as image:
         image.seek(0)
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return rgb8(ImageOps.exif_transpose(image))
+
+
+def rgb8(image) -> np.ndarray:
+    """A decoded image as RGB uint8 (H, W, 3). A 16-bit or 32-bit grey image (PIL's "I;16" and
+    "I" modes) is scaled from 0-65535 to 0-255 first: PIL's own conversion clips it, which turns
+    most of a 16-bit photo white."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    elif image.mode == "F":  # floating-point grey: PIL's own conversion clips to 0-255 as well
+        image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8))
+    return np.asarray(image.convert("RGB"))
 
 
 MAX_CANVAS_LAYERS = 4  # layers of a drawing in the page that are read (the app's canvas has one)
@@ -159,7 +173,7 @@ def painted_layer(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
     with open_checked(source, name) as image:
         if "A" in image.getbands() or "transparency" in image.info:
             return np.array(image.convert("RGBA"))
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = rgb8(image)
         return np.concatenate([rgb, rgb.max(axis=2, keepdims=True)], axis=2)
 
 

@@ -86,6 +86,19 @@ def test_exif_rotation_is_applied(bad_files):
     assert np.abs(upright - sideways).mean() > 30
 
 
+def test_a_16_bit_grey_photo_reads_as_its_8_bit_copy(bad_files):
+    """PIL's own conversion clips 16-bit grey to white; the file's 0-65535 is scaled to 0-255."""
+    import numpy as np
+
+    from pulid.uploads import painted_layer
+
+    eight = load_upload(bad_files["grey.png"])
+    sixteen = load_upload(bad_files["grey16.png"])
+    assert sixteen.dtype == np.uint8 and np.array_equal(sixteen, eight)  # the file is 257 x each grey
+    layer = painted_layer(bad_files["grey16.png"].read_bytes(), "mask")  # a mask or region, alike
+    assert np.array_equal(layer[..., :3], eight)
+
+
 def test_prompts_empty_long_and_too_long(service):
     for prompt in ["", ("a portrait, " * 200)[:2000]]:
         request = service.build_request(None, None, prompt=prompt, **SETTINGS)
