@@ -23,6 +23,7 @@ from pathlib import Path
 from pulid import stages
 from pulid.limits import (
     MAX_EXTRA_PHOTOS,
+    MAX_JSON_BODY_BYTES,
     MAX_PEOPLE,
     MAX_QUEUED,
     MAX_QUEUED_PER_VISITOR,
@@ -32,7 +33,11 @@ from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, loa
 
 logger = logging.getLogger("app_flux")
 
-MAX_UPLOAD = f"{MAX_UPLOAD_BYTES // 10**6}mb"  # gradio refuses larger files at the upload route
+# Request bodies larger than JSON needs: a field's photos in one upload, a painted layer.
+BODY_LIMITS = {
+    "/upload": (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
+    "/component_server": MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
+}
 POLL_SECONDS = 0.5  # how often a job's handler yields while it runs or waits, so a cancel is noticed
 UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
@@ -501,6 +506,11 @@ def create_demo(args: argparse.Namespace, service):
 
         def preprocess(self, payload):
             items = payload.root if hasattr(payload, "root") else [payload] if payload is not None else []
+            if len(items) > MAX_EXTRA_PHOTOS + 1:  # counted before any is looked at
+                raise gr.Error(
+                    f"{len(items)} photos were sent for one person; at most {MAX_EXTRA_PHOTOS + 1} "
+                    "are used: keep the best."
+                )
             for item in items:
                 uploaded(item)
             return super().preprocess(payload)
@@ -940,14 +950,18 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
     """Serve ``demo`` with the app's limits and its host-name check (:mod:`pulid.web_guard`)."""
     from starlette.middleware import Middleware
 
-    from pulid.web_guard import HostCheck, allowed_hosts
+    from pulid.web_guard import BodyLimit, HostCheck, allowed_hosts
 
     hosts = allowed_hosts(args.host, args.share, IN_SPACE, args.allowed_hosts)
     logger.info("answering to host names: %s", ", ".join(hosts))
     options = {"server_name": args.host, "server_port": args.port, "share": args.share, **options}
+    middleware = [
+        Middleware(HostCheck, patterns=hosts),
+        Middleware(BodyLimit, default=MAX_JSON_BODY_BYTES, by_route=BODY_LIMITS),
+    ]
     demo.launch(
-        max_file_size=MAX_UPLOAD,
-        app_kwargs={"middleware": [Middleware(HostCheck, patterns=hosts)]},
+        max_file_size=MAX_UPLOAD_BYTES,  # in bytes: gradio's "20mb" would be 20 MiB, not the service's limit
+        app_kwargs={"middleware": middleware},
         **options,
     )
 

@@ -5,6 +5,7 @@ checked before the work it bounds starts, and a request over a limit gets a mess
 """
 
 MAX_UPLOAD_BYTES = 20 * 10**6  # one uploaded file; gradio refuses larger uploads at the door
+MAX_JSON_BODY_BYTES = 10**6  # a request's JSON (settings, a 2,000-character prompt, file references)
 MAX_IMAGE_PIXELS = 50 * 10**6  # one photo (8,660 x 5,770, a 50 MP camera); checked from its header first
 MAX_EXTRA_PHOTOS = 4  # photos besides the ID image: a person in five photos is plenty
 MAX_PEOPLE = 4  # identities in one image, each with its own region (and a cross-attention pass)

@@ -52,8 +52,8 @@ def check_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | N
         raise UploadError(f"{name[:60]} is not a regular file: upload a JPEG, PNG or WebP photo.")
     if info.st_size > MAX_UPLOAD_BYTES:
         raise UploadError(
-            f"{name[:60]} is {info.st_size / 1e6:.0f} MB; photos may be at most "
-            f"{MAX_UPLOAD_BYTES / 1e6:.0f} MB."
+            f"{name[:60]} is {info.st_size:,} bytes; photos may be at most {MAX_UPLOAD_BYTES:,} bytes "
+            f"({MAX_UPLOAD_BYTES / 1e6:.0f} MB): send a smaller copy."
         )
     return resolved
 

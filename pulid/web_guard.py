@@ -1,4 +1,4 @@
-"""Who is asking, and under which host name: the web app's two questions before any work.
+"""Who is asking, under which host name, and with how much: the web app's questions before any work.
 
 * **Host names.** A page on another site can make a browser send requests to a server on the
   visitor's own machine by pointing its own name at 127.0.0.1 (DNS rebinding); the only sign is a
@@ -13,13 +13,15 @@
   itself added, which the client cannot forge. Requests from this machine (the local user, or
   visitors through the ``--share`` tunnel, which all arrive from 127.0.0.1) are told apart by
   session instead.
+* **Body size.** :class:`BodyLimit` refuses a request body larger than its route can need
+  (:mod:`pulid.limits`), before it is read.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_INTERFACE = ("0.0.0.0", "::", "")
@@ -72,17 +74,63 @@ class HostCheck:
             "If you reach it under that name on purpose, start it with --allowed_hosts "
             f"{host_name(header)[:100] or 'NAME'}.\n"
         ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 421,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 421, body)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than its route can need is refused, so no client can
+    make the server read and hold an arbitrary amount (gradio bounds each uploaded file, but not a
+    JSON body, nor how many files one upload holds).
+
+    ``by_route``: path endings (``/upload``) with their own limit; ``default`` for the rest. A
+    declared ``Content-Length`` over the limit gets 413 before anything is read; a body without one
+    is cut off where it passes the limit (the route sees the client leave)."""
+
+    def __init__(self, app, default: int, by_route: Mapping[str, int]):
+        self.app = app
+        self.default = default
+        self.by_route = dict(by_route)
+
+    def limit_for(self, path: str) -> int:
+        """The body limit of ``path``: its route's, else the default."""
+        path = path.rstrip("/")
+        return next((limit for end, limit in self.by_route.items() if path.endswith(end)), self.default)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope.get("path", ""))
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            message = f"The request is {int(declared):,} bytes; this route takes at most {limit:,}.\n"
+            return await _answer(send, 413, message.encode())
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    return {"type": "http.disconnect"}
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+async def _answer(send, status: int, body: bytes) -> None:
+    """A plain-text answer, sent before the app sees the request."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def visitor(client_host: str | None, forwarded_for: str | None, behind_proxy: bool, session: str) -> str:

@@ -102,6 +102,8 @@ def test_too_many_extra_photos_are_refused(client):  # noqa: F811
 
     with pytest.raises(AppError, match="5 extra photos were sent; at most 4"):
         call(client, id_image=PHOTO, extra_images=[PHOTO] * 5)
+    with pytest.raises(AppError, match="7 photos were sent for one person; at most 5"):
+        call(client, id_image=PHOTO, extra_images=[PHOTO] * 7)  # counted before any is checked
 
 
 # -- one validation gate: random values of every type -----------------------------------------

@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 import app_flux
-from pulid.web_guard import allowed_hosts, host_allowed, host_name, visitor
+from pulid.web_guard import BodyLimit, allowed_hosts, host_allowed, host_name, visitor
 from tests.test_app import server  # noqa: F401 (the running app fixture, bound to 127.0.0.1)
 
 
@@ -69,3 +69,42 @@ def test_visitors_are_counted_by_address_and_only_the_proxys_entry_is_trusted():
     assert app_flux.visitor_of(a, False) == app_flux.visitor_of(b, False)  # new session, same visitor
     behind = FakeRequest("10.0.0.2", forwarded="203.0.113.9", session="three")
     assert app_flux.visitor_of(behind, True) == "address 203.0.113.9"
+
+
+def test_a_body_over_its_route_limit_is_refused_before_it_is_read(server):  # noqa: F811
+    from pulid.limits import MAX_JSON_BODY_BYTES
+
+    big = {"data": ["x" * (MAX_JSON_BODY_BYTES + 1)]}  # e.g. a 1 GB prompt, or 100,000 file entries
+    refused = httpx.post(f"{server}gradio_api/call/generate", json=big, timeout=30)
+    assert refused.status_code == 413 and f"at most {MAX_JSON_BODY_BYTES:,}" in refused.text
+    assert httpx.get(server, timeout=10).status_code == 200  # and the server goes on
+    limits = app_flux.BODY_LIMITS
+    guard = BodyLimit(None, MAX_JSON_BODY_BYTES, limits)
+    assert guard.limit_for("/gradio_api/upload") == limits["/upload"]
+    assert guard.limit_for("/gradio_api/component_server/") == limits["/component_server"]
+    assert guard.limit_for("/gradio_api/queue/join") == MAX_JSON_BODY_BYTES
+
+
+def test_a_body_without_a_length_is_cut_off_where_it_passes_the_limit():
+    import asyncio
+
+    chunks = [{"type": "http.request", "body": b"x" * 4, "more_body": True} for _ in range(100)]
+    seen: list[str] = []
+
+    async def app(scope, receive, send):  # reads like a route does, until the body ends or the client leaves
+        while True:
+            message = await receive()
+            seen.append(message["type"])
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                return
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        raise AssertionError("nothing is answered for a body cut off mid-way")
+
+    scope = {"type": "http", "path": "/gradio_api/queue/join", "headers": []}
+    asyncio.run(BodyLimit(app, 10, {})(scope, receive, send))
+    assert seen == ["http.request", "http.request", "http.disconnect"]  # 4, 8, then 12 > 10 bytes
+    assert len(chunks) == 97  # nothing more was read
