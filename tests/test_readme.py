@@ -57,6 +57,7 @@ def test_the_limits_table_is_the_limits_module():
 
     section = README.split("## Limits and safety")[1].split("## ")[0]
     assert f"| one uploaded file | {limits.MAX_UPLOAD_BYTES // 10**6} MB" in section
+    assert f"| one request's body | {limits.MAX_JSON_BODY_BYTES // 10**6} MB of JSON" in section
     assert f"| one photo | {limits.MAX_IMAGE_PIXELS // 10**6} megapixels" in section
     assert f"| extra photos of the person | {limits.MAX_EXTRA_PHOTOS} " in section
     assert f"| images per request | {limits.MAX_IMAGES_PER_REQUEST} " in section
