@@ -475,13 +475,18 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
 def check_choice(model: str, version: str, fp8: str | None) -> None:
     """Raise ValueError naming the allowed values when a flag is not one of them."""
     if model not in FLUX_WEIGHTS:
-        raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(FLUX_WEIGHTS)}")
+        raise WeightChoiceError(f"Unknown model {model!r}; choose one of {', '.join(FLUX_WEIGHTS)}")
     if version not in PULID_WEIGHTS:
-        raise ValueError(f"Unknown PuLID version {version!r}; choose one of {', '.join(PULID_WEIGHTS)}")
+        versions = ", ".join(PULID_WEIGHTS)
+        raise WeightChoiceError(f"Unknown PuLID version {version!r}; choose one of {versions}")
     if fp8 not in (None, "native", "quanto"):
         raise ValueError(f"fp8 must be None, 'native' or 'quanto' once resolved, not {fp8!r}")
     if fp8 == "quanto" and model != "flux-dev":
-        raise ValueError(f"There is no fp8 (quanto) checkpoint for {model}: use --fp8_mode native or bf16.")
+        raise WeightChoiceError(
+            f"There is no fp8 (quanto) checkpoint for {model}, and --fp8 uses one here (--fp8_mode auto "
+            "picks quanto without fp8 matrix units). Run it without --fp8, or with --fp8_mode native on "
+            "a GPU that has them (Ada, Hopper, Blackwell)."
+        )
 
 
 def check_single_files(model: str, fp8: str | None, files: Mapping[str, str | None]) -> None:

@@ -2,7 +2,8 @@
 
     python -m pulid.download --dry-run                 # what flux-dev + PuLID v0.9.1 need, and where
     python -m pulid.download                           # fetch what is missing (progress, resume)
-    python -m pulid.download --name flux-krea-dev --version v0.9.0 --fp8 --models_dir /data/models
+    python -m pulid.download --name flux-krea-dev --version v0.9.0 --models_dir /data/models
+    python -m pulid.download --fp8                     # what --fp8 loads on this machine
     python -m pulid.download --speed_lora FLUX.1-Turbo-Alpha   # and an 8-step LoRA into models/loras/
     python -m pulid.download --dit flux-dev-Q4_K_S --t5 t5xxl-Q5_K_M --clip clip-l   # an 8 GB card
 
@@ -15,9 +16,12 @@ so. Interrupted downloads resume where they stopped."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 from pathlib import Path
 
+from flux.devices import HardwareError
 from flux.hub import (
     WeightsNotFoundError,
     download,
@@ -25,7 +29,15 @@ from flux.hub import (
     find_local,
     format_size,
 )
-from pulid.catalogue import CATALOGUE, SPEED_LORAS, default_models_dir, required_weights
+from pulid.catalogue import (
+    CATALOGUE,
+    SINGLE_FILE_ROLES,
+    SPEED_LORAS,
+    WeightChoiceError,
+    default_models_dir,
+    is_path_choice,
+    required_weights,
+)
 from pulid.startup import add_weight_arguments
 
 
@@ -63,15 +75,34 @@ def chosen_entries(args: argparse.Namespace):
         fp8 = resolve_fp8_mode(fp8, resolve_device(None))
         print(f"--fp8_mode auto on this machine is {fp8}")
     files = {"dit": args.dit, "t5": args.t5, "clip": args.clip}
-    return list(required_weights(args.name, args.version, fp8, files).values()) + [
-        SPEED_LORAS[name].entry for name in args.speed_lora
-    ]
+    needed = required_weights(args.name, args.version, fp8, files)
+    for kind, value in files.items():  # a file given as a path is the user's: checked, not fetched
+        if is_path_choice(kind, value):
+            if not Path(value).expanduser().is_file():
+                raise WeightChoiceError(f"--{kind} {value}: there is no such file.")
+            del needed[SINGLE_FILE_ROLES[kind]]
+    return list(needed.values()) + [SPEED_LORAS[name].entry for name in args.speed_lora]
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the listing piped into `head`, which closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("\nStopped; files already fetched stay, and a rerun resumes the rest.", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     models_dir = Path(args.models_dir) if args.models_dir is not None else default_models_dir()
-    entries = chosen_entries(args)
+    try:
+        entries = chosen_entries(args)
+    except (WeightChoiceError, HardwareError) as err:
+        print(f"Cannot plan the download: {err}", file=sys.stderr)
+        return 2
     missing = []
     print(f"{'status':<9}{'size':>10}  {'what':<58} place")
     for entry in entries:
@@ -82,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             found = None
         status = "present" if found is not None else "optional" if weights.optional else "missing"
         where = found if found is not None else weights.local_path(models_dir)
-        print(f"{status:<9}{format_size(weights.size_bytes):>10}  {weights.description[:56]:<58} {where}")
+        what = textwrap.shorten(weights.description, 56, placeholder="...")
+        print(f"{status:<9}{format_size(weights.size_bytes):>10}  {what:<58} {where}")
         if found is None:
             missing.append(entry)
     total = sum(entry.weights.size_bytes for entry in missing)

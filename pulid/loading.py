@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -71,12 +72,15 @@ def plan_counts(request: GenerationRequest | None = None) -> dict[str, int]:
 def download_command(
     model: str, version: str, fp8: str | None, models_dir: Path, files: Mapping[str, str | None] | None = None
 ) -> str:
-    """The ``python -m pulid.download`` line that fetches what these flags need."""
-    parts = ["python", "-m", "pulid.download", "--name", model, "--version", version]
+    """The ``python -m pulid.download`` line that fetches what these flags need (this Python, so
+    the line runs as printed; files given as paths are passed on, and not fetched)."""
+    python = os.path.relpath(sys.executable)
+    python = python if not python.startswith("..") else sys.executable
+    parts = [python, "-m", "pulid.download", "--name", model, "--version", version]
     if fp8 is not None:
         parts += ["--fp8", "--fp8_mode", fp8]
     for kind, value in (files or {}).items():
-        if value is not None and not is_path_choice(kind, value):
+        if value is not None:
             parts += [f"--{kind}", value]
     parts += ["--models_dir", str(models_dir)]
     return shlex.join(parts)

@@ -115,3 +115,32 @@ def test_a_speed_lora_downloads_into_models_loras_under_its_name(tmp_path, fake_
     library = LoRALibrary(tmp_path / "loras", {}, models_dir=tmp_path, allow_download=False)
     assert library.resolve("FLUX.1-Turbo-Alpha") == tmp_path / "loras" / "FLUX.1-Turbo-Alpha.safetensors"
     assert "FLUX.1-Turbo-Alpha" in library.names() and "FLUX.1-Turbo-Alpha.safetensors" not in library.names()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--name", "flux-krea-dev", "--fp8", "--fp8_mode", "quanto"],
+            "no fp8 (quanto) checkpoint for flux-krea-dev",
+        ),
+        (["--dit", "bogus"], "--dit 'bogus' is neither one of"),
+        (["--dit", "flux-dev-Q8_0", "--fp8"], "--fp8 quantises the bf16 checkpoint"),
+        (["--t5", "/no/such/t5.gguf"], "--t5 /no/such/t5.gguf: there is no such file"),
+    ],
+)
+def test_flags_that_cannot_be_planned_get_one_line_not_a_traceback(tmp_path, capsys, flags, message):
+    assert pulid.download.main(["--dry-run", "--models_dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Cannot plan the download: ") and message in err and "Traceback" not in err
+
+
+def test_a_file_given_as_a_path_is_checked_and_not_fetched(tmp_path, capsys):
+    from pulid.catalogue import required_weights
+
+    mine = tmp_path / "my-flux.gguf"
+    mine.write_bytes(b"GGUF")
+    assert pulid.download.main(["--dry-run", "--models_dir", str(tmp_path), "--dit", str(mine)]) == 0
+    out = capsys.readouterr().out
+    assert required_weights()["flow"].weights.description not in out  # the 23.8 GB DiT is not planned
+    assert required_weights()["ae"].weights.description in out  # the rest is
