@@ -966,6 +966,51 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
     )
 
 
+def problems_before_loading(args: argparse.Namespace) -> list[str]:
+    """What would stop the app only after its models loaded: the address to serve on, the outputs
+    folder, Ray for ``--ray``. Found in a second instead of after minutes of loading."""
+    from pulid.outputs import writable_folder_problem
+
+    problems = []
+    ports = [("--port", args.port)] + ([("--ray_http_port", args.ray_http_port)] if args.ray else [])
+    for flag, port in ports:
+        if (problem := address_problem(args.host, port, flag)) and problem not in problems:
+            problems.append(problem)
+    if problem := writable_folder_problem(args.outputs_dir, "--outputs_dir"):
+        problems.append(problem)
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+            from ray import serve  # noqa: F401
+        except ImportError:
+            problems.append("--ray needs Ray Serve, an optional extra: pip install -r requirements-serve.txt")
+    return problems
+
+
+def address_problem(host: str, port: int, flag: str) -> str | None:
+    """Whether ``host``:``port`` can be listened on (bound and released at once, as the server will)."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        return f"--host {host!r} is not a name or address this machine can serve on."
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} on {host} is in use: stop what listens there, or pass {flag} with another."
+                )
+            if err.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host} is not an address of this machine: use 127.0.0.1, or 0.0.0.0 for all."
+            return f"cannot listen on {host}:{port} ({err.strerror or err}): check --host and {flag}."
+    return None
+
+
 def visitor_of(request, behind_proxy: bool) -> str:
     """Who sent the request (:func:`pulid.web_guard.visitor`): their share of the line counts by it."""
     from pulid.web_guard import visitor
@@ -1014,6 +1059,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
+    if problems := problems_before_loading(args):
+        raise SystemExit("\nCannot start:\n- " + "\n- ".join(problems) + "\n")
     ahead_of_time = False
     if ON_ZERO_GPU:
         if problems := check_flags(args):

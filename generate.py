@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from pulid.catalogue import SPEED_LORAS
+from pulid.outputs import writable_folder_problem
 from pulid.request import PERSON_WEIGHT
 from pulid.startup import add_model_arguments, load_or_exit
 
@@ -140,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"{len(args.person_weight)} --person_weight for {len(args.person)} --person")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file: give a folder for the images")
+    if problem := writable_folder_problem(args.out, "--out"):
+        parser.error(problem)
     args.seed = args.seed or ["-1"]
     try:
         args.requests = requests_of(args)

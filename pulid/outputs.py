@@ -37,6 +37,22 @@ _NAME = re.compile(  # what output_name makes
 _USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF's character-code prefix; the text follows in UTF-16 BE
 
 
+def writable_folder_problem(folder: str | os.PathLike, flag: str) -> str | None:
+    """Make ``folder`` (and its parents) and check that a file can be written in it; what is wrong
+    otherwise, naming ``flag``. Checked at start, so no generation runs only to fail at saving."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        return (
+            f"{flag} {folder} cannot hold the images ({err.strerror or err}): give a folder you can write to."
+        )
+    return None
+
+
 def a1111_parameters(metadata: dict) -> str:
     """The settings in AUTOMATIC1111's ``parameters`` format (values with ``,:"`` are quoted)."""
     loras = metadata.get("loras") or []

@@ -355,7 +355,8 @@ def start_without_weights(tmp_path, **env):
     environment.update(HF_HOME=str(tmp_path / "hf"), **env)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "app_flux.py", "--models_dir", str(tmp_path / "models"), "--device", "cpu"],
+        [sys.executable, "app_flux.py", "--models_dir", str(tmp_path / "models"), "--device", "cpu"]
+        + ["--port", str(free_port())],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -450,7 +451,15 @@ def test_a_flag_the_machine_cannot_honour_stops_the_start_with_one_message(tmp_p
         (["--device", "cpu", "--offload"], "--offload moves weights"),
     ]:
         proc = subprocess.run(
-            [sys.executable, "app_flux.py", "--models_dir", str(tmp_path), *flags],
+            [
+                sys.executable,
+                "app_flux.py",
+                "--models_dir",
+                str(tmp_path),
+                "--port",
+                str(free_port()),
+                *flags,
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -459,6 +468,56 @@ def test_a_flag_the_machine_cannot_honour_stops_the_start_with_one_message(tmp_p
         )
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-1500:]
         assert "Traceback" not in proc.stderr
+
+
+def test_what_would_stop_the_app_after_loading_stops_it_before(tmp_path, monkeypatch):
+    """A port in use, a host that is not this machine's, an outputs folder that cannot be written
+    and --ray without Ray: each named at once, before minutes of loading, with what to do."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        args = app_flux.parse_args(["--port", str(port), "--outputs_dir", str(blocker / "out")])
+        problems = app_flux.problems_before_loading(args)
+    assert (
+        problems[0]
+        == f"port {port} on 127.0.0.1 is in use: stop what listens there, or pass --port with another."
+    )
+    assert problems[1].startswith(f"--outputs_dir {blocker / 'out'} cannot hold the images")
+    assert (
+        app_flux.problems_before_loading(
+            app_flux.parse_args(["--outputs_dir", str(tmp_path / "new" / "out"), "--port", str(free_port())])
+        )
+        == []
+    )
+    assert (tmp_path / "new" / "out").is_dir()  # made, as saving would
+    bad_host = app_flux.parse_args(["--host", "999.1.1.1", "--outputs_dir", str(tmp_path)])
+    assert app_flux.problems_before_loading(bad_host) == [
+        "--host '999.1.1.1' is not a name or address this machine can serve on."
+    ]
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    ray = app_flux.parse_args(
+        [
+            "--ray",
+            "--outputs_dir",
+            str(tmp_path),
+            "--port",
+            str(free_port()),
+            "--ray_http_port",
+            str(free_port()),
+        ]
+    )
+    assert "--ray needs Ray Serve, an optional extra: pip install -r requirements-serve.txt" in (
+        app_flux.problems_before_loading(ray)
+    )
+    import generate
+
+    with pytest.raises(SystemExit):  # the command line checks its --out the same way, before loading
+        generate.parse_args(["--prompt", "x", "--out", str(blocker / "out")])
 
 
 def test_the_readme_gradio_client_example_works_as_written(server, monkeypatch, capsys):
