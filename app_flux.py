@@ -416,11 +416,11 @@ def create_demo(args: argparse.Namespace, service):
         """Refuse, before gradio opens anything, a file input that is not an upload of this app."""
         path = getattr(payload, "path", None)
         if path is None:
-            raise gr.Error("Upload the photo itself (links and paths on the server are not read).")
+            raise refused("Upload the photo itself (links and paths on the server are not read).")
         try:
             check_upload(path, service.upload_roots)
         except UploadError as err:
-            raise gr.Error(str(err)) from None
+            raise refused(str(err)) from None
 
     class UploadedImage(gr.Image):
         """An image input that takes only uploads. It hands on the uploaded file, not pixels: the
@@ -464,7 +464,7 @@ def create_demo(args: argparse.Namespace, service):
                     self.blob_storage, fields.get("id"), fields.get("index"), blob, MAX_QUEUED
                 )
             except UploadError as err:
-                raise gr.Error(str(err)) from None
+                raise refused(str(err)) from None
 
         def preprocess(self, payload):
             if payload is None:
@@ -478,7 +478,7 @@ def create_demo(args: argparse.Namespace, service):
             try:
                 layers = [painted_layer(source, "the painting") for source in sources[:MAX_CANVAS_LAYERS]]
             except UploadError as err:
-                raise gr.Error(str(err)) from None
+                raise refused(str(err)) from None
             return self.read(layers)
 
         def example_payload(self):
@@ -507,7 +507,7 @@ def create_demo(args: argparse.Namespace, service):
         def preprocess(self, payload):
             items = payload.root if hasattr(payload, "root") else [payload] if payload is not None else []
             if len(items) > MAX_EXTRA_PHOTOS + 1:  # counted before any is looked at
-                raise gr.Error(
+                raise refused(
                     f"{len(items)} photos were sent for one person; at most {MAX_EXTRA_PHOTOS + 1} "
                     "are used: keep the best."
                 )
@@ -574,7 +574,7 @@ def create_demo(args: argparse.Namespace, service):
                 id_region=id_region,
             )
         except ServiceError as err:
-            raise gr.Error(str(err)) from None
+            raise refused(str(err)) from None
 
         def outputs(result=None, cancelled=False):
             images = list(saved)
@@ -600,11 +600,11 @@ def create_demo(args: argparse.Namespace, service):
                 result = job.result()
             except Cancelled as err:
                 if not err.images:  # nothing finished: the API caller gets the error itself
-                    raise gr.Error(str(err)) from None
+                    raise refused(str(err)) from None
                 yield outputs(cancelled=True)
                 return
             except ServiceError as err:
-                raise gr.Error(str(err)) from None
+                raise refused(str(err)) from None
             yield outputs(result)
         finally:
             job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
@@ -1009,6 +1009,15 @@ def address_problem(host: str, port: int, flag: str) -> str | None:
                 return f"--host {host} is not an address of this machine: use 127.0.0.1, or 0.0.0.0 for all."
             return f"cannot listen on {host}:{port} ({err.strerror or err}): check --host and {flag}."
     return None
+
+
+def refused(message: str):
+    """The error a visitor sees for a request that cannot be served as sent: one log line on the
+    server, not gradio's traceback (an ordinary user mistake is not a crash)."""
+    import gradio as gr
+
+    logger.info("refused a request: %s", message[:300])
+    return gr.Error(message, print_exception=False)
 
 
 def visitor_of(request, behind_proxy: bool) -> str:

@@ -106,6 +106,19 @@ def test_too_many_extra_photos_are_refused(client):  # noqa: F811
         call(client, id_image=PHOTO, extra_images=[PHOTO] * 7)  # counted before any is checked
 
 
+def test_a_refused_request_is_one_log_line_not_a_traceback(client, capfd, caplog):  # noqa: F811
+    """An ordinary user mistake is not a crash: the operator's console gets one line."""
+    import logging
+
+    from gradio_client.exceptions import AppError
+
+    with caplog.at_level(logging.INFO, logger="app_flux"):
+        with pytest.raises(AppError, match="extra photos were sent"):
+            call(client, id_image=PHOTO, extra_images=[PHOTO] * 5)
+    assert any("refused a request: 5 extra photos" in r.getMessage() for r in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # -- one validation gate: random values of every type -----------------------------------------
 
 ANY_VALUE = st.one_of(
