@@ -11,6 +11,7 @@ by its annotation, which must be the class itself, or every visitor would share 
 import argparse
 import asyncio
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -190,7 +191,7 @@ def control(setting, gr, visible: bool = True, **options):
         if setting.choices
         else (setting.minimum, setting.maximum)
     )
-    return gr.Slider(
+    slider = setting_slider_class(gr)(
         low,
         high,
         value=setting.default,
@@ -200,6 +201,27 @@ def control(setting, gr, visible: bool = True, **options):
         visible=visible,
         **options,
     )
+    slider.setting = setting
+    return slider
+
+
+@functools.cache
+def setting_slider_class(gr):
+    """A slider whose value, from the page or the API, is checked by its declared setting: a wrong
+    one (a string, NaN, out of range) is refused with the setting named, where gradio's own check
+    says "Value 0 is less than minimum value 256" or fails on a string."""
+    from pulid.settings import InvalidRequestError
+
+    class SettingSlider(gr.Slider):
+        is_template = True
+
+        def preprocess(self, payload):
+            try:
+                return self.setting.coerce(payload)
+            except InvalidRequestError as err:
+                raise refused(str(err)) from None
+
+    return SettingSlider
 
 
 def lora_input_names() -> list[str]:

@@ -162,7 +162,13 @@ def test_the_api_marks_optional_inputs_and_shows_no_remote_example(client):
     [
         (dict(seed="abc"), r"Seed \(-1 for random\) must be a whole number"),
         (dict(width=1000), "Width must be a multiple of 16"),
-        (dict(width=250), "less than minimum value 256"),
+        (dict(width=250), r"Width must be a multiple of 16 from 256 to 1536 \(got 250\)"),
+        (dict(num_steps=-1), r"Number of steps must be a whole number from 1 to 50"),
+        (
+            dict(num_steps="abc"),
+            r"Number of steps must be a whole number .* \(got 'abc'\)",
+        ),  # gradio: a TypeError
+        (dict(guidance="nan"), "Guidance must be a number from 1 to 10"),
     ],
 )
 def test_bad_settings_get_a_clear_message_and_the_server_goes_on(client, kw, message):

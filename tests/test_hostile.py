@@ -112,9 +112,11 @@ def test_a_refused_request_is_one_log_line_not_a_traceback(client, capfd, caplog
 
     from gradio_client.exceptions import AppError
 
-    with caplog.at_level(logging.INFO, logger="app_flux"):
-        with pytest.raises(AppError, match="extra photos were sent"):
-            call(client, id_image=PHOTO, extra_images=[PHOTO] * 5)
+    with (
+        caplog.at_level(logging.INFO, logger="app_flux"),
+        pytest.raises(AppError, match="extra photos were sent"),
+    ):
+        call(client, id_image=PHOTO, extra_images=[PHOTO] * 5)
     assert any("refused a request: 5 extra photos" in r.getMessage() for r in caplog.records)
     assert "Traceback" not in capfd.readouterr().err
 
