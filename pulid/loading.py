@@ -154,6 +154,14 @@ def resolve_fp8_mode(fp8: str | None, device: torch.device) -> str | None:
     return fp8
 
 
+def face_provider(onnx_provider: str, id_device: torch.device) -> str:
+    """``auto``: the face detector's onnxruntime on the GPU when the ID stage runs on CUDA, else
+    on the CPU, where nobody asked for a GPU and a warning about its absence would mislead."""
+    if onnx_provider == "auto":
+        return "gpu" if id_device.type == "cuda" else "cpu"
+    return onnx_provider
+
+
 def meta_pipeline(
     model_name: str = DEFAULT_MODEL, fp8: str | None = None, files: Mapping[str, Path] | None = None
 ) -> PuLIDFluxPipeline:
@@ -211,7 +219,7 @@ def load_pipeline(
     device: torch.device | str | None = None,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    onnx_provider: str = "gpu",
+    onnx_provider: str = "auto",
     pretrained_model: str | os.PathLike | None = None,
     models_dir: str | os.PathLike | None = None,
     fp8: str | None = None,
@@ -307,7 +315,9 @@ def load_pipeline(
     logger.info("Loading PuLID-FLUX (%s, PuLID %s) for %s", model_name, version, describe(device))
     id_device = device_map.device_of("id")
     face_analysis = load_face_analyzer(
-        {role: paths[role] for role in FACE_MODEL_ROLES}, onnx_provider=onnx_provider, device=id_device
+        {role: paths[role] for role in FACE_MODEL_ROLES},
+        onnx_provider=face_provider(onnx_provider, id_device),
+        device=id_device,
     )
     text_weights = weights_on("text")
     if t5 is not None:

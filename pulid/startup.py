@@ -100,7 +100,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the repeated blocks (slower start, faster steps; see BENCHMARKS.md)",
     )
-    parser.add_argument("--onnx_provider", default="gpu", choices=["gpu", "cpu"], help="onnxruntime provider")
+    parser.add_argument(
+        "--onnx_provider",
+        default="auto",
+        choices=["auto", "gpu", "cpu"],
+        help="onnxruntime provider of the face detector (auto: gpu when the ID stage is on a CUDA device)",
+    )
     parser.add_argument("--pretrained_model", default=None, help="path to a PuLID weight file")
     parser.add_argument(
         "--preset",

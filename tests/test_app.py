@@ -324,7 +324,7 @@ def test_defaults_bind_localhost_without_share(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     args = app_flux.parse_args([])
     assert args.host == "127.0.0.1" and args.share is False and args.port == 8080
-    assert args.name == "flux-dev" and args.version == "v0.9.1" and args.onnx_provider == "gpu"
+    assert args.name == "flux-dev" and args.version == "v0.9.1" and args.onnx_provider == "auto"
 
 
 def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):

@@ -120,3 +120,14 @@ def test_a_budget_that_cannot_be_met_is_known_before_loading():
     assert MemoryPolicy(vram_budget_gb=24).plan(sizes, STAGES, plan_counts()).peak <= 24 * 1024**3
     with pytest.raises(ValueError, match="positive number of GiB"):
         MemoryPolicy(vram_budget_gb=float("nan"))
+
+
+def test_the_face_detector_runs_where_the_id_stage_does_unless_told():
+    import torch
+
+    from pulid.loading import face_provider
+
+    assert face_provider("auto", torch.device("cpu")) == "cpu"
+    assert face_provider("auto", torch.device("cuda", 1)) == "gpu"
+    assert face_provider("gpu", torch.device("cpu")) == "gpu"  # asked for: the warning then helps
+    assert face_provider("cpu", torch.device("cuda", 0)) == "cpu"
