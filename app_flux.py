@@ -632,7 +632,8 @@ def create_demo(args: argparse.Namespace, service):
             job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
 
     def cancel(request: gr.Request):
-        service.cancel(_session(request))
+        if service.cancel(_session(request)) == 0:
+            return "Nothing to cancel: no generation of yours is running or waiting."
         return "**Cancelled.** Images finished before the cancel stay above."
 
     def add_to_history(latest, history):

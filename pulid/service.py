@@ -363,12 +363,14 @@ class GenerationService:
         self._active: dict[str, set[threading.Event]] = {}  # session -> cancel flags of its jobs
         self._active_lock = threading.Lock()
 
-    def cancel(self, session: str) -> None:
+    def cancel(self, session: str) -> int:
         """Stop every job of ``session`` at its next step or block, or in the line; other sessions'
-        jobs go on."""
+        jobs go on. Returns how many jobs were running or waiting."""
         with self._active_lock:
-            for flag in self._active.get(session, ()):
+            flags = self._active.get(session, ())
+            for flag in flags:
                 flag.set()
+            return len(flags)
 
     def start(
         self,
