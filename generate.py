@@ -148,7 +148,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.requests = requests_of(args)
     except ValueError as err:  # InvalidRequestError: the message names the flag's setting
         parser.error(str(err))
+    if problem := repeated_seeds(args.requests):
+        parser.error(problem)
     return args
+
+
+def repeated_seeds(requests: list) -> str | None:
+    """Two --seed values whose images overlap (each request makes seeds seed .. seed + n - 1): the
+    batch would make the same images twice."""
+    made: dict[tuple[str, int], int] = {}
+    for request in requests:
+        if request.seed < 0:  # random
+            continue
+        for seed in request.seeds(request.seed):
+            first = made.setdefault((request.prompt, seed), request.seed)
+            if first != request.seed:
+                return (
+                    f"--seed {first} and --seed {request.seed} with --num_images {request.num_images} both "
+                    f"make seed {seed}: give seeds at least {request.num_images} apart."
+                )
+    return None
 
 
 def requests_of(args: argparse.Namespace) -> list:

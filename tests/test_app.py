@@ -232,6 +232,19 @@ def test_help_lists_the_official_flags():
         assert flag in out
 
 
+def test_cli_refuses_seeds_whose_images_overlap(capsys):
+    import generate
+
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--prompt", "x", "--seed", "1", "--seed", "2", "--num_images", "2"])
+    assert "--seed 1 and --seed 2 with --num_images 2 both make seed 2" in capsys.readouterr().err
+    apart = generate.parse_args(
+        ["--prompt", "x", "--prompt", "y", "--seed", "1", "--seed", "3", "--num_images", "2"]
+    )
+    made = [(r.prompt, seed) for r in apart.requests for seed in r.seeds(r.seed)]
+    assert len(made) == len(set(made)) == 8  # two prompts x seeds 1, 2, 3, 4
+
+
 def test_cli_takes_loras_and_speed_presets():
     import generate
 
