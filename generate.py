@@ -28,7 +28,7 @@ from pathlib import Path
 from pulid.catalogue import SPEED_LORAS
 from pulid.outputs import writable_folder_problem
 from pulid.request import PERSON_WEIGHT
-from pulid.startup import add_model_arguments, load_or_exit
+from pulid.startup import add_model_arguments, load_or_exit, lora_folder
 
 REPEATABLE = ("prompt", "seed")  # a batch is every prompt with every seed
 
@@ -197,7 +197,9 @@ def progress_bar(prefix: str):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from flux.lora import LoRAError
     from pulid.errors import PuLIDError
+    from pulid.loras import locate_lora
     from pulid.outputs import save_new_image
     from pulid.request import PERSON_WEIGHT, InvalidRequestError, Person, checked_mask, checked_region
     from pulid.uploads import UploadError, load_upload
@@ -241,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequestError as err:
         print(err, file=sys.stderr)
         return 2
+    try:  # each LoRA is where it is said to be (fetching one, if needed, waits for the models)
+        for choice in args.requests[0].loras:
+            locate_lora(choice.source, lora_folder(args))
+    except LoRAError as err:
+        print(f"--lora: {err}", file=sys.stderr)
+        return 2
     if not photos:
         print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)
     pipeline = load_or_exit(args)
@@ -254,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             result = pipeline.generate(request, callback=progress_bar(label) if writes else None)
         except (PuLIDError, InvalidRequestError) as err:
             if writes:
-                print(f"{label} ({request.prompt!r}, seed {request.seed}): {err}", file=sys.stderr)
+                seed = "a random seed" if request.seed < 0 else f"seed {request.seed}"
+                print(f"{label} ({request.prompt!r}, {seed}): {err}", file=sys.stderr)
             failures += 1
             continue
         if not writes:

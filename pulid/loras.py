@@ -45,14 +45,53 @@ class LoRAChoice:
 
 def parse_lora_option(text: str) -> LoRAChoice:
     """``FILE_OR_REPO[:STRENGTH]`` (the CLI's ``--lora``): the strength is what follows the last
-    colon when that is a number, so Windows paths (``C:\\loras\\x.safetensors``) keep their colon."""
+    colon, unless that is part of a path, so Windows paths (``C:\\loras\\x.safetensors``) keep their
+    colon. A strength that is not a number is a :class:`LoRAError`, not part of the file name."""
     source, _, last = text.rpartition(":")
-    if source:
+    if source and not any(mark in last for mark in ("/", "\\")):
         try:
             return LoRAChoice(source.strip(), float(last))
         except ValueError:
-            pass
+            raise LoRAError(
+                f"--lora {text}: the strength {last!r} is not a number (FILE:STRENGTH)."
+            ) from None
     return LoRAChoice(text.strip(), 1.0)
+
+
+def locate_lora(source: str, folder: str | os.PathLike) -> Path | HubWeights:
+    """Where ``source`` is, without fetching anything: a local file (in ``folder`` or a path), or
+    the hub entry of a speed LoRA or an ``owner/repo/file.safetensors`` reference. A source that is
+    none of these, or a local file that is not safetensors, is a :class:`LoRAError`."""
+    if not isinstance(source, str) or not source.strip():
+        raise LoRAError("A LoRA was chosen without a name: pick one from the list or give a file.")
+    source = source.strip()
+    if source in SPEED_LORAS:
+        return SPEED_LORAS[source].entry.weights
+    path = _in_folder(Path(folder), source) or Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != LORA_SUFFIX:
+            raise LoRAError(
+                f"LoRA {path.name}: only .safetensors files are read (a .ckpt/.pt/.bin file could run "
+                "code when unpickled); convert it to safetensors first."
+            )
+        return path
+    parts = source.split("/")
+    if len(parts) >= 3 and source.endswith(LORA_SUFFIX) and not path.is_absolute():
+        repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+        return HubWeights(repo, (file,), 0, f"loras/{parts[-1]}", f"the LoRA {source}")
+    raise LoRAError(
+        f"LoRA {source!r} was not found: not a file in {folder}, not a path on this machine, "
+        f"not a speed LoRA ({', '.join(SPEED_LORAS)}) and not a hub reference "
+        "owner/repo/file.safetensors."
+    )
+
+
+def _in_folder(folder: Path, name: str) -> Path | None:
+    """``name`` as a file under ``folder``, never outside it (no ``..``, no absolute path)."""
+    candidate = (folder / name).resolve()
+    if not candidate.is_relative_to(folder.resolve()) or not candidate.is_file():
+        return None
+    return candidate
 
 
 class LoRALibrary:
@@ -87,27 +126,13 @@ class LoRALibrary:
         return list(SPEED_LORAS) + [name for name in files if name not in speed_files]
 
     def resolve(self, source: str) -> Path:
-        """The local file of ``source``, downloading a speed LoRA or hub reference when allowed."""
-        if not isinstance(source, str) or not source.strip():
-            raise LoRAError("A LoRA was chosen without a name: pick one from the list or give a file.")
-        source = source.strip()
-        if source in SPEED_LORAS:
-            return self._fetch(SPEED_LORAS[source].entry.weights, self.models_dir)
-        inside = self._in_folder(source)
-        if inside is not None:
-            return inside
-        path = Path(source).expanduser()
-        if path.is_file():
-            return path
-        parts = source.split("/")
-        if len(parts) >= 3 and source.endswith(LORA_SUFFIX) and not path.is_absolute():
-            repo, file = "/".join(parts[:2]), "/".join(parts[2:])
-            return self._fetch(HubWeights(repo, (file,), 0, f"loras/{parts[-1]}", f"the LoRA {source}"), None)
-        raise LoRAError(
-            f"LoRA {source!r} was not found: not a file in {self.folder}, not a path on this machine, "
-            f"not a speed LoRA ({', '.join(SPEED_LORAS)}) and not a hub reference "
-            "owner/repo/file.safetensors."
-        )
+        """The local file of ``source`` (:func:`locate_lora`), downloading a speed LoRA (into the
+        models folder) or a hub reference (into the hub cache) when allowed."""
+        found = locate_lora(source, self.folder)
+        if isinstance(found, Path):
+            return found
+        speed = source.strip() in SPEED_LORAS
+        return self._fetch(found, self.models_dir if speed else None)
 
     def load(self, choice: LoRAChoice) -> LoRAFile:
         """The checked LoRA of ``choice`` (its strength is applied later, per request)."""
@@ -139,14 +164,6 @@ class LoRALibrary:
             while len(self._cache) > CACHED_LORAS:
                 self._cache.popitem(last=False)
         return lora
-
-    def _in_folder(self, name: str) -> Path | None:
-        """``name`` as a file under the LoRA folder, never outside it (no ``..``, no absolute path)."""
-        candidate = (self.folder / name).resolve()
-        root = self.folder.resolve()
-        if not candidate.is_relative_to(root) or not candidate.is_file():
-            return None
-        return candidate
 
     def _fetch(self, weights: HubWeights, models_dir: Path | None) -> Path:
         try:

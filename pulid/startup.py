@@ -156,6 +156,20 @@ def load_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def tiny_random_folder() -> Path:
+    """Where the tiny-random preset keeps its files (shared by the processes that use it)."""
+    return Path(tempfile.gettempdir()) / "pulid-flux-tiny-random"
+
+
+def lora_folder(args: argparse.Namespace) -> Path:
+    """The folder of LoRA files by name (``models/loras/``) that the pipeline of these flags uses."""
+    from pulid.catalogue import default_models_dir
+
+    if args.preset == "tiny-random":
+        return tiny_random_folder() / "loras"
+    return Path(args.models_dir or default_models_dir()) / "loras"
+
+
 def build_pipeline(args: argparse.Namespace):
     """The pipeline the flags ask for (the tiny-random preset, or the real models)."""
     from flux.devices import HardwareError
@@ -163,7 +177,7 @@ def build_pipeline(args: argparse.Namespace):
     if args.preset == "tiny-random":
         from tiny_random.pipeline import tiny_pipeline_with_face_models
 
-        folder = Path(tempfile.gettempdir()) / "pulid-flux-tiny-random"
+        folder = tiny_random_folder()
         if not args.sequence_parallel:
             return tiny_pipeline_with_face_models(folder)
         import torch.distributed as dist

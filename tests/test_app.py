@@ -232,6 +232,18 @@ def test_help_lists_the_official_flags():
         assert flag in out
 
 
+def test_cli_refuses_a_lora_that_is_not_there_before_loading_any_model(monkeypatch, capsys, tmp_path):
+    import generate
+
+    def no_loading(*_, **__):
+        raise AssertionError("the models were loaded before the LoRA was checked")
+
+    monkeypatch.setattr(generate, "load_or_exit", no_loading)
+    argv = ["--preset", "tiny-random", "--prompt", "x", "--id_image", str(PHOTO), "--out", str(tmp_path)]
+    assert generate.main([*argv, "--lora", "nope.safetensors"]) == 2
+    assert "--lora: LoRA 'nope.safetensors' was not found" in capsys.readouterr().err
+
+
 def test_cli_refuses_seeds_whose_images_overlap(capsys):
     import generate
 

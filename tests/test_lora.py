@@ -438,11 +438,43 @@ def test_a_hub_reference_offline_says_what_to_get(tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE" in str(caught.value) and "someone/styles/ink.safetensors" in str(caught.value)
 
 
+def test_a_lora_is_located_without_fetching_and_refused_early(tmp_path):
+    """What generate.py checks before loading any model: where each --lora is, fetching nothing."""
+    from flux.hub import HubWeights
+    from pulid.loras import locate_lora
+
+    folder = tmp_path / "loras"
+    (folder / "people").mkdir(parents=True)
+    (folder / "people" / "anna.safetensors").write_bytes(b"")
+    elsewhere = tmp_path / "mine.safetensors"
+    elsewhere.write_bytes(b"")
+    assert (
+        locate_lora("people/anna.safetensors", folder) == (folder / "people" / "anna.safetensors").resolve()
+    )
+    assert locate_lora(str(elsewhere), folder) == elsewhere
+    hub = locate_lora("someone/styles/ink.safetensors", folder)
+    assert isinstance(hub, HubWeights) and hub.repo_id == "someone/styles" and not (tmp_path / "hub").exists()
+    assert isinstance(locate_lora("FLUX.1-Turbo-Alpha", folder), HubWeights)
+    pickle = tmp_path / "old.ckpt"
+    pickle.write_bytes(b"")
+    for source, message in [
+        ("nope.safetensors", "was not found: not a file in"),
+        (str(pickle), "only .safetensors files are read"),
+        ("../mine.safetensors", "was not found"),  # never outside the folder by a relative name
+        ("  ", "without a name"),
+    ]:
+        with pytest.raises(LoRAError, match=message):
+            locate_lora(source, folder)
+
+
 def test_lora_options_and_request_checks():
     assert parse_lora_option("style.safetensors:0.8") == LoRAChoice("style.safetensors", 0.8)
     assert parse_lora_option("owner/repo/x.safetensors") == LoRAChoice("owner/repo/x.safetensors", 1.0)
     assert parse_lora_option("C:\\loras\\x.safetensors") == LoRAChoice("C:\\loras\\x.safetensors", 1.0)
     assert parse_lora_option("x.safetensors:-1.5").strength == -1.5
+    assert parse_lora_option("C:\\loras\\x.safetensors:0.5") == LoRAChoice("C:\\loras\\x.safetensors", 0.5)
+    with pytest.raises(LoRAError, match="the strength 'abc' is not a number"):
+        parse_lora_option("style.safetensors:abc")  # was read as a file named "style.safetensors:abc"
     ok = GenerationRequest.from_values(prompt="p", loras=[("a.safetensors", "0.5")])
     assert ok.loras == (LoRAChoice("a.safetensors", 0.5),)
     for bad in (
