@@ -191,18 +191,17 @@ def control(setting, gr, visible: bool = True, **options):
         if setting.choices
         else (setting.minimum, setting.maximum)
     )
-    slider = setting_slider_class(gr)(
-        low,
-        high,
+    return setting_slider_class(gr)(
+        minimum=low,
+        maximum=high,
         value=setting.default,
         step=setting.step,
         label=setting.label,
         info=setting.help or None,
         visible=visible,
+        setting_name=setting.name,
         **options,
     )
-    slider.setting = setting
-    return slider
 
 
 @functools.cache
@@ -210,14 +209,26 @@ def setting_slider_class(gr):
     """A slider whose value, from the page or the API, is checked by its declared setting: a wrong
     one (a string, NaN, out of range) is refused with the setting named, where gradio's own check
     says "Value 0 is less than minimum value 256" or fails on a string."""
+    from pulid.request import LORA_STRENGTH, PERSON_WEIGHT, generation_settings
     from pulid.settings import InvalidRequestError
+
+    declared = {s.name: s for s in (*generation_settings(), LORA_STRENGTH, PERSON_WEIGHT)}
 
     class SettingSlider(gr.Slider):
         is_template = True
 
+        def __init__(self, *, setting_name: str = "", **kwargs):
+            # a constructor argument (a name, not the setting; keywords only, as gradio records
+            # them): gradio rebuilds a component from them when an event updates it
+            self.setting_name = setting_name
+            super().__init__(**kwargs)
+
+        def get_config(self, cls=None):
+            return super().get_config(cls or gr.Slider)  # the page's slider: gr.Slider's properties
+
         def preprocess(self, payload):
             try:
-                return self.setting.coerce(payload)
+                return declared[self.setting_name].coerce(payload)
             except InvalidRequestError as err:
                 raise refused(str(err)) from None
 
@@ -810,16 +821,19 @@ def create_demo(args: argparse.Namespace, service):
                         visible=masks,
                     )
                 with gr.Accordion("LoRA: styles, subjects, 8-step speed", open=False, elem_id="loras"):
+                    choices = lora_choices()  # the folder is listed once for all rows
+                    offered = {value for _, value in choices}
                     gr.Markdown(
                         "LoRA files in `models/loras/` are listed here. A speed preset puts an 8-step "
-                        "LoRA in the first row and sets its steps and guidance (downloaded on first use)."
+                        "LoRA in the first row and sets its steps and guidance. Speed LoRAs that this "
+                        "server has, or can download, are offered."
                     )
                     with gr.Row():
                         speed_buttons = {
                             name: gr.Button(f"{name}: {lora.steps} steps", size="sm")
                             for name, lora in SPEED_LORAS.items()
+                            if name in offered
                         }
-                    choices = lora_choices()  # the folder is listed once for all rows
                     for row in range(1, LORA_ROWS + 1):
                         with gr.Row(equal_height=True):
                             controls[f"lora_{row}"] = gr.Dropdown(

@@ -274,11 +274,13 @@ def main(argv: list[str] | None = None) -> int:
                 image.image, image.metadata, args.out, saved, request.output_format, request.quality
             )
             likeness = image.metadata["face_similarity"]  # the score, or why there is none
-            loras = "".join(
+            extras = "".join(
                 f"  lora={lora['name']}:{lora['strength']:g}" for lora in image.metadata.get("loras", [])
             )
+            if "cache_full_steps" in image.metadata:  # "21 of 28": the step cache's work
+                extras += f"  full_steps={image.metadata['cache_full_steps'].replace(' of ', '/')}"
             print(
-                f"{path}  seed={image.seed}  face_similarity={likeness}{loras}  "
+                f"{path}  seed={image.seed}  face_similarity={likeness}{extras}  "
                 f"{result.timings['total_s']:.1f}s"
             )
     return 1 if failures else 0

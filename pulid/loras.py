@@ -113,8 +113,9 @@ class LoRALibrary:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
-        """What a visitor may pick: the speed LoRAs (by name, downloaded or not), then the other
-        files under the LoRA folder."""
+        """What a visitor may pick: the speed LoRAs that can be used (on this machine, or
+        downloadable now), then the other files under the LoRA folder. A speed LoRA that could
+        only fail is not offered: its message would be the server's business, not the visitor's."""
         speed_files = {f"{name}{LORA_SUFFIX}" for name in SPEED_LORAS}
         files = []
         if self.folder.is_dir():
@@ -123,7 +124,17 @@ class LoRALibrary:
                 for path in self.folder.rglob(f"*{LORA_SUFFIX}")
                 if path.is_file() and not path.name.startswith(".")
             )
-        return list(SPEED_LORAS) + [name for name in files if name not in speed_files]
+        speed = [name for name in SPEED_LORAS if self._usable(SPEED_LORAS[name].entry.weights)]
+        return speed + [name for name in files if name not in speed_files]
+
+    def _usable(self, weights: HubWeights) -> bool:
+        """On this machine, or fetchable now (downloads allowed and the hub reachable)."""
+        try:
+            if find_local(weights, self.models_dir) is not None:
+                return True
+        except WeightsNotFoundError:
+            return False
+        return self.allow_download and download_blocked() is None
 
     def resolve(self, source: str) -> Path:
         """The local file of ``source`` (:func:`locate_lora`), downloading a speed LoRA (into the

@@ -156,6 +156,26 @@ def load_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+# Flags that choose or place the real models: the tiny-random preset builds its own, on the CPU.
+REAL_MODEL_FLAGS = (
+    "name", "version", "fp8", "models_dir", "pretrained_model", "dit", "t5", "clip",
+    "device", "devices", "offload", "aggressive_offload", "vram_budget", "compile",
+)  # fmt: skip
+
+
+def ignored_by_preset(args: argparse.Namespace) -> list[str]:
+    """The real-model flags given with ``--preset`` (differing from their defaults): the preset
+    cannot honour them, and a run that seems to accept them would give false confidence."""
+    if args.preset is None:
+        return []
+    defaults = argparse.ArgumentParser()
+    add_model_arguments(defaults)
+    default = defaults.parse_args([])
+    return [
+        f"--{flag}" for flag in REAL_MODEL_FLAGS if getattr(args, flag, None) != getattr(default, flag, None)
+    ]
+
+
 def tiny_random_folder() -> Path:
     """Where the tiny-random preset keeps its files (shared by the processes that use it)."""
     return Path(tempfile.gettempdir()) / "pulid-flux-tiny-random"
@@ -176,6 +196,11 @@ def build_pipeline(args: argparse.Namespace):
 
     if args.preset == "tiny-random":
         from tiny_random.pipeline import tiny_pipeline_with_face_models
+
+        if ignored := ignored_by_preset(args):
+            logger.warning(
+                "--preset tiny-random builds tiny random models on the CPU; it ignores %s", ", ".join(ignored)
+            )
 
         folder = tiny_random_folder()
         if not args.sequence_parallel:

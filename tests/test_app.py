@@ -13,7 +13,7 @@ import app_flux
 from pulid.outputs import read_a1111_parameters, read_image_metadata
 from pulid.request import generation_settings
 from scripts.soak import free_port
-from tiny_random.loras import write_example_loras
+from tiny_random.loras import random_factors, write_example_loras, write_kohya
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +25,9 @@ def server(tmp_path_factory, models_dir):
     args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
     write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
+    # a stand-in for one speed LoRA, on this machine as after `pulid.download --speed_lora`: offered
+    speed = pipeline.lora_library.folder / "FLUX.1-Turbo-Alpha.safetensors"
+    write_kohya(speed, random_factors(pipeline.flow, rank=2, seed=13))
     demo = app_flux.create_demo(args, app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")))
     port = free_port()
     app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
@@ -358,7 +361,7 @@ def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):
         tmp_path,
         *("--id_image", str(PHOTO), "--prompt", "a photo of a woman", "--prompt", "portrait"),
         *("--seed", "1", "--seed", "2", "--width", "256", "--height", "256", "--num_steps", "2"),
-        *("--out", str(out)),
+        *("--out", str(out), "--cache_threshold", "0.5"),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(out.glob("*.png"))
@@ -376,6 +379,7 @@ def test_cli_writes_one_png_per_prompt_and_seed(tmp_path):
     for line in lines:  # "<file>  seed=1  face_similarity=0.12  0.3s": what the file records
         meta = read_image_metadata(line.split()[0])
         assert f"seed={meta['seed']} " in line and f"face_similarity={meta['face_similarity']} " in line
+        assert f"full_steps={meta['cache_full_steps'].replace(' of ', '/')} " in line  # the step cache's work
 
 
 def start_without_weights(tmp_path, **env):
@@ -666,3 +670,12 @@ def test_regions_painted_in_the_page_are_the_regions_uploaded(client, tmp_path):
     assert painted == uploaded and painted[0]["region"] != painted[1]["region"]
     with pytest.raises(Exception, match="Person 2 has a painted region and an uploaded one"):
         call(client, **pair, region_drawing=painting, person_2_region=right)
+
+
+def test_the_tiny_preset_names_the_real_model_flags_it_ignores():
+    from pulid.startup import ignored_by_preset
+
+    args = app_flux.parse_args(["--preset", "tiny-random", "--vram_budget", "8", "--fp8", "--device", "cuda"])
+    assert ignored_by_preset(args) == ["--fp8", "--device", "--vram_budget"]
+    assert ignored_by_preset(app_flux.parse_args(["--preset", "tiny-random", "--port", "9000"])) == []
+    assert ignored_by_preset(app_flux.parse_args(["--fp8"])) == []  # real models: every flag counts

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from flux.lora import ActiveLoRA, LoRAAdapters, LoRAError, lora_targets, read_lora
 from flux.model import Flux
+from pulid.catalogue import SPEED_LORAS
 from pulid.loras import LoRAChoice, LoRALibrary, parse_lora_option
 from pulid.request import GenerationRequest, InvalidRequestError
 from tiny_random.loras import (
@@ -417,14 +418,17 @@ def test_the_library_lists_its_folder_and_the_speed_loras_and_finds_any_file(tmp
     outside = write_kohya(tmp_path / "outside.safetensors", random_factors(flow, seed=12))
     library = LoRALibrary(folder, lora_targets(flow), allow_download=False)
     names = library.names()
-    assert names[:2] == ["Hyper-FLUX.1-dev-8steps", "FLUX.1-Turbo-Alpha"]
     assert "people/anna.safetensors" in names
+    assert not set(SPEED_LORAS) & set(names)  # not here and no downloads: offering them would only fail
+    with pytest.raises(LoRAError, match="downloads are disabled"):
+        library.resolve("FLUX.1-Turbo-Alpha")  # the CLI and Python API are told what to get
+    write_kohya(folder / "FLUX.1-Turbo-Alpha.safetensors", random_factors(flow, seed=13))
+    names = library.names()
+    assert names[0] == "FLUX.1-Turbo-Alpha" and "FLUX.1-Turbo-Alpha.safetensors" not in names
     assert library.load(LoRAChoice("people/anna.safetensors")) is library.load(
         LoRAChoice("people/anna.safetensors")
     )
     assert library.resolve(str(outside)) == outside  # the CLI and Python API may name any file
-    with pytest.raises(LoRAError, match="downloads are disabled"):
-        library.resolve("FLUX.1-Turbo-Alpha")
     with pytest.raises(LoRAError, match="owner/repo/file.safetensors"):
         library.resolve("nowhere.safetensors")
 
@@ -601,15 +605,15 @@ def test_the_app_service_takes_only_listed_loras(pipeline, tmp_path):
 
     outside = write_kohya(tmp_path / "outside.safetensors", random_factors(pipeline.flow, seed=16))
     service = GenerationService(pipeline, tmp_path / "out", listed_loras_only=True)
-    assert "Hyper-FLUX.1-dev-8steps" in service.lora_names()
-    for source in (str(outside), "../outside.safetensors", "someone/repo/x.safetensors"):
+    assert "Hyper-FLUX.1-dev-8steps" not in service.lora_names()  # not here, and no downloads
+    for source in (
+        str(outside),
+        "../outside.safetensors",
+        "someone/repo/x.safetensors",
+        "FLUX.1-Turbo-Alpha",
+    ):
         request = GenerationRequest(
             prompt="p", width=256, height=256, num_steps=1, loras=(LoRAChoice(source),)
         )
         with pytest.raises(ServiceError, match="not one of this app's LoRAs"):
             service.run(request)
-    offline = GenerationRequest(
-        prompt="p", width=256, height=256, num_steps=1, loras=(LoRAChoice("FLUX.1-Turbo-Alpha"),)
-    )
-    with pytest.raises(ServiceError, match="downloads are disabled"):  # listed, but not here
-        service.run(offline)
