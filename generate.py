@@ -243,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequestError as err:
         print(err, file=sys.stderr)
         return 2
-    try:  # each LoRA is where it is said to be (fetching one, if needed, waits for the models)
-        for choice in args.requests[0].loras:
+    try:  # each LoRA is where it is said to be, before minutes of loading (fetching one waits for
+        # the models); the tiny preset loads in seconds and writes its example LoRAs as it does
+        for choice in args.requests[0].loras if args.preset is None else ():
             locate_lora(choice.source, lora_folder(args))
     except LoRAError as err:
         print(f"--lora: {err}", file=sys.stderr)

@@ -242,7 +242,7 @@ def test_cli_refuses_a_lora_that_is_not_there_before_loading_any_model(monkeypat
         raise AssertionError("the models were loaded before the LoRA was checked")
 
     monkeypatch.setattr(generate, "load_or_exit", no_loading)
-    argv = ["--preset", "tiny-random", "--prompt", "x", "--id_image", str(PHOTO), "--out", str(tmp_path)]
+    argv = ["--models_dir", str(tmp_path), "--prompt", "x", "--id_image", str(PHOTO), "--out", str(tmp_path)]
     assert generate.main([*argv, "--lora", "nope.safetensors"]) == 2
     assert "--lora: LoRA 'nope.safetensors' was not found" in capsys.readouterr().err
 

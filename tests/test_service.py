@@ -77,14 +77,14 @@ def test_out_of_memory_is_caught_and_the_next_request_succeeds(service, monkeypa
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("-1", -1), ("", -1), (" 42 ", 42), ("1e3", 1000), (7, 7), (3.0, 3), (2**64 - 1, 2**64 - 1)],
+    [("-1", -1), ("", -1), (" 42 ", 42), ("42.0", 42), (7, 7), (3.0, 3), (2**64 - 1, 2**64 - 1)],
 )
 def test_seed_parsing(service, value, expected):
     assert request(service, seed=value).seed == expected
 
 
 @pytest.mark.parametrize(
-    "value", ["abc", "1.5.2", "0x12", "1e400", "1.5", 1.5, float("inf"), None, True, 2**64]
+    "value", ["abc", "1.5.2", "0x12", "1e400", "1.5", 1.5, float("inf"), None, True, 2**64, "1e3", "1_000"]
 )
 def test_bad_seed_is_a_clear_error(service, value):
     with pytest.raises(ServiceError, match=r"Seed \(-1 for random\) must be a whole number from -1 to"):
