@@ -27,7 +27,7 @@ from flux.sampling import GenerationCancelled, StepInfo
 from pulid.errors import PuLIDError
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
-from pulid.service import LocalRunner
+from pulid.service import LocalRunner, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _share(request: GenerationRequest | None) -> GenerationRequest | None:
     return box[0]
 
 
-class SequenceParallelRunner:
+class SequenceParallelRunner(Runner):
     """Rank 0's runner under the app (:class:`pulid.service.Runner`): each request goes to the
     other ranks first, then every rank generates it together."""
 

@@ -40,7 +40,7 @@ from pulid.events import Event, consume, generation_events
 from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_UPLOAD_BYTES
 from pulid.pipeline import GeneratedImage
 from pulid.request import GenerationRequest, InvalidRequestError
-from pulid.service import ServiceError, check_listed_loras, lora_names_of
+from pulid.service import Runner, ServiceError, check_listed_loras, lora_names_of
 
 logger = logging.getLogger(__name__)
 
@@ -176,15 +176,12 @@ def _stream(response) -> Iterator[Event]:
         raise ServiceError(REPLICA_LOST) from None
 
 
-class RayRunner:
+class RayRunner(Runner):
     """The service's runner (:class:`pulid.service.Runner`) in front of a Serve deployment."""
 
     def __init__(self, handle, capacity: int):
         self.handle = handle
         self.capacity = capacity
-
-    def admit(self, request: GenerationRequest) -> None:
-        pass
 
     def generate(
         self,

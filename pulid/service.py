@@ -167,7 +167,29 @@ class _Line:
         return len(self._tickets)
 
 
-class ReplicaRunner:
+class Runner(Protocol):
+    """Where a request's GPU work runs: in this process (:class:`LocalRunner`), on one of several
+    pipelines (:class:`ReplicaRunner`), in a ZeroGPU worker (:class:`pulid.zerogpu.ZeroGPURunner`),
+    or on a Ray Serve replica (:class:`pulid.ray_serve.RayRunner`). ``capacity``, when a runner
+    has it, is how many jobs it runs at once (default 1)."""
+
+    def admit(self, request: GenerationRequest) -> None:
+        """Raise :class:`~pulid.request.InvalidRequestError` for a request this runner cannot take
+        (runners that subclass this protocol take every request the request's own checks pass)."""
+        return None
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        report: Callable[[StepInfo | str], None],
+        on_image: Callable[[GeneratedImage], None],
+    ) -> list[np.ndarray]:
+        """Generate, handing each finished image to ``on_image``; returns the ``--dev`` face crops.
+        ``report`` gets each step and stage name and may raise
+        :class:`~flux.sampling.GenerationCancelled` to stop."""
+
+
+class ReplicaRunner(Runner):
     """One pipeline per GPU of this host (``--replicas N``): each generation runs on a free one,
     so the service runs N jobs at once (:attr:`capacity`)."""
 
@@ -179,9 +201,6 @@ class ReplicaRunner:
         self._free: queue.SimpleQueue[PuLIDFluxPipeline] = queue.SimpleQueue()
         for pipeline in self.pipelines:
             self._free.put(pipeline)
-
-    def admit(self, request: GenerationRequest) -> None:
-        pass
 
     def generate(
         self,
@@ -263,34 +282,11 @@ class ServiceResult:
 Progress = Callable[[StepInfo | str | SavedImage], None]  # steps, stage names, and each saved image
 
 
-class Runner(Protocol):
-    """Where a request's GPU work runs: in this process (:class:`LocalRunner`), on one of several
-    pipelines (:class:`ReplicaRunner`), in a ZeroGPU worker (:class:`pulid.zerogpu.ZeroGPURunner`),
-    or on a Ray Serve replica (:class:`pulid.ray_serve.RayRunner`). ``capacity``, when a runner
-    has it, is how many jobs it runs at once (default 1)."""
-
-    def admit(self, request: GenerationRequest) -> None:
-        """Raise :class:`~pulid.request.InvalidRequestError` for a request this runner cannot take."""
-
-    def generate(
-        self,
-        request: GenerationRequest,
-        report: Callable[[StepInfo | str], None],
-        on_image: Callable[[GeneratedImage], None],
-    ) -> list[np.ndarray]:
-        """Generate, handing each finished image to ``on_image``; returns the ``--dev`` face crops.
-        ``report`` gets each step and stage name and may raise
-        :class:`~flux.sampling.GenerationCancelled` to stop."""
-
-
-class LocalRunner:
+class LocalRunner(Runner):
     """Runs generations on a pipeline of this process."""
 
     def __init__(self, pipeline: PuLIDFluxPipeline):
         self.pipeline = pipeline
-
-    def admit(self, request: GenerationRequest) -> None:
-        pass
 
     def generate(
         self,

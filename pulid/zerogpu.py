@@ -45,6 +45,7 @@ from flux.sampling import StepInfo
 from pulid.events import Event, consume, generation_events
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import SIZE_PRESETS, GenerationRequest, InvalidRequestError
+from pulid.service import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def check_flags(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-class ZeroGPURunner:
+class ZeroGPURunner(Runner):
     """Runs the service's generations through :data:`generate_on_gpu` (see the module's docstring)."""
 
     def __init__(self, pipeline: PuLIDFluxPipeline, max_seconds: int = MAX_GPU_SECONDS):
