@@ -1098,6 +1098,7 @@ def main(argv: list[str] | None = None) -> None:
     from pulid.zerogpu import ON_ZERO_GPU, ZeroGPURunner, check_flags
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
     # Before CUDA starts: keeps the allocator's reserved memory near what is in use, which the
     # memory budgets count on (measured in BENCHMARKS.md).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

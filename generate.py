@@ -288,4 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # Ctrl+C: the images already written stay; no traceback
+        print("\nStopped.", file=sys.stderr)
+        raise SystemExit(130) from None
