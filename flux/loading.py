@@ -101,6 +101,8 @@ def single_file_format(file, compute_device: torch.device | str) -> CheckpointFo
 def build_flow_model(
     params: FluxParams, device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16
 ) -> Flux:
+    """The DiT of ``params`` in ``dtype``, built on ``device`` (default ``meta``: no memory, for loading
+    into)."""
     with torch.device(device):
         return Flux(params).to(dtype)
 

@@ -12,6 +12,7 @@ from flux.model import FluxParams
 
 
 def flux_dev_params() -> FluxParams:
+    """FLUX.1-dev's DiT hyper-parameters (FLUX.1-Krea-dev shares them)."""
     return FluxParams(
         in_channels=64,
         vec_in_dim=768,
@@ -29,6 +30,7 @@ def flux_dev_params() -> FluxParams:
 
 
 def flux_ae_params() -> AutoEncoderParams:
+    """The FLUX autoencoder's hyper-parameters (16 latent channels, 8x downsampling)."""
     return AutoEncoderParams(
         resolution=256,
         in_channels=3,
@@ -57,6 +59,7 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    """The registered model ``name``, or ValueError naming the known ones."""
     try:
         return MODELS[name]
     except KeyError:

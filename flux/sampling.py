@@ -75,12 +75,14 @@ def text_ids(batch: int, length: int, device: torch.device | str = "cpu") -> Ten
 
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
+    """The flow-matching schedule's shift of ``t`` by ``mu`` (BFL's formula; ``sigma`` 1 there)."""
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
 def get_lin_function(
     x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
 ) -> Callable[[float], float]:
+    """The line through (x1, y1) and (x2, y2): the schedule's shift ``mu`` as a function of image tokens."""
     slope = (y2 - y1) / (x2 - x1)
     intercept = y1 - slope * x1
     return lambda x: slope * x + intercept

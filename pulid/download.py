@@ -42,6 +42,7 @@ from pulid.startup import add_weight_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The download command's flags: the app's weight flags, plus what to fetch and how."""
     parser = argparse.ArgumentParser(
         prog="python -m pulid.download",
         description=__doc__.split("\n\n")[0],
@@ -85,6 +86,8 @@ def chosen_entries(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plan and fetch; the exit status (0 done, 1 a download failed or was blocked, 2 flags that cannot go
+    together)."""
     try:
         return _main(argv)
     except BrokenPipeError:  # the listing piped into `head`, which closed early: not an error

@@ -53,6 +53,7 @@ class IDEmbedding:
 
 
 def image_key(image: np.ndarray) -> str:
+    """A photo's cache key: its pixels, shape and dtype, hashed."""
     digest = hashlib.sha256(np.ascontiguousarray(image).tobytes())
     digest.update(repr((image.shape, image.dtype.str)).encode())
     return digest.hexdigest()
@@ -95,6 +96,7 @@ class IDEncoder:
 
     @torch.inference_mode()
     def encode_one(self, image_rgb: np.ndarray) -> _Encoded:
+        """One photo's ID features (conditional, and the EVA-CLIP hidden states), cached by its pixels."""
         key = image_key(image_rgb)
         if key in self._cache:
             self._cache.move_to_end(key)

@@ -225,6 +225,8 @@ class PuLIDFluxPipeline:
         return parts
 
     def encode_prompt(self, prompt: str, max_length: int) -> TextConditioning:
+        """The prompt's T5 tokens (``max_length`` of them), their ids and CLIP's pooled vector, on the DiT's
+        device."""
         txt = self.t5([prompt], max_length=max_length).to(self.device)
         vec = self.clip([prompt]).to(self.device)
         return TextConditioning(txt=txt, txt_ids=text_ids(1, txt.shape[1], self.device), vec=vec)
@@ -328,6 +330,7 @@ class PuLIDFluxPipeline:
             raise InvalidRequestError(str(err)) from None
 
     def injection(self, identities: list[Identity]) -> PuLIDInjection | None:
+        """The DiT's ID injection for these identities (None without any: plain FLUX)."""
         if not identities:
             return None
         params = self.flow.params

@@ -62,6 +62,7 @@ def overlap_share(regions: list[Tensor]) -> float:
 
 
 def covers_everything(region: Tensor) -> bool:
+    """Whether a region is the whole image (its person needs no masking)."""
     return bool((region == 1).all())
 
 

@@ -627,6 +627,7 @@ class GenerationService:
 
     @staticmethod
     def release_memory() -> None:
+        """Give freed GPU memory back after an error (out of memory above all), so the next job has it."""
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -42,6 +42,7 @@ class Setting:
     name: str = ""  # set from the field it is attached to
 
     def describe_range(self) -> str:
+        """What values are allowed, in words ("a whole number from 1 to 50"), for messages and help."""
         if self.choices is not None:
             return "one of " + ", ".join(str(c) for c in self.choices)
         if self.kind is str:

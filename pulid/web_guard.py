@@ -49,6 +49,7 @@ def host_name(header: str) -> str:
 
 
 def host_allowed(header: str, patterns: Iterable[str]) -> bool:
+    """Whether the name in a ``Host`` header matches one of ``patterns`` (an empty one never does)."""
     name = host_name(header)
     return bool(name) and any(pattern == "*" or fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 

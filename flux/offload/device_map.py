@@ -76,6 +76,7 @@ class DeviceMap:
         return cls({name: chosen.get(name, chosen[main]) for name in names})
 
     def device_of(self, stage: str) -> torch.device:
+        """Where ``stage`` runs."""
         return self.stages[stage]
 
     @property
@@ -88,6 +89,7 @@ class DeviceMap:
         return seen
 
     def stages_on(self, device: torch.device) -> list[str]:
+        """The stages that run on ``device``, in pipeline order."""
         return [name for name, where in self.stages.items() if where == device]
 
     def split(
