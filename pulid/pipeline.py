@@ -87,8 +87,23 @@ class GeneratedImage:
     face_similarity: float | None = None  # with several people: the lowest of theirs
 
 
+class FirstImage:
+    """A request's result read as its first image, the only one unless more were asked for
+    (``result.seed``, ``result.metadata``), for the results of the pipeline and of the service."""
+
+    images: list
+
+    @property
+    def seed(self) -> int:
+        return self.images[0].seed
+
+    @property
+    def metadata(self) -> dict:
+        return self.images[0].metadata
+
+
 @dataclass
-class GenerationResult:
+class GenerationResult(FirstImage):
     """The images of one request (``num_images`` of them, seeds seed, seed+1, ...)."""
 
     images: list[GeneratedImage]
@@ -99,14 +114,6 @@ class GenerationResult:
     def image(self) -> Image.Image:
         """The first image (the only one unless the request asked for more)."""
         return self.images[0].image
-
-    @property
-    def seed(self) -> int:
-        return self.images[0].seed
-
-    @property
-    def metadata(self) -> dict:
-        return self.images[0].metadata
 
     @property
     def latents(self) -> Tensor:

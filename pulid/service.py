@@ -33,7 +33,7 @@ from flux.sampling import GenerationCancelled, StepInfo
 from pulid import stages
 from pulid.errors import PuLIDError
 from pulid.outputs import prune_outputs, save_new_image
-from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
+from pulid.pipeline import FirstImage, GeneratedImage, PuLIDFluxPipeline
 from pulid.request import (
     PERSON_WEIGHT,
     GenerationRequest,
@@ -260,7 +260,7 @@ class SavedImage:
 
 
 @dataclass
-class ServiceResult:
+class ServiceResult(FirstImage):
     """A request's saved images, in seed order, and the face images the ``--dev`` view shows."""
 
     images: list[SavedImage]
@@ -268,15 +268,8 @@ class ServiceResult:
 
     @property
     def path(self) -> Path:
+        """The first image's file."""
         return self.images[0].path
-
-    @property
-    def seed(self) -> int:
-        return self.images[0].seed
-
-    @property
-    def metadata(self) -> dict:
-        return self.images[0].metadata
 
 
 Progress = Callable[[StepInfo | str | SavedImage], None]  # steps, stage names, and each saved image
