@@ -130,10 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dev", action="store_true", help="show the aligned and parsed face and CFG start step"
     )
-    args = parser.parse_args(argv)
-    if args.outputs_dir.exists() and not args.outputs_dir.is_dir():
-        parser.error(f"--outputs_dir {args.outputs_dir} is a file: give a folder for the images")
-    return args
+    return parser.parse_args(argv)
 
 
 def whole_number(low: int, high: int):

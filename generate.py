@@ -139,8 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give at least one --prompt or a --prompts_file")
     if len(args.person_weight) > len(args.person):
         parser.error(f"{len(args.person_weight)} --person_weight for {len(args.person)} --person")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file: give a folder for the images")
     if problem := writable_folder_problem(args.out, "--out"):
         parser.error(problem)
     args.seed = args.seed or ["-1"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux.hub import HubWeights, WeightsNotFoundError, download, download_blocked, find_local, how_to_get
-from flux.lora import LoRAError, LoRAFile, Target, read_lora
+from flux.lora import LoRAError, LoRAFile, Target, check_lora_suffix, read_lora
 from pulid.catalogue import SPEED_LORAS
 
 logger = logging.getLogger(__name__)
@@ -69,11 +69,7 @@ def locate_lora(source: str, folder: str | os.PathLike) -> Path | HubWeights:
         return SPEED_LORAS[source].entry.weights
     path = _in_folder(Path(folder), source) or Path(source).expanduser()
     if path.is_file():
-        if path.suffix.lower() != LORA_SUFFIX:
-            raise LoRAError(
-                f"LoRA {path.name}: only .safetensors files are read (a .ckpt/.pt/.bin file could run "
-                "code when unpickled); convert it to safetensors first."
-            )
+        check_lora_suffix(path)
         return path
     parts = source.split("/")
     if len(parts) >= 3 and source.endswith(LORA_SUFFIX) and not path.is_absolute():

@@ -42,6 +42,8 @@ def writable_folder_problem(folder: str | os.PathLike, flag: str) -> str | None:
     otherwise, naming ``flag``. Checked at start, so no generation runs only to fail at saving."""
     import tempfile
 
+    if Path(folder).exists() and not Path(folder).is_dir():
+        return f"{flag} {folder} is a file: give a folder for the images."
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):

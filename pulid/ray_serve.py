@@ -37,7 +37,7 @@ import numpy as np
 from flux.sampling import StepInfo
 from pulid import stages
 from pulid.events import Event, consume, generation_events
-from pulid.limits import MAX_EXTRA_PHOTOS, MAX_QUEUED, MAX_UPLOAD_BYTES
+from pulid.limits import MAX_EXTRA_PHOTOS, MAX_JSON_BODY_BYTES, MAX_QUEUED, MAX_UPLOAD_BYTES
 from pulid.pipeline import GeneratedImage
 from pulid.request import GenerationRequest, InvalidRequestError
 from pulid.service import Runner, ServiceError, check_listed_loras, lora_names_of
@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "pulid"
 ROUTE = "/generate"
-# the largest body a valid request can be: its photos in base64 (4/3 of their bytes), and settings
-MAX_BODY_BYTES = (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES * 4 // 3 + 10**6
+# the largest body a valid request can be: its photos in base64 (4/3 of their bytes), and the JSON
+# of its settings
+MAX_BODY_BYTES = (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES * 4 // 3 + MAX_JSON_BODY_BYTES
 REPLICA_LOST = (
     "The GPU worker running this request stopped before it finished (it was lost or restarted); "
     "the other workers go on: send the request again."
@@ -73,7 +74,7 @@ class PuLIDReplica:
         yield from generation_events(self.pipeline, request)
 
     def lora_names(self) -> list[str]:
-        """The LoRAs requests may name: the replica's LoRA folder and the speed LoRAs."""
+        """The LoRAs requests may name: the replica's LoRA folder and its usable speed LoRAs."""
         return lora_names_of(self.pipeline)
 
     async def __call__(self, http_request) -> object:

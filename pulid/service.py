@@ -436,7 +436,8 @@ class GenerationService:
         return self._run_admitted(*admitted, session, progress)
 
     def lora_names(self) -> list[str]:
-        """The LoRAs a request may name in the app: files in the LoRA folder and the speed LoRAs."""
+        """The LoRAs a request may name in the app: files in the LoRA folder and the usable speed
+        LoRAs (:meth:`pulid.loras.LoRALibrary.names`)."""
         if hasattr(self.runner, "lora_names"):  # the pipelines are elsewhere: ask them
             return self.runner.lora_names()
         return lora_names_of(self.pipeline)

@@ -182,11 +182,9 @@ def tiny_random_folder() -> Path:
 
 
 def lora_folder(args: argparse.Namespace) -> Path:
-    """The folder of LoRA files by name (``models/loras/``) that the pipeline of these flags uses."""
+    """The folder of LoRA files by name (``models/loras/``) of the real models these flags load."""
     from pulid.catalogue import default_models_dir
 
-    if args.preset == "tiny-random":
-        return tiny_random_folder() / "loras"
     return Path(args.models_dir or default_models_dir()) / "loras"
 
 

@@ -50,12 +50,17 @@ def check_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | N
         raise UploadError(f"{name[:60]} does not exist.") from None
     if not stat.S_ISREG(info.st_mode):
         raise UploadError(f"{name[:60]} is not a regular file: upload a JPEG, PNG or WebP photo.")
-    if info.st_size > MAX_UPLOAD_BYTES:
-        raise UploadError(
-            f"{name[:60]} is {info.st_size:,} bytes; photos may be at most {MAX_UPLOAD_BYTES:,} bytes "
-            f"({MAX_UPLOAD_BYTES / 1e6:.0f} MB): send a smaller copy."
-        )
+    check_size(name, info.st_size)
     return resolved
+
+
+def check_size(name: str, size: int) -> None:
+    """A file of ``size`` bytes is within the upload limit, else :class:`UploadError` saying by how much."""
+    if size > MAX_UPLOAD_BYTES:
+        raise UploadError(
+            f"{name[:60]} is {size:,} bytes, larger than the {MAX_UPLOAD_BYTES:,} bytes "
+            f"({MAX_UPLOAD_BYTES / 1e6:.0f} MB) a file may be: send a smaller copy."
+        )
 
 
 def check_pixels(width: int, height: int, name: str) -> None:
@@ -96,24 +101,25 @@ def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
 def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> np.ndarray:
     """An image file as RGB uint8, rotated as its EXIF says (first frame of animations), checked
     with :func:`check_upload` and, from its header, against the pixel limit before decoding."""
-    from PIL import ImageOps
-
     resolved = check_upload(path, roots)
     with open_checked(resolved, f"the image {resolved.name}") as image:
-        image.seek(0)
-        return rgb8(ImageOps.exif_transpose(image))
+        return upright_rgb8(image)
 
 
 def load_image_bytes(data: bytes, name: str) -> np.ndarray:
     """An image sent as bytes (an HTTP API's body) as RGB uint8, checked as an upload is: its size,
     then its header against the pixel limit, before decoding."""
+    check_size(name, len(data))
+    with open_checked(io.BytesIO(data), name) as image:
+        return upright_rgb8(image)
+
+
+def upright_rgb8(image) -> np.ndarray:
+    """An opened photo's first frame, turned as its EXIF says, as RGB uint8 (:func:`rgb8`)."""
     from PIL import ImageOps
 
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise UploadError(f"{name[:60]} is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB: send a smaller copy.")
-    with open_checked(io.BytesIO(data), name) as image:
-        image.seek(0)
-        return rgb8(ImageOps.exif_transpose(image))
+    image.seek(0)
+    return rgb8(ImageOps.exif_transpose(image))
 
 
 def rgb8(image) -> np.ndarray:
@@ -147,8 +153,7 @@ def store_painted_layer(
         raise UploadError("The drawing's layer is not numbered.") from None
     if not 0 <= number < MAX_CANVAS_LAYERS:
         raise UploadError(f"A drawing may have {MAX_CANVAS_LAYERS} layers at most.")
-    if len(blob) > MAX_UPLOAD_BYTES:
-        raise UploadError(f"The drawing is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+    check_size("The drawing", len(blob))
     key = str(canvas)[:MAX_CANVAS_ID]
     while key not in storage and len(storage) >= keep:
         storage.pop(next(iter(storage)))  # dicts keep insertion order: the oldest first
@@ -167,8 +172,7 @@ def painted_layer(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
     uint8; a layer without transparency gets its brightest channel as its opacity. Bytes over the
     upload limit, and images over the pixel limit (from the header), are refused before decoding."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) > MAX_UPLOAD_BYTES:
-            raise UploadError(f"{name} is larger than {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+        check_size(name, len(source))
         source = io.BytesIO(bytes(source))
     with open_checked(source, name) as image:
         if "A" in image.getbands() or "transparency" in image.info:

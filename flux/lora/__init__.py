@@ -2,7 +2,7 @@
 low-rank side path that never writes the model's weights (:mod:`.adapters`)."""
 
 from flux.lora.adapters import ActiveLoRA, LoRAAdapters
-from flux.lora.files import LoRAFile, read_lora
+from flux.lora.files import LoRAFile, check_lora_suffix, read_lora
 from flux.lora.layouts import LoRAError, LowRank, ParsedLoRA, Target, lora_targets, parse_lora
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "LowRank",
     "ParsedLoRA",
     "Target",
+    "check_lora_suffix",
     "lora_targets",
     "parse_lora",
     "read_lora",

@@ -52,6 +52,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def check_lora_suffix(path: Path) -> None:
+    """Only safetensors files are LoRAs here: a .ckpt/.pt/.bin file is a pickle that could run code."""
+    if path.suffix.lower() != ".safetensors":
+        raise LoRAError(
+            f"LoRA {path.name}: only .safetensors files are read (a .ckpt/.pt/.bin file could run code "
+            "when unpickled); convert it to safetensors first."
+        )
+
+
 def read_lora(path: str | os.PathLike, targets: Mapping[str, Target], name: str | None = None) -> LoRAFile:
     """Read, check and convert a LoRA file for a model with these ``targets`` (:func:`lora_targets`).
 
@@ -62,11 +71,7 @@ def read_lora(path: str | os.PathLike, targets: Mapping[str, Target], name: str 
 
     path = Path(path)
     shown = path.name  # errors name the file; ``name`` is what the metadata records
-    if path.suffix.lower() != ".safetensors":
-        raise LoRAError(
-            f"LoRA {shown}: only .safetensors files are read (a .ckpt/.pt/.bin file could run code "
-            "when unpickled); convert it to safetensors first."
-        )
+    check_lora_suffix(path)
     if not path.is_file():
         raise LoRAError(f"LoRA {shown}: {path} is not a file.")
     try:
