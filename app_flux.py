@@ -585,24 +585,27 @@ def create_demo(args: argparse.Namespace, service):
                 done = low + (high - low) * (info.step + 1) / info.total
                 progress(done, desc=f"denoising step {info.step + 1}/{info.total}")
 
-        try:
-            mask = painted_or_uploaded(
+        def admit():
+            """Check the request and put it in line: file headers, the LoRA folder, the hub's
+            reachability; in a thread, so that no visitor's page waits on them."""
+            one_mask = painted_or_uploaded(
                 drawn, mask, "Give one mask: clear the drawing, or remove the uploaded mask."
             )
             people, id_region = chosen_people(values, painted)
-            generation = service.build_request(None, None, **values)
-            visitor = visitor_of(request, args.behind_proxy)
-            job = service.start(
-                generation,
+            return service.start(
+                service.build_request(None, None, **values),
                 _session(request),
                 show,
-                client=visitor,
+                client=visitor_of(request, args.behind_proxy),
                 photos=photos,
                 init_image=start,
-                mask=mask,
+                mask=one_mask,
                 people=people,
                 id_region=id_region,
             )
+
+        try:
+            job = await asyncio.to_thread(admit)
         except ServiceError as err:
             raise refused(str(err)) from None
 
@@ -684,11 +687,11 @@ def create_demo(args: argparse.Namespace, service):
     def photo_notice(photo):
         return gr.update(visible=photo is None)
 
-    def lora_choices():
-        return [NO_LORA, *((name, name) for name in service.lora_names())]
+    def lora_choices(refresh: bool = False):
+        return [NO_LORA, *((name, name) for name in service.lora_names(refresh))]
 
     def refresh_loras(*current):
-        choices = lora_choices()
+        choices = lora_choices(refresh=True)
         known = {value for _, value in choices}
         return [gr.update(choices=choices, value=value if value in known else "") for value in current]
 

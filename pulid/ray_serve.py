@@ -39,7 +39,7 @@ from pulid import stages
 from pulid.events import Event, consume, generation_events
 from pulid.limits import MAX_EXTRA_PHOTOS, MAX_JSON_BODY_BYTES, MAX_QUEUED, MAX_UPLOAD_BYTES
 from pulid.pipeline import GeneratedImage
-from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.request import GenerationRequest, InvalidRequestError, check_person_photo_count
 from pulid.service import Runner, ServiceError, check_listed_loras, lora_names_of
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ ROUTE = "/generate"
 # the largest body a valid request can be: its photos in base64 (4/3 of their bytes), and the JSON
 # of its settings
 MAX_BODY_BYTES = (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES * 4 // 3 + MAX_JSON_BODY_BYTES
+LORA_LIST_WAIT_S = 10.0
 REPLICA_LOST = (
     "The GPU worker running this request stopped before it finished (it was lost or restarted); "
     "the other workers go on: send the request again."
@@ -140,6 +141,7 @@ def request_from_json(body: object) -> GenerationRequest:
     encoded = values.pop("id_images", [])
     if not isinstance(encoded, list) or not all(isinstance(item, str) for item in encoded):
         raise InvalidRequestError("id_images must be a list of base64-encoded JPEG or PNG files.")
+    check_person_photo_count(1, len(encoded))  # before decoding: each photo may be 50 MP
     photos = []
     for number, text in enumerate(encoded, start=1):
         try:
@@ -183,6 +185,8 @@ class RayRunner(Runner):
     def __init__(self, handle, capacity: int):
         self.handle = handle
         self.capacity = capacity
+        self._lora_names: list[str] = []
+        self.lora_names(refresh=True)
 
     def generate(
         self,
@@ -194,8 +198,17 @@ class RayRunner(Runner):
         response = self.handle.options(stream=True).events.remote(request)
         return consume(_stream(response), report, on_image)
 
-    def lora_names(self) -> list[str]:
-        return self.handle.lora_names.remote().result()
+    def lora_names(self, refresh: bool = False) -> list[str]:
+        """The replicas' LoRA list, as last fetched: a request's admission must not wait for a
+        replica, which runs one request at a time. ``refresh`` asks a replica again (a blocking
+        call: never from the event loop); one that stays busy longer than
+        :data:`LORA_LIST_WAIT_S` leaves the list as it was."""
+        if refresh:
+            try:
+                self._lora_names = self.handle.lora_names.remote().result(timeout_s=LORA_LIST_WAIT_S)
+            except TimeoutError:
+                logger.warning("no replica was free to list its LoRAs; the list is as it was")
+        return list(self._lora_names)
 
 
 def deploy(

@@ -435,11 +435,12 @@ class GenerationService:
         admitted = self._admit(request, uploads, session, client, cancel)
         return self._run_admitted(*admitted, session, progress)
 
-    def lora_names(self) -> list[str]:
+    def lora_names(self, refresh: bool = False) -> list[str]:
         """The LoRAs a request may name in the app: files in the LoRA folder and the usable speed
-        LoRAs (:meth:`pulid.loras.LoRALibrary.names`)."""
-        if hasattr(self.runner, "lora_names"):  # the pipelines are elsewhere: ask them
-            return self.runner.lora_names()
+        LoRAs (:meth:`pulid.loras.LoRALibrary.names`). Where the pipelines are elsewhere, the
+        list their runner last fetched; ``refresh`` fetches it again (it may wait for a worker)."""
+        if hasattr(self.runner, "lora_names"):
+            return self.runner.lora_names(refresh)
         return lora_names_of(self.pipeline)
 
     def _check_loras(self, request: GenerationRequest) -> None:

@@ -111,6 +111,8 @@ class Setting:
             text = value.strip()
             if not text:  # an emptied box means the default (an empty seed: a random one)
                 return self.default
+            if len(text) > MAX_NUMBER_CHARACTERS:  # int() refuses past 4,300 digits, with its own error
+                raise self._refuse(given)
             # Only plain ASCII numbers: Python's int() and float() would also take "1_000", other
             # scripts' digits and "1e3" for a whole number, and round a long one through a float.
             if WHOLE_NUMBER.fullmatch(text):
@@ -135,6 +137,7 @@ class Setting:
         return number
 
 
+MAX_NUMBER_CHARACTERS = 64  # far past any setting's range (a seed is at most 20 digits)
 WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+(\.0*)?")  # "42", "-3", "42.0" (what a number box may send)
 DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 

@@ -30,8 +30,9 @@ from pulid.ray_serve import (
     RayRunner,
     deploy,
     read_body,
+    request_from_json,
 )
-from pulid.request import GenerationRequest
+from pulid.request import GenerationRequest, InvalidRequestError
 from pulid.service import GenerationService, ServiceError
 from tiny_random.pipeline import tiny_pipeline_with_face_models
 
@@ -105,6 +106,28 @@ def test_two_replicas_serve_concurrent_requests_with_the_right_images(served, tm
     # they ran at once: each had events before the other's last one
     assert min(seen[1]) < max(seen[2]) and min(seen[2]) < max(seen[1])
     assert service.lora_names() == local.lora_library.names()  # asked of a replica
+    assert service.lora_names(refresh=True) == local.lora_library.names()
+
+
+def test_a_request_with_a_lora_is_admitted_from_the_event_loop(served, tmp_path):
+    """The app's handler admits requests on gradio's event loop, where a blocking Serve call is
+    refused: the LoRA list a request is checked against is the one fetched beforehand."""
+    import asyncio
+    import dataclasses
+
+    from pulid.request import LoRAChoice
+
+    handle, _, local = served
+    service = GenerationService(None, tmp_path, runner=RayRunner(handle, REPLICAS), listed_loras_only=True)
+    name = local.lora_library.names()[0]
+    with_lora = dataclasses.replace(request(5), loras=(LoRAChoice(name, 0.5),))
+
+    async def admit():
+        return service.start(with_lora, session="s", progress=lambda _: None)
+
+    job = asyncio.run(admit())
+    assert job.wait(180)
+    assert job.result().metadata["loras"][0]["name"] == Path(name).stem
 
 
 def test_the_http_endpoint_answers_with_the_image_and_refuses_bad_requests(served):
@@ -219,3 +242,16 @@ def test_a_replica_killed_mid_request_fails_that_request_alone(served, tmp_path)
         time.sleep(1)
     application = serve.status().applications[APP_NAME]
     assert replaced() and application.status == "RUNNING", (application.message, application.deployments)
+
+
+def test_the_endpoint_counts_photos_before_decoding_any(monkeypatch):
+    import pulid.uploads
+
+    decoded = []
+    real = pulid.uploads.load_image_bytes
+    monkeypatch.setattr(pulid.uploads, "load_image_bytes", lambda *a: decoded.append(1) or real(*a))
+    photo = base64.b64encode(PHOTO.read_bytes()).decode()
+    with pytest.raises(InvalidRequestError, match="6 extra photos were sent"):
+        request_from_json({"prompt": "a", "id_images": [photo] * 7})
+    assert decoded == []  # each could be a 50 MP image: none is opened before the count
+    assert request_from_json({"prompt": "a", "id_images": [photo] * 2}).id_images and len(decoded) == 2

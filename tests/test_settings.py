@@ -99,6 +99,7 @@ def test_every_number_is_checked_at_its_bounds_and_against_hostile_values(settin
     for value in inside:
         assert setting.coerce(value) == value and setting.coerce(str(value)) == value
     hostile = [*outside, "1e400", float("inf"), float("-inf"), float("nan"), None, True, "abc", [], {}]
+    hostile += ["9" * 5000, "-" + "1" * 5000, "0." + "5" * 5000]  # past int()'s 4,300-digit limit
     if setting.kind is int:
         hostile += [2.5, "2.5", 10**30]
     for value in hostile:
