@@ -1151,10 +1151,11 @@ def main(argv: list[str] | None = None) -> None:
             prepare_ahead_of_time(pipeline, load_upload(EXAMPLE_PHOTO))
         runner = ZeroGPURunner(pipeline)
     if args.sequence_parallel:  # torchrun: rank 0 serves and shares each request with the others
-        from pulid.ranks import SequenceParallelRunner, follow, leads
+        from pulid.ranks import SequenceParallelRunner, follow, leads, leave_group
 
         if not leads():
             follow(pipeline)
+            leave_group()
             return
         runner = SequenceParallelRunner(pipeline)
     demo = create_demo(args, make_service(pipeline, args.outputs_dir, args.keep_outputs, runner))
@@ -1163,6 +1164,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if args.sequence_parallel:
             runner.close()
+            leave_group()
 
 
 if __name__ == "__main__":

@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from flux.lora import LoRAError
-    from pulid.errors import PuLIDError
     from pulid.loras import locate_lora
-    from pulid.outputs import save_new_image
     from pulid.request import PERSON_WEIGHT, InvalidRequestError, Person, checked_mask, checked_region
     from pulid.uploads import UploadError, load_upload
 
@@ -251,9 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     if not photos:
         print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)
     pipeline = load_or_exit(args)
-    from pulid.ranks import leads
+    from pulid.ranks import leads, leave_group
 
     writes = leads()  # under torchrun --sequence_parallel every rank runs the batch; rank 0 writes it
+    try:
+        return generate_all(args, pipeline, writes)
+    finally:
+        leave_group()
+
+
+def generate_all(args: argparse.Namespace, pipeline, writes: bool) -> int:
+    """Generate and (where ``writes``) save every request of the command line; 1 if any failed."""
+    from pulid.errors import PuLIDError
+    from pulid.outputs import save_new_image
+    from pulid.request import InvalidRequestError
+
     failures, saved = 0, 0
     for index, request in enumerate(args.requests):
         label = f"image {index + 1}/{len(args.requests)}"

@@ -152,13 +152,8 @@ class SequenceParallelFlux(nn.Module):
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank (every rank must ask)."""
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend(self.group) == "nccl"
-            else "cpu"
-        )
-        value = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)  # on the host: no GPU sync
         return bool(value.item())
 
     def gather(self, x: Tensor) -> Tensor:

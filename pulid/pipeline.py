@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -427,6 +428,9 @@ class PuLIDFluxPipeline:
         from its own generator, and the images of a batch share only the conditioning.
         """
         stage = on_stage or (lambda name: None)
+        if self.parallel is not None:  # a cancel at any of these points stops every rank there
+            stage = on_stage = _agreed(self.parallel, on_stage)
+            on_image = _agreed(self.parallel, on_image)
         request = request.checked()
         self.check_sharding(request)
         timings: dict[str, float] = {}
@@ -612,7 +616,7 @@ class PuLIDFluxPipeline:
             model, mine = self.parallel, self.parallel.image_tokens(img.shape[1])
             identities = [identity.part(mine) for identity in identities]
             uncond_identities = [identity.part(mine) for identity in uncond_identities]
-            callback = _agreed_steps(self.parallel, callback)
+            callback = _agreed(self.parallel, callback)
         return denoise(
             model,
             img,
@@ -723,24 +727,23 @@ def cache_report(cache: FirstBlockCache) -> str:
     return f"{full} of {full + cache.reused_passes()}"
 
 
-def _agreed_steps(
-    parallel: SequenceParallelFlux, callback: Callable[[StepInfo], None] | None
-) -> Callable[[StepInfo], None]:
-    """The step callback of one rank of a split denoising: a cancel on any rank (its callback
-    raising :class:`~flux.sampling.GenerationCancelled`) stops every rank after the same step, so
-    none is left waiting in a collective."""
+def _agreed(parallel: SequenceParallelFlux, callback: Callable[[Any], None] | None) -> Callable[[Any], None]:
+    """A callback of one rank of a split generation (a step, a stage, an image): a cancel on any
+    rank (its callback raising :class:`~flux.sampling.GenerationCancelled`) stops every rank at
+    the same call, so none is left waiting in a collective. Every rank calls it at the same points,
+    whether or not it has a callback of its own."""
 
-    def step(info: StepInfo) -> None:
+    def agreed(value: Any) -> None:
         cancelled = False
         try:
             if callback is not None:
-                callback(info)
+                callback(value)
         except GenerationCancelled:
             cancelled = True
         if parallel.any_rank(cancelled):
             raise GenerationCancelled
 
-    return step
+    return agreed
 
 
 def _batched_identity(identity: Identity, batch: int) -> Identity:

@@ -8,7 +8,7 @@ same order, because each denoising step is a collective (:mod:`flux.parallel`):
   writes the files and prints;
 - the app: rank 0 serves the page and hands each request to the other ranks before running it
   (:class:`SequenceParallelRunner`); they wait in :func:`follow`. A cancel on rank 0 stops every
-  rank after the same step (the pipeline agrees on it each step).
+  rank at the same point: the pipeline agrees on it at each step, stage and finished image.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def join_torchrun(backend: str | None = None, minimum: int = 2) -> Rank:
     return Rank(dist.get_rank(), dist.get_world_size(), device)
 
 
+def leave_group() -> None:
+    """Leave torchrun's group at exit, where one was joined (NCCL's resources go with it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def leads() -> bool:
     """Whether this process writes files and serves: always, unless it is a rank other than 0."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -121,3 +127,8 @@ def follow(pipeline: PuLIDFluxPipeline) -> None:
             logger.info("the request was cancelled on rank 0")
         except (PuLIDError, InvalidRequestError) as err:
             logger.info("the request was refused: %s", err)
+        except torch.OutOfMemoryError:  # rank 0 told its visitor; every rank serves the next one
+            logger.warning("the request ran out of GPU memory")
+            torch.cuda.empty_cache()
+        except Exception:  # rank 0 met the same error and answered its visitor: go on with the next
+            logger.exception("the request failed on this rank")

@@ -20,10 +20,11 @@ import torch.multiprocessing as mp
 
 from flux.model import Flux
 from flux.parallel import SequenceParallelFlux, SequenceShards, ShardingError
+from pulid import stages
 from pulid.injection import Identity, PuLIDInjection
 from pulid.ranks import SequenceParallelRunner, follow
 from pulid.request import GenerationRequest, InvalidRequestError, Person
-from pulid.service import GenerationService, ServiceError
+from pulid.service import Cancelled, GenerationService, ServiceError
 from tests.test_pipeline import StubFaceAnalysis, photo
 from tiny_random.models import tiny_flux_params
 from tiny_random.pipeline import tiny_pipeline
@@ -120,14 +121,24 @@ def _rank(rank: int, port: int, folder: str, out: str) -> None:
             service = GenerationService(split, Path(out) / "app", runner=runner)
             request = requests()["one person, step cache"]
 
-            def cancel_at_second_step(event):
-                if getattr(event, "step", None) == 1:
-                    service.cancel("visitor")
+            def cancel_at(point):
+                def progress(event):
+                    if event == point or getattr(event, "step", None) == point:
+                        service.cancel("visitor")
 
+                return progress
+
+            # at a step, at a stage before denoising, and while the first of two images decodes
+            two = dataclasses.replace(request, num_images=2)
+            for name, sent, point in (("step", request, 1), ("stage", request, stages.ENCODING_PROMPT)):
+                try:
+                    service.run(sent, session="visitor", progress=cancel_at(point))
+                except ServiceError as err:
+                    results[f"app cancelled at a {name}"] = str(err)
             try:
-                service.run(request, session="visitor", progress=cancel_at_second_step)
-            except ServiceError as err:
-                results["app cancelled"] = str(err)
+                service.run(two, session="visitor", progress=cancel_at(stages.DECODING))
+            except Cancelled as err:
+                results["app cancelled while decoding"] = [image.seed for image in err.images]
             results["app after"] = service.run(request).seed
             runner.close()
         else:
@@ -155,7 +166,7 @@ def ranks(tmp_path_factory):
     except Exception:
         errors = [p.read_text() for p in sorted(out.glob("*.error"))]
         pytest.fail("a rank failed:\n" + "\n".join(errors))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], folder
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], folder
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -274,7 +285,10 @@ def test_sequence_parallel_without_torchrun_says_how_to_start_it(monkeypatch):
 
 def test_the_app_shares_each_request_and_a_cancel_stops_every_rank(ranks):
     results, _ = ranks
-    assert results[0]["app cancelled"] == "Generation cancelled."
+    # a cancel at any point stops both ranks there, and the next request runs on both
+    cancelled = results[0]["app cancelled at a step"], results[0]["app cancelled at a stage"]
+    assert cancelled == ("Generation cancelled.",) * 2
+    assert results[0]["app cancelled while decoding"] == []  # stopped before the first image was saved
     assert results[0]["app after"] == 11  # the next request ran on both ranks
     assert results[1]["app after"] == "followed to the end"  # rank 1 left its loop when told
 
