@@ -666,7 +666,7 @@ def create_demo(args: argparse.Namespace, service):
         try:
             with Image.open(path) as photo:  # the header only: nothing is decoded
                 size = photo.size
-        except (OSError, ValueError):
+        except (OSError, ValueError, Image.DecompressionBombError):
             return gr.skip(), gr.skip(), gr.skip()  # the service names the unreadable file on Generate
         new_width, new_height = size_for_photo(*size, int(width) * int(height))
         return new_width, new_height, "custom"

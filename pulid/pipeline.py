@@ -729,19 +729,20 @@ def cache_report(cache: FirstBlockCache) -> str:
 
 def _agreed(parallel: SequenceParallelFlux, callback: Callable[[Any], None] | None) -> Callable[[Any], None]:
     """A callback of one rank of a split generation (a step, a stage, an image): a cancel on any
-    rank (its callback raising :class:`~flux.sampling.GenerationCancelled`) stops every rank at
-    the same call, so none is left waiting in a collective. Every rank calls it at the same points,
+    rank (its callback raising :class:`~flux.sampling.GenerationCancelled`, or failing) stops every
+    rank at the same call, so none is left waiting in a collective; the rank whose callback failed
+    raises its error, the others a cancel. Every rank calls it at the same points,
     whether or not it has a callback of its own."""
 
     def agreed(value: Any) -> None:
-        cancelled = False
+        failure: Exception | None = None
         try:
             if callback is not None:
                 callback(value)
-        except GenerationCancelled:
-            cancelled = True
-        if parallel.any_rank(cancelled):
-            raise GenerationCancelled
+        except Exception as err:  # a cancel, or a failure (an image that cannot be saved): all stop
+            failure = err
+        if parallel.any_rank(failure is not None):
+            raise failure or GenerationCancelled()
 
     return agreed
 

@@ -54,6 +54,10 @@ OOM_MESSAGE = (
     "The GPU ran out of memory. Try a smaller width and height, a shorter T5 length, true CFG scale 1, "
     "or start the app with --offload."
 )
+FAILED_MESSAGE = (
+    "The generation failed on the server (the details are in its log). Try again; if it fails "
+    "again, report it with the log."
+)
 
 
 CANCELLED = "Generation cancelled."
@@ -560,6 +564,11 @@ class GenerationService:
             logger.exception("out of GPU memory")
             self.release_memory()
             raise ServiceError(OOM_MESSAGE) from None
+        except ServiceError:
+            raise
+        except Exception:  # a bug or a broken machine: logged once, and the visitor told plainly
+            logger.exception("a generation failed")
+            raise ServiceError(FAILED_MESSAGE) from None
         finally:
             self._line.leave(ticket)
             with self._active_lock:
@@ -599,14 +608,21 @@ class GenerationService:
 
     def _save(self, generated: GeneratedImage, request: GenerationRequest) -> SavedImage:
         with self._saving:
-            path = save_new_image(
-                generated.image,
-                generated.metadata,
-                self.output_dir,
-                next(self._counter),
-                fmt=request.output_format,
-                quality=request.quality,
-            )
+            try:
+                path = save_new_image(
+                    generated.image,
+                    generated.metadata,
+                    self.output_dir,
+                    next(self._counter),
+                    fmt=request.output_format,
+                    quality=request.quality,
+                )
+            except OSError as err:  # a full disk, the folder removed while serving
+                logger.error("could not save an image in %s: %s", self.output_dir, err)
+                raise ServiceError(
+                    f"The image could not be saved on the server ({err.strerror or err}); the server's "
+                    "outputs folder needs attention."
+                ) from None
             prune_outputs(self.output_dir, self.keep_outputs)
         return SavedImage(path, generated.seed, generated.metadata, generated.face_similarity)
 

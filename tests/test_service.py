@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pulid.outputs import read_image_metadata
-from pulid.service import OOM_MESSAGE, GenerationService, ServiceError
+from pulid.service import FAILED_MESSAGE, OOM_MESSAGE, GenerationService, ServiceError
 from pulid.uploads import UploadError, load_upload
 from tests.test_pipeline import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
@@ -73,6 +73,31 @@ def test_out_of_memory_is_caught_and_the_next_request_succeeds(service, monkeypa
         service.run(request(service))
     assert str(err.value) == OOM_MESSAGE and released == [True]
     assert service.run(request(service)).seed == 3
+
+
+def test_an_unexpected_error_is_logged_and_the_visitor_told_plainly(service, monkeypatch, caplog):
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR at /srv/secret/path")
+
+    monkeypatch.setattr(service.pipeline.flow, "forward", broken_forward)
+    with pytest.raises(ServiceError) as err:
+        service.run(request(service))
+    assert str(err.value) == FAILED_MESSAGE  # nothing of the server's internals in the answer
+    assert "CUDNN_STATUS_INTERNAL_ERROR" in caplog.text  # the traceback is in the log
+    monkeypatch.undo()
+    assert service.run(request(service)).seed == 3
+
+
+def test_an_image_that_cannot_be_saved_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalysis())
+    service = GenerationService(pipeline, tmp_path / "out")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pulid.service.save_new_image", full_disk)
+    with pytest.raises(ServiceError, match=r"could not be saved on the server \(No space left on device\)"):
+        service.run(request(service))
 
 
 @pytest.mark.parametrize(
