@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import stat
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -167,15 +168,29 @@ def painted_layers(storage: dict[str, list[bytes | None]], canvas: object) -> li
     return [blob for blob in storage.pop(str(canvas)[:MAX_CANVAS_ID], []) if blob is not None]
 
 
+MAX_PAINTED_SIDE = 2048  # a painting's long side as read: past any output size, which it is resized to
+_PAINTINGS_DECODING = threading.BoundedSemaphore(2)  # a flat 50 MP PNG is 200 KB and decodes to 200 MB
+
+
 def painted_layer(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
     """One painted layer of the page's drawing canvas (bytes or an uploaded file) -> RGBA (H, W, 4)
     uint8; a layer without transparency gets its brightest channel as its opacity. Bytes over the
-    upload limit, and images over the pixel limit (from the header), are refused before decoding."""
+    upload limit, and images over the pixel limit (from the header), are refused before decoding.
+    A layer larger than :data:`MAX_PAINTED_SIDE` (painted over a large photo) is read at that size
+    (nearest neighbour: no new colours at stroke edges), and two layers at most decode at once, so
+    that what requests hold before their turn stays small."""
+    from PIL import Image
+
     if isinstance(source, (bytes, bytearray, memoryview)):
         check_size(name, len(source))
         source = io.BytesIO(bytes(source))
-    with open_checked(source, name) as image:
-        if "A" in image.getbands() or "transparency" in image.info:
+    with open_checked(source, name) as image, _PAINTINGS_DECODING:
+        alpha = "A" in image.getbands() or "transparency" in image.info
+        if max(image.size) > MAX_PAINTED_SIDE:
+            scale = MAX_PAINTED_SIDE / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.NEAREST)
+        if alpha:
             return np.array(image.convert("RGBA"))
         rgb = rgb8(image)
         return np.concatenate([rgb, rgb.max(axis=2, keepdims=True)], axis=2)

@@ -231,3 +231,19 @@ def test_painted_layers_are_bounded_before_anything_is_decoded():
     huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")  # with a valid checksum
     with pytest.raises(UploadError, match="megapixels"):
         painted_layer(bytes(huge), "the drawn mask")
+
+
+def test_a_painting_over_a_large_photo_is_read_at_a_bounded_size_with_its_own_colours():
+    from pulid.uploads import MAX_PAINTED_SIDE, painted_layer
+
+    strokes = np.zeros((3000, 5000, 4), np.uint8)  # a flat 15 MP layer: a small file
+    strokes[:, :2500] = (230, 25, 75, 255)
+    strokes[1500:, 4000:] = (60, 180, 75, 200)
+    layer = painted_layer(png_bytes(strokes), "the painting")
+    assert layer.shape == (round(MAX_PAINTED_SIDE * 3000 / 5000), MAX_PAINTED_SIDE, 4)
+    colours = {tuple(c) for c in layer.reshape(-1, 4)}
+    assert colours == {(0, 0, 0, 0), (230, 25, 75, 255), (60, 180, 75, 200)}  # no blends at the edges
+    assert (
+        layer[:, : MAX_PAINTED_SIDE // 2 - 1, 0].min() == 230
+        and layer[:, MAX_PAINTED_SIDE // 2 + 1 :, 0].max() < 230
+    )

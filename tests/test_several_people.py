@@ -400,3 +400,28 @@ def test_the_progress_bar_only_moves_forward_through_every_stage(service):  # no
     assert fills == sorted(fills) and fills[-1] == stages.PROGRESS[stages.SAVING]
     for expected in (stages.READING_FACES, stages.ENCODING_PHOTO, stages.DECODING, stages.MEASURING_LIKENESS):
         assert expected in names
+
+
+def test_painted_regions_match_an_argmin_over_all_colours_and_stay_small_in_memory():
+    import tracemalloc
+
+    from pulid.regions import PALETTE, painted_regions
+
+    rng = np.random.default_rng(fresh_seed())
+    layers = [rng.integers(0, 256, (96, 80, 4), dtype=np.uint8) for _ in range(2)]
+    owner = np.full((96, 80), -1)
+    for layer in layers:  # the reference: every colour's distance at once, in int64
+        distance = ((layer[..., None, :3].astype(np.int64) - np.asarray(PALETTE)) ** 2).sum(-1)
+        owner = np.where(layer[..., 3] >= 128, distance.argmin(-1), owner)
+    for person, region in enumerate(painted_regions(layers, len(PALETTE))):
+        expected = owner == person
+        assert (region is None and not expected.any()) or np.array_equal(region == 255, expected)
+    big = np.zeros((2048, 2048, 4), np.uint8)
+    big[..., :] = (*PALETTE[1], 255)
+    tracemalloc.start()
+    try:
+        painted_regions([big], len(PALETTE))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * big.shape[0] * big.shape[1]  # bytes a pixel; every colour at once took 96+
