@@ -175,12 +175,13 @@ def control(setting, gr, visible: bool = True, **options):
             **options,
         )
     if setting.widget == "radio":
-        return gr.Radio(
+        return setting_control_class(gr, gr.Radio)(
             list(setting.choices),
             value=setting.default,
             label=setting.label,
             info=setting.help or None,
             visible=visible,
+            setting_name=setting.name,
             **options,
         )
     low, high = (
@@ -188,7 +189,7 @@ def control(setting, gr, visible: bool = True, **options):
         if setting.choices
         else (setting.minimum, setting.maximum)
     )
-    return setting_slider_class(gr)(
+    return setting_control_class(gr, gr.Slider)(
         minimum=low,
         maximum=high,
         value=setting.default,
@@ -202,26 +203,27 @@ def control(setting, gr, visible: bool = True, **options):
 
 
 @functools.cache
-def setting_slider_class(gr):
-    """A slider whose value, from the page or the API, is checked by its declared setting: a wrong
-    one (a string, NaN, out of range) is refused with the setting named, where gradio's own check
-    says "Value 0 is less than minimum value 256" or fails on a string."""
+def setting_control_class(gr, base):
+    """A slider or radio (``base``) whose value, from the page or the API, is checked by its
+    declared setting: a wrong one (a string, NaN, out of range, not a choice) is refused with the
+    setting named and the value cut short, where gradio's own check says "Value 0 is less than
+    minimum value 256", echoes a megabyte of text or fails on a string."""
     from pulid.request import LORA_STRENGTH, PERSON_WEIGHT, generation_settings
     from pulid.settings import InvalidRequestError
 
     declared = {s.name: s for s in (*generation_settings(), LORA_STRENGTH, PERSON_WEIGHT)}
 
-    class SettingSlider(gr.Slider):
+    class SettingControl(base):
         is_template = True
 
-        def __init__(self, *, setting_name: str = "", **kwargs):
+        def __init__(self, *args, setting_name: str = "", **kwargs):
             # a constructor argument (a name, not the setting; keywords only, as gradio records
             # them): gradio rebuilds a component from them when an event updates it
             self.setting_name = setting_name
-            super().__init__(**kwargs)
+            super().__init__(*args, **kwargs)
 
         def get_config(self, cls=None):
-            return super().get_config(cls or gr.Slider)  # the page's slider: gr.Slider's properties
+            return super().get_config(cls or base)  # the page's own control: the base's properties
 
         def preprocess(self, payload):
             try:
@@ -229,7 +231,31 @@ def setting_slider_class(gr):
             except InvalidRequestError as err:
                 raise refused(str(err)) from None
 
-    return SettingSlider
+    SettingControl.__name__ = f"Setting{base.__name__}"
+    return SettingControl
+
+
+@functools.cache
+def listed_choice_class(gr):
+    """A dropdown whose value must be one of its listed choices (those of the visitor's page, after
+    a refresh); anything else is refused with the control named and the value cut short."""
+
+    class ListedChoice(gr.Dropdown):
+        is_template = True
+
+        def get_config(self, cls=None):
+            return super().get_config(cls or gr.Dropdown)
+
+        def preprocess(self, payload):
+            listed = [value for _, value in self.choices]
+            if payload in listed or (payload in (None, "") and "" in listed):
+                return payload
+            shown = repr(payload) if len(repr(payload)) <= 45 else repr(payload)[:42] + "..."
+            raise refused(
+                f"{self.label} must be one of the listed choices (got {shown}): pick one from the list."
+            )
+
+    return ListedChoice
 
 
 def lora_input_names() -> list[str]:
@@ -836,7 +862,7 @@ def create_demo(args: argparse.Namespace, service):
                         }
                     for row in range(1, LORA_ROWS + 1):
                         with gr.Row(equal_height=True):
-                            controls[f"lora_{row}"] = gr.Dropdown(
+                            controls[f"lora_{row}"] = listed_choice_class(gr)(
                                 choices,
                                 value="",
                                 label=f"LoRA {row}",
@@ -859,7 +885,7 @@ def create_demo(args: argparse.Namespace, service):
                 debug_gallery = gr.Gallery(label="Detected, aligned and parsed face", visible=args.dev)
         with gr.Row(equal_height=False):
             with gr.Column(), gr.Accordion("Size, steps and guidance", open=True):
-                preset = gr.Dropdown(
+                preset = listed_choice_class(gr)(
                     ["custom", *SIZE_PRESETS],
                     value=next(iter(SIZE_PRESETS)),
                     label="Size preset",

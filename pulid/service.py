@@ -307,9 +307,10 @@ def check_listed_loras(request: GenerationRequest, listed: Sequence[str]) -> Non
     allowed = set(listed)
     for choice in request.loras:
         if choice.source not in allowed:
-            raise InvalidRequestError(
-                f"LoRA {choice.source!r} is not one of this app's LoRAs: pick one from the list."
+            shown = (
+                repr(choice.source) if len(repr(choice.source)) <= 80 else repr(choice.source)[:77] + "..."
             )
+            raise InvalidRequestError(f"LoRA {shown} is not one of this app's LoRAs: pick one from the list.")
 
 
 def trim_host_memory() -> None:
