@@ -240,6 +240,8 @@ def listed_choice_class(gr):
     """A dropdown whose value must be one of its listed choices (those of the visitor's page, after
     a refresh); anything else is refused with the control named and the value cut short."""
 
+    from pulid.settings import shown
+
     class ListedChoice(gr.Dropdown):
         is_template = True
 
@@ -250,9 +252,9 @@ def listed_choice_class(gr):
             listed = [value for _, value in self.choices]
             if payload in listed or (payload in (None, "") and "" in listed):
                 return payload
-            shown = repr(payload) if len(repr(payload)) <= 45 else repr(payload)[:42] + "..."
             raise refused(
-                f"{self.label} must be one of the listed choices (got {shown}): pick one from the list."
+                f"{self.label} must be one of the listed choices (got {shown(payload)}): "
+                "pick one from the list."
             )
 
     return ListedChoice

@@ -46,6 +46,7 @@ from pulid.request import (
     checked_people,
     checked_region,
 )
+from pulid.settings import shown
 from pulid.uploads import UploadError, check_header, check_upload, load_upload
 
 logger = logging.getLogger(__name__)
@@ -307,10 +308,9 @@ def check_listed_loras(request: GenerationRequest, listed: Sequence[str]) -> Non
     allowed = set(listed)
     for choice in request.loras:
         if choice.source not in allowed:
-            shown = (
-                repr(choice.source) if len(repr(choice.source)) <= 80 else repr(choice.source)[:77] + "..."
+            raise InvalidRequestError(
+                f"LoRA {shown(choice.source, 80)} is not one of this app's LoRAs: pick one from the list."
             )
-            raise InvalidRequestError(f"LoRA {shown} is not one of this app's LoRAs: pick one from the list.")
 
 
 def trim_host_memory() -> None:

@@ -59,10 +59,7 @@ class Setting:
         return " ".join(parts)
 
     def _refuse(self, value: Any) -> InvalidRequestError:
-        shown = repr(value)
-        if len(shown) > 45:  # a hostile value is named, not echoed whole
-            shown = shown[:42] + "..."
-        return InvalidRequestError(f"{self.label} must be {self.describe_range()} (got {shown}).")
+        return InvalidRequestError(f"{self.label} must be {self.describe_range()} (got {shown(value)}).")
 
     def coerce(self, value: Any) -> Any:
         """``value`` as this setting's type, checked; :class:`InvalidRequestError` otherwise."""
@@ -140,6 +137,12 @@ class Setting:
 MAX_NUMBER_CHARACTERS = 64  # far past any setting's range (a seed is at most 20 digits)
 WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+(\.0*)?")  # "42", "-3", "42.0" (what a number box may send)
 DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def shown(value: Any, limit: int = 45) -> str:
+    """``value`` as a message quotes it: a hostile one is named, not echoed whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _show(number: float) -> str:
