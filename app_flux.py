@@ -176,7 +176,7 @@ def control(setting, gr, visible: bool = True, **options):
         )
     if setting.widget == "radio":
         return setting_control_class(gr, gr.Radio)(
-            list(setting.choices),
+            choices=list(setting.choices),  # by keyword: gradio records a control's keywords
             value=setting.default,
             label=setting.label,
             info=setting.help or None,
@@ -216,11 +216,11 @@ def setting_control_class(gr, base):
     class SettingControl(base):
         is_template = True
 
-        def __init__(self, *args, setting_name: str = "", **kwargs):
+        def __init__(self, *, setting_name: str = "", **kwargs):
             # a constructor argument (a name, not the setting; keywords only, as gradio records
             # them): gradio rebuilds a component from them when an event updates it
             self.setting_name = setting_name
-            super().__init__(*args, **kwargs)
+            super().__init__(**kwargs)
 
         def get_config(self, cls=None):
             return super().get_config(cls or base)  # the page's own control: the base's properties
@@ -467,7 +467,7 @@ def create_demo(args: argparse.Namespace, service):
         check_upload,
         painted_layer,
         painted_layers,
-        store_painted_layer,
+        store_painted_blob,
     )
 
     def uploaded(payload) -> None:
@@ -513,27 +513,27 @@ def create_demo(args: argparse.Namespace, service):
 
         @server
         def accept_blobs(self, data):
-            fields = data.data
-            if fields.get("type") != "layer":
-                return  # the background is the photo already sent; the composite is not needed
-            blob = data.files[0][1] if data.files else b""
-            try:
-                store_painted_layer(
-                    self.blob_storage, fields.get("id"), fields.get("index"), blob, MAX_QUEUED
-                )
-            except UploadError as err:
-                raise refused(str(err)) from None
+            """A piece of a drawing, sent ahead of its request. What is wrong with it is answered
+            when the request comes: the page shows nothing of what this route answers."""
+            fields = getattr(data, "data", None)
+            if not isinstance(fields, dict):
+                return  # not the page's form: nothing to keep
+            files = getattr(data, "files", None) or []
+            blob = files[0][1] if files and len(files[0]) > 1 else b""
+            store_painted_blob(
+                self.blob_storage, fields.get("id"), fields.get("type"), fields.get("index"), blob, MAX_QUEUED
+            )
 
         def preprocess(self, payload):
             if payload is None:
                 return None
-            if payload.id is not None:
-                sources = painted_layers(self.blob_storage, payload.id)
-            else:  # through the API: files, which must be uploads of this app
-                for layer in payload.layers:
-                    uploaded(layer)
-                sources = [layer.path for layer in payload.layers]
             try:
+                if payload.id is not None:
+                    sources = painted_layers(self.blob_storage, payload.id)
+                else:  # through the API: files, which must be uploads of this app
+                    for layer in payload.layers:
+                        uploaded(layer)
+                    sources = [layer.path for layer in payload.layers]
                 layers = [painted_layer(source, "the painting") for source in sources[:MAX_CANVAS_LAYERS]]
             except UploadError as err:
                 raise refused(str(err)) from None

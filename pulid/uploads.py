@@ -141,31 +141,60 @@ MAX_CANVAS_LAYERS = 4  # layers of a drawing in the page that are read (the app'
 MAX_CANVAS_ID = 64  # characters of a drawing's id, which the page chooses
 
 
-def store_painted_layer(
-    storage: dict[str, list[bytes | None]], canvas: object, index: object, blob: bytes, keep: int
+PAINTING_LOST = (
+    "The painting did not reach the server, or waited too long for its request (the server was "
+    "busy): paint it again, or upload it as a file."
+)
+Drawings = dict[str, "list[bytes | None] | str"]  # drawing id -> its layers, or why it is refused
+
+
+def store_painted_blob(
+    storage: Drawings, canvas: object, kind: object, index: object, blob: bytes, keep: int
 ) -> None:
-    """Keep one painted layer of a drawing that the page sends ahead of its request, in ``storage``
-    (drawing id -> layers). At most ``keep`` drawings wait: a new one pushes out the oldest. A layer
-    number outside 0 .. MAX_CANVAS_LAYERS - 1 or a layer over the upload size is refused, so a
-    hostile page cannot make the server hold more than keep x MAX_CANVAS_LAYERS x the upload size."""
-    try:
-        number = int(index)
-    except (TypeError, ValueError):
-        raise UploadError("The drawing's layer is not numbered.") from None
-    if not 0 <= number < MAX_CANVAS_LAYERS:
-        raise UploadError(f"A drawing may have {MAX_CANVAS_LAYERS} layers at most.")
-    check_size("The drawing", len(blob))
+    """Keep one piece of a drawing that the page sends ahead of its request, in ``storage``. Every
+    piece marks its drawing as arrived, but only layers are kept (the background is the photo
+    already sent; the composite is not needed). At most ``keep`` drawings wait: a new one pushes
+    out the oldest, and the request naming that one is told to paint again.
+
+    A layer numbered outside 0 .. MAX_CANVAS_LAYERS - 1 or over the upload size is not kept (so a
+    hostile page cannot make the server hold more than keep x MAX_CANVAS_LAYERS x the upload
+    size): its drawing is marked refused with the reason, which the request that names it gets
+    (the page shows nothing of what this upload route answers)."""
     key = str(canvas)[:MAX_CANVAS_ID]
     while key not in storage and len(storage) >= keep:
         storage.pop(next(iter(storage)))  # dicts keep insertion order: the oldest first
     layers = storage.setdefault(key, [])
+    if kind != "layer" or isinstance(layers, str):
+        return
+    try:
+        number = _layer_number(index)
+        check_size("The drawing", len(blob))
+    except UploadError as err:
+        storage[key] = str(err)
+        return
     layers.extend([None] * (number + 1 - len(layers)))
     layers[number] = blob
 
 
-def painted_layers(storage: dict[str, list[bytes | None]], canvas: object) -> list[bytes]:
-    """The layers kept for a drawing, taken out of ``storage`` (none if it never came, or was pushed out)."""
-    return [blob for blob in storage.pop(str(canvas)[:MAX_CANVAS_ID], []) if blob is not None]
+def _layer_number(index: object) -> int:
+    try:
+        number = int(index)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise UploadError("The drawing's layer is not numbered.") from None
+    if not 0 <= number < MAX_CANVAS_LAYERS:
+        raise UploadError(f"A drawing may have {MAX_CANVAS_LAYERS} layers at most.")
+    return number
+
+
+def painted_layers(storage: Drawings, canvas: object) -> list[bytes]:
+    """The layers kept for a drawing, taken out of ``storage``. :class:`UploadError` when it never
+    arrived or was pushed out (:data:`PAINTING_LOST`), or was refused."""
+    layers = storage.pop(str(canvas)[:MAX_CANVAS_ID], None)
+    if layers is None:
+        raise UploadError(PAINTING_LOST)
+    if isinstance(layers, str):
+        raise UploadError(layers)
+    return [blob for blob in layers if blob is not None]
 
 
 MAX_PAINTED_SIDE = 2048  # a painting's long side as read: past any output size, which it is resized to

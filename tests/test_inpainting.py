@@ -7,6 +7,7 @@ pipeline against float64 computations of that blend, plus the mask's checks and 
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import numpy as np
@@ -198,20 +199,27 @@ def test_painted_layers_are_bounded_before_anything_is_decoded():
     from pulid.limits import MAX_UPLOAD_BYTES
     from pulid.uploads import (
         MAX_CANVAS_LAYERS,
+        PAINTING_LOST,
         UploadError,
         painted_layer,
         painted_layers,
-        store_painted_layer,
+        store_painted_blob,
     )
 
     storage: dict = {}
-    store_painted_layer(storage, "a", "0", b"first", keep=2)
-    store_painted_layer(storage, "a", 2, b"third", keep=2)
+    store_painted_blob(storage, "a", "background", None, b"photo", keep=2)  # arrived, not kept
+    store_painted_blob(storage, "a", "layer", "0", b"first", keep=2)
+    store_painted_blob(storage, "a", "layer", 2, b"third", keep=2)
     assert painted_layers(storage, "a") == [b"first", b"third"] and storage == {}
+    store_painted_blob(storage, "d", "composite", None, b"all", keep=2)
+    assert painted_layers(storage, "d") == []  # nothing painted on it: no layers, and no refusal
     for canvas in ("a", "b", "c"):  # a third drawing pushes out the oldest waiting one
-        store_painted_layer(storage, canvas, 0, canvas.encode(), keep=2)
-    assert list(storage) == ["b", "c"] and painted_layers(storage, "a") == []
-    store_painted_layer(storage, "x" * 10_000, 0, b"", keep=2)
+        store_painted_blob(storage, canvas, "layer", 0, canvas.encode(), keep=2)
+    assert list(storage) == ["b", "c"]
+    for lost in ("a", "never-sent"):  # its request is told, not run without the painting
+        with pytest.raises(UploadError, match=re.escape(PAINTING_LOST)):
+            painted_layers(storage, lost)
+    store_painted_blob(storage, "x" * 10_000, "layer", 0, b"", keep=2)
     assert max(len(key) for key in storage) == 64
     for index, blob, message in [
         (MAX_CANVAS_LAYERS, b"", "layers at most"),
@@ -221,9 +229,12 @@ def test_painted_layers_are_bounded_before_anything_is_decoded():
         (None, b"", "not numbered"),
         (0, b"\0" * (MAX_UPLOAD_BYTES + 1), "larger than"),
     ]:
+        store_painted_blob(storage, "y", "layer", 0, b"kept", keep=2)
+        store_painted_blob(storage, "y", "layer", index, blob, keep=2)  # refused: answered later
+        store_painted_blob(storage, "y", "layer", 1, b"after", keep=2)
+        assert isinstance(storage["y"], str)  # the reason only: its layers are let go
         with pytest.raises(UploadError, match=message):
-            store_painted_layer(storage, "y", index, blob, keep=2)
-    assert "y" not in storage
+            painted_layers(storage, "y")
     with pytest.raises(UploadError, match="Could not read the drawn mask"):
         painted_layer(b"not a png", "the drawn mask")
     huge = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
