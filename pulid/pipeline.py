@@ -384,6 +384,8 @@ class PuLIDFluxPipeline:
         whole image. Drawn regions are drawn over the photo to start from (resized to it, then
         cropped with it) or, without one, over the image (cropped to its shape as a photo is)."""
         count = 1 + len(request.more_people)
+        if count == 1 and request.id_region is None:  # one person, nowhere drawn: everywhere
+            return None
         if request.layout == "columns":
             return None if count == 1 else column_regions(count, request.width, request.height)
         drawn = [request.id_region, *(p.region for p in request.more_people)]

@@ -218,6 +218,8 @@ def test_one_person_over_the_whole_image_is_the_single_person_image(pipeline):  
         {"photos": 1, "weight": 1.0, "region": whole.metadata["people"][0]["region"]}
     ]
     assert "people" not in single.metadata
+    unpainted = pipeline.generate(request(id_images=[face], layout="masks"))  # 'masks', nothing drawn
+    assert torch.equal(single.latents, unpainted.latents)
 
 
 def test_a_regional_person_leaves_other_regions_alone_in_the_first_block(pipeline):  # noqa: F811
