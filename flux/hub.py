@@ -151,7 +151,33 @@ def _cached(entry: HubWeights) -> Path | None:
     return found[0].parents[len(Path(entry.files[0]).parts) - 1]  # the snapshot folder
 
 
+def local_problem(entry: HubWeights, path: Path) -> str | None:
+    """Why what is at ``path`` is not ``entry`` though something is there: a folder in a file's
+    place (or a file in a folder's), or an empty file (a download that was cut off at once). None
+    when it looks whole, or nothing is there. (A file cut off later is found by its loader, which
+    reads its header; the catalogue's sizes are the hub's, to three figures, and not a check.)"""
+    if not path.exists():
+        return None
+    if entry.folder:
+        if not path.is_dir():
+            return f"{path} is a file where a folder belongs: remove it"
+        for name in entry.files:
+            inner = path / name
+            if inner.is_dir():
+                return f"{inner} is a folder where a file belongs: remove it"
+            if inner.is_file() and inner.stat().st_size == 0:
+                return f"{inner} is empty (a download that was cut off?)"
+        return None
+    if path.is_dir():
+        return f"{path} is a folder where the file belongs: remove it"
+    if path.stat().st_size == 0:
+        return f"{path} is empty (a download that was cut off?)"
+    return None
+
+
 def _complete(entry: HubWeights, path: Path) -> bool:
+    if local_problem(entry, path) is not None:
+        return False
     if entry.folder:
         return path.is_dir() and all((path / name).is_file() for name in entry.files)
     return path.is_file()
@@ -166,6 +192,8 @@ def find_local(
     """
     if explicit_path is not None:
         path = Path(explicit_path).expanduser()
+        if problem := local_problem(entry, path):
+            raise WeightsNotFoundError(f"{entry.description}: {problem}.")
         if not _complete(entry, path):
             kind = "folder with " + ", ".join(entry.files) if entry.folder else "file"
             raise WeightsNotFoundError(f"{entry.description}: the given path {path} is not a {kind}.")
@@ -187,6 +215,8 @@ def how_to_get(entry: HubWeights, models_dir: Path) -> str:
         f"    from {what}",
         f"    to   {target}{'/' if entry.folder else ''}",
     ]
+    if problem := local_problem(entry, target):
+        lines.append(f"    now: {problem}")
     if entry.gated:
         lines.append(
             f"    gated: accept the licence at {entry.licence_url or entry.url} while logged in, then set "
@@ -237,6 +267,8 @@ def download(entry: HubWeights, models_dir: Path | None = None) -> Path:
             paths = [Path(hf_hub_download(entry.repo_id, name)) for name in entry.files]
             return paths[0].parents[len(Path(entry.files[0]).parts) - 1] if entry.folder else paths[0]
         target = entry.local_path(models_dir)
+        if (problem := local_problem(entry, target)) and problem.endswith("remove it"):
+            raise WeightsNotFoundError(f"Cannot download {entry.description}: {problem}.")
         if entry.folder:
             for name in entry.files:
                 hf_hub_download(entry.repo_id, name, local_dir=target)

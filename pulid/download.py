@@ -5,7 +5,7 @@
     python -m pulid.download --name flux-krea-dev --version v0.9.0 --models_dir /data/models
     python -m pulid.download --fp8                     # what --fp8 loads on this machine
     python -m pulid.download --speed_lora FLUX.1-Turbo-Alpha   # and an 8-step LoRA into models/loras/
-    python -m pulid.download --dit flux-dev-Q4_K_S --t5 t5xxl-Q5_K_M --clip clip-l   # an 8 GB card
+    python -m pulid.download --dit flux-dev-Q4_K_S --t5 t5xxl-Q4_K_M --clip clip-l   # an 8 GB card
 
 The flags are the app's (``--name``, ``--version``, ``--fp8``, ``--fp8_mode``, ``--dit``, ``--t5``,
 ``--clip``, ``--models_dir``), so the same line that starts the app says what to download. Files
@@ -28,6 +28,7 @@ from flux.hub import (
     download_blocked,
     find_local,
     format_size,
+    local_problem,
 )
 from pulid.catalogue import (
     CATALOGUE,
@@ -114,10 +115,17 @@ def _main(argv: list[str] | None) -> int:
             found = find_local(weights, models_dir)
         except WeightsNotFoundError:
             found = None
-        status = "present" if found is not None else "optional" if weights.optional else "missing"
         where = found if found is not None else weights.local_path(models_dir)
+        if found is not None:
+            status = "present"
+        elif local_problem(weights, where):
+            status = "broken"  # an empty or cut-off file, or a folder in its place: said below
+        else:
+            status = "optional" if weights.optional else "missing"
         what = textwrap.shorten(weights.description, 56, placeholder="...")
         print(f"{status:<9}{format_size(weights.size_bytes):>10}  {what:<58} {where}")
+        if status == "broken":
+            print(f"{'':<21}{local_problem(weights, where)}")
         if found is None:
             missing.append(entry)
     total = sum(entry.weights.size_bytes for entry in missing)

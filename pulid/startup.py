@@ -23,6 +23,23 @@ logger = logging.getLogger(__name__)
 PRESETS = ("tiny-random",)
 
 
+class ImpliesFp8(argparse.Action):
+    """``--fp8_mode MODE`` says how fp8 runs, so it asks for fp8 too (alone it did nothing)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.fp8_mode, namespace.fp8 = values, True
+
+
+def models_folder(text: str) -> str:
+    """``--models_dir``: a folder, or a place for one (made on the first download), not a file."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a file: give the folder that holds (or will hold) the weights"
+        )
+    return text
+
+
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose which weight files load: the app's, the CLI's and the download command's."""
     from flux.registry import MODELS
@@ -43,10 +60,16 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
         "--fp8_mode",
         default="auto",
         choices=FP8_MODES,
-        help="native: quantise flux1-dev to fp8 at load and use the GPU's fp8 units (Ada/Hopper); "
-        "quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
+        action=ImpliesFp8,
+        help="how --fp8 runs (and implies it): native: quantise flux1-dev to fp8 at load and use the "
+        "GPU's fp8 units (Ada/Hopper); quanto: XLabs' flux-dev-fp8 checkpoint; auto: native where supported",
     )
-    parser.add_argument("--models_dir", default=None, help="folder with the weight files (default: models/)")
+    parser.add_argument(
+        "--models_dir",
+        default=None,
+        type=models_folder,
+        help="folder with the weight files (default: models/)",
+    )
     for kind, table, what in (
         ("dit", DIT_FILES, "the transformer: a GGUF (city96) or fp8 e4m3fn file, kept quantised"),
         ("t5", T5_FILES, "the T5-XXL text encoder as one file (fp16, fp8 or GGUF)"),

@@ -79,6 +79,40 @@ def test_fetches_what_is_missing_into_its_place_then_nothing(tmp_path, fake_hub,
     assert fake_hub == [] and "0 to download" in capsys.readouterr().out
 
 
+def test_an_empty_file_is_fetched_again_and_a_folder_in_its_place_is_named(tmp_path, fake_hub, capsys):
+    (tmp_path / "ae.safetensors").write_bytes(b"")  # a download cut off at once
+    (tmp_path / "flux1-dev.safetensors").mkdir()  # a folder named like the file
+    (tmp_path / "xflux_text_encoders").write_bytes(b"x")  # a file where a folder belongs
+    assert pulid.download.main(["--models_dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "ae.safetensors is empty (a download that was cut off?)" in out
+    assert "flux1-dev.safetensors is a folder where the file belongs: remove it" in out
+    assert "xflux_text_encoders is a file where a folder belongs: remove it" in out
+    assert out.count("\nbroken ") == 3
+    assert pulid.download.main(["--models_dir", str(tmp_path)]) == 1  # two cannot be fetched over
+    assert (tmp_path / "ae.safetensors").read_bytes() == b"weights"  # the empty one was
+    assert "flux1-dev.safetensors is a folder where the file belongs: remove it" in capsys.readouterr().err
+    assert (tmp_path / "flux1-dev.safetensors").is_dir()  # nothing was moved into it
+
+
+def test_the_missing_list_says_what_is_in_a_files_place(tmp_path):
+    from flux.hub import how_to_get
+
+    (tmp_path / "ae.safetensors").mkdir()
+    (ae,) = [
+        e.weights for e in required_weights("flux-dev").values() if e.weights.local_name == "ae.safetensors"
+    ]
+    assert f"now: {tmp_path / 'ae.safetensors'} is a folder where the file belongs: remove it" in how_to_get(
+        ae, tmp_path
+    )
+
+
+def test_fp8_mode_alone_asks_for_fp8(tmp_path, capsys):
+    assert pulid.download.main(["--dry-run", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "flux-dev-fp8.safetensors" in out and "flux1-dev.safetensors" not in out
+
+
 def test_quanto_fp8_needs_xlabs_file_and_all_lists_the_whole_catalogue(tmp_path, capsys):
     assert (
         pulid.download.main(["--dry-run", "--fp8", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)])

@@ -191,6 +191,7 @@ def test_photos_that_are_not_images_are_a_typed_error(photos):
         (["--out", "README.md"], "--out README.md is a file"),
         (["--prompts_file", "nothere.txt"], "cannot read --prompts_file"),
         (["--lora", "nothere.safetensors", "--width", "256", "--height", "256"], "was not found"),
+        (["--models_dir", "README.md"], "README.md is a file: give the folder"),
     ],
 )
 def test_cli_user_errors_are_one_line_messages(flags, message, tmp_path):

@@ -52,6 +52,24 @@ def test_the_weights_table_is_the_catalogue():
         assert f"`models/{entry.weights.local_name}" in table
 
 
+def test_the_models_folder_readme_names_every_file_of_the_catalogue():
+    """models/README.md is what a user placing files by hand reads: no catalogue file is left out."""
+    layout = (README_PATH.parent / "models" / "README.md").read_text()
+    for entry in CATALOGUE:
+        assert Path(entry.weights.local_name).name in layout, entry.weights.local_name
+
+
+def test_the_download_help_for_small_cards_is_the_readmes():
+    """The card lines of ``python -m pulid.download --help`` are rows of README's table."""
+    import pulid.download
+
+    lines = [line for line in pulid.download.__doc__.splitlines() if "GB card" in line]
+    assert lines
+    for line in lines:
+        flags = line.split("pulid.download", 1)[1].split("#")[0].strip()
+        assert flags in README, line
+
+
 def test_the_limits_table_is_the_limits_module():
     from pulid import limits
 
