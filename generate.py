@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from flux.lora import LoRAError
-    from pulid.loras import locate_lora
+    from pulid.loras import check_lora_for, locate_lora
     from pulid.request import PERSON_WEIGHT, InvalidRequestError, Person, checked_mask, checked_region
     from pulid.uploads import UploadError, load_upload
 
@@ -239,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequestError as err:
         print(err, file=sys.stderr)
         return 2
-    try:  # each LoRA is where it is said to be, before minutes of loading (fetching one waits for
-        # the models); the tiny preset loads in seconds and writes its example LoRAs as it does
+    try:  # each LoRA is where it is said to be and fits the DiT, before minutes of loading (fetching
+        # one waits for the models); the tiny preset loads in seconds and writes its example LoRAs
         for choice in args.requests[0].loras if args.preset is None else ():
-            locate_lora(choice.source, lora_folder(args))
+            if isinstance(found := locate_lora(choice.source, lora_folder(args)), Path):
+                check_lora_for(found, args.name)
     except LoRAError as err:
         print(f"--lora: {err}", file=sys.stderr)
         return 2

@@ -82,6 +82,21 @@ def locate_lora(source: str, folder: str | os.PathLike) -> Path | HubWeights:
     )
 
 
+def check_lora_for(path: Path, model_name: str) -> None:
+    """Read and check the LoRA file at ``path`` against the layers of ``model_name``'s DiT, built on
+    the meta device (no weights): a LoRA for another model, or a broken file, is a
+    :class:`LoRAError` before minutes of loading rather than after them."""
+    import torch
+
+    from flux.lora import lora_targets, read_lora
+    from flux.model import Flux
+    from flux.registry import get_model_spec
+
+    with torch.device("meta"):
+        layout = Flux(get_model_spec(model_name).params)
+    read_lora(path, lora_targets(layout))
+
+
 def _in_folder(folder: Path, name: str) -> Path | None:
     """``name`` as a file under ``folder``, never outside it (no ``..``, no absolute path)."""
     candidate = (folder / name).resolve()

@@ -617,3 +617,44 @@ def test_the_app_service_takes_only_listed_loras(pipeline, tmp_path):
         )
         with pytest.raises(ServiceError, match="not one of this app's LoRAs"):
             service.run(request)
+
+
+def test_the_cli_checks_a_lora_against_the_real_dit_before_loading_anything(tmp_path):
+    """A LoRA for another model, or one for FLUX.1-dev, is told apart against the full-size DiT's
+    layers built without weights, before the (here missing) weights would load."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(1.0)}, str(sdxl))
+    fits = tmp_path / "fits.safetensors"  # the real DiT's sizes: 3072 wide
+    save_file(
+        {
+            "double_blocks.0.img_attn.proj.lora_A.weight": torch.zeros(4, 3072),
+            "double_blocks.0.img_attn.proj.lora_B.weight": torch.zeros(3072, 4),
+        },
+        str(fits),
+    )
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    results = {}
+    for lora in (sdxl, fits):
+        started = time.monotonic()
+        results[lora.name] = subprocess.run(
+            [sys.executable, "generate.py", "--prompt", "x", "--device", "cpu", "--lora", str(lora)]
+            + ["--models_dir", str(tmp_path / "models")],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert time.monotonic() - started < 60
+    refused = results["sdxl.safetensors"]
+    assert refused.returncode == 2 and "for a Stable Diffusion UNet" in refused.stderr
+    assert "are missing" not in refused.stderr  # said before the weights were looked for
+    accepted = results["fits.safetensors"]  # passes the check, then meets the missing weights
+    assert "weight file(s) are missing" in accepted.stderr and "LoRA" not in accepted.stderr
