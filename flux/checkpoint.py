@@ -200,6 +200,25 @@ def load_state_dict_strict(
     module.load_state_dict(converted, strict=True, assign=_is_meta(module))
 
 
+def other_format(path: str | os.PathLike) -> str | None:
+    """What a weight file is by its first bytes when that is plainly not safetensors (a GGUF file,
+    a PyTorch pickle, text, an empty file), else None. Safetensors begins with its header's length
+    (8 bytes, little-endian) and then its JSON header."""
+    with open(path, "rb") as handle:
+        start = handle.read(16)
+    if not start:
+        return "an empty file"
+    if start.startswith(b"GGUF"):
+        return "a GGUF file"
+    if start.startswith(b"PK\x03\x04") or start.startswith(b"\x80"):
+        return "a PyTorch pickle (.pt, .pth, .ckpt)"
+    if len(start) > 8 and start[8:9] == b"{":
+        return None
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in start):
+        return "a text file"
+    return None
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """Key -> (shape, dtype code) from the file header, without reading tensor data."""
     from safetensors import SafetensorError, safe_open
@@ -215,6 +234,11 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
                 out[key] = (tuple(sl.get_shape()), sl.get_dtype())
             return out
     except (SafetensorError, OSError, ValueError) as err:
+        if kind := other_format(path):
+            raise CheckpointError(
+                f"Checkpoint {path} is {kind}, not a safetensors file: give the .safetensors file "
+                "(README.md, Weights, lists each one)."
+            ) from err
         raise CheckpointError(
             f"Checkpoint {path} is not a readable safetensors file ({err}). It may be truncated or "
             "corrupt: delete it and download it again."

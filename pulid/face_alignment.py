@@ -90,15 +90,22 @@ def check_plain_weights(path: Path) -> None:
     older ones do not. Reading each file here first, as plain tensors, means a file that carries
     code (or is corrupt) is refused, by name, before facexlib sees it, whatever the torch version.
     """
-    from flux.checkpoint import CheckpointError
+    import pickle
+
+    from flux.checkpoint import CheckpointError, other_format
 
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unreadable as plain weights, whatever the reason
+        kind = other_format(path)
+        if isinstance(err, pickle.UnpicklingError):  # a pickle that is more than tensors
+            why = "it holds objects other than tensors (code in it is never run)"
+        elif kind and not kind.startswith("a PyTorch"):
+            why = f"it is {kind}"
+        else:
+            why = "it may be truncated or corrupt"
         raise CheckpointError(
-            f"{path} could not be read as plain facexlib weights ({type(err).__name__}: {str(err)[:300]}). "
-            "It may be truncated or corrupt, or hold code (which is never run): delete it and download "
-            "it again."
+            f"{path} could not be read as plain facexlib weights: {why}. Delete it and download it again."
         ) from err
 
 

@@ -185,7 +185,7 @@ def test_wrong_files_for_the_quanto_loader_are_explained(quanto_checkpoint, tmp_
     with pytest.raises(CheckpointError, match="does not have: pulid_ca.0"):
         load_quanto(folder / "fp8.safetensors", tmp_path / "extra.json", params, "cpu")
 
-    with pytest.raises(CheckpointError, match=r"map.json is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"map.json is a text file, not a safetensors file"):
         load_quanto(folder / "map.json", folder / "map.json", params, "cpu")
     with pytest.raises(CheckpointError, match=r"map .*fp8.safetensors is not a readable JSON file"):
         load_quanto(folder / "fp8.safetensors", folder / "fp8.safetensors", params, "cpu")

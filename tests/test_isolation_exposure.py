@@ -112,7 +112,9 @@ def test_a_face_model_file_with_code_is_refused_by_name_and_nothing_runs(tmp_pat
         paths[name].write_bytes(path.read_bytes())
     state = torch.load(paths[role], weights_only=True)
     torch.save({**state, "payload": Exploit(marker)}, paths[role])  # real weights plus a payload
-    with pytest.raises(CheckpointError, match="could not be read as plain facexlib weights") as caught:
+    with pytest.raises(
+        CheckpointError, match="plain facexlib weights: it holds objects other than"
+    ) as caught:
         load_face_analyzer(paths, onnx_provider="cpu", device="cpu")
     assert str(paths[role]) in str(caught.value) and not marker.exists()
 

@@ -1,5 +1,6 @@
 """Strict loading of tiny checkpoints written in the official key layout, and every error path."""
 
+import re
 from pathlib import Path
 
 import httpx
@@ -98,10 +99,16 @@ def test_wrong_model_gets_a_hint(tmp_path, keys, hint):
 def test_truncated_and_non_safetensors_files_are_named(tiny_checkpoint, tmp_path):
     path, _ = tiny_checkpoint
     data = path.read_bytes()
-    for name, content in [("truncated.safetensors", data[: len(data) // 2]), ("text.safetensors", b"hello")]:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.pt")
+    for name, content, said in [
+        ("truncated.safetensors", data[: len(data) // 2], "It may be truncated or corrupt"),
+        ("text.safetensors", b"hello", "is a text file, not a safetensors file"),
+        ("empty.safetensors", b"", "is an empty file, not a safetensors file"),
+        ("weights.ckpt", (tmp_path / "pickle.pt").read_bytes(), "is a PyTorch pickle (.pt, .pth, .ckpt)"),
+    ]:
         bad = tmp_path / name
         bad.write_bytes(content)
-        with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
+        with pytest.raises(CheckpointError, match=re.escape(said)) as err:
             load_flow_model(bad, tiny_flux_params(), "cpu")
         assert name in str(err.value)
 
