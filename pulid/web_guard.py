@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import logging
 from collections.abc import Iterable, Mapping
+
+logger = logging.getLogger(__name__)
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_INTERFACE = ("0.0.0.0", "::", "")
@@ -64,12 +67,14 @@ class HostCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or "*" in self.patterns:
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        header = headers.get(b"host", b"").decode("latin-1")
-        if host_allowed(header, self.patterns):
+        hosts = [value for name, value in scope.get("headers") or [] if name == b"host"]
+        header = hosts[0].decode("latin-1") if hosts else ""
+        if len(hosts) == 1 and host_allowed(header, self.patterns):  # two: which one is meant?
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
+        if len(hosts) > 1:
+            return await _answer(send, 400, b"A request names one host: send one Host header.\n")
         body = (
             f"This app does not answer to the host name {host_name(header)[:100]!r}. "
             "If you reach it under that name on purpose, start it with --allowed_hosts "
@@ -105,18 +110,41 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > limit:
             message = f"The request is {int(declared):,} bytes; this route takes at most {limit:,}.\n"
             return await _answer(send, 413, message.encode())
-        received = 0
+        received, cut, answered = 0, False, False
 
         async def limited():
-            nonlocal received
+            nonlocal received, cut
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    cut = True
                     return {"type": "http.disconnect"}
             return message
 
-        return await self.app(scope, limited, send)
+        async def answer(message):
+            nonlocal answered
+            if cut:
+                return  # the route's own answer to a body it never got whole: 413 is sent instead
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, answer)
+        except Exception as err:
+            if not (cut or _client_left(err)):
+                raise
+            # a client that left mid-body (an aborted upload) is not a server error: no traceback
+            logger.info("a request to %s ended before its body did", scope.get("path", "")[:100])
+        if cut and not answered:
+            await _answer(
+                send, 413, f"The request is over {limit:,} bytes: this route takes at most that.\n".encode()
+            )
+
+
+def _client_left(err: Exception) -> bool:
+    """Whether ``err`` is starlette's "the client went away before its body ended"."""
+    return type(err).__name__ == "ClientDisconnect"
 
 
 async def _answer(send, status: int, body: bytes) -> None:

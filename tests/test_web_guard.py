@@ -49,6 +49,22 @@ def test_a_forged_host_is_refused_before_gradio_and_the_real_one_served(server):
         assert httpx.get(server, headers={"Host": host}, timeout=10).status_code == 200
 
 
+def test_a_request_with_two_host_headers_is_refused_whichever_comes_first(server):  # noqa: F811
+    """The check and gradio must read the same name: with two, neither can be sure which."""
+    import socket
+
+    port = httpx.URL(server).port
+    for first, second in (("evil.example", "localhost"), ("localhost", "evil.example")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            head = f"GET /config HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\nConnection: close\r\n\r\n"
+            connection.sendall(head.encode())
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        status = answer.split(b"\r\n", 1)[0]
+        assert b" 400 " in status and b"send one Host header" in answer and b"evil.example" not in answer
+
+
 class FakeRequest:
     def __init__(self, host, forwarded=None, session="s1"):
         self.client = type("Client", (), {"host": host})()
@@ -101,10 +117,52 @@ def test_a_body_without_a_length_is_cut_off_where_it_passes_the_limit():
     async def receive():
         return chunks.pop(0)
 
+    sent: list[dict] = []
+
     async def send(message):
-        raise AssertionError("nothing is answered for a body cut off mid-way")
+        sent.append(message)
 
     scope = {"type": "http", "path": "/gradio_api/queue/join", "headers": []}
     asyncio.run(BodyLimit(app, 10, {})(scope, receive, send))
     assert seen == ["http.request", "http.request", "http.disconnect"]  # 4, 8, then 12 > 10 bytes
     assert len(chunks) == 97  # nothing more was read
+    assert sent[0]["status"] == 413 and b"over 10 bytes" in sent[1]["body"]  # as a declared length gets
+
+    async def parsing_app(scope, receive, send):  # a route that fails on the cut body, then answers
+        await receive()
+        from starlette.requests import ClientDisconnect
+
+        raise ClientDisconnect()
+
+    chunks[:] = [{"type": "http.request", "body": b"x" * 20, "more_body": True}]
+    sent.clear()
+    asyncio.run(BodyLimit(parsing_app, 10, {})(scope, receive, send))  # no traceback escapes
+    assert [m.get("status") for m in sent[:1]] == [413]
+
+
+def test_a_client_that_leaves_mid_body_is_not_a_server_error(caplog):
+    import asyncio
+    import logging
+
+    from starlette.requests import ClientDisconnect
+
+    async def upload_route(scope, receive, send):
+        await receive()
+        raise ClientDisconnect()
+
+    async def receive():
+        return {"type": "http.request", "body": b"--xx\r\n", "more_body": True}
+
+    async def send(message):
+        raise AssertionError("nobody is left to answer")
+
+    scope = {"type": "http", "path": "/gradio_api/upload", "headers": []}
+    with caplog.at_level(logging.INFO, logger="pulid.web_guard"):
+        asyncio.run(BodyLimit(upload_route, 10**6, {})(scope, receive, send))
+    assert "ended before its body did" in caplog.text
+
+    async def broken_route(scope, receive, send):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is the server's and goes on up
+        asyncio.run(BodyLimit(broken_route, 10**6, {})(scope, receive, send))
