@@ -584,7 +584,8 @@ def create_demo(args: argparse.Namespace, service):
     brushes = ["#{:02x}{:02x}{:02x}".format(*colour) for colour in PALETTE]
     # A canvas to paint over a background the app sets: one layer, no upload, no crop or resize.
     paint_over = dict(type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False)
-    faces_dir = Path(tempfile.mkdtemp(prefix="pulid-flux-faces-")) if args.dev else None
+    # removed when the app stops (Ctrl+C or SIGTERM) or the demo is let go
+    faces = tempfile.TemporaryDirectory(prefix="pulid-flux-faces-") if args.dev else None
 
     async def generate(values: dict, request: gr.Request, progress: gr.Progress):
         """Runs the job in the service's worker thread and yields while it waits and runs (holding
@@ -644,7 +645,7 @@ def create_demo(args: argparse.Namespace, service):
                 summary(images, cancelled),
                 [str(i.path) for i in images],
                 details(images),
-                gr.skip() if result is None or not args.dev else face_files(result.debug_images, faces_dir),
+                gr.skip() if result is None or not args.dev else face_files(result.debug_images, Path(faces.name)),
                 images,
             )
 
@@ -1121,6 +1122,19 @@ def preloaded() -> bool:
     return find_local(flow.weights, default_models_dir()) is not None
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``docker stop``, systemd, ``kill``) stops the app as Ctrl+C does: the server closes
+    and temporary folders go, where the default would end the process at once."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     # First: on ZeroGPU, importing ``spaces`` patches torch before anything starts CUDA.
     from pulid.zerogpu import ON_ZERO_GPU, ZeroGPURunner, check_flags
@@ -1134,6 +1148,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)
+    stop_on_sigterm()
     if problems := problems_before_loading(args):
         raise SystemExit("\nCannot start:\n- " + "\n- ".join(problems) + "\n")
     ahead_of_time = False
@@ -1196,4 +1211,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM while loading: no traceback
+        print("\nStopped.", file=sys.stderr)
+        raise SystemExit(130) from None

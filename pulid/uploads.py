@@ -48,6 +48,8 @@ def check_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | N
     try:
         info = resolved.stat()
     except OSError:
+        if roots is not None:  # an upload the app no longer keeps (it deletes them after an hour)
+            raise UploadError(f"{name[:60]} is no longer on the server: upload it again.") from None
         raise UploadError(f"{name[:60]} does not exist.") from None
     if not stat.S_ISREG(info.st_mode):
         raise UploadError(f"{name[:60]} is not a regular file: upload a JPEG, PNG or WebP photo.")

@@ -679,3 +679,42 @@ def test_the_tiny_preset_names_the_real_model_flags_it_ignores():
     assert ignored_by_preset(args) == ["--fp8", "--device", "--vram_budget"]
     assert ignored_by_preset(app_flux.parse_args(["--preset", "tiny-random", "--port", "9000"])) == []
     assert ignored_by_preset(app_flux.parse_args(["--fp8"])) == []  # real models: every flag counts
+
+
+def test_sigterm_stops_the_app_cleanly_and_takes_its_temporary_faces_folder(tmp_path):
+    """``docker stop`` and systemd send SIGTERM: the app closes as on Ctrl+C, no folder left behind."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = subprocess.Popen(
+        [sys.executable, "app_flux.py", "--preset", "tiny-random", "--dev", "--port", str(port)],
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("pulid-flux-faces-*")) or not _answers(port):
+            assert app.poll() is None and time.monotonic() < deadline, app.stdout.read()
+            time.sleep(0.5)
+        app.send_signal(signal.SIGTERM)
+        output, _ = app.communicate(timeout=60)
+    finally:
+        app.kill()
+    assert "Traceback" not in output
+    assert list(tmp_path.glob("pulid-flux-faces-*")) == []
+
+
+def _answers(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

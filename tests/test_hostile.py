@@ -72,6 +72,9 @@ def test_the_services_own_guard_reads_only_from_the_upload_folder(tmp_path):
     service = GenerationService(pipeline=None, output_dir=tmp_path / "out", upload_roots=[uploads])
     with pytest.raises(ServiceError, match="was not uploaded to this app"):
         service.build_request(None, [str(PHOTO)], prompt="a")
+    (uploads / "face.png").unlink()  # the app deletes uploads after an hour; the page may be older
+    with pytest.raises(UploadError, match="face.png is no longer on the server: upload it again"):
+        check_upload(uploads / "face.png", [uploads])
 
 
 def call_ok(url):
