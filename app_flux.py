@@ -645,7 +645,9 @@ def create_demo(args: argparse.Namespace, service):
                 summary(images, cancelled),
                 [str(i.path) for i in images],
                 details(images),
-                gr.skip() if result is None or not args.dev else face_files(result.debug_images, Path(faces.name)),
+                gr.skip()
+                if result is None or not args.dev
+                else face_files(result.debug_images, Path(faces.name)),
                 images,
             )
 

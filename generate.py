@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from flux.lora import LoRAError
     from pulid.loras import check_lora_for, locate_lora
     from pulid.request import PERSON_WEIGHT, InvalidRequestError, Person, checked_mask, checked_region
-    from pulid.uploads import UploadError, load_upload
+    from pulid.uploads import UploadError, load_mask, load_upload
 
     try:
         photos = [load_upload(path) for path in args.id_image]
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--init_image: {err}", file=sys.stderr)
         return 2
     try:
-        mask = None if args.mask is None else checked_mask(load_upload(args.mask))
+        mask = None if args.mask is None else checked_mask(load_mask(args.mask))
     except (UploadError, InvalidRequestError) as err:
         print(f"--mask: {err}", file=sys.stderr)
         return 2
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     weights = args.person_weight + [PERSON_WEIGHT.default] * (len(args.person) - len(args.person_weight))
     try:
-        regions = [checked_region(load_upload(path), f"Person {n}") for n, path in enumerate(args.region, 1)]
+        regions = [checked_region(load_mask(path), f"Person {n}") for n, path in enumerate(args.region, 1)]
         regions += [None] * (given - len(regions))
         people = tuple(
             Person(tuple(load_upload(path) for path in paths), PERSON_WEIGHT.coerce(weight), region)

@@ -47,7 +47,7 @@ from pulid.request import (
     checked_region,
 )
 from pulid.settings import shown
-from pulid.uploads import UploadError, check_header, check_upload, load_upload
+from pulid.uploads import UploadError, check_header, check_upload, load_mask, load_upload
 
 logger = logging.getLogger(__name__)
 
@@ -589,15 +589,15 @@ class GenerationService:
         if uploads.init_image is not None:
             changes["init_image"] = checked_init_image(self._decode_one(uploads.init_image))
         if uploads.mask is not None:
-            changes["mask"] = checked_mask(self._decode_one(uploads.mask))
+            changes["mask"] = checked_mask(self._decode_mask(uploads.mask))
         if uploads.id_region is not None:
-            changes["id_region"] = checked_region(self._decode_one(uploads.id_region), "Person 1")
+            changes["id_region"] = checked_region(self._decode_mask(uploads.id_region), "Person 1")
         if uploads.people:
             more = [
                 Person(
                     tuple(self._decode(person.photos)),
                     person.weight,
-                    None if person.region is None else self._decode_one(person.region),
+                    None if person.region is None else self._decode_mask(person.region),
                 )
                 for person in uploads.people
             ]
@@ -606,6 +606,15 @@ class GenerationService:
 
     def _decode_one(self, photo: PhotoSource) -> np.ndarray:
         return next(self._decode([photo]))
+
+    def _decode_mask(self, mask: PhotoSource) -> np.ndarray:
+        """A mask or region: pixels as given, or an uploaded file by its transparency or brightness."""
+        if isinstance(mask, np.ndarray):
+            return mask
+        try:
+            return load_mask(mask, self.upload_roots)
+        except UploadError as err:
+            raise ServiceError(str(err)) from None
 
     def _save(self, generated: GeneratedImage, request: GenerationRequest) -> SavedImage:
         with self._saving:

@@ -109,6 +109,23 @@ def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | No
         return upright_rgb8(image)
 
 
+def load_mask(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> np.ndarray:
+    """A mask or region file as (H, W) uint8, checked as :func:`load_upload` checks a photo: its
+    alpha where it has transparency (strokes on a transparent layer: a transparent white is not
+    painted), else its brightest channel (white or any colour on black)."""
+    from PIL import ImageOps
+
+    resolved = check_upload(path, roots)
+    with open_checked(resolved, f"the image {resolved.name}") as image:
+        image.seek(0)
+        image = ImageOps.exif_transpose(image)
+        if "A" in image.getbands() or "transparency" in image.info:
+            alpha = np.asarray(image.convert("RGBA"))[..., 3]
+            if alpha.min() < 255:
+                return alpha.copy()
+        return rgb8(image).max(axis=2)
+
+
 def load_image_bytes(data: bytes, name: str) -> np.ndarray:
     """An image sent as bytes (an HTTP API's body) as RGB uint8, checked as an upload is: its size,
     then its header against the pixel limit, before decoding."""

@@ -258,3 +258,30 @@ def test_a_painting_over_a_large_photo_is_read_at_a_bounded_size_with_its_own_co
         layer[:, : MAX_PAINTED_SIDE // 2 - 1, 0].min() == 230
         and layer[:, MAX_PAINTED_SIDE // 2 + 1 :, 0].max() < 230
     )
+
+
+def test_an_uploaded_mask_is_read_by_its_transparency_else_its_brightness(tmp_path):
+    from PIL import Image
+
+    from pulid.uploads import load_mask
+
+    def saved(pixels: np.ndarray, mode: str) -> str:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        Image.fromarray(pixels, mode).save(path)
+        return str(path)
+
+    strokes = np.zeros((8, 8, 4), np.uint8)
+    strokes[2:4, :, :] = (10, 10, 10, 255)  # dark strokes on a transparent layer: their opacity
+    transparent_white = np.full((8, 8, 4), (255, 255, 255, 0), np.uint8)
+    opaque = np.zeros((8, 8, 4), np.uint8)
+    opaque[..., 3] = 255
+    opaque[5:, :, :3] = 255  # a black and white export that kept an alpha channel
+    grey_alpha = np.zeros((8, 8, 2), np.uint8)
+    grey_alpha[:, :3] = (255, 200)
+    assert np.array_equal(load_mask(saved(strokes, "RGBA")), strokes[..., 3])
+    assert load_mask(saved(transparent_white, "RGBA")).max() == 0  # nothing painted, though white
+    assert np.array_equal(load_mask(saved(opaque, "RGBA")), opaque[..., 0])
+    assert np.array_equal(load_mask(saved(grey_alpha, "LA")), grey_alpha[..., 1])
+    grey = np.zeros((8, 8), np.uint8)
+    grey[:, 6:] = 255
+    assert np.array_equal(load_mask(saved(grey, "L")), grey)
