@@ -29,6 +29,8 @@ from pulid.limits import (
     MAX_QUEUED,
     MAX_QUEUED_PER_VISITOR,
     MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_BYTES_PER_HOUR,
+    MIN_FREE_DISK_BYTES,
 )
 from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, load_or_exit
 
@@ -1016,9 +1018,10 @@ def make_service(pipeline, output_dir=None, keep_outputs: int = 0, runner=None):
 
 def launch(demo, args: argparse.Namespace, **options) -> None:
     """Serve ``demo`` with the app's limits and its host-name check (:mod:`pulid.web_guard`)."""
+    from gradio.utils import get_upload_folder
     from starlette.middleware import Middleware
 
-    from pulid.web_guard import BodyLimit, HostCheck, allowed_hosts
+    from pulid.web_guard import BodyLimit, HostCheck, UploadQuota, allowed_hosts
 
     hosts = allowed_hosts(args.host, args.share, IN_SPACE, args.allowed_hosts)
     logger.info("answering to host names: %s", ", ".join(hosts))
@@ -1026,6 +1029,14 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
     middleware = [
         Middleware(HostCheck, patterns=hosts),
         Middleware(BodyLimit, default=MAX_JSON_BODY_BYTES, by_route=BODY_LIMITS),
+        Middleware(
+            UploadQuota,
+            folder=get_upload_folder(),
+            min_free=MIN_FREE_DISK_BYTES,
+            per_visitor=MAX_UPLOAD_BYTES_PER_HOUR,
+            largest=BODY_LIMITS["/upload"],
+            behind_proxy=args.behind_proxy,
+        ),
     ]
     demo.launch(
         max_file_size=MAX_UPLOAD_BYTES,  # in bytes: gradio's "20mb" would be 20 MiB, not the service's limit

@@ -14,4 +14,6 @@ MAX_IMAGES_PER_REQUEST = 4  # images one request may ask for (one batch)
 MAX_QUEUED = 32  # requests waiting at once, all visitors together
 MAX_QUEUED_PER_VISITOR = 3  # one visitor's requests running or waiting (by network address)
 MAX_LORAS_PER_REQUEST = 8  # LoRAs one request may stack (the UI offers 3 rows)
+MAX_UPLOAD_BYTES_PER_HOUR = 2 * 10**9  # what one visitor's uploads may add to the disk in an hour
+MIN_FREE_DISK_BYTES = 2 * 10**9  # uploads stop short of this much free space (outputs need room too)
 MAX_LORA_STRENGTH = 10.0  # |strength| of one LoRA; speed LoRAs use 0.125-1, style LoRAs about 0.5-1.5

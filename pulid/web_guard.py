@@ -142,6 +142,82 @@ class BodyLimit:
             )
 
 
+class UploadQuota:
+    """ASGI middleware for the upload route: uploads are kept for an hour, so without a bound one
+    client could fill the disk at network speed. An upload is refused (507) when it would leave
+    less than ``min_free`` bytes free in ``folder``, and (429) when it would take one visitor past
+    ``per_visitor`` bytes in the last ``window_s`` seconds. Visitors are counted by network address
+    (:func:`visitor`); requests from this machine (the local user, or ``--share``'s tunnel) share
+    the disk check only. A body without a length counts as the route's limit."""
+
+    def __init__(
+        self,
+        app,
+        folder,
+        min_free: int,
+        per_visitor: int,
+        largest: int,
+        behind_proxy: bool = False,
+        window_s: float = 3600.0,
+    ):
+        self.app = app
+        self.folder = folder
+        self.min_free = min_free
+        self.per_visitor = per_visitor
+        self.largest = largest
+        self.behind_proxy = behind_proxy
+        self.window_s = window_s
+        self._sent: dict[str, list[tuple[float, int]]] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        size = int(declared) if declared.isdigit() else self.largest
+        if refusal := self.refusal(scope, headers, size):
+            status, message = refusal
+            return await _answer(send, status, message.encode())
+        return await self.app(scope, receive, send)
+
+    def refusal(self, scope, headers, size: int) -> tuple[int, str] | None:
+        """(status, message) when an upload of ``size`` bytes cannot be taken now; else None, and
+        it is counted."""
+        import shutil
+        import time
+        from pathlib import Path
+
+        place = Path(self.folder)
+        while not place.exists() and place != place.parent:  # made on the first upload
+            place = place.parent
+        try:
+            free = shutil.disk_usage(place).free
+        except OSError:
+            free = None
+        if free is not None and free - size < self.min_free:
+            logger.warning("an upload was refused: %s bytes free in %s", f"{free:,}", self.folder)
+            return 507, "The server's disk is nearly full, so it takes no uploads now: try again later.\n"
+        client = (scope.get("client") or (None,))[0]
+        forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
+        who = visitor(client, forwarded, self.behind_proxy, "")
+        if not who.startswith("address "):
+            return None
+        now = time.monotonic()
+        recent = [(at, n) for at, n in self._sent.get(who, []) if now - at < self.window_s]
+        if sum(n for _, n in recent) + size > self.per_visitor:
+            self._sent[who] = recent
+            return 429, (
+                f"You have uploaded {self.per_visitor // 10**9} GB in the last hour, this server's "
+                "share for one visitor: try again later.\n"
+            )
+        self._sent[who] = [*recent, (now, size)]
+        for other in [
+            key for key, sent in self._sent.items() if all(now - at >= self.window_s for at, _ in sent)
+        ]:
+            del self._sent[other]  # visitors gone for an hour: their counts go too
+        return None
+
+
 def _client_left(err: Exception) -> bool:
     """Whether ``err`` is starlette's "the client went away before its body ended"."""
     return type(err).__name__ == "ClientDisconnect"

@@ -82,6 +82,10 @@ def test_the_limits_table_is_the_limits_module():
     assert f"| prompt, negative prompt | {limits.MAX_PROMPT_CHARS:,} characters" in section
     assert f"all visitors together | {limits.MAX_QUEUED} |" in section
     assert f"one visitor, running or waiting | {limits.MAX_QUEUED_PER_VISITOR} " in section
+    per_hour, free = limits.MAX_UPLOAD_BYTES_PER_HOUR // 10**9, limits.MIN_FREE_DISK_BYTES // 10**9
+    assert (
+        f"| uploads of one visitor | {per_hour} GB an hour" in section and f"under {free} GB free" in section
+    )
 
 
 def test_the_layout_names_every_folder_and_module():

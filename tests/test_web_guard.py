@@ -166,3 +166,44 @@ def test_a_client_that_leaves_mid_body_is_not_a_server_error(caplog):
 
     with pytest.raises(RuntimeError, match="a bug"):  # any other error is the server's and goes on up
         asyncio.run(BodyLimit(broken_route, 10**6, {})(scope, receive, send))
+
+
+def test_uploads_stop_at_a_visitors_hourly_share_and_short_of_a_full_disk(tmp_path, monkeypatch):
+    import asyncio
+    import shutil
+    from collections import namedtuple
+
+    from pulid.web_guard import UploadQuota
+
+    served = []
+
+    async def upload_route(scope, receive, send):
+        served.append(scope["client"][0])
+
+    def post(guard, client, size, path="/gradio_api/upload"):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "path": path,
+            "client": (client, 1),
+            "headers": [(b"content-length", b"%d" % size)],
+        }
+        before = len(served)
+        asyncio.run(guard(scope, None, send))
+        return 200 if len(served) > before else sent[0]["status"]
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**12, 0, 10**11))
+    guard = UploadQuota(upload_route, tmp_path / "not-yet", min_free=10**9, per_visitor=100, largest=50)
+    assert [post(guard, "203.0.113.9", 40) for _ in range(3)] == [200, 200, 429]  # 80, then 120 > 100
+    assert post(guard, "198.51.100.7", 40) == 200  # another visitor has their own share
+    assert post(guard, "127.0.0.1", 10**6) == 200  # this machine: the disk check only
+    assert post(guard, "203.0.113.9", 10, path="/gradio_api/queue/join") == 200  # other routes pass
+    guard.window_s = 0.0  # an hour later
+    assert post(guard, "203.0.113.9", 40) == 200
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**12, 0, 10**9 + 30))
+    assert post(guard, "127.0.0.1", 40) == 507  # it would leave under the reserve
