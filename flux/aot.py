@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,8 +33,16 @@ MODES = ("build", "load")
 
 
 def graph_key(graph: fx.GraphModule, inputs: Sequence[object]) -> str:
-    """A name for ``graph`` with these inputs, the same in every process."""
+    """A name for ``graph`` with these inputs, the same in every process of this torch on this
+    kind of GPU: packages kept on a Space's persistent disk must not be loaded by another torch
+    (a package is the compiled code of one Inductor) or on another GPU architecture."""
     digest = hashlib.sha256(graph.code.encode())
+    digest.update(torch.__version__.encode())
+    devices = {
+        value.device for value in inputs if isinstance(value, torch.Tensor) and value.device.type == "cuda"
+    }
+    for device in sorted(devices, key=str):
+        digest.update(f"sm{torch.cuda.get_device_capability(device)}".encode())
     for value in inputs:
         if isinstance(value, torch.Tensor):
             digest.update(f"{tuple(value.shape)}{value.dtype}{value.stride()}{value.device.type}".encode())
@@ -88,10 +97,23 @@ class AheadOfTime:
                 return graph.forward
             self.folder.mkdir(parents=True, exist_ok=True)
             exported = torch.export.export(graph, tuple(inputs), strict=False)
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+            # built beside its place and moved there whole: a build cut off (a slice's time
+            # limit, a crash) leaves no half-written package for later starts to load
+            partial = path.with_name(f".partial-{os.getpid()}-{path.name}")  # ends in .pt2, as AOTI asks
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+            os.replace(partial, path)
             self.built.append(key)
         start = time.perf_counter()
-        package = torch._inductor.aoti_load_package(str(path))
+        try:
+            package = torch._inductor.aoti_load_package(str(path))
+        except Exception:  # noqa: BLE001 - a damaged package: the graph still runs, uncompiled
+            if self.mode == "build":
+                raise
+            self.missing.append(key)
+            logger.warning(
+                "the ahead-of-time package %s could not be loaded: it runs uncompiled", path, exc_info=True
+            )
+            return graph.forward
         self.seconds[f"load {key}"] = time.perf_counter() - start
         first = [True]
 
