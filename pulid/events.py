@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -25,6 +26,16 @@ from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
 
 JOIN_SECONDS = 30.0  # how long a cancelled generation may take to reach its next step or block
+_turns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> its lock
+_turns_guard = threading.Lock()
+
+
+def _turn_of(pipeline: PuLIDFluxPipeline) -> threading.Lock:
+    """The lock one generation of ``pipeline`` holds: a cancelled one that takes longer than
+    :data:`JOIN_SECONDS` to stop (a stage that does not report, such as a download) finishes
+    before the next request on that pipeline starts, so two never share its LoRAs and hooks."""
+    with _turns_guard:
+        return _turns.setdefault(pipeline, threading.Lock())
 
 
 @dataclass(frozen=True)
@@ -61,12 +72,13 @@ def generation_events(pipeline: PuLIDFluxPipeline, request: GenerationRequest) -
 
     def work() -> None:
         try:
-            result = pipeline.generate(
-                request,
-                callback=lambda info: report(replace(info, latents=None)),
-                on_stage=report,
-                on_image=lambda image: report(replace(image, latents=image.latents.cpu())),
-            )
+            with _turn_of(pipeline):  # a cancelled generation still finishing holds it
+                result = pipeline.generate(
+                    request,
+                    callback=lambda info: report(replace(info, latents=None)),
+                    on_stage=report,
+                    on_image=lambda image: report(replace(image, latents=image.latents.cpu())),
+                )
             events.put(Finished(result.debug_images))
         except GenerationCancelled:
             pass

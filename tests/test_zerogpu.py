@@ -248,3 +248,36 @@ def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process
     from app_flux import parse_args
 
     assert zerogpu.check_flags(parse_args(["--compile"])) == []  # --compile means ahead of time there
+
+
+def test_a_cancelled_generation_that_outlives_its_stream_finishes_before_the_next_starts(monkeypatch):
+    """A stage that does not report (a download, say) can keep a cancelled generation going after
+    its stream gave up waiting: the next request on that pipeline waits for it to end."""
+    import threading
+    import time
+
+    import pulid.events
+    from pulid.events import generation_events
+
+    monkeypatch.setattr(pulid.events, "JOIN_SECONDS", 0.05)
+    spans: list[tuple[str, float, float]] = []
+    release = threading.Event()
+
+    class SlowPipeline:
+        def generate(self, request, callback=None, on_stage=None, on_image=None):
+            started = time.monotonic()
+            on_stage("loading LoRAs")
+            if request == "first":
+                release.wait(10)  # a long stage that never reports, so never sees the cancel
+            spans.append((request, started, time.monotonic()))
+            return type("Result", (), {"debug_images": []})()
+
+    pipeline = SlowPipeline()
+    first = generation_events(pipeline, "first")
+    assert next(first) == "loading LoRAs"
+    first.close()  # the visitor cancelled; the stream stops waiting after JOIN_SECONDS
+    threading.Timer(0.3, release.set).start()
+    assert list(generation_events(pipeline, "second"))[-1].debug_images == []
+    (_, _, first_end), (_, second_start, _) = sorted(spans, key=lambda span: span[1])
+    assert [name for name, *_ in sorted(spans, key=lambda span: span[1])] == ["first", "second"]
+    assert second_start >= first_end  # one at a time on one pipeline
