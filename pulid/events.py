@@ -47,9 +47,11 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """An expected failure (no face, a bad request, out of GPU memory), with its message."""
+    """An expected failure (no face, a bad request, out of GPU memory), with its message.
+    ``busy``: the request was fine and the GPU could not take it now (out of memory)."""
 
     message: str
+    busy: bool = False
 
 
 Event = StepInfo | str | GeneratedImage | Finished | Failed
@@ -86,7 +88,7 @@ def generation_events(pipeline: PuLIDFluxPipeline, request: GenerationRequest) -
             events.put(Failed(getattr(err, "user_message", str(err))))
         except torch.OutOfMemoryError:
             GenerationService.release_memory()
-            events.put(Failed(OOM_MESSAGE))
+            events.put(Failed(OOM_MESSAGE, busy=True))
         except BaseException as err:  # noqa: BLE001 - a bug: raised again in this generator
             events.put(err)
         finally:
@@ -112,7 +114,8 @@ def consume(
     """The app's end of a stream: steps and stages to ``report`` (which may raise
     :class:`~flux.sampling.GenerationCancelled`: the stream is then closed), images to
     ``on_image``; returns the face crops. A :class:`Failed` event becomes
-    :class:`~pulid.request.InvalidRequestError` with its message."""
+    :class:`~pulid.request.InvalidRequestError` with its message (a busy one, out of memory:
+    :class:`~pulid.service.ServiceError`)."""
     iterator = iter(events)
     try:
         for event in iterator:
@@ -121,6 +124,10 @@ def consume(
             elif isinstance(event, Finished):
                 return event.debug_images
             elif isinstance(event, Failed):
+                if event.busy:
+                    from pulid.service import ServiceError
+
+                    raise ServiceError(event.message)
                 raise InvalidRequestError(event.message)
             else:
                 report(event)

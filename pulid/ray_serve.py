@@ -12,8 +12,9 @@ Each replica (:class:`PuLIDReplica`) loads the whole pipeline on the GPU Ray giv
   ``{"images": [{"seed", "face_similarity", "metadata", "png"}]}`` (``png`` in base64), or
   ``{"error": message}`` with status 400 for a request that cannot be served as sent (the app's
   checks and limits, :mod:`pulid.limits`; ``loras`` only by the names the app lists), 413 for a body
-  larger than a valid request can be, or 503 from Serve when :data:`~pulid.limits.MAX_QUEUED`
-  requests already wait;
+  larger than a valid request can be, 503 when the GPU ran out of memory or (from Serve)
+  :data:`~pulid.limits.MAX_QUEUED` requests already wait; a client that disconnects stops its
+  generation at the next step;
 - the gradio app on ``--port``, whose service sends each job to a replica (:class:`RayRunner`):
   steps and stages stream back, cancel reaches the replica, and the line runs as many jobs at
   once as there are replicas.
@@ -30,11 +31,12 @@ import base64
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from flux.sampling import StepInfo
+from flux.sampling import GenerationCancelled, StepInfo
 from pulid import stages
 from pulid.events import Event, consume, generation_events
 from pulid.limits import MAX_EXTRA_PHOTOS, MAX_JSON_BODY_BYTES, MAX_QUEUED, MAX_UPLOAD_BYTES
@@ -102,10 +104,23 @@ class PuLIDReplica:
         except InvalidRequestError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
         images: list[GeneratedImage] = []
+        gone = threading.Event()
+
+        def report(_) -> None:
+            if gone.is_set():
+                raise GenerationCancelled
+
         try:
-            await asyncio.to_thread(lambda: consume(self.events(request), lambda _: None, images.append))
+            await asyncio.to_thread(lambda: consume(self.events(request), report, images.append))
+        except asyncio.CancelledError:  # Serve cancels the handler when its client disconnects
+            gone.set()  # and the generation stops at its next step, freeing the GPU
+            raise
+        except GenerationCancelled:
+            return JSONResponse({"error": "cancelled"}, status_code=499)
         except InvalidRequestError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
+        except ServiceError as err:  # out of GPU memory: the request may succeed later
+            return JSONResponse({"error": str(err)}, status_code=503)
         return JSONResponse({"images": [image_json(image) for image in images]})
 
 

@@ -7,6 +7,7 @@ that says to send it again, while the other request finishes and later ones are 
 
 import base64
 import io
+import json
 import socket
 import tempfile
 import threading
@@ -27,6 +28,7 @@ from pulid.ray_serve import (
     REPLICA_LOST,
     ROUTE,
     BodyTooLarge,
+    PuLIDReplica,
     RayRunner,
     deploy,
     read_body,
@@ -255,3 +257,54 @@ def test_the_endpoint_counts_photos_before_decoding_any(monkeypatch):
         request_from_json({"prompt": "a", "id_images": [photo] * 7})
     assert decoded == []  # each could be a 50 MP image: none is opened before the count
     assert request_from_json({"prompt": "a", "id_images": [photo] * 2}).id_images and len(decoded) == 2
+
+
+class JSONRequest:
+    """What the replica's handler reads of a starlette request: a host header and a JSON body."""
+
+    def __init__(self, body: dict):
+        self.headers = {"host": "localhost"}
+        self.body = json.dumps(body).encode()
+
+    async def stream(self):
+        yield self.body
+
+
+def replica_with(events) -> PuLIDReplica:
+    """A replica whose generations are ``events(request)``, without Ray or a pipeline."""
+    replica = object.__new__(PuLIDReplica)
+    replica.hosts = ("*",)
+    replica.events = events
+    replica.lora_names = lambda: []
+    return replica
+
+
+def test_the_endpoint_answers_out_of_memory_as_busy_and_stops_for_a_client_that_left():
+    import asyncio
+
+    from pulid.events import Failed
+    from pulid.service import OOM_MESSAGE
+
+    body = JSONRequest({"prompt": "a portrait", "width": 256, "height": 256})
+    answer = asyncio.run(replica_with(lambda request: iter([Failed(OOM_MESSAGE, busy=True)]))(body))
+    assert answer.status_code == 503 and json.loads(answer.body)["error"] == OOM_MESSAGE
+
+    closed = threading.Event()
+
+    def endless(request):
+        try:
+            while True:
+                time.sleep(0.01)
+                yield "denoising"
+        finally:
+            closed.set()  # the generation's stream is closed: it stops at its next step
+
+    async def leave_early():
+        handler = asyncio.ensure_future(replica_with(endless)(body))
+        await asyncio.sleep(0.3)
+        handler.cancel()  # what Serve does when the HTTP client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+
+    asyncio.run(leave_early())
+    assert closed.wait(5)
