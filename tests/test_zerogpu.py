@@ -182,14 +182,15 @@ def test_an_expected_failure_in_the_worker_reaches_the_user_as_its_message(pipel
         service.run(request(num_images=1, init_image=flat, repaint="face"))
 
 
-def test_a_bug_in_the_worker_is_raised_not_hidden(pipeline, tmp_path, monkeypatch):
+def test_a_bug_in_the_worker_is_raised_not_hidden(pipeline, tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("decoder exploded")
 
     monkeypatch.setattr(pipeline, "decode", broken)
     service = GenerationService(pipeline, tmp_path, runner=zerogpu.ZeroGPURunner(pipeline))
-    with pytest.raises(RuntimeError, match="decoder exploded"):
+    with pytest.raises(ServiceError, match="failed on the server"):  # the visitor: a plain message
         service.run(request(num_images=1))
+    assert "RuntimeError: decoder exploded" in caplog.text  # the log has the bug itself
 
 
 def test_a_cancel_closes_the_gpu_call_and_stops_the_generation(pipeline, tmp_path):
