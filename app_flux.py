@@ -600,21 +600,14 @@ def create_demo(args: argparse.Namespace, service):
         photos = ([] if photo is None else [photo]) + list(extra or [])
         values["loras"] = chosen_loras(values)
         saved: list[SavedImage] = []
-        shown_stage = [None]
+        bar = stages.RequestProgress()
 
         def show(info) -> None:
             """One progress bar: the stage's name, and how far the whole request has come."""
             if isinstance(info, SavedImage):
                 saved.append(info)
-            elif isinstance(info, str):
-                if info != shown_stage[0]:  # "decoding" comes before each decoder block
-                    shown_stage[0] = info
-                    progress(stages.progress_of(info), desc=info)
-            else:
-                shown_stage[0] = "denoising"
-                low, high = stages.DENOISE_SPAN
-                done = low + (high - low) * (info.step + 1) / info.total
-                progress(done, desc=f"denoising step {info.step + 1}/{info.total}")
+            elif (shown := bar.update(info)) is not None:
+                progress(shown[0], desc=shown[1])
 
         def admit():
             """Check the request and put it in line: file headers, the LoRA folder, the hub's

@@ -86,9 +86,10 @@ def tensor_to_rgb8(x: torch.Tensor) -> np.ndarray:
 def check_plain_weights(path: Path) -> None:
     """Read a ``.pth`` with ``weights_only=True`` before facexlib reads it its own way.
 
-    facexlib calls ``torch.load`` without ``weights_only``; PyTorch 2.6 and newer default it to True,
-    older ones do not. Reading each file here first, as plain tensors, means a file that carries
-    code (or is corrupt) is refused, by name, before facexlib sees it, whatever the torch version.
+    facexlib calls ``torch.load`` without ``weights_only``, which PyTorch 2.6 and newer (what
+    requirements.txt asks for) default to True, so its own read runs no code either. Reading each
+    file here first gives a file that carries code, or is not weights at all, a message naming it
+    and what is wrong, where facexlib's read would fail with torch's own words.
     """
     import pickle
 

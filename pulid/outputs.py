@@ -164,7 +164,11 @@ def save_new_image(
         except FileExistsError:
             stem, suffix = Path(name).stem, Path(name).suffix
             path, copy = folder / f"{stem}-{copy}{suffix}", copy + 1
-    return save_image(image, metadata, path, quality)
+    try:
+        return save_image(image, metadata, path, quality)
+    except BaseException:  # a full disk, a stop: no empty or half-written file keeps the name
+        path.unlink(missing_ok=True)
+        raise
 
 
 def prune_outputs(folder: str | os.PathLike, keep: int) -> list[Path]:

@@ -421,7 +421,8 @@ class PuLIDFluxPipeline:
         on_stage: Callable[[str], None] | None = None,
         on_image: Callable[[GeneratedImage], None] | None = None,
     ) -> GenerationResult:
-        """The request's images. ``callback`` gets each denoising step; ``on_stage`` the name of
+        """The request's images. ``callback`` gets each denoising step (of the whole request, when
+        its images are made in several passes); ``on_stage`` the name of
         each stage ("encoding the prompt", "reading the face", "decoding", ...) as it starts, and
         again between the decoder's blocks; ``on_image`` each image as soon as it is decoded. Any
         of them may raise :class:`~flux.sampling.GenerationCancelled` to stop.
@@ -490,6 +491,7 @@ class PuLIDFluxPipeline:
         # With the step cache on, one image at a time: its skip decisions are made for a whole
         # batch, and each image must stay the image its seed gives alone.
         limit = 1 if request.cache_threshold > 0 else self.batch_limit()
+        chunks = -(-len(seeds) // limit)
         for offset in range(0, len(seeds), limit):
             chunk = seeds[offset : offset + limit]
             t0 = time.perf_counter()
@@ -499,7 +501,8 @@ class PuLIDFluxPipeline:
                     request.cache_threshold, request.cache_full_first, request.cache_full_last
                 )
             with self._loras_applied(active):
-                latents = self._denoise(request, chunk, cond, neg_cond, people, callback, cache, photo_start)
+                steps = _steps_of_all(callback, offset // limit, chunks)
+                latents = self._denoise(request, chunk, cond, neg_cond, people, steps, cache, photo_start)
             timings["denoise_s"] += time.perf_counter() - t0
             for seed, one in zip(chunk, latents.split(1), strict=True):
                 t0 = time.perf_counter()
@@ -727,6 +730,21 @@ def cache_report(cache: FirstBlockCache) -> str:
     those whose DiT ran in full, for the metadata and the result's text."""
     full = cache.full_passes()
     return f"{full} of {full + cache.reused_passes()}"
+
+
+def _steps_of_all(
+    callback: Callable[[StepInfo], None] | None, chunk: int, chunks: int
+) -> Callable[[StepInfo], None] | None:
+    """The step callback of one of a request's ``chunks`` denoising passes (its images made in
+    turns), counting the request's steps as a whole: the second of two 28-step passes reports
+    steps 28 to 55 of 56, so a progress bar never goes back between images."""
+    if callback is None or chunks == 1:
+        return callback
+
+    def step(info: StepInfo) -> None:
+        callback(dataclasses.replace(info, step=chunk * info.total + info.step, total=chunks * info.total))
+
+    return step
 
 
 def _agreed(parallel: SequenceParallelFlux, callback: Callable[[Any], None] | None) -> Callable[[Any], None]:

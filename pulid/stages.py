@@ -43,3 +43,31 @@ def waiting_in_line(ahead: int) -> str:
 def progress_of(stage: str) -> float:
     """The bar's fill when ``stage`` starts; 0 for a request still waiting in line."""
     return PROGRESS.get(stage, 0.0)
+
+
+class RequestProgress:
+    """A request's progress bar from what it reports: the fill (0-1) and text for each stage name
+    and denoising step, or None where the bar stays as it is ("decoding" before each decoder
+    block). Steps count the whole request (the pipeline counts its passes together), and the
+    stages of an image finished while more steps are to come (its decoding, saving) leave the bar
+    where the steps put it, so it only moves forward."""
+
+    def __init__(self) -> None:
+        self.fill = 0.0
+        self.stage: str | None = None
+        self.denoising = False
+
+    def update(self, info) -> tuple[float, str] | None:
+        """``info``: a stage name, or a step (``step`` of ``total``)."""
+        if isinstance(info, str):
+            if info == self.stage:
+                return None
+            self.stage = info
+            if not self.denoising:
+                self.fill = max(self.fill, progress_of(info))
+            return self.fill, info
+        self.stage = "denoising"
+        self.denoising = info.step + 1 < info.total  # more steps to come, of this image or the next
+        low, high = DENOISE_SPAN
+        self.fill = max(self.fill, low + (high - low) * (info.step + 1) / info.total)
+        return self.fill, f"denoising step {info.step + 1}/{info.total}"

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from flux.aot import AheadOfTime, compile_ahead
-from flux.sampling import StepInfo
+from flux.sampling import StepInfo, image_to_image_start
 from pulid.events import Event, consume, generation_events
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
-from pulid.request import SIZE_PRESETS, GenerationRequest, InvalidRequestError
+from pulid.request import GenerationRequest, InvalidRequestError
 from pulid.service import Runner
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,11 @@ def gpu_seconds(request: GenerationRequest) -> int:
     grows faster than the rest), decodes per image, and the fixed stages, with a margin."""
     ratio = request.image_tokens / REFERENCE_TOKENS
     per_pass = STEP_SECONDS * ratio * (0.85 + 0.15 * ratio)  # attention is about 15% of a step here
-    passes = request.num_steps * (2 if request.uses_true_cfg else 1) * request.num_images
+    steps = request.num_steps  # those that run: from a photo, only the last ``strength`` of them
+    if request.init_image is not None:
+        steps -= image_to_image_start(request.num_steps, request.strength)
+    negative = max(0, steps - request.cfg_start_step) if request.uses_true_cfg else 0
+    passes = (steps + negative) * request.num_images
     decodes = DECODE_SECONDS * ratio * request.num_images
     return int(np.ceil(MARGIN * (FIXED_SECONDS + passes * per_pass + decodes)))
 
@@ -99,7 +103,7 @@ generate_on_gpu = _generate if spaces is None else spaces.GPU(_generate, duratio
 # --compile on ZeroGPU: the blocks are compiled ahead of time, in one GPU slice at start-up, for
 # these sizes (the official default and the square preset; other sizes run uncompiled). About
 # 80 s a size on an H100 (BENCHMARKS.md); packages already in the folder are not built again.
-AOT_SIZES = tuple(SIZE_PRESETS.values())[:2]
+AOT_SIZES = ((896, 1152), (1024, 1024))  # both are presets of the page (tested)
 AOT_SECONDS = 900
 
 

@@ -88,6 +88,18 @@ def test_names_sort_by_time_and_never_collide(tmp_path):
     assert output_name({"seed": 5, "prompt": "../../etc/x"}, 2).endswith("-0002-seed5-etc-x.png")
 
 
+def test_a_save_that_fails_leaves_no_file_behind(tmp_path, monkeypatch):
+    import pulid.outputs
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pulid.outputs, "save_image", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_new_image(Image.new("RGB", (4, 4)), {"seed": 1, "prompt": "a"}, tmp_path, 1)
+    assert list(tmp_path.iterdir()) == []  # the claimed name is let go, not kept as an empty image
+
+
 def test_pruning_keeps_the_newest_and_touches_nothing_else(tmp_path):
     image = Image.new("RGB", (4, 4))
     made = [save_new_image(image, {"seed": i, "prompt": "p"}, tmp_path, i) for i in range(1, 8)]

@@ -383,25 +383,35 @@ def test_the_progress_bar_only_moves_forward_through_every_stage(service):  # no
     from pulid import stages
 
     service, _ = service
-    fills: list[float] = []
-    names: list[str] = []
 
-    def progress(info) -> None:
-        if isinstance(info, str):
-            names.append(info)
-            assert info in stages.PROGRESS, f"stage {info!r} is not declared in pulid.stages"
-            fills.append(stages.progress_of(info))
-        elif hasattr(info, "step"):
-            low, high = stages.DENOISE_SPAN
-            fills.append(low + (high - low) * (info.step + 1) / info.total)
+    def run(**kw) -> tuple[list[float], list[str], list]:
+        bar, fills, names, steps = stages.RequestProgress(), [], [], []
 
-    service.run(
-        request(id_images=[photo(1)], more_people=(Person((photo(2),)),), init_image=photo(3)[:H, :W].copy()),
-        progress=progress,
+        def progress(info) -> None:
+            if isinstance(info, str):
+                names.append(info)
+                assert info in stages.PROGRESS, f"stage {info!r} is not declared in pulid.stages"
+            elif hasattr(info, "step"):
+                steps.append((info.step, info.total))
+            else:
+                return  # a saved image
+            if (shown := bar.update(info)) is not None:
+                fills.append(shown[0])
+
+        service.run(request(**kw), progress=progress)
+        return fills, names, steps
+
+    fills, names, _ = run(
+        id_images=[photo(1)], more_people=(Person((photo(2),)),), init_image=photo(3)[:H, :W].copy()
     )
     assert fills == sorted(fills) and fills[-1] == stages.PROGRESS[stages.SAVING]
     for expected in (stages.READING_FACES, stages.ENCODING_PHOTO, stages.DECODING, stages.MEASURING_LIKENESS):
         assert expected in names
+    # two images made in turn (the step cache does one at a time): steps count the whole request
+    fills, names, steps = run(id_images=[photo(1)], num_images=2, cache_threshold=0.3)
+    assert steps == [(step, 6) for step in range(6)]  # 3 steps an image
+    assert names.count(stages.SAVING) == 2 and fills == sorted(fills)
+    assert fills[-1] == stages.PROGRESS[stages.SAVING]
 
 
 def test_painted_regions_match_an_argmin_over_all_colours_and_stay_small_in_memory():

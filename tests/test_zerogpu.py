@@ -19,7 +19,7 @@ import torch
 
 from pulid import zerogpu
 from pulid.outputs import read_image_metadata
-from pulid.request import GenerationRequest
+from pulid.request import SIZE_PRESETS, GenerationRequest
 from pulid.service import GenerationService, ServiceError
 from tests.test_pipeline import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
@@ -104,6 +104,13 @@ def test_the_duration_grows_with_the_work_and_is_refused_past_the_limit(pipeline
     assert larger > 4.0 * variable  # four times the tokens, attention growing faster
     # a 1024x1024 28-step image: the eager H200 time (5.4 s at 896x1152) times 2.2, plus fixed
     assert 25 < zerogpu.gpu_seconds(replace(base, num_steps=28)) < 60
+    # only the passes that run are booked: from a photo at strength 0.5, the last 10 steps; true
+    # CFG's negative pass from its start step on
+    photo = replace(base, init_image=np.zeros((1024, 1024, 3), np.uint8), strength=0.5)
+    assert zerogpu.gpu_seconds(photo) - fixed < 0.6 * variable
+    late_cfg = zerogpu.gpu_seconds(replace(base, true_cfg=2.0, cfg_start_step=10)) - fixed
+    assert 1.4 * variable < late_cfg < 1.6 * variable
+    assert set(zerogpu.AOT_SIZES) <= set(SIZE_PRESETS.values())  # compiled for sizes the page offers
 
     runner = zerogpu.ZeroGPURunner(pipeline, max_seconds=seconds)
     runner.admit(base)
