@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from flux.lora import LoRAError
-    from pulid.loras import check_lora_for, locate_lora
+    from pulid.loras import check_fetchable_lora, check_lora_for, locate_lora
     from pulid.request import PERSON_WEIGHT, InvalidRequestError, Person, checked_mask, checked_region
     from pulid.uploads import UploadError, load_mask, load_upload
 
@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         for choice in args.requests[0].loras if args.preset is None else ():
             if isinstance(found := locate_lora(choice.source, lora_folder(args)), Path):
                 check_lora_for(found, args.name)
+            else:  # a speed LoRA or a hub reference: here already, or it can be fetched
+                check_fetchable_lora(choice.source, found, lora_folder(args).parent)
     except LoRAError as err:
         print(f"--lora: {err}", file=sys.stderr)
         return 2

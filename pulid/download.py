@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 from flux.devices import HardwareError
@@ -83,7 +84,13 @@ def chosen_entries(args: argparse.Namespace):
             if not Path(value).expanduser().is_file():
                 raise WeightChoiceError(f"--{kind} {value}: there is no such file.")
             del needed[SINGLE_FILE_ROLES[kind]]
-    return list(needed.values()) + [SPEED_LORAS[name].entry for name in args.speed_lora]
+    asked = dict.fromkeys(args.speed_lora)  # each once, in the order given
+    # a speed LoRA is optional to the app, but not to the user who asks for it here
+    speed = [
+        replace(SPEED_LORAS[name].entry, weights=replace(SPEED_LORAS[name].entry.weights, optional=False))
+        for name in asked
+    ]
+    return list(needed.values()) + speed
 
 
 def main(argv: list[str] | None = None) -> int:

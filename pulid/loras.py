@@ -97,6 +97,19 @@ def check_lora_for(path: Path, model_name: str) -> None:
     read_lora(path, lora_targets(layout))
 
 
+def check_fetchable_lora(source: str, weights: HubWeights, models_dir: Path) -> None:
+    """A LoRA from the hub is on this machine already or can be downloaded now; else a
+    :class:`LoRAError` with how to get it (said before loading, not when its request runs)."""
+    if find_local(weights, models_dir) is not None:
+        return
+    if (blocked := download_blocked()) is not None:
+        command = f"python -m pulid.download --speed_lora {source}" if source in SPEED_LORAS else None
+        raise LoRAError(
+            f"LoRA {source} is not on this machine, and {blocked}. Get it here:\n"
+            f"{how_to_get(weights, models_dir)}" + (f"\nor with: {command}" if command else "")
+        )
+
+
 def _in_folder(folder: Path, name: str) -> Path | None:
     """``name`` as a file under ``folder``, never outside it (no ``..``, no absolute path)."""
     candidate = (folder / name).resolve()

@@ -107,6 +107,14 @@ def test_the_missing_list_says_what_is_in_a_files_place(tmp_path):
     )
 
 
+def test_a_speed_lora_asked_twice_is_listed_once_and_not_as_optional(tmp_path, capsys):
+    name = "FLUX.1-Turbo-Alpha"
+    argv = ["--dry-run", "--speed_lora", name, "--speed_lora", name, "--models_dir", str(tmp_path)]
+    assert pulid.download.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if name in line]
+    assert len(rows) == 1 and rows[0].startswith("missing ")
+
+
 def test_fp8_mode_alone_asks_for_fp8(tmp_path, capsys):
     assert pulid.download.main(["--dry-run", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

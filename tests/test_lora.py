@@ -658,3 +658,23 @@ def test_the_cli_checks_a_lora_against_the_real_dit_before_loading_anything(tmp_
     assert "are missing" not in refused.stderr  # said before the weights were looked for
     accepted = results["fits.safetensors"]  # passes the check, then meets the missing weights
     assert "weight file(s) are missing" in accepted.stderr and "LoRA" not in accepted.stderr
+    speed = subprocess.run(  # a speed LoRA that is not here and cannot be fetched: said first
+        [
+            sys.executable,
+            "generate.py",
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+            "--speed_lora",
+            "FLUX.1-Turbo-Alpha",
+        ]
+        + ["--models_dir", str(tmp_path / "models")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert speed.returncode == 2 and "LoRA FLUX.1-Turbo-Alpha is not on this machine" in speed.stderr
+    assert "python -m pulid.download --speed_lora FLUX.1-Turbo-Alpha" in speed.stderr
