@@ -44,6 +44,8 @@ def layout_hint(keys: set[str]) -> str:
             "This looks like an all-in-one checkpoint (transformer, autoencoder and text encoders in "
             "one file): use the transformer-only file."
         )
+    if any(k.startswith(("input_blocks.", "output_blocks.", "middle_block.")) for k in keys):
+        return "This looks like a Stable Diffusion UNet (SD 1.5 / SDXL), not a FLUX transformer."
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "This looks like a ComfyUI/SD-style checkpoint with a 'model.diffusion_model.' prefix."
     if any(k.startswith("pulid_") for k in keys):
@@ -51,7 +53,9 @@ def layout_hint(keys: set[str]) -> str:
     has_dit = any(k.startswith("double_blocks.") for k in keys)
     if any(k.startswith(("encoder.", "decoder.")) for k in keys) and not has_dit:
         return "This looks like an autoencoder checkpoint (ae.safetensors)."
-    if has_dit and not any(k.startswith("guidance_in.") for k in keys):
+    whole = any(k.startswith("time_in.") for k in keys) and any(k.startswith("final_layer.") for k in keys)
+    if has_dit and whole and not any(k.startswith("guidance_in.") for k in keys):
+        # only a whole transformer: a partial one (a cut-off file) lacks far more than guidance
         return "This transformer has no guidance embedding: it looks like FLUX.1-schnell (not supported)."
     if has_dit:
         return "This looks like a FLUX transformer (flux1-dev.safetensors)."

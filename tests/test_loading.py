@@ -87,6 +87,14 @@ def test_mismatched_checkpoint_names_the_file_and_keys(tiny_checkpoint, tmp_path
         ({"transformer_blocks.0.attn.to_q.weight": torch.zeros(2)}, "diffusers"),
         ({"double_blocks.0.img_attn.qkv.weight._data": torch.zeros(2)}, "--fp8"),
         ({"decoder.conv_in.weight": torch.zeros(2)}, "autoencoder"),
+        ({"input_blocks.0.0.weight": torch.zeros(2)}, "Stable Diffusion UNet"),
+        (  # a whole transformer without guidance_in
+            {
+                k: torch.zeros(2)
+                for k in ("time_in.in_layer.weight", "double_blocks.0.x", "final_layer.linear.weight")
+            },
+            "FLUX.1-schnell",
+        ),
     ],
 )
 def test_wrong_model_gets_a_hint(tmp_path, keys, hint):
@@ -94,6 +102,14 @@ def test_wrong_model_gets_a_hint(tmp_path, keys, hint):
     save_file(keys, str(path))
     with pytest.raises(CheckpointError, match=hint):
         load_flow_model(path, tiny_flux_params(), "cpu")
+
+
+def test_a_partial_transformer_is_not_taken_for_schnell(tmp_path):
+    path = tmp_path / "partial.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, str(path))  # most keys gone
+    with pytest.raises(CheckpointError) as err:
+        load_flow_model(path, tiny_flux_params(), "cpu")
+    assert "missing key(s)" in str(err.value) and "schnell" not in str(err.value)
 
 
 def test_truncated_and_non_safetensors_files_are_named(tiny_checkpoint, tmp_path):
