@@ -355,7 +355,14 @@ class GenerationRequest:
             self.mask is not None or mask_to_come,
         )
         check_edit(values["repaint"], has_photo, has_mask)
-        check_people(values["layout"], checked.people_given() if people_to_come is None else people_to_come)
+        people = checked.people_given() if people_to_come is None else people_to_come
+        check_people(values["layout"], people)
+        if people.first_has_photos and values["start_step"] >= values["num_steps"]:
+            raise InvalidRequestError(
+                f"Timestep to start inserting ID is {values['start_step']}, not before the last of "
+                f"{values['num_steps']} steps, so the face would never be used: lower it (0 uses it "
+                "throughout)."
+            )
         return checked
 
     def people_given(self) -> PeopleToCome:
@@ -608,6 +615,10 @@ def checked_loras(loras: Any) -> tuple[LoRAChoice, ...]:
         if len(source) > MAX_LORA_SOURCE_CHARS:
             raise InvalidRequestError(
                 f"A LoRA name is too long (at most {MAX_LORA_SOURCE_CHARS} characters)."
+            )
+        if any(chosen.source == source.strip() for chosen in out):  # it would apply twice over
+            raise InvalidRequestError(
+                f"LoRA {source.strip()[:80]!r} is chosen twice: choose it once, with the strength you want."
             )
         out.append(LoRAChoice(source.strip(), LORA_STRENGTH.coerce(strength)))
     return tuple(out)
