@@ -639,42 +639,26 @@ def test_the_cli_checks_a_lora_against_the_real_dit_before_loading_anything(tmp_
         str(fits),
     )
     repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    results = {}
-    for lora in (sdxl, fits):
+
+    def cli(*flags: str) -> subprocess.CompletedProcess:
         started = time.monotonic()
-        results[lora.name] = subprocess.run(
-            [sys.executable, "generate.py", "--prompt", "x", "--device", "cpu", "--lora", str(lora)]
+        done = subprocess.run(
+            [sys.executable, "generate.py", "--prompt", "x", "--device", "cpu", *flags]
             + ["--models_dir", str(tmp_path / "models")],
             cwd=repo,
             capture_output=True,
             text=True,
-            env=env,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
             timeout=300,
         )
         assert time.monotonic() - started < 60
-    refused = results["sdxl.safetensors"]
+        return done
+
+    refused = cli("--lora", str(sdxl))
     assert refused.returncode == 2 and "for a Stable Diffusion UNet" in refused.stderr
     assert "are missing" not in refused.stderr  # said before the weights were looked for
-    accepted = results["fits.safetensors"]  # passes the check, then meets the missing weights
+    accepted = cli("--lora", str(fits))  # passes the check, then meets the missing weights
     assert "weight file(s) are missing" in accepted.stderr and "LoRA" not in accepted.stderr
-    speed = subprocess.run(  # a speed LoRA that is not here and cannot be fetched: said first
-        [
-            sys.executable,
-            "generate.py",
-            "--prompt",
-            "x",
-            "--device",
-            "cpu",
-            "--speed_lora",
-            "FLUX.1-Turbo-Alpha",
-        ]
-        + ["--models_dir", str(tmp_path / "models")],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    speed = cli("--speed_lora", "FLUX.1-Turbo-Alpha")  # neither here nor fetchable: said first
     assert speed.returncode == 2 and "LoRA FLUX.1-Turbo-Alpha is not on this machine" in speed.stderr
     assert "python -m pulid.download --speed_lora FLUX.1-Turbo-Alpha" in speed.stderr
