@@ -1014,7 +1014,7 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
     from gradio.utils import get_upload_folder
     from starlette.middleware import Middleware
 
-    from pulid.web_guard import BodyLimit, HostCheck, UploadQuota, allowed_hosts
+    from pulid.web_guard import BodyLimit, HostCheck, PayloadCheck, UploadQuota, allowed_hosts
 
     hosts = allowed_hosts(args.host, args.share, IN_SPACE, args.allowed_hosts)
     logger.info("answering to host names: %s", ", ".join(hosts))
@@ -1030,12 +1030,31 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
             largest=BODY_LIMITS["/upload"],
             behind_proxy=args.behind_proxy,
         ),
+        Middleware(PayloadCheck, events=event_inputs(demo), upload_folder=get_upload_folder()),
     ]
     demo.launch(
         max_file_size=MAX_UPLOAD_BYTES,  # in bytes: gradio's "20mb" would be 20 MiB, not the service's limit
         app_kwargs={"middleware": middleware},
         **options,
     )
+
+
+def event_inputs(demo):
+    """For :class:`pulid.web_guard.PayloadCheck`: the input names of the event a request names (by
+    ``fn_index`` or API name), in the order the payload sends them; None for one it does not name."""
+
+    def names(route) -> list[str] | None:
+        for fn in demo.fns.values():
+            if route not in (fn._id, fn.api_name) or isinstance(route, bool):
+                continue
+            count = len(fn.inputs)
+            parameters = list(inspect.signature(fn.fn).parameters) if fn.fn is not None else []
+            if len(parameters) >= count:  # the inputs come first, then gr.Request and the like
+                return parameters[:count]
+            return [getattr(block, "label", None) or f"input {i + 1}" for i, block in enumerate(fn.inputs)]
+        return None
+
+    return names
 
 
 def problems_before_loading(args: argparse.Namespace) -> list[str]:

@@ -218,6 +218,118 @@ class UploadQuota:
         return None
 
 
+class PayloadCheck:
+    """ASGI middleware for gradio's event routes (``/queue/join``, ``POST /call/<api_name>``): a
+    payload that gradio would only refuse inside its queue, where the client gets an empty error
+    (``{"error": null}``) and the reason goes to the log, is answered at once with 422 and gradio's
+    own validation shape, which gradio_client raises as a ``ValidationError`` naming the input:
+
+    * fewer values than the event has inputs;
+    * a file whose ``path`` is not inside ``upload_folder`` (a server path, never uploaded).
+
+    ``events(route) -> (input names) | None``: the inputs of the event a request names
+    (``fn_index`` for the queue, the API name for ``/call``); None for one this check does not
+    know (gradio answers it)."""
+
+    def __init__(self, app, events, upload_folder):
+        self.app = app
+        self.events = events
+        self.upload_folder = upload_folder
+
+    async def __call__(self, scope, receive, send):
+        parts = scope.get("path", "").rstrip("/").split("/")
+        is_call = len(parts) >= 2 and parts[-2] == "call"  # POST /call/<api_name>
+        is_join = parts[-2:] == ["queue", "join"]
+        if scope["type"] != "http" or scope.get("method") != "POST" or not (is_call or is_join):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if problem := self.problem(body, parts[-1] if is_call else None):
+            name, message = problem
+            detail = [{"__type__": "validate", "is_valid": False, "parameter_name": name, "message": message}]
+            logger.info("refused a request: %s: %s", name, message[:200])
+            return await _answer_json(send, 422, {"detail": detail})
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    def problem(self, body: bytes, api_name: str | None) -> tuple[str, str] | None:
+        """(input name, message) for a payload gradio would fail on in its queue; else None."""
+        import json
+
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None  # gradio's own 422 names a body that is not JSON
+        if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+            return None
+        names = self.events(api_name if api_name is not None else payload.get("fn_index"))
+        if names is None:
+            return None
+        data = payload["data"]
+        if len(data) < len(names):
+            return "data", (
+                f"{len(names)} values are expected ({', '.join(names)}), {len(data)} were sent: send one "
+                "for each input, None for those you leave out."
+            )
+        for name, value in zip(names, data[: len(names)], strict=True):  # gradio ignores the extra
+            if (path := _foreign_path(value, self.upload_folder)) is not None:
+                shown = path if len(path) <= 60 else path[:57] + "..."
+                return name, f"{shown!r} was not uploaded to this app: upload the file itself first."
+        return None
+
+
+def _foreign_path(value, upload_folder) -> str | None:
+    """The first file reference in ``value`` (gradio's ``FileData``, at any depth) whose path is
+    not inside ``upload_folder``; None if there is none."""
+    from pathlib import Path
+
+    root = Path(upload_folder).resolve()
+    stack, seen = [value], 0
+    while stack and seen < 10_000:  # a payload is at most 1 MB (BodyLimit): this is a bound, not a limit
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            meta = item.get("meta")
+            path = item.get("path")
+            if isinstance(meta, dict) and meta.get("_type") == "gradio.FileData" and isinstance(path, str):
+                resolved = Path(path).resolve()
+                if resolved != root and root not in resolved.parents:
+                    return path
+            stack.extend(item.values())
+    return None
+
+
+async def _answer_json(send, status: int, value) -> None:
+    """A JSON answer, sent before the app sees the request."""
+    import json
+
+    body = json.dumps(value).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def _client_left(err: Exception) -> bool:
     """Whether ``err`` is starlette's "the client went away before its body ended"."""
     return type(err).__name__ == "ClientDisconnect"

@@ -47,14 +47,53 @@ def raw_generate(url: str, **overrides) -> tuple[str, str]:
     ids=["server-photo", "system-file", "relative", "url"],
 )
 def test_a_file_input_that_was_not_uploaded_is_refused(server, field, path):  # noqa: F811
-    """gradio's preprocessing refuses these first (with an empty message); the app's own check,
-    which the next test drives directly, stands behind it. Either way nothing is read: the server
-    photo holds a face, so reading it would have given an image."""
+    """Refused at the door with the input named (gradio's own preprocessing would refuse it later
+    with an empty message; the app's check, which the next test drives, stands behind both).
+    Nothing is read: the server photo holds a face, so reading it would have given an image."""
+    from tests.test_app import settings as defaults
+
     value = {**FILE, "path": path}
-    event, data = raw_generate(server, **{field: value if field == "id_image" else [value]})
-    assert event == "error", data
-    assert "/etc" not in data and str(REPO) not in data  # no server path in the reply
+    values = {**defaults(), field: value if field == "id_image" else [value]}
+    posted = httpx.post(f"{server}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30)
+    assert posted.status_code == 422, posted.text
+    (detail,) = posted.json()["detail"]
+    assert detail["parameter_name"] == field and detail["message"] == (
+        f"{path!r} was not uploaded to this app: upload the file itself first."
+    )
+    assert str(REPO) not in posted.text or str(REPO) in path  # only what was sent is named
     assert int(call_ok(server)) == 5  # and the server serves the next request
+
+
+def test_a_payload_gradio_cannot_run_is_refused_with_what_is_wrong(server):  # noqa: F811
+    """Too few values, or a server path through the queue route gradio_client uses: 422 naming
+    the problem, where gradio's queue answered an empty error and logged the reason."""
+    from gradio_client.utils import extract_validation_message
+
+    from tests.test_app import settings as defaults
+
+    values = list(defaults().values())
+    short = httpx.post(f"{server}gradio_api/call/generate", json={"data": values[:-5]}, timeout=30)
+    assert short.status_code == 422
+    message = short.json()["detail"][0]["message"]
+    assert (
+        message.startswith(f"{len(values)} values are expected (")
+        and f"{len(values) - 5} were sent" in message
+    )
+    config = httpx.get(f"{server}config", timeout=30).json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate")
+    names = list(defaults())
+    values[names.index("id_image")] = {**FILE, "path": "/etc/passwd"}
+    joined = httpx.post(
+        f"{server}gradio_api/queue/join",
+        json={"data": values, "fn_index": fn_index, "session_hash": "attacker"},
+        timeout=30,
+    )
+    assert joined.status_code == 422
+    # what gradio_client makes of it: a ValidationError with the input named
+    assert extract_validation_message(joined) == (
+        "1 parameter(s) failed validation:\n- id_image: '/etc/passwd' was not uploaded to this app: "
+        "upload the file itself first."
+    )
 
 
 def test_the_services_own_guard_reads_only_from_the_upload_folder(tmp_path):
