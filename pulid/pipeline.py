@@ -476,6 +476,11 @@ class PuLIDFluxPipeline:
             stage(stages.READING_FACES if request.more_people else stages.READING_FACE)
         people = self.people(request, notes)
         timings["id_embedding_s"] = time.perf_counter() - t0
+        if people and request.start_step >= request.num_steps:  # as the official code: no ID at all
+            notes["id_not_used"] = (
+                f"the ID start step ({request.start_step}) is not before the last of the "
+                f"{request.num_steps} steps, so the face was not used: lower it"
+            )
 
         photo_start = None
         if request.init_image is not None:

@@ -355,14 +355,7 @@ class GenerationRequest:
             self.mask is not None or mask_to_come,
         )
         check_edit(values["repaint"], has_photo, has_mask)
-        people = checked.people_given() if people_to_come is None else people_to_come
-        check_people(values["layout"], people)
-        if people.first_has_photos and values["start_step"] >= values["num_steps"]:
-            raise InvalidRequestError(
-                f"Timestep to start inserting ID is {values['start_step']}, not before the last of "
-                f"{values['num_steps']} steps, so the face would never be used: lower it (0 uses it "
-                "throughout)."
-            )
+        check_people(values["layout"], checked.people_given() if people_to_come is None else people_to_come)
         return checked
 
     def people_given(self) -> PeopleToCome:

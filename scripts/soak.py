@@ -80,9 +80,6 @@ def random_request(rng: random.Random, files: dict[str, Path], good: Path) -> tu
         num_images=rng.choice([1, 1, 1, 2]),
         output_format=rng.choice(["png", "png", "jpeg", "webp"]),
     )
-    # an ID start step at or past the last step is refused (the face would never be used): kept
-    # before it, with the same draws as before so the mix of requests is the earlier soaks'
-    settings["start_step"] = min(settings["start_step"], settings["num_steps"] - 1)
     roll = rng.random()
     if roll < 0.2:
         name = rng.choice(sorted(files))

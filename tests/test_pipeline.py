@@ -88,6 +88,7 @@ def test_identity_changes_the_image_and_weight_zero_removes_it(pipeline):
     assert not torch.equal(with_id.latents, other_id.latents)
     assert torch.equal(zero.latents, plain.latents)
     assert torch.equal(late.latents, plain.latents)
+    assert "the face was not used" in late.metadata["id_not_used"] and "id_not_used" not in with_id.metadata
 
 
 def test_several_photos_average_their_id_tokens(pipeline):
