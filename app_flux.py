@@ -38,8 +38,8 @@ logger = logging.getLogger("app_flux")
 
 # Request bodies larger than JSON needs: a field's photos in one upload, a painted layer.
 BODY_LIMITS = {
-    "/upload": (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
-    "/component_server": MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
+    "/gradio_api/upload": (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
+    "/gradio_api/component_server": MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
 }
 POLL_SECONDS = 0.5  # how often a job's handler yields while it runs or waits, so a cancel is noticed
 UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
@@ -1018,6 +1018,8 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
 
     hosts = allowed_hosts(args.host, args.share, IN_SPACE, args.allowed_hosts)
     logger.info("answering to host names: %s", ", ".join(hosts))
+    if not args.behind_proxy:  # uvicorn would take X-Forwarded-For from any local peer as the client
+        os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
     options = {"server_name": args.host, "server_port": args.port, "share": args.share, **options}
     middleware = [
         Middleware(HostCheck, patterns=hosts),
@@ -1027,7 +1029,7 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
             folder=get_upload_folder(),
             min_free=MIN_FREE_DISK_BYTES,
             per_visitor=MAX_UPLOAD_BYTES_PER_HOUR,
-            largest=BODY_LIMITS["/upload"],
+            largest=BODY_LIMITS["/gradio_api/upload"],
             behind_proxy=args.behind_proxy,
         ),
         Middleware(PayloadCheck, events=event_inputs(demo), upload_folder=get_upload_folder()),

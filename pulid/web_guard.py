@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import logging
+import time
 from collections.abc import Iterable, Mapping
 
 logger = logging.getLogger(__name__)
@@ -142,13 +143,17 @@ class BodyLimit:
             )
 
 
+UPLOAD_ROUTE = "/gradio_api/upload"
+
+
 class UploadQuota:
-    """ASGI middleware for the upload route: uploads are kept for an hour, so without a bound one
-    client could fill the disk at network speed. An upload is refused (507) when it would leave
-    less than ``min_free`` bytes free in ``folder``, and (429) when it would take one visitor past
-    ``per_visitor`` bytes in the last ``window_s`` seconds. Visitors are counted by network address
-    (:func:`visitor`); requests from this machine (the local user, or ``--share``'s tunnel) share
-    the disk check only. A body without a length counts as the route's limit."""
+    """ASGI middleware for gradio's upload route: uploads are kept for an hour, so without a bound
+    one client could fill the disk at network speed. An upload is refused (507) when it would leave
+    less than ``min_free`` bytes free in ``folder``, and (429) when the visitor has already stored
+    ``per_visitor`` bytes in the last ``window_s`` seconds. The bytes counted are those received
+    by uploads that were stored (a refused or aborted one counts nothing). Visitors are counted by
+    network address (:func:`visitor`); requests from this machine (the local user, or
+    ``--share``'s tunnel) share the disk check only."""
 
     def __init__(
         self,
@@ -170,21 +175,47 @@ class UploadQuota:
         self._sent: dict[str, list[tuple[float, int]]] = {}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope.get("path", "").rstrip("/").endswith("/upload"):
+        if scope["type"] != "http" or not scope.get("path", "").rstrip("/").endswith(UPLOAD_ROUTE):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"").decode("latin-1")
-        size = int(declared) if declared.isdigit() else self.largest
-        if refusal := self.refusal(scope, headers, size):
+        size = int(declared) if declared.isdigit() else self.largest  # the disk check's worst case
+        who = self.visitor(scope, headers)
+        if refusal := self.refusal(who, size if declared.isdigit() else 0, size):
             status, message = refusal
             return await _answer(send, status, message.encode())
-        return await self.app(scope, receive, send)
+        received, stored = 0, False
 
-    def refusal(self, scope, headers, size: int) -> tuple[int, str] | None:
-        """(status, message) when an upload of ``size`` bytes cannot be taken now; else None, and
-        it is counted."""
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        async def watched(message):
+            nonlocal stored
+            if message["type"] == "http.response.start":
+                stored = message.get("status", 500) < 400
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        finally:
+            if stored and who is not None:
+                self._sent.setdefault(who, []).append((time.monotonic(), received))
+
+    def visitor(self, scope, headers) -> str | None:
+        """The network address uploads count against; None for this machine's requests."""
+        client = (scope.get("client") or (None,))[0]
+        forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
+        who = visitor(client, forwarded, self.behind_proxy, "")
+        return who if who.startswith("address ") else None
+
+    def refusal(self, who: str | None, size: int, worst: int) -> tuple[int, str] | None:
+        """(status, message) when ``who`` cannot upload ``size`` more bytes now (``worst``: what
+        the disk must hold at most); else None."""
         import shutil
-        import time
         from pathlib import Path
 
         place = Path(self.folder)
@@ -194,42 +225,47 @@ class UploadQuota:
             free = shutil.disk_usage(place).free
         except OSError:
             free = None
-        if free is not None and free - size < self.min_free:
+        if free is not None and free - worst < self.min_free:
             logger.warning("an upload was refused: %s bytes free in %s", f"{free:,}", self.folder)
             return 507, "The server's disk is nearly full, so it takes no uploads now: try again later.\n"
-        client = (scope.get("client") or (None,))[0]
-        forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
-        who = visitor(client, forwarded, self.behind_proxy, "")
-        if not who.startswith("address "):
+        if who is None:
             return None
         now = time.monotonic()
-        recent = [(at, n) for at, n in self._sent.get(who, []) if now - at < self.window_s]
-        if sum(n for _, n in recent) + size > self.per_visitor:
-            self._sent[who] = recent
+        for key in list(self._sent):  # counts older than the window go, and visitors with none
+            self._sent[key] = [(at, n) for at, n in self._sent[key] if now - at < self.window_s]
+            if not self._sent[key]:
+                del self._sent[key]
+        used = sum(n for _, n in self._sent.get(who, []))
+        if used >= self.per_visitor or used + size > self.per_visitor:
             return 429, (
                 f"You have uploaded {self.per_visitor // 10**9} GB in the last hour, this server's "
                 "share for one visitor: try again later.\n"
             )
-        self._sent[who] = [*recent, (now, size)]
-        for other in [
-            key for key, sent in self._sent.items() if all(now - at >= self.window_s for at, _ in sent)
-        ]:
-            del self._sent[other]  # visitors gone for an hour: their counts go too
         return None
 
 
+MAX_FILE_REFERENCES = 64  # file references one request may hold (the app's inputs take about 30)
+MAX_JSON_ITEMS = 100_000  # values in one request's JSON (a 1 MB body holds fewer in any real use)
+MAX_PATH_CHARS = 1024  # an upload's path is some 100 characters
+
+
 class PayloadCheck:
-    """ASGI middleware for gradio's event routes (``/queue/join``, ``POST /call/<api_name>``): a
-    payload that gradio would only refuse inside its queue, where the client gets an empty error
-    (``{"error": null}``) and the reason goes to the log, is answered at once with 422 and gradio's
-    own validation shape, which gradio_client raises as a ``ValidationError`` naming the input:
+    """ASGI middleware for the JSON bodies of gradio's routes (events by ``/queue/join``,
+    ``/call/<api>``, ``/call/v2/<api>``, ``/run/<api>``, ...): what gradio would only refuse inside
+    its queue, where the client gets an empty error (``{"error": null}``) and the reason goes to
+    the log, or would act on before the app's own checks, is answered at once with 422 in gradio's
+    validation shape, which gradio_client raises as a ``ValidationError`` naming the input:
 
-    * fewer values than the event has inputs;
-    * a file whose ``path`` is not inside ``upload_folder`` (a server path, never uploaded).
+    * a file reference (gradio's ``FileData``, at any depth, on any route) whose ``path`` is not
+      a regular file inside ``upload_folder``: a server path, a folder (which gradio would add to
+      the files its cleaner deletes, and on which that cleaner stops for good), a URL (which
+      gradio would download), or not a path at all;
+    * fewer values than the event has inputs (where the request names the event);
+    * JSON nested too deeply to parse, or holding more values or file references than any request.
 
-    ``events(route) -> (input names) | None``: the inputs of the event a request names
-    (``fn_index`` for the queue, the API name for ``/call``); None for one this check does not
-    know (gradio answers it)."""
+    ``events(route) -> (input names) | None``: the inputs of an event by ``fn_index`` or API name;
+    None for one this check does not know (gradio answers it). The check runs in a worker thread:
+    it reads the file system, and no visitor's page may wait on it."""
 
     def __init__(self, app, events, upload_folder):
         self.app = app
@@ -237,10 +273,11 @@ class PayloadCheck:
         self.upload_folder = upload_folder
 
     async def __call__(self, scope, receive, send):
-        parts = scope.get("path", "").rstrip("/").split("/")
-        is_call = len(parts) >= 2 and parts[-2] == "call"  # POST /call/<api_name>
-        is_join = parts[-2:] == ["queue", "join"]
-        if scope["type"] != "http" or scope.get("method") != "POST" or not (is_call or is_join):
+        import asyncio
+
+        headers = dict(scope.get("headers") or [])
+        form = headers.get(b"content-type", b"").startswith(b"multipart/")  # uploads, drawings
+        if scope["type"] != "http" or scope.get("method") != "POST" or form:
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
@@ -250,7 +287,8 @@ class PayloadCheck:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if problem := self.problem(body, parts[-1] if is_call else None):
+        problem = await asyncio.to_thread(self.problem, body, scope.get("path", ""))
+        if problem is not None:
             name, message = problem
             detail = [{"__type__": "validate", "is_valid": False, "parameter_name": name, "message": message}]
             logger.info("refused a request: %s: %s", name, message[:200])
@@ -266,52 +304,114 @@ class PayloadCheck:
 
         return await self.app(scope, replay, send)
 
-    def problem(self, body: bytes, api_name: str | None) -> tuple[str, str] | None:
-        """(input name, message) for a payload gradio would fail on in its queue; else None."""
+    def problem(self, body: bytes, path: str) -> tuple[str, str] | None:
+        """(input name, message) for a body to refuse at the door; else None."""
         import json
 
+        if not body.strip().startswith((b"{", b"[")):
+            return None  # not JSON: gradio's own 422 names it
         try:
             payload = json.loads(body)
+        except RecursionError:
+            return "body", "The JSON is nested too deeply: send the values flat, as the API lists them."
         except ValueError:
-            return None  # gradio's own 422 names a body that is not JSON
-        if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
             return None
-        names = self.events(api_name if api_name is not None else payload.get("fn_index"))
-        if names is None:
+        if not isinstance(payload, dict):
             return None
-        data = payload["data"]
-        if len(data) < len(names):
+        parts = path.rstrip("/").split("/")
+        v2 = parts[-3:-1] == ["call", "v2"]  # values by name
+        named = len(parts) >= 2 and parts[-2] in ("call", "run", "api") and not v2
+        data = payload if v2 else payload.get("data")
+        names = None
+        if isinstance(data, list):
+            names = self.events(parts[-1] if named else _event_number(payload.get("fn_index")))
+        if v2:
+            inputs: list[tuple[object, object]] = list(payload.items())
+        else:  # the values by position, then the rest of the body under one name
+            inputs = list(enumerate(data)) if isinstance(data, list) else []
+            inputs.append(
+                (
+                    "request",
+                    {k: v for k, v in payload.items() if not (k == "data" and isinstance(data, list))},
+                )
+            )
+        found = _file_references([value for _, value in inputs])
+        if found is None:
+            return "data", (
+                f"The request holds more than {MAX_JSON_ITEMS:,} values or {MAX_FILE_REFERENCES} files: "
+                "send one request for each image."
+            )
+        for index, reference in found:
+            if (why := _not_an_upload(reference, self.upload_folder)) is not None:
+                return _input_name(inputs[index][0], names), why
+        if names is not None and len(data) < len(names):
             return "data", (
                 f"{len(names)} values are expected ({', '.join(names)}), {len(data)} were sent: send one "
                 "for each input, None for those you leave out."
             )
-        for name, value in zip(names, data[: len(names)], strict=True):  # gradio ignores the extra
-            if (path := _foreign_path(value, self.upload_folder)) is not None:
-                shown = path if len(path) <= 60 else path[:57] + "..."
-                return name, f"{shown!r} was not uploaded to this app: upload the file itself first."
         return None
 
 
-def _foreign_path(value, upload_folder) -> str | None:
-    """The first file reference in ``value`` (gradio's ``FileData``, at any depth) whose path is
-    not inside ``upload_folder``; None if there is none."""
-    from pathlib import Path
+def _input_name(key: object, names: list[str] | None) -> str:
+    """How a message names an input: its API name, else its place."""
+    if isinstance(key, str):
+        return key
+    if names is not None and isinstance(key, int) and key < len(names):
+        return names[key]
+    return f"input {key + 1}" if isinstance(key, int) else "request"
 
-    root = Path(upload_folder).resolve()
-    stack, seen = [value], 0
-    while stack and seen < 10_000:  # a payload is at most 1 MB (BodyLimit): this is a bound, not a limit
-        item = stack.pop()
+
+def _event_number(fn_index) -> object:
+    """``fn_index`` as gradio reads it (its model takes "1", " 1", true and 1.0 for 1)."""
+    if isinstance(fn_index, bool):
+        return int(fn_index)
+    if isinstance(fn_index, float) and fn_index.is_integer():
+        return int(fn_index)
+    if isinstance(fn_index, str) and fn_index.strip().lstrip("+-").isdigit():
+        return int(fn_index.strip())
+    return fn_index
+
+
+def _file_references(values: list) -> list[tuple[int, dict]] | None:
+    """(top-level index, reference) of every gradio ``FileData`` in ``values`` at any depth; None
+    when there are more values or references than any request holds."""
+    found, seen = [], 0
+    stack = [(index, value) for index, value in enumerate(values)]
+    while stack:
+        index, item = stack.pop()
         seen += 1
+        if seen > MAX_JSON_ITEMS or len(found) > MAX_FILE_REFERENCES:
+            return None
         if isinstance(item, list):
-            stack.extend(item)
+            stack.extend((index, value) for value in item)
         elif isinstance(item, dict):
             meta = item.get("meta")
-            path = item.get("path")
-            if isinstance(meta, dict) and meta.get("_type") == "gradio.FileData" and isinstance(path, str):
-                resolved = Path(path).resolve()
-                if resolved != root and root not in resolved.parents:
-                    return path
-            stack.extend(item.values())
+            if isinstance(meta, dict) and meta.get("_type") == "gradio.FileData":
+                found.append((index, item))
+            stack.extend((index, value) for value in item.values())
+    return sorted(found, key=lambda pair: pair[0])
+
+
+def _not_an_upload(reference: dict, upload_folder) -> str | None:
+    """Why a file reference is not an uploaded file (a message naming what was sent), or None."""
+    import os
+    from pathlib import Path
+
+    path = reference.get("path")
+    if path is None and reference.get("url") is not None:
+        return None  # a link: the app's inputs refuse it by name ("upload the photo itself")
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH_CHARS or "\x00" in path:
+        return "a file reference must name an uploaded file: upload the file itself first."
+    shown = path if len(path) <= 60 else path[:57] + "..."
+    if "://" in path:
+        return f"{shown!r} is a link: upload the file itself first (links are not fetched)."
+    root = Path(upload_folder).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        resolved = None
+    if resolved is None or root not in resolved.parents or not os.path.isfile(resolved):
+        return f"{shown!r} was not uploaded to this app: upload the file itself first."
     return None
 
 

@@ -57,9 +57,8 @@ def test_a_file_input_that_was_not_uploaded_is_refused(server, field, path):  # 
     posted = httpx.post(f"{server}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30)
     assert posted.status_code == 422, posted.text
     (detail,) = posted.json()["detail"]
-    assert detail["parameter_name"] == field and detail["message"] == (
-        f"{path!r} was not uploaded to this app: upload the file itself first."
-    )
+    said = "is a link" if "://" in path else "was not uploaded to this app"
+    assert detail["parameter_name"] == field and detail["message"].startswith(f"{path!r} {said}: upload")
     assert str(REPO) not in posted.text or str(REPO) in path  # only what was sent is named
     assert int(call_ok(server)) == 5  # and the server serves the next request
 
@@ -94,6 +93,52 @@ def test_a_payload_gradio_cannot_run_is_refused_with_what_is_wrong(server):  # n
         "1 parameter(s) failed validation:\n- id_image: '/etc/passwd' was not uploaded to this app: "
         "upload the file itself first."
     )
+
+
+def test_the_door_check_cannot_be_stepped_around(server):  # noqa: F811
+    """The shapes gradio also reads an event as (``fn_index`` "1" or true, ``/call/v2`` by name),
+    a folder in the upload folder (gradio would hand it to its cache cleaner, which then stops
+    for good), a link (gradio would download it), a NUL, JSON nested past parsing: each gets 422
+    naming what is wrong, and nothing reaches gradio's queue."""
+    import json
+
+    from gradio.utils import get_upload_folder
+
+    from tests.test_app import settings as defaults
+
+    names, values = list(defaults()), list(defaults().values())
+    config = httpx.get(f"{server}config", timeout=30).json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate")
+    uploads = Path(get_upload_folder())
+    uploads.mkdir(parents=True, exist_ok=True)
+
+    def refused(path, body, content=None) -> str:
+        answer = httpx.post(f"{server}gradio_api/{path}", json=body, content=content, timeout=30)
+        assert answer.status_code == 422, (path, answer.text)
+        return answer.json()["detail"][0]["message"]
+
+    def with_photo(photo) -> list:
+        sent = list(values)
+        sent[names.index("id_image")] = {**FILE, "path": photo}
+        return sent
+
+    for route in (str(fn_index), f" {fn_index}", True if fn_index == 1 else float(fn_index)):
+        body = {"data": with_photo("/etc/passwd"), "fn_index": route, "session_hash": "s"}
+        assert "was not uploaded" in refused("queue/join", body)
+    by_name = dict(zip(names, with_photo("/etc/passwd"), strict=True))
+    assert "was not uploaded" in refused("call/v2/generate", by_name)
+    for photo, said in (
+        (str(uploads), "was not uploaded"),  # the folder itself, and any folder in it
+        ("http://192.0.2.1/face.png", "is a link"),
+        (f"{uploads}/a\x00b.png", "must name an uploaded file"),
+        (123, "must name an uploaded file"),
+    ):
+        assert said in refused("call/generate", {"data": with_photo(photo)})
+    nested = '{"data": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert "nested too deeply" in refused("call/generate", None, content=nested.encode())
+    many = json.dumps({"data": [[{**FILE, "path": "x"}] * 100]})
+    assert "more than" in refused("call/generate", None, content=many.encode())
+    assert int(call_ok(server)) == 5  # and the server serves the next request
 
 
 def test_the_services_own_guard_reads_only_from_the_upload_folder(tmp_path):

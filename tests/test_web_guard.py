@@ -96,9 +96,10 @@ def test_a_body_over_its_route_limit_is_refused_before_it_is_read(server):  # no
     assert httpx.get(server, timeout=10).status_code == 200  # and the server goes on
     limits = app_flux.BODY_LIMITS
     guard = BodyLimit(None, MAX_JSON_BODY_BYTES, limits)
-    assert guard.limit_for("/gradio_api/upload") == limits["/upload"]
-    assert guard.limit_for("/gradio_api/component_server/") == limits["/component_server"]
+    assert guard.limit_for("/gradio_api/upload") == limits["/gradio_api/upload"]
+    assert guard.limit_for("/gradio_api/component_server/") == limits["/gradio_api/component_server"]
     assert guard.limit_for("/gradio_api/queue/join") == MAX_JSON_BODY_BYTES
+    assert guard.limit_for("/gradio_api/call/upload") == MAX_JSON_BODY_BYTES  # a route, not an ending
 
 
 def test_a_body_without_a_length_is_cut_off_where_it_passes_the_limit():
@@ -175,26 +176,29 @@ def test_uploads_stop_at_a_visitors_hourly_share_and_short_of_a_full_disk(tmp_pa
 
     from pulid.web_guard import UploadQuota
 
-    served = []
+    async def upload_route(scope, receive, send):  # stores what it reads, or refuses a bad upload
+        body = b""
+        while (message := await receive())["type"] == "http.request":
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 400 if body.startswith(b"bad") else 200})
+        await send({"type": "http.response.body", "body": b""})
 
-    async def upload_route(scope, receive, send):
-        served.append(scope["client"][0])
-
-    def post(guard, client, size, path="/gradio_api/upload"):
+    def post(guard, client, size, path="/gradio_api/upload", declared=True, first=b"x"):
         sent = []
+        chunks = [{"type": "http.request", "body": first + b"x" * (size - 1), "more_body": False}]
+
+        async def receive():
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
 
         async def send(message):
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "path": path,
-            "client": (client, 1),
-            "headers": [(b"content-length", b"%d" % size)],
-        }
-        before = len(served)
-        asyncio.run(guard(scope, None, send))
-        return 200 if len(served) > before else sent[0]["status"]
+        headers = [(b"content-length", b"%d" % size)] if declared else []
+        scope = {"type": "http", "path": path, "client": (client, 1), "headers": headers}
+        asyncio.run(guard(scope, receive, send))
+        return sent[0]["status"]
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**12, 0, 10**11))
@@ -205,5 +209,32 @@ def test_uploads_stop_at_a_visitors_hourly_share_and_short_of_a_full_disk(tmp_pa
     assert post(guard, "203.0.113.9", 10, path="/gradio_api/queue/join") == 200  # other routes pass
     guard.window_s = 0.0  # an hour later
     assert post(guard, "203.0.113.9", 40) == 200
+    # what is counted is what was stored: small uploads without a length, and no refused ones
+    fresh = UploadQuota(upload_route, tmp_path, min_free=10**9, per_visitor=100, largest=10**6)
+    assert [post(fresh, "192.0.2.1", 10, declared=False) for _ in range(10)] == [200] * 10  # 100 bytes
+    assert post(fresh, "192.0.2.1", 10, declared=False) == 429
+    other = UploadQuota(upload_route, tmp_path, min_free=10**9, per_visitor=100, largest=10**6)
+    assert [post(other, "192.0.2.2", 60, first=b"bad") for _ in range(3)] == [400] * 3  # none stored
+    assert post(other, "192.0.2.2", 60) == 200
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**12, 0, 10**9 + 30))
     assert post(guard, "127.0.0.1", 40) == 507  # it would leave under the reserve
+
+
+def test_without_behind_proxy_no_local_peer_names_the_client(monkeypatch):
+    """uvicorn takes X-Forwarded-For from a peer on this machine as the client's address by
+    default, so any local client (or --share's tunnel) could pick the address it is counted by."""
+    import argparse
+
+    seen = {}
+
+    class Demo:
+        def launch(self, **options):
+            import os
+
+            seen["trusted"] = os.environ.get("FORWARDED_ALLOW_IPS")
+
+    args = argparse.Namespace(host="127.0.0.1", port=1, share=False, allowed_hosts=None)
+    for behind_proxy, trusted in ((False, ""), (True, None)):
+        monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+        app_flux.launch(Demo(), argparse.Namespace(**vars(args), behind_proxy=behind_proxy))
+        assert seen["trusted"] == trusted
