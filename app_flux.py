@@ -465,11 +465,10 @@ def create_demo(args: argparse.Namespace, service):
     from pulid.similarity import NO_ID_PHOTO
     from pulid.uploads import (
         MAX_CANVAS_LAYERS,
+        PaintedDrawings,
         UploadError,
         check_upload,
         painted_layer,
-        painted_layers,
-        store_painted_blob,
     )
 
     def uploaded(payload) -> None:
@@ -495,6 +494,8 @@ def create_demo(args: argparse.Namespace, service):
             uploaded(payload)
             return payload.path
 
+    drawings = PaintedDrawings()  # both canvases' pieces until their requests take them
+
     class Painting(gr.ImageEditor):
         """Strokes painted in the page, handed on as ``read(layers)`` of their RGBA layers (the
         subclasses: a mask, or each person's region). Only the painted layers are read (never the
@@ -514,24 +515,23 @@ def create_demo(args: argparse.Namespace, service):
             raise NotImplementedError
 
         @server
-        def accept_blobs(self, data):
-            """A piece of a drawing, sent ahead of its request. What is wrong with it is answered
-            when the request comes: the page shows nothing of what this route answers."""
+        def accept_blobs(self, data, request: gr.Request):
+            """A piece of a drawing, sent ahead of its request, kept for its visitor. What is wrong
+            with it is answered when the request comes: the page shows nothing of this route's."""
             fields = getattr(data, "data", None)
             if not isinstance(fields, dict):
                 return  # not the page's form: nothing to keep
             files = getattr(data, "files", None) or []
             blob = files[0][1] if files and len(files[0]) > 1 else b""
-            store_painted_blob(
-                self.blob_storage, fields.get("id"), fields.get("type"), fields.get("index"), blob, MAX_QUEUED
-            )
+            owner = visitor_of(request, args.behind_proxy)
+            drawings.store(fields.get("id"), fields.get("type"), fields.get("index"), blob, owner)
 
         def preprocess(self, payload):
             if payload is None:
                 return None
             try:
                 if payload.id is not None:
-                    sources = painted_layers(self.blob_storage, payload.id)
+                    sources = drawings.take(payload.id)
                 else:  # through the API: files, which must be uploads of this app
                     for layer in payload.layers:
                         uploaded(layer)

@@ -195,32 +195,46 @@ def test_painted_layers_give_their_opacity_and_their_union_is_the_mask():
     assert painted_layer(png_bytes(grey), "x")[..., 3].min() == 200
 
 
-def test_painted_layers_are_bounded_before_anything_is_decoded():
+def test_painted_layers_are_bounded_before_anything_is_decoded(monkeypatch):
+    import time
+
     from pulid.limits import MAX_UPLOAD_BYTES
     from pulid.uploads import (
         MAX_CANVAS_LAYERS,
         PAINTING_LOST,
+        PaintedDrawings,
         UploadError,
         painted_layer,
-        painted_layers,
-        store_painted_blob,
     )
 
-    storage: dict = {}
-    store_painted_blob(storage, "a", "background", None, b"photo", keep=2)  # arrived, not kept
-    store_painted_blob(storage, "a", "layer", "0", b"first", keep=2)
-    store_painted_blob(storage, "a", "layer", 2, b"third", keep=2)
-    assert painted_layers(storage, "a") == [b"first", b"third"] and storage == {}
-    store_painted_blob(storage, "d", "composite", None, b"all", keep=2)
-    assert painted_layers(storage, "d") == []  # nothing painted on it: no layers, and no refusal
-    for canvas in ("a", "b", "c"):  # a third drawing pushes out the oldest waiting one
-        store_painted_blob(storage, canvas, "layer", 0, canvas.encode(), keep=2)
-    assert list(storage) == ["b", "c"]
-    for lost in ("a", "never-sent"):  # its request is told, not run without the painting
+    drawings = PaintedDrawings(per_owner=2, budget=100, ttl_s=600)
+    drawings.store("a", "background", None, b"photo", "alice")  # arrived, not kept
+    drawings.store("a", "layer", "0", b"first", "alice")
+    drawings.store("a", "layer", 2, b"third", "alice")
+    assert drawings.take("a") == [b"first", b"third"] and len(drawings) == 0
+    drawings.store("d", "composite", None, b"all", "alice")
+    assert drawings.take("d") == []  # nothing painted on it: no layers, and no refusal
+    for canvas in ("a", "b", "c"):  # a visitor's third drawing pushes out their own oldest
+        drawings.store(canvas, "layer", 0, canvas.encode(), "alice")
+    for canvas in [f"flood{i}" for i in range(50)]:  # another visitor's flood pushes out only theirs
+        drawings.store(canvas, "layer", 0, b"x", "mallory")
+    assert drawings.take("b") == [b"b"] and drawings.take("c") == [b"c"]
+    for lost in ("a", "never-sent", "flood0"):  # its request is told, not run without the painting
         with pytest.raises(UploadError, match=re.escape(PAINTING_LOST)):
-            painted_layers(storage, lost)
-    store_painted_blob(storage, "x" * 10_000, "layer", 0, b"", keep=2)
-    assert max(len(key) for key in storage) == 64
+            drawings.take(lost)
+    drawings.store("big", "layer", 0, b"y" * 90, "bob")  # past the byte budget: the oldest go
+    drawings.store("bigger", "layer", 0, b"z" * 90, "carol")
+    assert drawings.take("bigger") == [b"z" * 90]
+    with pytest.raises(UploadError):
+        drawings.take("big")
+    drawings.store("late", "layer", 0, b"l", "dave")
+    later = time.monotonic() + 601
+    monkeypatch.setattr(time, "monotonic", lambda: later)  # ten minutes on: gone
+    with pytest.raises(UploadError, match=re.escape(PAINTING_LOST)):
+        drawings.take("late")
+    drawings = PaintedDrawings()
+    drawings.store("x" * 10_000, "layer", 0, b"", "eve")
+    assert drawings.take("x" * 64) == [b""]  # ids are cut to 64 characters
     for index, blob, message in [
         (MAX_CANVAS_LAYERS, b"", "layers at most"),
         (10**12, b"", "layers at most"),
@@ -229,12 +243,11 @@ def test_painted_layers_are_bounded_before_anything_is_decoded():
         (None, b"", "not numbered"),
         (0, b"\0" * (MAX_UPLOAD_BYTES + 1), "larger than"),
     ]:
-        store_painted_blob(storage, "y", "layer", 0, b"kept", keep=2)
-        store_painted_blob(storage, "y", "layer", index, blob, keep=2)  # refused: answered later
-        store_painted_blob(storage, "y", "layer", 1, b"after", keep=2)
-        assert isinstance(storage["y"], str)  # the reason only: its layers are let go
+        drawings.store("y", "layer", 0, b"kept", "eve")
+        drawings.store("y", "layer", index, blob, "eve")  # refused: answered with its request
+        drawings.store("y", "layer", 1, b"after", "eve")
         with pytest.raises(UploadError, match=message):
-            painted_layers(storage, "y")
+            drawings.take("y")
     with pytest.raises(UploadError, match="Could not read the drawn mask"):
         painted_layer(b"not a png", "the drawn mask")
     huge = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
