@@ -1110,7 +1110,7 @@ def refused(message: str):
     import gradio as gr
 
     logger.info("refused a request: %s", message[:300])
-    return gr.Error(message, print_exception=False)
+    return gr.Error(message, print_exception=False, duration=None)  # stays until the visitor closes it
 
 
 def visitor_of(request, behind_proxy: bool) -> str:
