@@ -115,6 +115,8 @@ def test_no_face_shows_the_message_in_the_page(page, tmp_path):
     small_request(page)
     page.locator("#generate").click()
     page.get_by_text("No face found in the ID image").first.wait_for(timeout=120_000)
+    page.wait_for_timeout(11_000)  # past gradio's 10 s for a message: it stays until closed
+    assert page.get_by_text("No face found in the ID image").first.is_visible()
 
 
 def test_an_example_row_fills_the_photo_and_generates(page):
