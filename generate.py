@@ -61,7 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     add_setting_arguments(parser)
-    parser.add_argument("--prompts_file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument(
+        "--prompts_file",
+        type=Path,
+        help="a text file with one prompt per line (blank lines and # comments skipped)",
+    )
     parser.add_argument(
         "--id_image",
         action="append",
@@ -134,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as err:
             parser.error(f"cannot read --prompts_file: {err}")
-        args.prompt += [line.strip() for line in lines if line.strip()]
+        args.prompt += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not args.prompt:
         parser.error("give at least one --prompt or a --prompts_file")
     if len(args.person_weight) > len(args.person):
@@ -269,7 +273,7 @@ def generate_all(args: argparse.Namespace, pipeline, writes: bool) -> int:
 
     failures, saved = 0, 0
     for index, request in enumerate(args.requests):
-        label = f"image {index + 1}/{len(args.requests)}"
+        label = f"request {index + 1}/{len(args.requests)}"  # a prompt and a seed: --num_images each
         try:
             result = pipeline.generate(request, callback=progress_bar(label) if writes else None)
         except (PuLIDError, InvalidRequestError) as err:

@@ -67,7 +67,11 @@ def locate_lora(source: str, folder: str | os.PathLike) -> Path | HubWeights:
     source = source.strip()
     if source in SPEED_LORAS:
         return SPEED_LORAS[source].entry.weights
-    path = _in_folder(Path(folder), source) or Path(source).expanduser()
+    path = (
+        _in_folder(Path(folder), source)
+        or _in_folder(Path(folder), source + LORA_SUFFIX)  # the name images record: no suffix
+        or Path(source).expanduser()
+    )
     if path.is_file():
         check_lora_suffix(path)
         return path

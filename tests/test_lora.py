@@ -456,6 +456,8 @@ def test_a_lora_is_located_without_fetching_and_refused_early(tmp_path):
         locate_lora("people/anna.safetensors", folder) == (folder / "people" / "anna.safetensors").resolve()
     )
     assert locate_lora(str(elsewhere), folder) == elsewhere
+    # the name the image's metadata and A1111 text record (<lora:people/anna:0.8>): no suffix
+    assert locate_lora("people/anna", folder) == (folder / "people" / "anna.safetensors").resolve()
     hub = locate_lora("someone/styles/ink.safetensors", folder)
     assert isinstance(hub, HubWeights) and hub.repo_id == "someone/styles" and not (tmp_path / "hub").exists()
     assert isinstance(locate_lora("FLUX.1-Turbo-Alpha", folder), HubWeights)

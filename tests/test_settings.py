@@ -144,3 +144,10 @@ def test_the_same_lora_twice_is_refused_with_what_to_change():
         GenerationRequest(
             prompt="a", loras=[("style.safetensors", 0.5), ("style.safetensors", 0.5)]
         ).checked()
+
+
+def test_a_prompts_file_skips_blank_lines_and_comments(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a portrait\n\n# a note to self\n   # indented note\nwatercolor, #2 pencil\n")
+    args = generate.parse_args(["--preset", "tiny-random", "--prompts_file", str(prompts)])
+    assert [request.prompt for request in args.requests] == ["a portrait", "watercolor, #2 pencil"]
