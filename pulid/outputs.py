@@ -118,11 +118,18 @@ def save_image(image: Image.Image, metadata: dict, path: str | os.PathLike, qual
 
 
 def read_image_metadata(path: str | os.PathLike) -> dict:
-    """The settings dict an image was saved with (PNG, JPEG or WebP written by :func:`save_image`)."""
+    """The settings dict an image was saved with (PNG, JPEG or WebP written by :func:`save_image`);
+    ``ValueError`` for an image without them."""
     with Image.open(path) as image:
-        if image.format == "PNG":
-            return json.loads(image.text[JSON_KEY])
-        return json.loads(image.getexif()[ExifTags.Base.ImageDescription])
+        try:
+            if image.format == "PNG":
+                return json.loads(image.text[JSON_KEY])
+            return json.loads(image.getexif()[ExifTags.Base.ImageDescription])
+        except (KeyError, AttributeError, ValueError):
+            raise ValueError(
+                f"{Path(path).name} holds no PuLID-FLUX settings: it was not saved by this app, the CLI "
+                "or pulid.outputs.save_image (or they were stripped)."
+            ) from None
 
 
 def read_a1111_parameters(path: str | os.PathLike) -> str:

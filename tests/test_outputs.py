@@ -108,3 +108,13 @@ def test_pruning_keeps_the_newest_and_touches_nothing_else(tmp_path):
     assert deleted == made[:4]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in made[4:]), "notes.txt"])
     assert prune_outputs(tmp_path, keep=0) == []
+
+
+def test_an_image_without_settings_says_so(tmp_path):
+    from pulid.outputs import read_image_metadata
+
+    for suffix in (".png", ".jpg"):
+        bare = tmp_path / f"bare{suffix}"
+        Image.new("RGB", (4, 4)).save(bare)
+        with pytest.raises(ValueError, match=f"bare{re.escape(suffix)} holds no PuLID-FLUX settings"):
+            read_image_metadata(bare)
