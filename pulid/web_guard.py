@@ -410,8 +410,10 @@ def _not_an_upload(reference: dict, upload_folder) -> str | None:
         resolved = Path(path).resolve()
     except (OSError, RuntimeError, ValueError):
         resolved = None
-    if resolved is None or root not in resolved.parents or not os.path.isfile(resolved):
+    if resolved is None or root not in resolved.parents:
         return f"{shown!r} was not uploaded to this app: upload the file itself first."
+    if not os.path.isfile(resolved):  # a folder, a FIFO: never handed on (see the class)
+        return f"{shown!r} is not a regular file: upload a JPEG, PNG or WebP photo."
     return None
 
 

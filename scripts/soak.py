@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
             posted = httpx.post(
                 f"{url}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30
             )
+            if posted.status_code == 422:  # refused at the door (pulid.web_guard.PayloadCheck)
+                return "refused_path" if "was not uploaded" in posted.text else "path_was_read"
             event_id = posted.json()["event_id"]
             with httpx.stream("GET", f"{url}gradio_api/call/generate/{event_id}", timeout=120) as stream:
                 text = "\n".join(stream.iter_lines())

@@ -175,10 +175,15 @@ def test_a_special_file_in_the_upload_folder_is_refused_without_blocking(server,
     fifo.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(fifo)
     try:
+        from tests.test_app import settings as defaults
+
         start = time.perf_counter()
         value = {**FILE, "path": str(fifo)}
-        event, data = raw_generate(server, **{field: value if field == "id_image" else [value]})
-        assert event == "error" and "is not a regular file" in data, data
+        values = {**defaults(), field: value if field == "id_image" else [value]}
+        posted = httpx.post(
+            f"{server}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30
+        )
+        assert posted.status_code == 422 and "is not a regular file" in posted.text, posted.text
         assert time.perf_counter() - start < 30  # opening a FIFO would wait forever
     finally:
         fifo.unlink()
