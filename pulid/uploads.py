@@ -115,13 +115,10 @@ def load_mask(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None
     """A mask or region file as (H, W) uint8, checked as :func:`load_upload` checks a photo: its
     alpha where it has transparency (strokes on a transparent layer: a transparent white is not
     painted), else its brightest channel (white or any colour on black)."""
-    from PIL import ImageOps
-
     resolved = check_upload(path, roots)
     with open_checked(resolved, f"the image {resolved.name}") as image:
-        image.seek(0)
-        image = ImageOps.exif_transpose(image)
-        if "A" in image.getbands() or "transparency" in image.info:
+        image = upright(image)
+        if has_alpha(image):
             alpha = np.asarray(image.convert("RGBA"))[..., 3]
             if alpha.min() < 255:
                 return alpha.copy()
@@ -138,10 +135,20 @@ def load_image_bytes(data: bytes, name: str) -> np.ndarray:
 
 def upright_rgb8(image) -> np.ndarray:
     """An opened photo's first frame, turned as its EXIF says, as RGB uint8 (:func:`rgb8`)."""
+    return rgb8(upright(image))
+
+
+def upright(image):
+    """An opened image's first frame (of an animation), turned as its EXIF says."""
     from PIL import ImageOps
 
     image.seek(0)
-    return rgb8(ImageOps.exif_transpose(image))
+    return ImageOps.exif_transpose(image)
+
+
+def has_alpha(image) -> bool:
+    """Whether an opened image has transparency: an alpha band, or a transparent colour."""
+    return "A" in image.getbands() or "transparency" in image.info
 
 
 def rgb8(image) -> np.ndarray:
@@ -271,7 +278,7 @@ def painted_layer(source: bytes | str | os.PathLike, name: str) -> np.ndarray:
         check_size(name, len(source))
         source = io.BytesIO(bytes(source))
     with open_checked(source, name) as image, _PAINTINGS_DECODING:
-        alpha = "A" in image.getbands() or "transparency" in image.info
+        alpha = has_alpha(image)
         if max(image.size) > MAX_PAINTED_SIDE:
             scale = MAX_PAINTED_SIDE / max(image.size)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
