@@ -8,9 +8,15 @@ Every image carries its prompt, seed and settings twice over:
   ``Steps: 28, Sampler: Euler, ...``), which PNG-info readers (A1111, Forge, Civitai, ComfyUI
   loaders) show and parse.
 
-PNG keeps both as text chunks (plus one chunk per setting, readable in any viewer). JPEG and WebP
-keep the A1111 text in EXIF ``UserComment`` (where A1111 puts it) and the JSON in EXIF
+PNG keeps both as text chunks, and only those two (plus ``Software``): ComfyUI loads a PNG's
+``workflow`` or ``prompt`` chunk as its own graph before it looks at ``parameters``, so a chunk
+named after a setting would hand a visitor's prompt to whoever drops the image into ComfyUI. JPEG
+and WebP keep the A1111 text in EXIF ``UserComment`` (where A1111 puts it) and the JSON in EXIF
 ``ImageDescription``.
+
+The A1111 text is one line per part, and A1111 reads any line that starts with ``Negative prompt:``
+as the negative prompt, so the prompts are written on one line each (line breaks become spaces;
+the JSON keeps them exactly) and a prompt that would itself read as a negative prompt is quoted.
 """
 
 from __future__ import annotations
@@ -59,11 +65,14 @@ def a1111_parameters(metadata: dict) -> str:
     """The settings in AUTOMATIC1111's ``parameters`` format (values with ``,:"`` are quoted)."""
     loras = metadata.get("loras") or []
     # A1111 writes each LoRA into the prompt as <lora:name:strength> and lists their hashes.
-    tags = "".join(f" <lora:{lora['name']}:{lora['strength']:g}>" for lora in loras)
-    lines = [str(metadata.get("prompt", "")) + tags]
+    tags = "".join(f" <lora:{_one_line(lora['name'])}:{lora['strength']:g}>" for lora in loras)
+    prompt = _one_line(metadata.get("prompt", ""))
+    if prompt.startswith(_NEGATIVE):  # A1111 would read the whole prompt as the negative one
+        prompt = json.dumps(prompt, ensure_ascii=False)
+    lines = [prompt + tags]
     true_cfg = float(metadata.get("true_cfg", 1.0))
     if metadata.get("neg_prompt") and uses_true_cfg(true_cfg):  # read only with true CFG
-        lines.append(f"Negative prompt: {metadata['neg_prompt']}")
+        lines.append(f"{_NEGATIVE} {_one_line(metadata['neg_prompt'])}")
     fields = {
         "Steps": metadata.get("num_steps"),
         "Sampler": "Euler",
@@ -87,6 +96,15 @@ def a1111_parameters(metadata: dict) -> str:
     return "\n".join(lines)
 
 
+_NEGATIVE = "Negative prompt:"
+_LINE_BREAKS = re.compile(r"\s*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")
+
+
+def _one_line(text) -> str:
+    """``text`` with every line break (and the blanks around it) as one space, stripped."""
+    return _LINE_BREAKS.sub(" ", str(text)).strip()
+
+
 def _a1111_value(value) -> str:
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return json.dumps(text) if any(c in text for c in ',:"\n') else text
@@ -103,8 +121,6 @@ def save_image(image: Image.Image, metadata: dict, path: str | os.PathLike, qual
         info.add_text(A1111_KEY, text)
         info.add_text(JSON_KEY, settings)
         info.add_text("Software", SOFTWARE)
-        for key, value in metadata.items():
-            info.add_text(str(key), str(value))
         image.save(path, format="PNG", pnginfo=info)
         return path
     exif = Image.Exif()

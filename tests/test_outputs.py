@@ -23,18 +23,35 @@ A1111_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_a1111(text: str) -> tuple[str, str, dict]:
+    """As A1111 reads it: stripped lines, the prompt until a line starts ``Negative prompt:``, every
+    line after that the negative prompt, the last line the fields when it has three or more."""
     *head, last = text.strip().split("\n")
-    negative = ""
-    prompt_lines = []
+    if len(A1111_PAIR.findall(last)) < 3:
+        head, last = [*head, last], ""
+    prompt_lines, negative_lines = [], []
     for line in head:
-        if line.startswith("Negative prompt:"):
-            negative = line[len("Negative prompt:") :].strip()
+        line = line.strip()
+        if line.startswith("Negative prompt:") and not negative_lines:
+            negative_lines.append(line[len("Negative prompt:") :].strip())
+        elif negative_lines:
+            negative_lines.append(line)
         else:
             prompt_lines.append(line)
     fields = {}
     for key, value in A1111_PAIR.findall(last):
         fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
-    return "\n".join(prompt_lines), negative, fields
+    return "\n".join(prompt_lines), "\n".join(negative_lines), fields
+
+
+def comfyui_reads(path) -> tuple[str, str]:
+    """What ComfyUI's loader does with a dropped PNG (``app.handleFile``): a ``workflow`` chunk,
+    else a ``prompt`` chunk, is loaded as its graph; only without both is ``parameters`` read."""
+    with Image.open(path) as image:
+        text = dict(image.text)
+    for key in ("workflow", "prompt", "parameters"):
+        if key in text:
+            return key, text[key]
+    return "", ""
 
 
 def metadata(**changes):
@@ -118,3 +135,40 @@ def test_an_image_without_settings_says_so(tmp_path):
         Image.new("RGB", (4, 4)).save(bare)
         with pytest.raises(ValueError, match=f"bare{re.escape(suffix)} holds no PuLID-FLUX settings"):
             read_image_metadata(bare)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        '{"3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "../../pwned"}}}',
+        "a plain portrait",
+    ],
+)
+def test_comfyui_reads_the_a1111_text_never_a_prompt_as_its_graph(tmp_path, prompt):
+    meta = {**metadata(), "prompt": prompt, "workflow": "{}"}  # a setting named like ComfyUI's chunks
+    path = save_image(Image.new("RGB", (8, 8)), meta, tmp_path / "x.png")
+    key, text = comfyui_reads(path)
+    assert key == "parameters" and parse_a1111(text)[0] == prompt
+    with Image.open(path) as image:
+        assert set(image.text) == {"parameters", "pulid_flux", "Software"}
+    assert read_image_metadata(path)["prompt"] == prompt  # the JSON still has every setting
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 3.5])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "portrait\nNegative prompt: blurry, watermark",
+        "portrait\r\n  Negative prompt: blurry\nSteps: 99, Seed: 1, Size: 8x8",
+        "Negative prompt: blurry",
+        "a\u2028Negative prompt: b",
+    ],
+)
+def test_a_prompt_cannot_write_a_negative_prompt_or_fields_into_the_a1111_text(prompt, true_cfg):
+    meta = metadata(true_cfg=true_cfg, neg_prompt="used\nNegative prompt: twice")
+    meta["prompt"] = prompt
+    read_prompt, negative, fields = parse_a1111(a1111_parameters(meta))
+    words = " ".join(prompt.split())
+    assert read_prompt in (words, json.dumps(words, ensure_ascii=False))  # one line; quoted if needed
+    assert negative == ("used Negative prompt: twice" if true_cfg > 1 else "")
+    assert fields["Steps"] == "28" and fields["Seed"] == "42"
