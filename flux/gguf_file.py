@@ -2,8 +2,10 @@
 
 Parsing is the ``gguf`` package's :class:`gguf.GGUFReader` (a memory map: nothing is read until a
 tensor is asked for). Before and around it this module refuses what a hostile or broken file could
-do to it: a bad magic or version, counts of tensors or metadata that cannot fit in the file, tensors
-whose data runs past its end (the reader's reshape fails), unknown tensor types, non-UTF-8 names;
+do to it: a bad magic or version, counts of tensors or metadata that cannot fit in the file or that
+no FLUX or T5 file has, a metadata array or string longer than the bytes left (the reader would loop
+past the end, growing without bound), tensors whose data runs past its end (the reader's reshape
+fails), unknown tensor types, non-UTF-8 names;
 every case is a :class:`~flux.checkpoint.CheckpointError` naming the file and what is wrong, raised
 before any tensor data is read.
 
@@ -16,6 +18,7 @@ bytes, uint8 of shape (rows, bytes per row), for :class:`flux.quant.ggml.GGMLLin
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -34,6 +37,15 @@ SUPPORTED_VERSIONS = (2, 3)
 # offset) and of one metadata entry (key length, type, a 1-byte value): bounds for the counts.
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
 MIN_KV_BYTES = 8 + 4 + 1
+# Far above what any FLUX or T5 file holds (city96's FLUX-dev: 780 tensors and ~10 metadata
+# entries; T5-XXL: ~220 tensors, a 32,128-string vocabulary in one entry). The reader keeps ~5 KB of
+# Python objects per entry, so a file listing millions of tiny tensors would take minutes and GBs.
+MAX_TENSORS = 4096
+MAX_METADATA_ENTRIES = 1024
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# Value types of GGUF metadata: fixed sizes; 8 is a string, 9 an array.
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ARCHITECTURE_KEY = "general.architecture"
 # What gguf.GGUFReader raises on malformed input (it indexes a memory map with the file's numbers).
@@ -75,6 +87,79 @@ def _check_preamble(path: Path, size: int) -> None:
             f"{path} claims {tensors} tensors and {kvs} metadata entries, which cannot fit in its "
             f"{size} bytes: the file is truncated or corrupt. Delete it and download it again."
         )
+    if tensors > MAX_TENSORS or kvs > MAX_METADATA_ENTRIES:
+        raise CheckpointError(
+            f"{path} claims {tensors} tensors and {kvs} metadata entries; a FLUX or T5 file has at most "
+            f"{MAX_TENSORS} and {MAX_METADATA_ENTRIES}. It is corrupt or not a model for this app."
+        )
+    with _LayoutScan(path, size) as scan:
+        scan.run(tensors, kvs)
+
+
+class _LayoutScan:
+    """Walks the metadata and tensor list with every length checked against the bytes left, before
+    gguf's reader trusts them: a 249-byte file declaring a 2**40-item array is refused at once."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size, self.pos = path, size, 24
+        self.data = b""
+
+    def __enter__(self) -> _LayoutScan:
+        with open(self.path, "rb") as handle:  # a map: only the pages the walk touches are read
+            self.data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.data.close()
+
+    def _corrupt(self, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path} is truncated or corrupt: {what} at byte {self.pos} runs past the end of its "
+            f"{self.size} bytes. Delete it and download it again."
+        )
+
+    def _take(self, count: int, what: str) -> bytes:
+        if count > len(self.data) - self.pos:
+            raise self._corrupt(what)
+        chunk = self.data[self.pos : self.pos + count]
+        self.pos += count
+        return chunk
+
+    def _number(self, fmt: str, what: str) -> int:
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt), what))[0]
+
+    def _string(self, what: str) -> None:
+        self._take(self._number("<Q", f"the length of {what}"), what)
+
+    def _value(self, value_type: int, what: str, depth: int = 0) -> None:
+        if value_type in _FIXED_SIZES:
+            self._take(_FIXED_SIZES[value_type], what)
+        elif value_type == _STRING:
+            self._string(what)
+        elif value_type == _ARRAY and depth < 2:
+            item_type = self._number("<I", f"the item type of {what}")
+            count = self._number("<Q", f"the length of {what}")
+            smallest = _FIXED_SIZES.get(item_type, 8)  # a string or array item takes 8 bytes at least
+            if count * smallest > len(self.data) - self.pos:
+                raise self._corrupt(f"{what} ({count} items)")
+            if item_type in _FIXED_SIZES:
+                self._take(count * smallest, what)
+            else:
+                for _ in range(count):
+                    self._value(item_type, what, depth + 1)
+        else:
+            raise CheckpointError(f"{self.path} is corrupt: {what} has the unknown value type {value_type}.")
+
+    def run(self, tensors: int, kvs: int) -> None:
+        for entry in range(kvs):
+            self._string(f"metadata key {entry}")
+            self._value(self._number("<I", f"the type of metadata entry {entry}"), f"metadata entry {entry}")
+        for entry in range(tensors):
+            self._string(f"the name of tensor {entry}")
+            dims = self._number("<I", f"the dimensions of tensor {entry}")
+            if not 1 <= dims <= MAX_DIMS:
+                raise CheckpointError(f"{self.path} is corrupt: tensor {entry} claims {dims} dimensions.")
+            self._take(8 * dims + 4 + 8, f"tensor {entry}'s shape, type and offset")
 
 
 class GGUFFile:

@@ -303,3 +303,80 @@ def test_gguf_format_keeps_float_linears_as_they_are(tiny_gguf):
     params, _, _, path = tiny_gguf
     model = load_gguf_dit(path, params, torch.bfloat16)
     assert type(model.img_in) is nn.Linear and model.img_in.weight.dtype == torch.bfloat16
+
+
+def hostile_gguf(path, kvs: bytes, n_kv: int, n_tensors: int = 0, size: int | None = None):
+    """A GGUF v3 preamble followed by ``kvs`` (raw metadata and tensor-info bytes), padded to ``size``."""
+    data = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs
+    path.write_bytes(data.ljust(size or len(data), b"\0"))
+    return path
+
+
+def gguf_string(text: str) -> bytes:
+    return struct.pack("<Q", len(text)) + text.encode()
+
+
+@pytest.fixture
+def hang_guard():
+    """Fails the test, rather than the suite hanging, if a load loops (the defect these tests pin)."""
+    import signal
+
+    def expire(*_):
+        raise TimeoutError("the loader was still reading after 60 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_metadata_array_longer_than_the_file_is_refused_at_once(tmp_path, hang_guard):
+    # 249 bytes declaring a 2**40-item array: gguf's reader looped past the end with memory growing.
+    array = gguf_string("general.architecture") + struct.pack("<IIQ", 9, 4, 2**40)
+    path = hostile_gguf(tmp_path / "tiny.gguf", array, n_kv=1, size=249)
+    assert path.stat().st_size == 249
+    with pytest.raises(CheckpointError, match=r"tiny.gguf is truncated or corrupt: metadata entry 0 \("):
+        open_dit_file(path)
+    from flux.text_encoders import open_t5_file  # the --t5 door opens the same way
+
+    with pytest.raises(CheckpointError, match="1099511627776 items"):
+        open_t5_file(path)
+    strings = gguf_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**40)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        open_dit_file(hostile_gguf(tmp_path / "strings.gguf", strings, n_kv=1, size=249))
+    long_string = gguf_string("general.name") + struct.pack("<IQ", 8, 2**50)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        open_dit_file(hostile_gguf(tmp_path / "string.gguf", long_string, n_kv=1, size=249))
+
+
+def test_more_tensors_than_any_model_has_are_refused_before_parsing(tmp_path, hang_guard):
+    from flux.gguf_file import MAX_TENSORS
+
+    # 50,000 one-element tensor entries in 3.5 MB: the reader took 41 s and 266 MiB before any check.
+    entry = gguf_string("t") + struct.pack("<IQIQ", 1, 1, 0, 0)
+    count = MAX_TENSORS + 1
+    path = hostile_gguf(tmp_path / "many.gguf", entry * count, n_kv=0, n_tensors=count)
+    with pytest.raises(CheckpointError, match=f"many.gguf claims {count} tensors .* at most {MAX_TENSORS}"):
+        open_dit_file(path)
+    dims = gguf_string("t") + struct.pack("<I", 9) + b"\0" * 100
+    with pytest.raises(CheckpointError, match="tensor 0 claims 9 dimensions"):
+        open_dit_file(hostile_gguf(tmp_path / "dims.gguf", dims, n_kv=0, n_tensors=1))
+
+
+def test_the_layout_scan_passes_real_arrays_and_strings(tmp_path):
+    import gguf
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "t5encoder")
+    writer.add_array("tokenizer.ggml.tokens", ["▁a", "bc", "", "ünï"] * 500)  # T5 files carry a vocabulary
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.0] * 1000)
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.add_string("general.name", "t5")
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with GGUFFile(path) as file:
+        assert file.architecture == "t5encoder" and file.header == {"token_embd.weight": ((4, 32), "F32")}
