@@ -36,11 +36,8 @@ from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, loa
 
 logger = logging.getLogger("app_flux")
 
-# Request bodies larger than JSON needs: a field's photos in one upload, a painted layer.
-BODY_LIMITS = {
-    "/gradio_api/upload": (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
-    "/gradio_api/component_server": MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES,
-}
+# Request bodies larger than JSON needs: a field's photos (or a painted layer) in one upload.
+BODY_LIMITS = {"/gradio_api/upload": (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES}
 POLL_SECONDS = 0.5  # how often a job's handler yields while it runs or waits, so a cancel is noticed
 UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
@@ -49,6 +46,10 @@ SPACE_KEEP_OUTPUTS = 500  # a Space's disk is small and shared by every visitor
 MIN_KEEP_OUTPUTS = 50  # below this a busy server could delete a batch before the visitor sees it
 CANVAS_SIDE = 512  # the long side of the blank canvas regions are painted on without a photo
 HISTORY_SIZE = 48  # images the session gallery keeps (the files stay in the outputs folder)
+PAINTING_BY_ID = (
+    "The painting came without its layers: send each painted layer as an uploaded file (the page "
+    "does); drawings sent ahead of a request are not kept."
+)
 LORA_ROWS = 3  # LoRA pickers in the UI (the Python API and the CLI take up to MAX_LORAS_PER_REQUEST)
 NO_LORA = ("(none)", "")
 EXAMPLES = [  # prompt, ID start step, guidance, seed: photoreal scenes start at 4, stylised at 0-1
@@ -448,7 +449,6 @@ def details(images) -> list[dict]:
 def create_demo(args: argparse.Namespace, service):
     """The UI: controls wired to :meth:`pulid.service.GenerationService.start`, nothing else."""
     import gradio as gr
-    from gradio.components.base import server
     from PIL import Image
 
     from pulid.catalogue import SPEED_LORAS
@@ -463,13 +463,7 @@ def create_demo(args: argparse.Namespace, service):
     )
     from pulid.service import Cancelled, SavedImage, ServiceError
     from pulid.similarity import NO_ID_PHOTO
-    from pulid.uploads import (
-        MAX_CANVAS_LAYERS,
-        PaintedDrawings,
-        UploadError,
-        check_upload,
-        painted_layer,
-    )
+    from pulid.uploads import MAX_CANVAS_LAYERS, UploadError, check_upload, painted_layer
 
     def uploaded(payload) -> None:
         """Refuse, before gradio opens anything, a file input that is not an upload of this app."""
@@ -494,13 +488,13 @@ def create_demo(args: argparse.Namespace, service):
             uploaded(payload)
             return payload.path
 
-    drawings = PaintedDrawings()  # both canvases' pieces until their requests take them
-
     class Painting(gr.ImageEditor):
         """Strokes painted in the page, handed on as ``read(layers)`` of their RGBA layers (the
         subclasses: a mask, or each person's region). Only the painted layers are read (never the
-        background, nor a file that was not uploaded); the canvas's pieces arrive before the
-        request (``accept_blobs``), bounded in count, size and pixels."""
+        background, nor a file that was not uploaded), bounded in count, size and pixels. The page
+        sends them as uploads with the request; gradio's route for pieces sent ahead
+        (``accept_blobs``, which would keep them in memory for anyone) is not offered: it answers
+        404."""
 
         is_template = True
 
@@ -514,29 +508,18 @@ def create_demo(args: argparse.Namespace, service):
         def read(layers):
             raise NotImplementedError
 
-        @server
-        def accept_blobs(self, data, request: gr.Request):
-            """A piece of a drawing, sent ahead of its request, kept for its visitor. What is wrong
-            with it is answered when the request comes: the page shows nothing of this route's."""
-            fields = getattr(data, "data", None)
-            if not isinstance(fields, dict):
-                return  # not the page's form: nothing to keep
-            files = getattr(data, "files", None) or []
-            blob = files[0][1] if files and len(files[0]) > 1 else b""
-            owner = visitor_of(request, args.behind_proxy)
-            drawings.store(fields.get("id"), fields.get("type"), fields.get("index"), blob, owner)
+        accept_blobs = None  # not a server function: gradio's component route answers 404
 
         def preprocess(self, payload):
             if payload is None:
                 return None
+            if payload.id is not None and not payload.layers:
+                raise refused(PAINTING_BY_ID)
             try:
-                if payload.id is not None:
-                    sources = drawings.take(payload.id)
-                else:  # through the API: files, which must be uploads of this app
-                    for layer in payload.layers:
-                        uploaded(layer)
-                    sources = [layer.path for layer in payload.layers]
-                layers = [painted_layer(source, "the painting") for source in sources[:MAX_CANVAS_LAYERS]]
+                for layer in payload.layers:  # files, which must be uploads of this app
+                    uploaded(layer)
+                sources = [layer.path for layer in payload.layers[:MAX_CANVAS_LAYERS]]
+                layers = [painted_layer(source, "the painting") for source in sources]
             except UploadError as err:
                 raise refused(str(err)) from None
             return self.read(layers)

@@ -15,9 +15,7 @@ import io
 import os
 import stat
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -166,99 +164,6 @@ def rgb8(image) -> np.ndarray:
 
 
 MAX_CANVAS_LAYERS = 4  # layers of a drawing in the page that are read (the app's canvas has one)
-MAX_CANVAS_ID = 64  # characters of a drawing's id, which the page chooses
-
-
-PAINTING_LOST = (
-    "The painting did not reach the server, or waited too long for its request (the server was "
-    "busy): paint it again, or upload it as a file."
-)
-
-
-@dataclass
-class _Drawing:
-    owner: str
-    arrived: float
-    layers: list[bytes | None] = field(default_factory=list)
-    refused: str | None = None  # why its request is refused: a layer that could not be kept
-
-    def size(self) -> int:
-        return sum(len(layer) for layer in self.layers if layer is not None)
-
-
-class PaintedDrawings:
-    """The pieces of drawings that the page sends ahead of their requests, by drawing id (which the
-    page makes at random), until the request naming one takes it.
-
-    Bounded so that no visitor can make the server hold much, or push out another's drawing: each
-    visitor (``owner``) keeps at most ``per_owner`` drawings (a new one pushes out their own
-    oldest), all together at most ``budget`` bytes (past it the oldest go), and none for more than
-    ``ttl_s`` seconds. Only layers are kept (the background is the photo already sent; the
-    composite is not needed), but every piece marks its drawing as arrived. A layer numbered
-    outside 0 .. MAX_CANVAS_LAYERS - 1 or over the upload size is not kept: its drawing is marked
-    refused with the reason, which the request that names it gets (the page shows nothing of what
-    the upload route answers)."""
-
-    def __init__(self, per_owner: int = 4, budget: int = 256 * 10**6, ttl_s: float = 600.0):
-        self.per_owner = per_owner
-        self.budget = budget
-        self.ttl_s = ttl_s
-        self._drawings: dict[str, _Drawing] = {}  # insertion order: the oldest first
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._drawings)
-
-    def store(self, canvas: object, kind: object, index: object, blob: bytes, owner: str) -> None:
-        """Keep one piece of drawing ``canvas`` from ``owner``."""
-        key = str(canvas)[:MAX_CANVAS_ID]
-        with self._lock:
-            self._expire()
-            drawing = self._drawings.get(key)
-            if drawing is None:
-                mine = [k for k, d in self._drawings.items() if d.owner == owner]
-                for old in mine[: max(0, len(mine) - self.per_owner + 1)]:
-                    del self._drawings[old]
-                drawing = self._drawings[key] = _Drawing(owner, time.monotonic())
-            if kind != "layer" or drawing.refused is not None:
-                return
-            try:
-                number = _layer_number(index)
-                check_size("The drawing", len(blob))
-            except UploadError as err:
-                drawing.refused, drawing.layers = str(err), []
-                return
-            drawing.layers.extend([None] * (number + 1 - len(drawing.layers)))
-            drawing.layers[number] = blob
-            while sum(d.size() for d in self._drawings.values()) > self.budget and len(self._drawings) > 1:
-                del self._drawings[next(k for k in self._drawings if k != key)]
-
-    def take(self, canvas: object) -> list[bytes]:
-        """The layers of drawing ``canvas``, taken out. :class:`UploadError` when it never arrived,
-        was pushed out or waited too long (:data:`PAINTING_LOST`), or was refused."""
-        with self._lock:
-            self._expire()
-            drawing = self._drawings.pop(str(canvas)[:MAX_CANVAS_ID], None)
-        if drawing is None:
-            raise UploadError(PAINTING_LOST)
-        if drawing.refused is not None:
-            raise UploadError(drawing.refused)
-        return [blob for blob in drawing.layers if blob is not None]
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, d in self._drawings.items() if now - d.arrived > self.ttl_s]:
-            del self._drawings[key]
-
-
-def _layer_number(index: object) -> int:
-    try:
-        number = int(index)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise UploadError("The drawing's layer is not numbered.") from None
-    if not 0 <= number < MAX_CANVAS_LAYERS:
-        raise UploadError(f"A drawing may have {MAX_CANVAS_LAYERS} layers at most.")
-    return number
 
 
 MAX_PAINTED_SIDE = 2048  # a painting's long side as read: past any output size, which it is resized to

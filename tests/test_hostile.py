@@ -322,3 +322,22 @@ def test_replies_name_only_gradios_own_cache(server):  # noqa: F811
     cache = Path(get_upload_folder()).resolve()
     assert all(cache in Path(path).resolve().parents for path in paths), paths
     assert str(REPO) not in data
+
+
+def test_the_drawing_piece_route_is_not_offered(server, caplog):  # noqa: F811
+    """gradio's ``accept_blobs`` kept pieces of drawings in memory for anyone who posted them (the
+    page sends its layers as uploads): the route answers 404 for both canvases, without a
+    traceback, and a request naming a drawing by id alone is refused with what to send instead."""
+    config = httpx.get(f"{server}config", timeout=30).json()
+    canvases = [c for c in config["components"] if c.get("type") == "imageeditor"]
+    assert len(canvases) == 2 and not any("accept_blobs" in c.get("server_fns", []) for c in canvases)
+    for canvas in canvases:
+        for session, status in (({}, 400), ({"session_hash": "attacker"}, 404)):
+            body = {"component_id": canvas["id"], "fn_name": "accept_blobs", "data": {"id": "x"}, **session}
+            answer = httpx.post(f"{server}gradio_api/component_server/", json=body, timeout=30)
+            assert answer.status_code == status and answer.json()["detail"], answer.text
+    assert "Traceback" not in caplog.text
+    by_id = {"background": None, "layers": [], "composite": None, "id": "drawn-ahead"}
+    event, data = raw_generate(server, mask_drawing=by_id, init_image=None)
+    assert event == "error" and "came without its layers" in data, data
+    assert int(call_ok(server)) == 5
