@@ -449,6 +449,8 @@ def details(images) -> list[dict]:
 def create_demo(args: argparse.Namespace, service):
     """The UI: controls wired to :meth:`pulid.service.GenerationService.start`, nothing else."""
     import gradio as gr
+    from gradio import processing_utils
+    from gradio.utils import get_upload_folder
     from PIL import Image
 
     from pulid.catalogue import SPEED_LORAS
@@ -618,10 +620,11 @@ def create_demo(args: argparse.Namespace, service):
 
         def outputs(result=None, cancelled=False):
             images = list(saved)
+            files = [on_page(i.path) for i in images]
             return (
-                [(str(i.path), caption(i)) for i in images],
+                list(zip(files, map(caption, images), strict=True)),
                 summary(images, cancelled),
-                [str(i.path) for i in images],
+                files,
                 details(images),
                 gr.skip()
                 if result is None or not args.dev
@@ -656,9 +659,15 @@ def create_demo(args: argparse.Namespace, service):
             return "Nothing to cancel: no generation of yours is running or waiting."
         return "**Cancelled.** Images finished before the cancel stay above."
 
+    def on_page(path: Path) -> str:
+        """A copy of a saved image in gradio's cache, which it hands out as it is. Gradio copies only
+        from the working directory and the temp folder, so images in an --outputs_dir elsewhere (a
+        Space's /data) were refused; allowing that folder instead would serve all of it to anyone."""
+        return processing_utils.save_file_to_cache(path, get_upload_folder())
+
     def add_to_history(latest, history):
         history = ([*latest, *history] if latest else history)[:HISTORY_SIZE]
-        return history, [(str(i.path), caption(i)) for i in history]
+        return history, [(on_page(i.path), caption(i)) for i in history]
 
     def pick(history, event: gr.SelectData):
         image = history[event.index]

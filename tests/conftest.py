@@ -24,3 +24,23 @@ def models_dir(tmp_path_factory):
     from tiny_random.pipeline import build_tiny_face_models
 
     return build_tiny_face_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def outside_folder():
+    """A folder outside both the working directory and the temp folder, as a Space's ``/data``
+    is: gradio copies files from those two only, so the app's outputs are kept here in tests."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    cwd, temp = Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve()
+    for base in (Path("/var/tmp"), Path.home()):
+        base = base.resolve()
+        if base.is_dir() and os.access(base, os.W_OK) and not {cwd, temp} & {base, *base.parents}:
+            break
+    else:
+        pytest.fail("no writable folder outside the working directory and the temp folder")
+    folder = Path(tempfile.mkdtemp(prefix="pulid-flux-tests-", dir=base))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

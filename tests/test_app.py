@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,15 @@ PHOTO = REPO / "example_inputs" / "astronaut.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, models_dir):
+def server(tmp_path_factory, models_dir, outside_folder):
     args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
     write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
     # a stand-in for one speed LoRA, on this machine as after `pulid.download --speed_lora`: offered
     speed = pipeline.lora_library.folder / "FLUX.1-Turbo-Alpha.safetensors"
     write_kohya(speed, random_factors(pipeline.flow, rank=2, seed=13))
-    demo = app_flux.create_demo(args, app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")))
+    outputs = Path(tempfile.mkdtemp(prefix="outputs-", dir=outside_folder))  # as a Space's /data
+    demo = app_flux.create_demo(args, app_flux.make_service(pipeline, outputs))
     port = free_port()
     app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -114,6 +116,14 @@ def test_client_gets_an_image_and_the_used_seed(client):
     assert len(reply.debug) == 3  # the --dev debug gallery: detected, aligned, parsed face
     assert reply.details[0]["settings"]["seed"] == reply.seed
     assert f"seed {reply.seed}" in reply.gallery[0]["caption"] and "face similarity" in reply.info
+
+
+def test_images_saved_outside_the_working_and_temp_folders_reach_the_page(client, outside_folder):
+    """gradio refused every image of an --outputs_dir outside those two (a Space's /data): the
+    visitor got a bare "Error". The server fixture keeps its outputs in such a folder."""
+    reply = call(client, id_image=PHOTO, seed="3")
+    (saved,) = outside_folder.glob(f"outputs-*/{reply.details[0]['file']}")
+    assert Path(reply.image).read_bytes() == saved.read_bytes()  # the file with its settings inside
 
 
 def test_same_seed_same_image_and_extra_photos(client):
