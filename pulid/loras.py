@@ -115,11 +115,13 @@ def check_fetchable_lora(source: str, weights: HubWeights, models_dir: Path) -> 
 
 
 def _in_folder(folder: Path, name: str) -> Path | None:
-    """``name`` as a file under ``folder``, never outside it (no ``..``, no absolute path)."""
-    candidate = (folder / name).resolve()
-    if not candidate.is_relative_to(folder.resolve()) or not candidate.is_file():
+    """``name`` as a file under ``folder``: a relative name without ``..``. A link the folder holds
+    (a shared LoRA store linked file by file) is followed, as :meth:`LoRALibrary.names` lists it."""
+    relative = Path(name)
+    if relative.is_absolute() or relative.drive or ".." in relative.parts:
         return None
-    return candidate
+    candidate = folder / relative
+    return candidate if candidate.is_file() else None
 
 
 class LoRALibrary:
@@ -174,7 +176,17 @@ class LoRALibrary:
         return self._fetch(found, self.models_dir if speed else None)
 
     def load(self, choice: LoRAChoice) -> LoRAFile:
-        """The checked LoRA of ``choice`` (its strength is applied later, per request)."""
+        """The checked LoRA of ``choice`` (its strength is applied later, per request). Messages
+        name the LoRA folder as such, never by its place on the server (visitors read them)."""
+        try:
+            return self._load(choice)
+        except LoRAError as err:
+            message = str(err)
+            for folder in {str(self.folder.resolve()), str(self.folder)}:
+                message = message.replace(folder, "the LoRA folder")
+            raise LoRAError(message) from None
+
+    def _load(self, choice: LoRAChoice) -> LoRAFile:
         path = self.resolve(choice.source)
         stat = path.stat()
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)

@@ -1,6 +1,7 @@
 """The app over HTTP: gradio_client against the running app on the tiny preset, the CLI, --help."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,13 +23,25 @@ PHOTO = REPO / "example_inputs" / "astronaut.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, models_dir, outside_folder):
-    args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
+def app_pipeline(tmp_path_factory, models_dir):
+    """The served tiny pipeline, with two example LoRAs and a speed LoRA in its LoRA folder."""
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
     write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
     # a stand-in for one speed LoRA, on this machine as after `pulid.download --speed_lora`: offered
     speed = pipeline.lora_library.folder / "FLUX.1-Turbo-Alpha.safetensors"
     write_kohya(speed, random_factors(pipeline.flow, rank=2, seed=13))
+    # a shared LoRA store linked file by file, and a listed file that is not a LoRA
+    store = tmp_path_factory.mktemp("lora-store") / "style.safetensors"
+    shutil.copy(pipeline.lora_library.folder / "tiny-style.safetensors", store)
+    (pipeline.lora_library.folder / "linked-style.safetensors").symlink_to(store)
+    (pipeline.lora_library.folder / "broken.safetensors").write_bytes(b'\x08\0\0\0\0\0\0\0{"a": 1}')
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def server(app_pipeline, outside_folder):
+    args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
+    pipeline = app_pipeline
     outputs = Path(tempfile.mkdtemp(prefix="outputs-", dir=outside_folder))  # as a Space's /data
     demo = app_flux.create_demo(args, app_flux.make_service(pipeline, outputs))
     port = free_port()

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
-from tests.test_app import PHOTO, call, client, server  # noqa: F401 (the running app fixtures)
+from tests.test_app import PHOTO, app_pipeline, call, client, server  # noqa: F401 (the running app fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 FILE = {"meta": {"_type": "gradio.FileData"}}
@@ -341,3 +341,17 @@ def test_the_drawing_piece_route_is_not_offered(server, caplog):  # noqa: F811
     event, data = raw_generate(server, mask_drawing=by_id, init_image=None)
     assert event == "error" and "came without its layers" in data, data
     assert int(call_ok(server)) == 5
+
+
+def test_lora_refusals_name_no_server_folder_and_linked_loras_load(app_pipeline, client):  # noqa: F811
+    """A LoRA folder linked file by file (a shared store) was listed and then "not found"; a broken
+    listed LoRA's refusal named the server's folders. Both through the page's API."""
+    from gradio_client.exceptions import AppError
+
+    from pulid.outputs import read_image_metadata
+
+    meta = read_image_metadata(call(client, seed="4", lora_1="linked-style.safetensors").image)
+    assert [lora["name"] for lora in meta["loras"]] == ["linked-style"]
+    with pytest.raises(AppError, match="LoRA broken") as refusal:
+        call(client, seed="4", lora_1="broken.safetensors")
+    assert "/" not in str(refusal.value), refusal.value  # no folder of the server, only the file's name

@@ -73,11 +73,11 @@ def read_lora(path: str | os.PathLike, targets: Mapping[str, Target], name: str 
     shown = path.name  # errors name the file; ``name`` is what the metadata records
     check_lora_suffix(path)
     if not path.is_file():
-        raise LoRAError(f"LoRA {shown}: {path} is not a file.")
+        raise LoRAError(f"LoRA {shown} is not a file.")
     try:
         header = read_safetensors_header(path)
-    except CheckpointError as err:
-        raise LoRAError(f"LoRA {shown}: {err}") from None
+    except CheckpointError as err:  # said of the file by its name: the folder is the server's business
+        raise LoRAError(f"LoRA {shown}: {str(err).replace(str(path), shown)}") from None
     not_float = [key for key, (_, code) in header.items() if code not in FLOAT_CODES]
     if not_float:
         key = not_float[0]
@@ -89,6 +89,7 @@ def read_lora(path: str | os.PathLike, targets: Mapping[str, Target], name: str 
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in header}
     except (SafetensorError, OSError) as err:
-        raise LoRAError(f"LoRA {shown} could not be read ({err}): it may be truncated or corrupt.") from None
+        reason = getattr(err, "strerror", None) or str(err).replace(str(path), shown)
+        raise LoRAError(f"LoRA {shown} could not be read ({reason}): it may be truncated or corrupt.") from None
     parsed = parse_lora(tensors, targets, shown, metadata)
     return LoRAFile(name or path.stem, path, file_sha256(path), parsed.layers, parsed.layouts, parsed.ignored)
