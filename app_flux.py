@@ -655,7 +655,7 @@ def create_demo(args: argparse.Namespace, service):
             job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
 
     def cancel(request: gr.Request):
-        if service.cancel(_session(request)) == 0:
+        if not getattr(request, "session_hash", None) or service.cancel(_session(request)) == 0:
             return "Nothing to cancel: no generation of yours is running or waiting."
         return "**Cancelled.** Images finished before the cancel stay above."
 
@@ -1115,11 +1115,18 @@ def visitor_of(request, behind_proxy: bool) -> str:
     return visitor(getattr(client, "host", None), forwarded, behind_proxy, _session(request))
 
 
+NO_SESSION = (
+    "This request came without a session, so it could not be cancelled or counted as yours: use the "
+    "page, or gradio_client (which opens one)."
+)
+
+
 def _session(request) -> str:
-    """The caller's session: cancel flags are kept per session, so a visitor stops only their own job."""
+    """The caller's session: cancel flags are kept per session, so a visitor stops only their own
+    job. A request without one (a raw POST to a ``/run`` route) is refused with a message."""
     session = getattr(request, "session_hash", None)
     if not session:
-        raise RuntimeError("gradio gave no session for this request: cancelling would reach other users")
+        raise refused(NO_SESSION)
     return session
 
 

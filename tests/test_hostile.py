@@ -355,3 +355,23 @@ def test_lora_refusals_name_no_server_folder_and_linked_loras_load(app_pipeline,
     with pytest.raises(AppError, match="LoRA broken") as refusal:
         call(client, seed="4", lora_1="broken.safetensors")
     assert "/" not in str(refusal.value), refusal.value  # no folder of the server, only the file's name
+
+
+def test_a_request_without_a_session_is_answered_without_a_traceback(server, capfd):  # noqa: F811
+    """``POST /run/cancel`` with no session was a 500 and ~30 lines of traceback each time (cheap
+    log flooding); a generation without one is refused with what to use instead."""
+    from tests.test_app import settings as defaults
+
+    config = httpx.get(f"{server}config", timeout=30).json()
+    index = {d.get("api_name"): d["id"] for d in config["dependencies"]}
+    capfd.readouterr()
+    for _ in range(3):
+        answer = httpx.post(f"{server}gradio_api/run/cancel", json={"data": [], "fn_index": index["cancel"]})
+        assert answer.status_code == 200 and "Nothing to cancel" in answer.json()["data"][0], answer.text
+    answer = httpx.post(
+        f"{server}gradio_api/run/predict",
+        json={"data": list(defaults().values()), "fn_index": index["generate"]},
+        timeout=60,
+    )
+    # gradio's /run routes answer an app's refusal with status 500 and the message as JSON
+    assert "came without a session" in answer.json()["error"] and "Traceback" not in capfd.readouterr().err
