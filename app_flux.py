@@ -32,7 +32,7 @@ from pulid.limits import (
     MAX_UPLOAD_BYTES_PER_HOUR,
     MIN_FREE_DISK_BYTES,
 )
-from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, load_or_exit
+from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, load_or_exit, path_argument
 
 logger = logging.getLogger("app_flux")
 
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--outputs_dir",
-        type=Path,
+        type=path_argument,
         default=Path("outputs"),
         help="where images are saved",
     )

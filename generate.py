@@ -28,7 +28,7 @@ from pathlib import Path
 from pulid.catalogue import SPEED_LORAS
 from pulid.outputs import writable_folder_problem
 from pulid.request import PERSON_WEIGHT
-from pulid.startup import add_model_arguments, load_or_exit, lora_folder
+from pulid.startup import add_model_arguments, load_or_exit, lora_folder, path_argument, path_text
 
 REPEATABLE = ("prompt", "seed")  # a batch is every prompt with every seed
 
@@ -63,22 +63,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_setting_arguments(parser)
     parser.add_argument(
         "--prompts_file",
-        type=Path,
+        type=path_argument,
         help="a text file with one prompt per line (blank lines and # comments skipped)",
     )
     parser.add_argument(
         "--id_image",
         action="append",
         default=[],
-        type=Path,
+        type=path_argument,
         help="photo of the person (repeat for several photos of the same person)",
     )
     parser.add_argument(
         "--init_image",
+        type=path_text,
         help="a photo to start from (image to image; --strength sets how much is repainted)",
     )
     parser.add_argument(
         "--mask",
+        type=path_text,
         help="with --init_image: an image, white where to repaint and black where to keep (inpainting)",
     )
     parser.add_argument(
@@ -86,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         nargs="+",
         default=[],
+        type=path_text,
         metavar="PHOTO",
         help="another person's photos (repeat for each person: persons 2, 3, 4 in order; --id_image "
         "is person 1); --layout says where each goes",
@@ -101,12 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--region",
         action="append",
         default=[],
+        type=path_text,
         metavar="MASK",
         help="with --layout masks: an image, white where a person stands; one per person, person 1's first",
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_argument,
         default=Path("outputs"),
         help="folder for the images (PNG unless --output_format says otherwise)",
     )

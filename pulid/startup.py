@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -30,9 +31,34 @@ class ImpliesFp8(argparse.Action):
         namespace.fp8_mode, namespace.fp8 = values, True
 
 
+MAX_NAME_BYTES = 255  # one file or folder name (NAME_MAX on Linux, macOS and Windows)
+MAX_PATH_CHARS = 4096  # a whole path (PATH_MAX on Linux; macOS and Windows allow less)
+
+
+def path_text(text: str) -> str:
+    """A path flag's value, refused where no system can hold it: a name over 255 bytes made every
+    later ``Path.exists()`` raise "File name too long" as a traceback."""
+    if len(text) > MAX_PATH_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"the path is {len(text):,} characters long; a path has at most {MAX_PATH_CHARS:,}"
+        )
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > MAX_NAME_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"the name {part[:20]}...{part[-12:]} is {len(os.fsencode(part)):,} bytes long; a file or "
+                f"folder name has at most {MAX_NAME_BYTES}: check the path"
+            )
+    return text
+
+
+def path_argument(text: str) -> Path:
+    """A path flag as a :class:`~pathlib.Path`, checked by :func:`path_text`."""
+    return Path(path_text(text))
+
+
 def models_folder(text: str) -> str:
     """``--models_dir``: a folder, or a place for one (made on the first download), not a file."""
-    path = Path(text).expanduser()
+    path = Path(path_text(text)).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(
             f"{text} is a file: give the folder that holds (or will hold) the weights"
@@ -78,6 +104,7 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{kind}",
             default=None,
+            type=path_text,
             metavar="NAME_OR_FILE",
             help=f"{what}: {', '.join(table)} or a path (see README: which files for my card)",
         )
@@ -129,7 +156,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "gpu", "cpu"],
         help="onnxruntime provider of the face detector (auto: gpu when the ID stage is on a CUDA device)",
     )
-    parser.add_argument("--pretrained_model", default=None, help="path to a PuLID weight file")
+    parser.add_argument(
+        "--pretrained_model", default=None, type=path_text, help="path to a PuLID weight file"
+    )
     parser.add_argument(
         "--preset",
         default=None,

@@ -375,3 +375,36 @@ def test_a_request_without_a_session_is_answered_without_a_traceback(server, cap
     )
     # gradio's /run routes answer an app's refusal with status 500 and the message as JSON
     assert "came without a session" in answer.json()["error"] and "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag", ["--models_dir", "--dit", "--t5", "--clip", "--pretrained_model", "--id_image", "--out"]
+)
+def test_a_path_no_system_can_hold_is_refused_by_the_flag(flag, capsys):
+    """A name over 255 bytes made ``Path.exists()`` raise "File name too long" as a traceback in
+    the download tool, the CLI and the app."""
+    import generate
+    import pulid.download
+
+    too_long = "/tmp/" + "a" * 300 + ".gguf"
+    doors = [lambda argv: generate.main(["--prompt", "x", *argv]), app_flux_parse_args]
+    if flag in ("--models_dir", "--dit", "--t5", "--clip"):
+        doors.append(lambda argv: pulid.download.main(["--dry-run", *argv]))
+    for door in doors:
+        if door is app_flux_parse_args and flag in ("--id_image", "--out"):
+            continue
+        with pytest.raises(SystemExit) as stop:
+            door([flag, too_long])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: the name aaaa" in err and "is 305 bytes long" in err, err
+        assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        generate.main(["--prompt", "x", "--out", "/tmp/" + "b" * 5000])
+    assert "a path has at most 4,096" in capsys.readouterr().err
+
+
+def app_flux_parse_args(argv):
+    import app_flux
+
+    return app_flux.parse_args(argv)

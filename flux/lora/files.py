@@ -90,6 +90,8 @@ def read_lora(path: str | os.PathLike, targets: Mapping[str, Target], name: str 
             tensors = {key: handle.get_tensor(key) for key in header}
     except (SafetensorError, OSError) as err:
         reason = getattr(err, "strerror", None) or str(err).replace(str(path), shown)
-        raise LoRAError(f"LoRA {shown} could not be read ({reason}): it may be truncated or corrupt.") from None
+        raise LoRAError(
+            f"LoRA {shown} could not be read ({reason}): it may be truncated or corrupt."
+        ) from None
     parsed = parse_lora(tensors, targets, shown, metadata)
     return LoRAFile(name or path.stem, path, file_sha256(path), parsed.layers, parsed.layouts, parsed.ignored)
