@@ -200,14 +200,23 @@ def load_state_dict_strict(
     module.load_state_dict(converted, strict=True, assign=_is_meta(module))
 
 
+LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file begins
+LFS_POINTER_IS = (
+    "a Git LFS pointer, not the weights (it was cloned without git-lfs: run `git lfs pull` in its "
+    "repository, or download the file itself)"
+)
+
+
 def other_format(path: str | os.PathLike) -> str | None:
     """What a weight file is by its first bytes when that is plainly not safetensors (a GGUF file,
     a PyTorch pickle, text, an empty file), else None. Safetensors begins with its header's length
     (8 bytes, little-endian) and then its JSON header."""
     with open(path, "rb") as handle:
-        start = handle.read(16)
+        start = handle.read(24)
     if not start:
         return "an empty file"
+    if start.startswith(LFS_POINTER):
+        return LFS_POINTER_IS
     if start.startswith(b"GGUF"):
         return "a GGUF file"
     if start.startswith(b"PK\x03\x04") or start.startswith(b"\x80"):
@@ -235,10 +244,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
             return out
     except (SafetensorError, OSError, ValueError) as err:
         if kind := other_format(path):
-            raise CheckpointError(
-                f"Checkpoint {path} is {kind}, not a safetensors file: give the .safetensors file "
-                "(README.md, Weights, lists each one)."
-            ) from err
+            raise CheckpointError(_not_the_format(path, kind, "safetensors")) from err
         raise CheckpointError(
             f"Checkpoint {path} is not a readable safetensors file ({err}). It may be truncated or "
             "corrupt: delete it and download it again."
@@ -308,11 +314,24 @@ class RenamedFile:
         self.file.close()
 
 
+def _not_the_format(path: Path, kind: str, expected: str) -> str:
+    """The message for a weight file that is plainly something else, naming the format asked for."""
+    return (
+        f"Checkpoint {path} is {kind}, not a {expected} file: give the .{expected} file itself "
+        "(README.md, Weights, lists each one)."
+    )
+
+
 def open_checkpoint(path: str | os.PathLike):
-    """The file at ``path`` as a checkpoint to load: GGUF (by its magic) or safetensors."""
+    """The file at ``path`` as a checkpoint to load: GGUF (by its magic) or safetensors. A ``.gguf``
+    file without the magic is said to be what it is, as a GGUF file (not as safetensors)."""
     from flux.gguf_file import GGUFFile, is_gguf
 
-    return GGUFFile(path) if is_gguf(path) else SafetensorsFile(path)
+    path = Path(path)
+    if path.suffix.lower() == ".gguf" and path.is_file() and not is_gguf(path):
+        if kind := other_format(path):
+            raise CheckpointError(_not_the_format(path, kind, "gguf"))
+    return GGUFFile(path) if is_gguf(path) or path.suffix.lower() == ".gguf" else SafetensorsFile(path)
 
 
 def _without_view_base(tensor: Tensor) -> Tensor:

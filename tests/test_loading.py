@@ -129,6 +129,32 @@ def test_truncated_and_non_safetensors_files_are_named(tiny_checkpoint, tmp_path
         assert name in str(err.value)
 
 
+LFS_POINTER = (
+    b"version https://git-lfs.github.com/spec/v1\n"
+    b"oid sha256:4f6fc5a3a3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3b3\nsize 12708987872\n"
+)
+
+
+@pytest.mark.parametrize(
+    "name,fmt", [("flux1-dev-Q8_0.gguf", "gguf"), ("flux1-dev.safetensors", "safetensors")]
+)
+def test_a_git_lfs_pointer_is_named_with_the_format_asked_for(tmp_path, name, fmt):
+    """A clone without git-lfs leaves 130-byte pointers: a .gguf one was told to "give the
+    .safetensors file". Through the --dit door and the T5 file door."""
+    from flux.loading import open_dit_file
+    from flux.text_encoders import open_t5_file
+
+    pointer = tmp_path / name
+    pointer.write_bytes(LFS_POINTER)
+    for door in (open_dit_file, open_t5_file):
+        with pytest.raises(CheckpointError) as err:
+            door(pointer)
+        message = str(err.value)
+        assert f"{name} is a Git LFS pointer, not the weights" in message and "git lfs pull" in message
+        assert f"not a {fmt} file: give the .{fmt} file itself" in message
+        assert ".safetensors" not in message or fmt == "safetensors"
+
+
 def test_autoencoder_loads_in_float32(tmp_path):
     ae = AutoEncoder(tiny_ae_params())
     state = {k: v.contiguous() for k, v in ae.state_dict().items()}
