@@ -38,7 +38,9 @@ logger = logging.getLogger("app_flux")
 
 # Request bodies larger than JSON needs: a field's photos (or a painted layer) in one upload.
 BODY_LIMITS = {"/gradio_api/upload": (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES}
-POLL_SECONDS = 0.5  # how often a job's handler yields while it runs or waits, so a cancel is noticed
+POLL_SECONDS = 0.5  # how often a job's handler looks at its job (and at most sends its status line)
+KEEPALIVE_SECONDS = 5.0  # the status line is sent at least this often: how soon a departed visitor's
+# job stops
 UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
 IN_SPACE = bool(os.environ.get("SPACE_ID"))  # Hugging Face Spaces set it; they need 0.0.0.0:7860
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_inputs" / "astronaut.png"
@@ -410,6 +412,62 @@ def caption(image) -> str:
     return f"seed {image.seed} · face similarity {image.metadata['face_similarity']}"
 
 
+def clock(seconds: float) -> str:
+    """``7 s``, ``2 min 05 s``: a duration as the status line shows it."""
+    whole = max(0, round(seconds))
+    return f"{whole} s" if whole < 60 else f"{whole // 60} min {whole % 60:02d} s"
+
+
+def status_line(bar) -> str:
+    """What a request is doing, under Generate while it waits or runs: a bar, the stage (place in
+    line, step k/n), the time since the click and, once a tenth is done, the time left. The two
+    times are marked up for :data:`CLOCK_SCRIPT`, which keeps them ticking between updates (in
+    tenths of a second, as a class: gradio's Markdown keeps classes and drops ``data-`` attributes)."""
+    elapsed = bar.elapsed()
+    parts = [
+        f"**{bar.text[:1].upper()}{bar.text[1:]}**",
+        f'<span class="job-clock t{elapsed * 10:.0f}">{clock(elapsed)}</span> since you clicked',
+    ]
+    if (left := bar.seconds_left()) is not None:
+        parts.append(f'<span class="job-left t{left * 10:.0f}">about {clock(left)} left</span>')
+    return f'<progress value="{bar.fill:.3f}" max="1"></progress> ' + " · ".join(parts)
+
+
+# Run in the page as Generate is pressed, before the request leaves: the status line says so at once
+# (the server's first line replaces it). The inputs go on unchanged.
+SHOW_SENDING = """(...inputs) => {
+  const line = document.querySelector("#result-info .md");
+  if (line) line.innerHTML = '<p><progress max="1"></progress> <strong>Sending the request</strong></p>';
+  return inputs;
+}"""
+# Counts the status line's times on in the page (up since the click, down to the end), so that the
+# server sends the line only when its stage changes. Gradio draws each new line afresh.
+CLOCK_SCRIPT = r"""<style>
+#result-info progress { width: 8em; height: 0.8em; vertical-align: middle; accent-color: #f97316; }
+</style>
+<script>
+(() => {
+  const shown = (s) => { s = Math.max(0, Math.round(s));
+    return s < 60 ? `${s} s` : `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`; };
+  setInterval(() => {
+    const now = Date.now();
+    for (const el of document.querySelectorAll(".job-clock, .job-left")) {
+      if (!el.dataset.since) el.dataset.since = now;
+      const sent = [...el.classList].find((c) => /^t\d+$/.test(c));
+      if (!sent) continue;
+      const passed = (now - Number(el.dataset.since)) / 1000;
+      if (el.classList.contains("job-clock")) {
+        el.textContent = shown(Number(sent.slice(1)) / 10 + passed);
+      } else {
+        const left = Number(sent.slice(1)) / 10 - passed;
+        el.textContent = left >= 1 ? `about ${shown(left)} left` : "almost done";
+      }
+    }
+  }, 250);
+})();
+</script>"""
+
+
 def summary(images, cancelled: bool = False) -> str:
     """The text beside the results: one line per image, what "no ID photo" means, and the LoRAs
     used (how they were applied, and any text-encoder layers that were not)."""
@@ -575,10 +633,12 @@ def create_demo(args: argparse.Namespace, service):
     faces = tempfile.TemporaryDirectory(prefix="pulid-flux-faces-") if args.dev else None
 
     async def generate(values: dict, request: gr.Request, progress: gr.Progress):
-        """Runs the job in the service's worker thread and yields while it waits and runs (holding
-        no server thread), and again as each image is saved: when the visitor cancels or leaves,
-        gradio closes this generator, and the ``finally`` stops the work or takes the job out of
-        the line."""
+        """Runs the job in the service's worker thread and waits for it without holding a server
+        thread. The status line under Generate is sent when what it says changes (the place in
+        line, the stage, the step: at most every POLL_SECONDS) and otherwise every
+        KEEPALIVE_SECONDS, which is also how soon gradio closes this generator when the visitor
+        leaves; the ``finally`` then stops the work or takes the job out of the line. (A message
+        every POLL_SECONDS from each of 33 waiting jobs made a full server unresponsive.)"""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         start, mask = values.pop("init_image"), values.pop("mask")
         drawn, painted = values.pop("mask_drawing"), values.pop("region_drawing")
@@ -588,7 +648,7 @@ def create_demo(args: argparse.Namespace, service):
         bar = stages.RequestProgress()
 
         def show(info) -> None:
-            """One progress bar: the stage's name, and how far the whole request has come."""
+            """The status line's state, and gradio's progress for API clients."""
             if isinstance(info, SavedImage):
                 saved.append(info)
             elif (shown := bar.update(info)) is not None:
@@ -613,17 +673,31 @@ def create_demo(args: argparse.Namespace, service):
                 id_region=id_region,
             )
 
+        def status(text: str | None = None):
+            """Only the status line (the summary box) changes."""
+            return (gr.skip(), status_line(bar) if text is None else text, *(gr.skip(),) * 4)
+
+        yield status()  # on the page at once, before the request's files are checked
+        admission = asyncio.ensure_future(asyncio.to_thread(admit))
         try:
-            job = await asyncio.to_thread(admit)
-        except ServiceError as err:
+            job = await asyncio.shield(admission)
+        except Cancelled as err:  # by the visitor's Cancel while its files were checked
+            yield status("**Cancelled.**")
             raise refused(str(err)) from None
+        except ServiceError as err:
+            yield status("")  # no clock ticking on under the refusal's message
+            raise refused(str(err)) from None
+        except asyncio.CancelledError:  # cancelled or gone while it was checked: its job goes too
+            admission.add_done_callback(lambda done: done.exception() or done.result().cancel())
+            raise
 
         def outputs(result=None, cancelled=False):
             images = list(saved)
             files = [on_page(i.path) for i in images]
+            finished = result is not None or cancelled
             return (
                 list(zip(files, map(caption, images), strict=True)),
-                summary(images, cancelled),
+                summary(images, cancelled) if finished else status_line(bar),
                 files,
                 details(images),
                 gr.skip()
@@ -632,30 +706,36 @@ def create_demo(args: argparse.Namespace, service):
                 images,
             )
 
-        shown = 0
+        shown, said, said_at = 0, None, time.monotonic()
         try:
             while not job.wait(0):
                 await asyncio.sleep(POLL_SECONDS)
                 if len(saved) > shown:  # an image of the batch is ready: show it now
                     shown = len(saved)
                     yield outputs()
+                elif bar.text != said or time.monotonic() - said_at >= KEEPALIVE_SECONDS:
+                    yield status()
                 else:
-                    yield WAITING
+                    continue
+                said, said_at = bar.text, time.monotonic()
             try:
                 result = job.result()
             except Cancelled as err:
                 if not err.images:  # nothing finished: the API caller gets the error itself
+                    yield status("**Cancelled.**")
                     raise refused(str(err)) from None
                 yield outputs(cancelled=True)
                 return
             except ServiceError as err:
+                yield status("")
                 raise refused(str(err)) from None
             yield outputs(result)
         finally:
             job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
 
     def cancel(request: gr.Request):
-        if not getattr(request, "session_hash", None) or service.cancel(_session(request)) == 0:
+        session = getattr(request, "session_hash", None)
+        if not session or service.cancel(session) == 0:
             return "Nothing to cancel: no generation of yours is running or waiting."
         return "**Cancelled.** Images finished before the cancel stay above."
 
@@ -718,8 +798,6 @@ def create_demo(args: argparse.Namespace, service):
         lora = SPEED_LORAS[name]
         return name, lora.strength, lora.steps, lora.guidance
 
-    WAITING = (gr.skip(),) * 6  # a keep-alive while the job runs: no output changes
-
     with gr.Blocks(title="PuLID for FLUX", delete_cache=UPLOAD_CACHE) as demo:
         gr.Markdown("## PuLID for FLUX · put the face from a photo into new FLUX.1-dev images")
         if args.preset == "tiny-random":
@@ -732,6 +810,8 @@ def create_demo(args: argparse.Namespace, service):
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_button = gr.Button("Cancel", elem_id="cancel")
+                # the request's status while it waits and runs (stage, times), then what it made
+                info = gr.Markdown(elem_id="result-info")
                 with gr.Row(equal_height=False):
                     controls["id_image"] = UploadedImage(
                         label="ID photo", type="filepath", height=230, elem_id="id-image"
@@ -872,7 +952,6 @@ def create_demo(args: argparse.Namespace, service):
                     elem_id="results",
                     format="png",
                 )
-                info = gr.Markdown(elem_id="result-info")
                 files = gr.File(label="Files (with prompt and settings inside)", file_count="multiple")
                 debug_gallery = gr.Gallery(label="Detected, aligned and parsed face", visible=args.dev)
         with gr.Row(equal_height=False):
@@ -920,7 +999,8 @@ def create_demo(args: argparse.Namespace, service):
             inputs=[controls[name] for name in names],
             outputs=[results, info, files, result_details, debug_gallery, latest],
             api_name="generate",
-            show_progress_on=[results],
+            js=SHOW_SENDING,
+            show_progress="hidden",  # the status line under Generate says it, and stays on screen
             # Every admitted request enters its handler at once and waits in the service's line,
             # which bounds each visitor's share; gradio's own queue only holds the overflow.
             concurrency_limit=MAX_QUEUED + 1,
@@ -1027,6 +1107,7 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
         Middleware(PayloadCheck, events=event_inputs(demo), upload_folder=get_upload_folder()),
     ]
     demo.launch(
+        head=CLOCK_SCRIPT,
         max_file_size=MAX_UPLOAD_BYTES,  # in bytes: gradio's "20mb" would be 20 MiB, not the service's limit
         app_kwargs={"middleware": middleware},
         **options,

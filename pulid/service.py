@@ -468,7 +468,27 @@ class GenerationService:
         client: str | None,
         cancel: threading.Event,
     ) -> tuple[GenerationRequest, _Uploads, _Ticket]:
-        """The checks that need no turn, then a place in the line (the session's cancel reaches it)."""
+        """The checks that need no turn, then a place in the line. The session's cancel reaches the
+        request from the start: one pressed while its files are checked stops it too."""
+        with self._active_lock:
+            self._active.setdefault(session, set()).add(cancel)
+        try:
+            return self._checked_in_line(request, uploads, client, cancel)
+        except BaseException:
+            self._forget(session, cancel)
+            raise
+
+    def _forget(self, session: str, cancel: threading.Event) -> None:
+        """The session's cancel no longer reaches this request (it ended or was refused)."""
+        with self._active_lock:
+            flags = self._active.get(session, set())
+            flags.discard(cancel)
+            if not flags:
+                self._active.pop(session, None)
+
+    def _checked_in_line(
+        self, request: GenerationRequest, uploads: _Uploads, client: str | None, cancel: threading.Event
+    ) -> tuple[GenerationRequest, _Uploads, _Ticket]:
         people = []
         try:
             check_person_photo_count(1, len(request.id_images) + len(uploads.photos))
@@ -511,10 +531,9 @@ class GenerationService:
             )
         except UploadError as err:
             raise ServiceError(str(err)) from None
-        ticket = self._line.join(client, cancel)
-        with self._active_lock:
-            self._active.setdefault(session, set()).add(cancel)
-        return request, checked, ticket
+        if cancel.is_set():  # cancelled while it was checked: it takes no place in the line
+            raise Cancelled([])
+        return request, checked, self._line.join(client, cancel)
 
     def _checked_optional(self, photo: PhotoSource | None) -> PhotoSource | None:
         return None if photo is None else self._checked_source(photo)
@@ -572,11 +591,7 @@ class GenerationService:
             raise ServiceError(FAILED_MESSAGE) from None
         finally:
             self._line.leave(ticket)
-            with self._active_lock:
-                flags = self._active.get(session, set())
-                flags.discard(cancel)
-                if not flags:
-                    self._active.pop(session, None)
+            self._forget(session, cancel)
             trim_host_memory()
         return ServiceResult(images=saved, debug_images=debug_images)
 

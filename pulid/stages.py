@@ -7,6 +7,9 @@ progress); the app places each on its progress bar with :data:`PROGRESS`. A wait
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 STARTING = "starting"
 WAITING_FOR_WORKER = "waiting for a GPU worker"  # Ray Serve: the job is routed to a replica
 LOADING_LORAS = "loading LoRAs"
@@ -35,9 +38,13 @@ PROGRESS = {
 DENOISE_SPAN = (0.05, 0.9)
 
 
+WAITING_PREFIX = "waiting for the GPU"
+MIN_FILL_FOR_ESTIMATE = 0.1  # the time left is guessed once a tenth is done (after the first steps)
+
+
 def waiting_in_line(ahead: int) -> str:
     """What a request waiting for its turn reports."""
-    return f"waiting for the GPU: {ahead} ahead"
+    return f"{WAITING_PREFIX}: {ahead} ahead"
 
 
 def progress_of(stage: str) -> float:
@@ -52,10 +59,26 @@ class RequestProgress:
     stages of an image finished while more steps are to come (its decoding, saving) leave the bar
     where the steps put it, so it only moves forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.fill = 0.0
         self.stage: str | None = None
         self.denoising = False
+        self.text = "checking the request"  # what the request is doing, for a status line
+        self._clock = clock
+        self.started = clock()  # the click, as near as the server knows it
+        self.running_since: float | None = None  # its turn came
+
+    def elapsed(self) -> float:
+        """Seconds since the request came."""
+        return self._clock() - self.started
+
+    def seconds_left(self) -> float | None:
+        """An estimate of the seconds to the end, from how fast the fill has grown since the turn
+        came; None while waiting or too early to tell (under a tenth done)."""
+        if self.running_since is None or self.fill < MIN_FILL_FOR_ESTIMATE:
+            return None
+        spent = self._clock() - self.running_since
+        return spent * (1.0 - self.fill) / self.fill
 
     def update(self, info) -> tuple[float, str] | None:
         """``info``: a stage name, or a step (``step`` of ``total``)."""
@@ -65,9 +88,15 @@ class RequestProgress:
             self.stage = info
             if not self.denoising:
                 self.fill = max(self.fill, progress_of(info))
-            return self.fill, info
+            return self._shown(info, waiting=info.startswith(WAITING_PREFIX) or info == WAITING_FOR_WORKER)
         self.stage = "denoising"
         self.denoising = info.step + 1 < info.total  # more steps to come, of this image or the next
         low, high = DENOISE_SPAN
         self.fill = max(self.fill, low + (high - low) * (info.step + 1) / info.total)
-        return self.fill, f"denoising step {info.step + 1}/{info.total}"
+        return self._shown(f"denoising step {info.step + 1}/{info.total}")
+
+    def _shown(self, text: str, waiting: bool = False) -> tuple[float, str]:
+        if not waiting and self.running_since is None:
+            self.running_since = self._clock()
+        self.text = text
+        return self.fill, text

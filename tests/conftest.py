@@ -44,3 +44,25 @@ def outside_folder():
     folder = Path(tempfile.mkdtemp(prefix="pulid-flux-tests-", dir=base))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def app_pipeline(tmp_path_factory, models_dir):
+    """The app's tiny pipeline, with two example LoRAs and a speed LoRA in its LoRA folder, a LoRA
+    linked from a store outside it and a listed file that is not a LoRA."""
+    import shutil
+
+    from tiny_random.loras import random_factors, write_example_loras, write_kohya
+    from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
+
+    pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
+    write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
+    # a stand-in for one speed LoRA, on this machine as after `pulid.download --speed_lora`: offered
+    speed = pipeline.lora_library.folder / "FLUX.1-Turbo-Alpha.safetensors"
+    write_kohya(speed, random_factors(pipeline.flow, rank=2, seed=13))
+    # a shared LoRA store linked file by file, and a listed file that is not a LoRA
+    store = tmp_path_factory.mktemp("lora-store") / "style.safetensors"
+    shutil.copy(pipeline.lora_library.folder / "tiny-style.safetensors", store)
+    (pipeline.lora_library.folder / "linked-style.safetensors").symlink_to(store)
+    (pipeline.lora_library.folder / "broken.safetensors").write_bytes(b'\x08\0\0\0\0\0\0\0{"a": 1}')
+    return pipeline

@@ -1,7 +1,6 @@
 """The app over HTTP: gradio_client against the running app on the tiny preset, the CLI, --help."""
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,27 +14,9 @@ import app_flux
 from pulid.outputs import read_a1111_parameters, read_image_metadata
 from pulid.request import generation_settings
 from scripts.soak import free_port
-from tiny_random.loras import random_factors, write_example_loras, write_kohya
-from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "example_inputs" / "astronaut.png"
-
-
-@pytest.fixture(scope="module")
-def app_pipeline(tmp_path_factory, models_dir):
-    """The served tiny pipeline, with two example LoRAs and a speed LoRA in its LoRA folder."""
-    pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
-    write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
-    # a stand-in for one speed LoRA, on this machine as after `pulid.download --speed_lora`: offered
-    speed = pipeline.lora_library.folder / "FLUX.1-Turbo-Alpha.safetensors"
-    write_kohya(speed, random_factors(pipeline.flow, rank=2, seed=13))
-    # a shared LoRA store linked file by file, and a listed file that is not a LoRA
-    store = tmp_path_factory.mktemp("lora-store") / "style.safetensors"
-    shutil.copy(pipeline.lora_library.folder / "tiny-style.safetensors", store)
-    (pipeline.lora_library.folder / "linked-style.safetensors").symlink_to(store)
-    (pipeline.lora_library.folder / "broken.safetensors").write_bytes(b'\x08\0\0\0\0\0\0\0{"a": 1}')
-    return pipeline
 
 
 @pytest.fixture(scope="module")

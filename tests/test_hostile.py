@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
-from tests.test_app import PHOTO, app_pipeline, call, client, server  # noqa: F401 (the running app fixtures)
+from tests.test_app import PHOTO, call, client, server  # noqa: F401 (the running app fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 FILE = {"meta": {"_type": "gradio.FileData"}}

@@ -1,5 +1,7 @@
 """Sessions: a visitor's Cancel stops that visitor's job and nobody else's (two concurrent HTTP clients)."""
 
+import contextlib
+import json
 import time
 
 import pytest
@@ -14,8 +16,8 @@ STEP_SECONDS = 0.05
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory, models_dir):
-    """The app over a tiny pipeline whose DiT takes STEP_SECONDS per pass, counting the passes."""
+def slow_service(tmp_path_factory, models_dir):
+    """The service over a tiny pipeline whose DiT takes STEP_SECONDS per pass, and the passes."""
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
     passes = []
 
@@ -24,8 +26,15 @@ def slow_server(tmp_path_factory, models_dir):
         time.sleep(STEP_SECONDS)
 
     pipeline.flow.register_forward_pre_hook(slow_step)
+    return app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")), passes
+
+
+@pytest.fixture(scope="module")
+def slow_server(slow_service):
+    """The app over :func:`slow_service`: its address, and the DiT's passes."""
+    service, passes = slow_service
     args = app_flux.parse_args(["--preset", "tiny-random"])
-    demo = app_flux.create_demo(args, app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")))
+    demo = app_flux.create_demo(args, service)
     port = free_port()
     app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", passes
@@ -139,3 +148,71 @@ def test_one_visitor_cannot_fill_the_line(slow_server):
     for job in jobs:
         job.cancel()
     assert Reply(submit(Client(url, verbose=False), seed="60", num_steps=2).result(timeout=120)).seed == 60
+
+
+def test_a_waiting_job_is_sent_its_status_only_when_it_changes(slow_server):
+    """Each waiting job's handler sent a keep-alive every 0.5 s: with 1 running and 32 waiting, the
+    server took 6.7-20 s to answer /info and 10.8 s to cancel. Now a job whose place in line stays
+    the same hears its status line once, then every KEEPALIVE_SECONDS (counted over 3 s here)."""
+    import threading
+
+    import httpx
+    from gradio_client import Client
+
+    from tests.test_app import settings as defaults
+
+    assert app_flux.KEEPALIVE_SECONDS > 3
+    url, passes = slow_server
+    before = len(passes)
+    running = submit(Client(url, verbose=False), seed="60", num_steps=50, num_images=2)  # 5 s of passes
+    wait_until_running(passes, before)
+    config = httpx.get(f"{url}config", timeout=30).json()
+    index = {d.get("api_name"): d["id"] for d in config["dependencies"]}
+    values = {**defaults(), "num_steps": 2, "seed": "61"}
+    body = {"data": list(values.values()), "fn_index": index["generate"], "session_hash": "waiting-bob"}
+    assert httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).status_code == 200
+    messages: list[str] = []
+
+    def listen(response):
+        with contextlib.suppress(httpx.StreamError, httpx.HTTPError):  # closed at the end of the count
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    messages.append(json.loads(line[5:])["msg"])
+
+    with httpx.stream("GET", f"{url}gradio_api/queue/data?session_hash=waiting-bob", timeout=30) as stream:
+        threading.Thread(target=listen, args=(stream,), daemon=True).start()
+        time.sleep(3.0)
+        heard = list(messages)
+    generating = heard.count("process_generating")
+    assert 1 <= generating <= 2, heard  # "checking the request", then "1 ahead": nothing more while it waits
+    httpx.post(
+        f"{url}gradio_api/run/cancel",
+        json={"data": [], "fn_index": index["cancel"], "session_hash": "waiting-bob"},
+        timeout=30,
+    )
+    running.cancel()
+
+
+def test_a_cancel_while_the_request_is_checked_stops_it(slow_service, slow_server, monkeypatch):
+    """Cancel pressed while the request's files were being checked stopped gradio's handler, but
+    the job it was putting in line ran anyway; and the page said there was nothing to cancel."""
+    from gradio_client import Client
+
+    service, passes = slow_service
+    url, _ = slow_server
+    checked = service._check_loras
+
+    def slow_check(*args, **kwargs):  # test instrumentation: the LoRA check waiting on a slow hub
+        time.sleep(1.5)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_check_loras", slow_check)
+    alice = Client(url, verbose=False)
+    before = len(passes)
+    job = submit(alice, seed="70", num_steps=10)
+    time.sleep(0.7)  # in the check
+    assert alice.predict(api_name="/cancel").startswith("**Cancelled.**")
+    time.sleep(1.5 + 20 * STEP_SECONDS)
+    assert len(passes) == before, "the cancelled request ran"
+    assert service.waiting() == 0
+    job.cancel()
