@@ -32,6 +32,7 @@ from pulid.limits import (
     MAX_UPLOAD_BYTES_PER_HOUR,
     MIN_FREE_DISK_BYTES,
 )
+from pulid.similarity import rounded
 from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, load_or_exit, path_argument
 
 logger = logging.getLogger("app_flux")
@@ -39,6 +40,7 @@ logger = logging.getLogger("app_flux")
 # Request bodies larger than JSON needs: a field's photos (or a painted layer) in one upload.
 BODY_LIMITS = {"/gradio_api/upload": (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES + MAX_JSON_BODY_BYTES}
 POLL_SECONDS = 0.5  # how often a job's handler looks at its job (and at most sends its status line)
+STOP_SECONDS = 1.0  # what Ctrl+C or SIGTERM gives the server to close before the process ends
 KEEPALIVE_SECONDS = 5.0  # the status line is sent at least this often: how soon a departed visitor's
 # job stops
 UPLOAD_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than an hour
@@ -52,6 +54,7 @@ PAINTING_BY_ID = (
     "The painting came without its layers: send each painted layer as an uploaded file (the page "
     "does); drawings sent ahead of a request are not kept."
 )
+TINY_START = {"width": 256, "height": 256, "num_steps": 4}  # the tiny preset's page: an image in seconds
 LORA_ROWS = 3  # LoRA pickers in the UI (the Python API and the CLI take up to MAX_LORAS_PER_REQUEST)
 NO_LORA = ("(none)", "")
 EXAMPLES = [  # prompt, ID start step, guidance, seed: photoreal scenes start at 4, stylised at 0-1
@@ -412,6 +415,13 @@ def caption(image) -> str:
     return f"seed {image.seed} · face similarity {image.metadata['face_similarity']}"
 
 
+def asked_for(values: dict) -> str:
+    """A request's settings in a few words for the server's log (no prompt: it is the visitor's)."""
+    size = f"{values.get('width')}x{values.get('height')}"
+    photos = int(values.get("id_image") is not None) + len(values.get("extra_images") or [])
+    return f"{size}, {values.get('num_steps')} steps, {values.get('num_images')} image(s), {photos} photo(s)"
+
+
 def clock(seconds: float) -> str:
     """``7 s``, ``2 min 05 s``: a duration as the status line shows it."""
     whole = max(0, round(seconds))
@@ -468,12 +478,17 @@ CLOCK_SCRIPT = r"""<style>
 </script>"""
 
 
-def summary(images, cancelled: bool = False) -> str:
-    """The text beside the results: one line per image, what "no ID photo" means, and the LoRAs
-    used (how they were applied, and any text-encoder layers that were not)."""
-    from pulid.similarity import NO_ID_PHOTO
+def summary(images, cancelled: bool = False, random_models: bool = False) -> str:
+    """The text beside the results: one line per image, how to read the face similarity (and that
+    random models make it meaningless), what "no ID photo" means, and the LoRAs used (how they
+    were applied, and any text-encoder layers that were not)."""
+    from pulid.similarity import NO_ID_PHOTO, SCALE
 
     lines = [f"- `{image.path.name}`: {caption(image)}" for image in images]
+    if any(image.face_similarity is not None for image in images):
+        lines.append(
+            f"\n{SCALE}" + (" With random models the number means nothing." if random_models else "")
+        )
     if images and all(int(i.metadata.get("num_id_images", 0)) == 0 for i in images):
         lines.append(f"\n{NO_ID_PHOTO}: these are plain FLUX.1-dev images.")
     full = images[0].metadata.get("cache_full_steps") if images else None
@@ -497,7 +512,7 @@ def details(images) -> list[dict]:
         {
             "file": image.path.name,
             "seed": image.seed,
-            "face_similarity": image.face_similarity,
+            "face_similarity": rounded(image.face_similarity),
             "settings": image.metadata,
         }
         for image in images
@@ -633,12 +648,29 @@ def create_demo(args: argparse.Namespace, service):
     faces = tempfile.TemporaryDirectory(prefix="pulid-flux-faces-") if args.dev else None
 
     async def generate(values: dict, request: gr.Request, progress: gr.Progress):
+        """:func:`run_request`, with one line in the server's log for each request: who sent it,
+        what it asked for, how it ended and after how long."""
+        started, ended = time.monotonic(), ["stopped: the visitor cancelled or left"]
+        asked = asked_for(values)
+        steps = run_request(values, request, progress, ended)
+        try:
+            async for update in steps:
+                yield update
+        finally:
+            await steps.aclose()  # its own ``finally`` stops the job when the visitor goes
+            who = getattr(getattr(request, "client", None), "host", None) or "an unknown address"
+            logger.info(
+                "request from %s (%s): %s, after %.1f s", who, asked, ended[0], time.monotonic() - started
+            )
+
+    async def run_request(values: dict, request, progress, ended: list[str]):
         """Runs the job in the service's worker thread and waits for it without holding a server
         thread. The status line under Generate is sent when what it says changes (the place in
         line, the stage, the step: at most every POLL_SECONDS) and otherwise every
         KEEPALIVE_SECONDS, which is also how soon gradio closes this generator when the visitor
         leaves; the ``finally`` then stops the work or takes the job out of the line. (A message
-        every POLL_SECONDS from each of 33 waiting jobs made a full server unresponsive.)"""
+        every POLL_SECONDS from each of 33 waiting jobs made a full server unresponsive.)
+        ``ended[0]`` is set to how the request ended, for the log."""
         photo, extra = values.pop("id_image"), values.pop("extra_images")
         start, mask = values.pop("init_image"), values.pop("mask")
         drawn, painted = values.pop("mask_drawing"), values.pop("region_drawing")
@@ -682,9 +714,11 @@ def create_demo(args: argparse.Namespace, service):
         try:
             job = await asyncio.shield(admission)
         except Cancelled as err:  # by the visitor's Cancel while its files were checked
+            ended[0] = "cancelled while it was checked"
             yield status("**Cancelled.**")
             raise refused(str(err)) from None
         except ServiceError as err:
+            ended[0] = f"refused ({str(err)[:120]})"
             yield status("")  # no clock ticking on under the refusal's message
             raise refused(str(err)) from None
         except asyncio.CancelledError:  # cancelled or gone while it was checked: its job goes too
@@ -697,7 +731,7 @@ def create_demo(args: argparse.Namespace, service):
             finished = result is not None or cancelled
             return (
                 list(zip(files, map(caption, images), strict=True)),
-                summary(images, cancelled) if finished else status_line(bar),
+                summary(images, cancelled, args.preset == "tiny-random") if finished else status_line(bar),
                 files,
                 details(images),
                 gr.skip()
@@ -721,14 +755,17 @@ def create_demo(args: argparse.Namespace, service):
             try:
                 result = job.result()
             except Cancelled as err:
+                ended[0] = f"cancelled after {len(err.images)} image(s)"
                 if not err.images:  # nothing finished: the API caller gets the error itself
                     yield status("**Cancelled.**")
                     raise refused(str(err)) from None
                 yield outputs(cancelled=True)
                 return
             except ServiceError as err:
+                ended[0] = f"failed ({str(err)[:120]})"
                 yield status("")
                 raise refused(str(err)) from None
+            ended[0] = f"made {len(saved)} image(s)"
             yield outputs(result)
         finally:
             job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
@@ -802,7 +839,12 @@ def create_demo(args: argparse.Namespace, service):
         gr.Markdown("## PuLID for FLUX · put the face from a photo into new FLUX.1-dev images")
         if args.preset == "tiny-random":
             gr.Markdown(
-                "**tiny-random preset: random tiny models, the images are noise.** Use it to try the UI."
+                "**tiny-random preset: random tiny models on the CPU, so the images are noise.** It is "
+                "for trying the page and the API without downloading 38 GB of weights, and starts at "
+                f"{TINY_START['width']} x {TINY_START['height']} and {TINY_START['num_steps']} steps "
+                "(a few seconds). For real images, get the weights (README, *Weights*) and start "
+                "without `--preset`.",
+                elem_id="preset-notice",
             )
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=420):
@@ -1017,6 +1059,9 @@ def create_demo(args: argparse.Namespace, service):
         shown_pick = [picked_seed, picked, picked_settings]
         history_gallery.select(pick, history, shown_pick, api_visibility="private")
         results.select(pick, latest, shown_pick, api_visibility="private")
+        if args.preset == "tiny-random":  # the page starts small; the API's defaults stay the declared ones
+            starting = [controls[name] for name in TINY_START] + [preset]
+            demo.load(lambda: (*TINY_START.values(), "custom"), None, starting, api_visibility="private")
         preset.change(size_of, preset, [controls["width"], controls["height"]], api_visibility="private")
         for side in ("width", "height"):  # a size set by hand is no longer the preset's
             controls[side].input(lambda: "custom", None, preset, api_visibility="private")
@@ -1106,12 +1151,50 @@ def launch(demo, args: argparse.Namespace, **options) -> None:
         ),
         Middleware(PayloadCheck, events=event_inputs(demo), upload_folder=get_upload_folder()),
     ]
-    demo.launch(
-        head=CLOCK_SCRIPT,
-        max_file_size=MAX_UPLOAD_BYTES,  # in bytes: gradio's "20mb" would be 20 MiB, not the service's limit
-        app_kwargs={"middleware": middleware},
-        **options,
-    )
+    held = options.pop("prevent_thread_lock", False)  # tests serve from a thread and go on
+    options.pop("quiet", None)  # always quiet: the app says where it serves
+    try:
+        demo.launch(
+            head=CLOCK_SCRIPT,
+            # in bytes: gradio's "20mb" would be 20 MiB, not the service's limit
+            max_file_size=MAX_UPLOAD_BYTES,
+            app_kwargs={"middleware": middleware},
+            prevent_thread_lock=True,
+            quiet=True,  # its hint to set share=True in launch() is not this app's flag; said below
+            **options,
+        )
+    except OSError as err:  # the port was free at the start check, and taken while the models loaded
+        raise SystemExit(
+            f"\nCannot start: port {options['server_port']} on {options['server_name']} was taken while "
+            f"the models loaded ({err.strerror or 'in use'}): stop what listens there, or pass --port "
+            "with another.\n"
+        ) from None
+    public = f", and at {demo.share_url}" if demo.share_url else " (--share makes a public link)"
+    print(f"Serving at {demo.local_url}{public}. Ctrl+C stops it.", flush=True)
+    if not held:
+        serve_until_stopped(demo)
+
+
+def serve_until_stopped(demo, close_seconds: float = STOP_SECONDS) -> None:
+    """Wait for Ctrl+C or SIGTERM, then close the server, giving it ``close_seconds`` at most:
+    gradio's own wait closed open streams one by one and took 8-22 s. Raises KeyboardInterrupt,
+    which the entry point turns into one line."""
+    import contextlib
+    import io
+    import threading
+
+    def close() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # gradio's "Closing server running on port"
+            demo.close()
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        closing = threading.Thread(target=close, name="closing", daemon=True)
+        closing.start()
+        closing.join(close_seconds)
+        raise
 
 
 def event_inputs(demo):
@@ -1317,9 +1400,20 @@ def main(argv: list[str] | None = None) -> None:
             leave_group()
 
 
+def exit_now(code: int) -> None:
+    """End the process once its exit hooks have run (the temporary folders go), without waiting
+    for the libraries' threads and pools to wind down, which took seconds after a SIGTERM."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl+C or SIGTERM while loading: no traceback
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM, while loading or serving: one line, no traceback
         print("\nStopped.", file=sys.stderr)
-        raise SystemExit(130) from None
+        exit_now(130)

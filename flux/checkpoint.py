@@ -328,10 +328,10 @@ def open_checkpoint(path: str | os.PathLike):
     from flux.gguf_file import GGUFFile, is_gguf
 
     path = Path(path)
-    if path.suffix.lower() == ".gguf" and path.is_file() and not is_gguf(path):
-        if kind := other_format(path):
-            raise CheckpointError(_not_the_format(path, kind, "gguf"))
-    return GGUFFile(path) if is_gguf(path) or path.suffix.lower() == ".gguf" else SafetensorsFile(path)
+    named_gguf = path.suffix.lower() == ".gguf"
+    if named_gguf and path.is_file() and not is_gguf(path) and (kind := other_format(path)):
+        raise CheckpointError(_not_the_format(path, kind, "gguf"))
+    return GGUFFile(path) if named_gguf or is_gguf(path) else SafetensorsFile(path)
 
 
 def _without_view_base(tensor: Tensor) -> Tensor:

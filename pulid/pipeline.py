@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from pulid.regions import (
     overlap_share,
     token_region,
 )
-from pulid.request import GenerationRequest, InvalidRequestError, mask_values
+from pulid.request import RANDOM_SEEDS, GenerationRequest, InvalidRequestError, mask_values
 from pulid.similarity import describe, identity_similarity
 
 GiB = 1024**3
@@ -427,8 +428,10 @@ class PuLIDFluxPipeline:
         again between the decoder's blocks; ``on_image`` each image as soon as it is decoded. Any
         of them may raise :class:`~flux.sampling.GenerationCancelled` to stop.
 
-        Image ``i`` has seed ``seed + i`` and is the image that seed gives alone: its noise is drawn
-        from its own generator, and the images of a batch share only the conditioning.
+        Image ``i`` has seed ``seed + i`` and is the image that seed gives alone, up to float
+        rounding (batched products may sum in another order): its noise is drawn from its own
+        generator, and the images of a batch share only the conditioning. Seed -1 draws one below
+        :data:`~pulid.request.RANDOM_SEEDS`.
         """
         stage = on_stage or (lambda name: None)
         if self.parallel is not None:  # a cancel at any of these points stops every rank there
@@ -438,7 +441,7 @@ class PuLIDFluxPipeline:
         self.check_sharding(request)
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        first = request.seed if request.seed != -1 else torch.Generator(device="cpu").seed()
+        first = request.seed if request.seed != -1 else secrets.randbelow(RANDOM_SEEDS)
         if self.parallel is not None:  # every rank denoises the same noise
             first = self.parallel.same_on_every_rank(first)
         seeds = request.seeds(first)

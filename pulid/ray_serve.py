@@ -43,6 +43,7 @@ from pulid.limits import MAX_EXTRA_PHOTOS, MAX_JSON_BODY_BYTES, MAX_QUEUED, MAX_
 from pulid.pipeline import GeneratedImage
 from pulid.request import GenerationRequest, InvalidRequestError, check_person_photo_count
 from pulid.service import Runner, ServiceError, check_listed_loras, lora_names_of
+from pulid.similarity import rounded
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def image_json(image: GeneratedImage) -> dict:
     image.image.save(buffer, format="PNG")
     return {
         "seed": image.seed,
-        "face_similarity": image.face_similarity,
+        "face_similarity": rounded(image.face_similarity),
         "metadata": image.metadata,
         "png": base64.b64encode(buffer.getvalue()).decode("ascii"),
     }

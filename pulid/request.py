@@ -33,6 +33,7 @@ from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_se
 from pulid.uploads import at_first_size
 
 MAX_SEED = 2**64 - 1
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this: at most 10 digits, to read and type
 OUTPUT_FORMATS = tuple(EXTENSIONS)  # png, jpeg, webp
 # Common sizes near one megapixel, multiples of 16 (the UI's picker sets width and height).
 SIZE_PRESETS = {
@@ -92,6 +93,7 @@ __all__ = [
     "InvalidRequestError",
     "LoRAChoice",
     "MAX_SEED",
+    "RANDOM_SEEDS",
     "Person",
     "generation_settings",
 ]
@@ -186,7 +188,8 @@ class GenerationRequest:
         minimum=1,
         maximum=MAX_IMAGES_PER_REQUEST,
         step=1,
-        help="Made together, with seeds seed, seed+1, ...: each is the image its own seed gives alone.",
+        help="Made together, with seeds seed, seed+1, ...: each is the image its own seed gives alone "
+        "(up to float rounding).",
     )
     max_sequence_length: int = setting(
         int,

@@ -38,6 +38,18 @@ def identity_similarity(references: Sequence[np.ndarray], found: np.ndarray | No
     return float(np.mean([cosine(reference, found) for reference in references]))
 
 
+SCALE = (
+    "Face similarity is the cosine between the ArcFace embeddings of the face in the image and of "
+    "the photo: two pictures of one person typically score above about 0.4, and another person's "
+    "face under 0.2. It tells whether the identity took, not how good the image is."
+)
+
+
+def rounded(score: float | None) -> float | None:
+    """The score as the front doors give it (two decimals: the third means nothing)."""
+    return None if score is None else round(score, 2)
+
+
 def describe(score: float | None, has_reference: bool) -> str:
     """The score as people read it: ``0.72``, ``no face found`` or ``no ID photo``."""
     if not has_reference:

@@ -100,9 +100,26 @@ def call(client, **kw) -> Reply:
     return Reply(client.predict(**values, api_name="/generate"))
 
 
-def test_client_gets_an_image_and_the_used_seed(client):
+def test_client_gets_an_image_and_the_used_seed(client, caplog):
+    import logging
+    import time
+
+    from pulid.request import RANDOM_SEEDS
+
+    caplog.set_level(logging.INFO, logger="app_flux")
     reply = call(client, id_image=PHOTO, seed="-1")
-    assert reply.seed >= 0
+    for _ in range(100):  # written as the handler ends, just after the reply
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request from")]
+        if lines:
+            break
+        time.sleep(0.05)
+    # one line on the server's console per request: who, what, how it ended, how long
+    assert lines and lines[0].startswith("request from 127.0.0.1 (256x256, 2 steps, 1 image(s), 1 photo(s)):")
+    assert ": made 1 image(s), after " in lines[0] and len(lines) == 1
+    assert 0 <= reply.seed < RANDOM_SEEDS  # a random seed of at most 10 digits, to read and type
+    score = reply.details[0]["face_similarity"]
+    assert score is not None and score == round(score, 2)  # two decimals, where it was 17
+    assert "typically score above about 0.4" in reply.info and "the number means nothing" in reply.info
     with Image.open(reply.gallery[0]["image"]) as img:
         assert img.size == (256, 256)
     meta = read_image_metadata(reply.image)
@@ -708,11 +725,31 @@ def test_sigterm_stops_the_app_cleanly_and_takes_its_temporary_faces_folder(tmp_
             assert app.poll() is None and time.monotonic() < deadline, app.stdout.read()
             time.sleep(0.5)
         app.send_signal(signal.SIGTERM)
-        output, _ = app.communicate(timeout=60)
+        output, _ = app.communicate(timeout=60)  # a guard against a hang: it takes about 2 s
     finally:
         app.kill()
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "share=True" not in output  # gradio's hint names no flag of ours
+    assert f"Serving at http://127.0.0.1:{port}/ (--share makes a public link)" in output
+    after = output.split("Ctrl+C stops it.")[-1]
+    assert after.split() == ["Stopped."], after  # one line: not gradio's "Keyboard interruption..."
     assert list(tmp_path.glob("pulid-flux-faces-*")) == []
+
+
+def test_a_port_taken_while_the_models_loaded_is_one_line(app_pipeline, tmp_path):
+    """The start checks the port before loading; another program may take it meanwhile."""
+    import socket
+
+    args = app_flux.parse_args(["--preset", "tiny-random"])
+    demo = app_flux.create_demo(args, app_flux.make_service(app_pipeline, tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as stop:
+            app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True)
+    message = str(stop.value.code)
+    assert f"Cannot start: port {port} on 127.0.0.1 was taken while the models loaded" in message
+    assert "pass --port with another" in message and "server_port" not in message
 
 
 def _answers(port: int) -> bool:

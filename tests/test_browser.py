@@ -43,6 +43,8 @@ def page(browser, server):  # noqa: F811
     page = browser.new_page(viewport=WINDOW)
     page.goto(server, wait_until="load")  # not "networkidle": the session heartbeat stays open
     page.locator("#prompt textarea").wait_for()
+    width = page.get_by_label("number input for Width", exact=True)
+    page.wait_for_function("(box) => box.value === '256'", arg=width.element_handle())  # the preset's start
     yield page
     page.close()
 
@@ -104,6 +106,21 @@ def test_the_status_clock_counts_between_updates(page):
     )
     page.wait_for_timeout(2_300)
     assert page.locator("#result-info .job-clock").inner_text() in ("5 s", "6 s")
+
+
+def test_the_tiny_preset_starts_small_and_says_what_it_is_for(page):
+    """It started at 896x1152 and 28 steps: minutes on a loaded CPU for noise."""
+    values = {
+        label: page.get_by_label(f"number input for {label}", exact=True).input_value()
+        for label in ("Width", "Height", "Number of steps")
+    }
+    assert values == {"Width": "256", "Height": "256", "Number of steps": "4"}
+    notice = page.locator("#preset-notice").inner_text()
+    assert "images are noise" in notice and "without downloading" in notice and "256 x 256" in notice
+    page.locator("#id-image input[type=file]").set_input_files(str(PHOTO))
+    page.locator("#generate").click()
+    page.locator("#results").get_by_text("face similarity").first.wait_for(timeout=120_000)
+    assert "Denoising step" not in page.locator("#result-info").inner_text()
 
 
 def test_the_first_screen_shows_prompt_photo_input_and_generate(page, tmp_path):
