@@ -33,7 +33,13 @@ from pulid.limits import (
     MIN_FREE_DISK_BYTES,
 )
 from pulid.similarity import rounded
-from pulid.startup import add_model_arguments, check_whole_pipeline_per_gpu, load_or_exit, path_argument
+from pulid.startup import (
+    Parser,
+    add_model_arguments,
+    check_whole_pipeline_per_gpu,
+    load_or_exit,
+    path_argument,
+)
 
 logger = logging.getLogger("app_flux")
 
@@ -75,9 +81,7 @@ def tips() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="PuLID for FLUX.1-dev: put the face from a photo into new images"
-    )
+    parser = Parser(description="PuLID for FLUX.1-dev: put the face from a photo into new images")
     add_model_arguments(parser)
     default_port = int(os.environ.get("GRADIO_SERVER_PORT", 7860 if IN_SPACE else 8080))
     default_host = os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if IN_SPACE else "127.0.0.1")
@@ -709,6 +713,7 @@ def create_demo(args: argparse.Namespace, service):
             """Only the status line (the summary box) changes."""
             return (gr.skip(), status_line(bar) if text is None else text, *(gr.skip(),) * 4)
 
+        _session(request)  # a request without one is refused before anything is said or done
         yield status()  # on the page at once, before the request's files are checked
         admission = asyncio.ensure_future(asyncio.to_thread(admit))
         try:
@@ -1326,7 +1331,10 @@ def stop_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # First: on ZeroGPU, importing ``spaces`` patches torch before anything starts CUDA.
+    if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
+        argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
+    args = parse_args(argv)  # before torch is imported: --help and a mistyped flag answer at once
+    # Then: on ZeroGPU, importing ``spaces`` patches torch before anything starts CUDA.
     from pulid.zerogpu import ON_ZERO_GPU, ZeroGPURunner, check_flags
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -1335,9 +1343,6 @@ def main(argv: list[str] | None = None) -> None:
     # memory budgets count on (measured in BENCHMARKS.md).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     configure_space()
-    if argv is None:  # a Space cannot pass flags: PULID_FLUX_ARGS="--offload --fp8" does it instead
-        argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
-    args = parse_args(argv)
     stop_on_sigterm()
     if problems := problems_before_loading(args):
         raise SystemExit("\nCannot start:\n- " + "\n- ".join(problems) + "\n")

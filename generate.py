@@ -28,7 +28,7 @@ from pathlib import Path
 from pulid.catalogue import SPEED_LORAS
 from pulid.outputs import writable_folder_problem
 from pulid.request import PERSON_WEIGHT
-from pulid.startup import add_model_arguments, load_or_exit, lora_folder, path_argument, path_text
+from pulid.startup import Parser, add_model_arguments, load_or_exit, lora_folder, path_argument, path_text
 
 REPEATABLE = ("prompt", "seed")  # a batch is every prompt with every seed
 
@@ -58,7 +58,7 @@ def fill_setting_defaults(args: argparse.Namespace, defaults: dict[str, object])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     add_setting_arguments(parser)
     parser.add_argument(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -17,24 +16,7 @@ from flux.layers import (
     SingleStreamBlock,
     timestep_embedding,
 )
-
-
-@dataclass
-class FluxParams:
-    """Hyper-parameters, with the official field names (a tiny test config is one line)."""
-
-    in_channels: int
-    vec_in_dim: int
-    context_in_dim: int
-    hidden_size: int
-    mlp_ratio: float
-    num_heads: int
-    depth: int
-    depth_single_blocks: int
-    axes_dim: list[int] = field(default_factory=lambda: [16, 56, 56])
-    theta: int = 10_000
-    qkv_bias: bool = True
-    guidance_embed: bool = True
+from flux.params import FluxParams
 
 
 @runtime_checkable

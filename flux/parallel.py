@@ -29,9 +29,9 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from flux.conventions import TOKEN_PIXELS
 from flux.math import apply_rope
 from flux.model import Flux, IDInjection, StepCache
-from flux.sampling import TOKEN_PIXELS
 
 
 class ShardingError(ValueError):

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flux.autoencoder import AutoEncoderParams
-from flux.model import FluxParams
+from flux.params import AutoEncoderParams, FluxParams
 
 
 def flux_dev_params() -> FluxParams:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flux.conventions import TOKEN_PIXELS, uses_true_cfg
 from flux.model import Flux, IDInjection
 from flux.step_cache import FirstBlockCache
 
 LATENT_CHANNELS = 16
-TOKEN_PIXELS = 16  # one image token of the DiT: a 2 x 2 patch of 8 x 8-pixel latent cells
 
 
 def get_noise(
@@ -169,12 +169,6 @@ class StepInfo:
 
 class GenerationCancelled(Exception):
     """Raised by a step callback to stop sampling; the caller decides what to show."""
-
-
-def uses_true_cfg(true_cfg: float) -> bool:
-    """Whether a true-CFG scale asks for the negative pass: the official code's rule, a scale
-    further than 0.01 from 1."""
-    return abs(true_cfg - 1.0) > 1e-2
 
 
 def denoise(

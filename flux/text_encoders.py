@@ -26,7 +26,6 @@ from flux.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-T5_MAX_LENGTHS = (128, 256, 384, 512)
 CLIP_MAX_LENGTH = 77
 
 # What the folders must hold (config values of google/t5-v1_1-xxl and the text half of CLIP ViT-L/14).

@@ -22,7 +22,6 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
-from flux.devices import HardwareError
 from flux.hub import (
     WeightsNotFoundError,
     download,
@@ -40,12 +39,12 @@ from pulid.catalogue import (
     is_path_choice,
     required_weights,
 )
-from pulid.startup import add_weight_arguments
+from pulid.startup import Parser, add_weight_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The download command's flags: the app's weight flags, plus what to fetch and how."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m pulid.download",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    from flux.devices import HardwareError  # torch: after the flags, so that --help answers at once
+
     models_dir = Path(args.models_dir) if args.models_dir is not None else default_models_dir()
     try:
         entries = chosen_entries(args)

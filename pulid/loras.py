@@ -22,25 +22,17 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 from flux.hub import HubWeights, WeightsNotFoundError, download, download_blocked, find_local, how_to_get
 from flux.lora import LoRAError, LoRAFile, Target, check_lora_suffix, read_lora
 from pulid.catalogue import SPEED_LORAS
+from pulid.request import LoRAChoice
 
 logger = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
 CACHED_LORAS = 3  # LoRA files kept read (float32 on the host: a rank-64 full-DiT LoRA is about 1.4 GB)
-
-
-@dataclass(frozen=True)
-class LoRAChoice:
-    """One LoRA of a request: where it comes from and how strongly it applies (negative inverts it)."""
-
-    source: str
-    strength: float = 1.0
 
 
 def parse_lora_option(text: str) -> LoRAChoice:

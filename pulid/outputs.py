@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
-from flux.sampling import uses_true_cfg
+from flux.conventions import uses_true_cfg
 
 SOFTWARE = "PuLID-FLUX studio"
 JSON_KEY = "pulid_flux"

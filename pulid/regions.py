@@ -11,14 +11,16 @@ of a columns layout sums to exactly 1.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch import Tensor
-from torch.nn import functional as F
+from typing import TYPE_CHECKING
 
-from flux.sampling import TOKEN_PIXELS
+import numpy as np
+
+from flux.conventions import TOKEN_PIXELS
 from pulid.settings import InvalidRequestError
 from pulid.uploads import at_first_size
+
+if TYPE_CHECKING:  # torch is imported where the token grid is made: the settings need this module
+    from torch import Tensor
 
 LAYOUTS = ("columns", "masks")
 # The brush colours of the page's region painting, person 1 first: red, green, blue, yellow.
@@ -40,6 +42,9 @@ def column_regions(count: int, width: int, height: int) -> list[np.ndarray]:
 def token_region(values: np.ndarray) -> Tensor:
     """A region (H, W) uint8 at the image's size (H and W multiples of 16) -> (1, L, 1) float32:
     each image token's share of pixels of 128 and above, in the DiT's token order (row-major)."""
+    import torch
+    from torch.nn import functional as F
+
     painted = torch.from_numpy((values >= 128).astype(np.float32))[None, None]
     share = F.avg_pool2d(painted, TOKEN_PIXELS)
     return share.reshape(1, -1, 1)
@@ -57,6 +62,8 @@ def check_region_area(region: Tensor, who: str) -> None:
 def overlap_share(regions: list[Tensor]) -> float:
     """The share of image tokens where the regions' factors sum above 1: where regions overlap
     (each identity adds its own ID there). Columns that share a token split it, so they never do."""
+    import torch
+
     total = torch.stack(regions).sum(dim=0)
     return float((total > 1 + 1e-6).float().mean())
 

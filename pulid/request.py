@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from flux.sampling import TOKEN_PIXELS, uses_true_cfg
-from flux.text_encoders import T5_MAX_LENGTHS
+from flux.conventions import T5_MAX_LENGTHS, TOKEN_PIXELS, uses_true_cfg
 from pulid.limits import (
     MAX_EXTRA_PHOTOS,
     MAX_IMAGES_PER_REQUEST,
@@ -26,7 +25,6 @@ from pulid.limits import (
     MAX_PEOPLE,
     MAX_PROMPT_CHARS,
 )
-from pulid.loras import LoRAChoice
 from pulid.outputs import EXTENSIONS
 from pulid.regions import LAYOUTS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
@@ -49,6 +47,7 @@ DEFAULT_PROMPT = "portrait, color, cinematic"
 DEFAULT_NEGATIVE_PROMPT = "bad quality, worst quality, text, signature, watermark, extra limbs"
 
 START_STEP_HELP = (
+    "The step from which the face is inserted (the official app's 'timestep to start inserting ID'). "
     "Smaller keeps the face closer, larger leaves more room for the prompt; 0-4 works best "
     "(4 for photorealistic scenes, 0-1 for stylised ones)."
 )
@@ -97,6 +96,14 @@ __all__ = [
     "Person",
     "generation_settings",
 ]
+
+
+@dataclass(frozen=True)
+class LoRAChoice:
+    """One LoRA of a request: where it comes from and how strongly it applies (negative inverts it)."""
+
+    source: str
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,7 @@ class GenerationRequest:
         group="image",
         help="Denoising steps: more is slower and usually finer.",
     )
-    start_step: int = setting(
-        int, 0, "Timestep to start inserting ID", minimum=0, maximum=10, step=1, help=START_STEP_HELP
-    )
+    start_step: int = setting(int, 0, "ID start step", minimum=0, maximum=10, step=1, help=START_STEP_HELP)
     cache_threshold: float = setting(
         float,
         0.0,
@@ -222,13 +227,13 @@ class GenerationRequest:
     cfg_start_step: int = setting(
         int,
         1,
-        "Timestep to start CFG",
+        "True CFG start step",
         minimum=0,
         maximum=20,
         step=1,
         group="dev",
         flags=("--timestep_to_start_cfg",),
-        help="First step of the negative pass of true CFG.",
+        help="First step of the negative pass of true CFG (the official 'timestep to start CFG').",
     )
     cache_full_first: int = setting(
         int,

@@ -35,6 +35,45 @@ MAX_NAME_BYTES = 255  # one file or folder name (NAME_MAX on Linux, macOS and Wi
 MAX_PATH_CHARS = 4096  # a whole path (PATH_MAX on Linux; macOS and Windows allow less)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` with each flag's default, where its help does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default in (None, False, [], "", argparse.SUPPRESS) or not action.option_strings
+        return text if quiet or "default" in text else f"{text} (default: {action.default})"
+
+
+class Parser(argparse.ArgumentParser):
+    """The command line of the app, the CLI and the download tool: a misspelt flag is answered with
+    the flag it most likely meant ("--steps: did you mean --num_steps?"), not 30 lines of usage,
+    and ``--help`` shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        import difflib
+
+        if not message.startswith("unrecognized arguments: "):
+            super().error(message)
+        known = sorted({flag for action in self._actions for flag in action.option_strings})
+        lines = []
+        for word in message.removeprefix("unrecognized arguments: ").split():
+            if not word.startswith("-"):
+                continue  # the value of a misspelt flag
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=2, cutoff=0.7)
+            close = close or [k for k in known if len(flag) > 3 and flag.lstrip("-") in k]
+            lines.append(
+                f"{flag}: did you mean {' or '.join(close[:2])}?" if close else f"{flag}: no such flag"
+            )
+        if not lines:  # a stray value: argparse's own message says which
+            super().error(message)
+        self.exit(2, f"{self.prog}: unknown flag\n  " + "\n  ".join(lines) + "\n(--help lists every flag)\n")
+
+
 def path_text(text: str) -> str:
     """A path flag's value, refused where no system can hold it: a name over 255 bytes made every
     later ``Path.exists()`` raise "File name too long" as a traceback."""

@@ -759,3 +759,32 @@ def _answers(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize(
+    "entry,meant",
+    [
+        ("generate.py", "--steps: did you mean --num_steps?"),
+        ("app_flux.py", "--steps: no such flag"),  # the app's settings are on the page
+        ("pulid/download.py", "--steps: no such flag"),
+    ],
+)
+def test_help_and_a_misspelt_flag_answer_before_torch_is_imported(entry, meant):
+    """--help took 6-27 s (torch was imported first) and ``--steps 4`` got 28 lines of usage."""
+    probe = (
+        "import runpy, sys\n"
+        f"for argv in (['--help'], ['--steps', '4']):\n"
+        f"    sys.argv = [{entry!r}, *argv]\n"
+        "    try:\n"
+        f"        runpy.run_path({entry!r}, run_name='__main__')\n"
+        "    except SystemExit as stop:\n"
+        "        print('exit', stop.code)\n"
+        "print('heavy:', sorted(m for m in ('torch', 'gradio', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert "heavy: []" in done.stdout and done.stdout.count("exit ") == 2, done.stdout + done.stderr
+    assert "(default: " in done.stdout  # --help shows the defaults
+    said = done.stderr.strip().splitlines()
+    assert meant in done.stderr and len(said) <= 4, done.stderr
