@@ -16,6 +16,20 @@ class HardwareError(RuntimeError):
     """This machine cannot do what a flag asks; the message says what to change."""
 
 
+def nvidia_gpu_present() -> bool:
+    """Whether ``nvidia-smi`` lists a GPU: told apart from a CPU build of torch on a GPU machine."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """The device ``name`` names (``None``: the first CUDA GPU if there is one, else the CPU), checked."""
     if name is None:
@@ -27,6 +41,11 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type not in SUPPORTED_TYPES:
         raise HardwareError(f"--device {name}: this app runs on {' or '.join(SUPPORTED_TYPES)} devices.")
     if device.type == "cuda":
+        if torch.version.cuda is None and not nvidia_gpu_present():
+            raise HardwareError(
+                f"--device {name}: this machine has no NVIDIA GPU (nvidia-smi lists none). Leave out "
+                "--device to run on the CPU, or try the app with --preset tiny-random."
+            )
         if torch.version.cuda is None:
             raise HardwareError(
                 f"--device {name} needs a CUDA build of PyTorch, and this one ({torch.__version__}) is a "

@@ -105,6 +105,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+DISK_MARGIN_BYTES = 2 * 10**9  # left free beyond the files: the system and partial downloads need room
+
+
+def disk_shortfall(folder: Path, needed: int) -> str | None:
+    """Why ``needed`` bytes will not fit on the disk that holds (or will hold) ``folder``; None if
+    they fit. Checked before anything is fetched: a full disk half-way through 38 GB helps nobody."""
+    import shutil
+
+    place = folder.absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:
+        return None  # cannot tell: the download will say if it fails
+    if free >= needed + DISK_MARGIN_BYTES:
+        return None
+    return (
+        f"Not enough disk space: {format_size(needed)} to download into {folder}, and {format_size(free)} "
+        f"free there ({format_size(DISK_MARGIN_BYTES)} are kept free). Free some space, or give another "
+        "--models_dir on a larger disk."
+    )
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from flux.devices import HardwareError  # torch: after the flags, so that --help answers at once
@@ -138,8 +162,13 @@ def _main(argv: list[str] | None) -> int:
             missing.append(entry)
     total = sum(entry.weights.size_bytes for entry in missing)
     print(f"{len(missing)} to download ({format_size(total)}) into {models_dir}")
+    if missing and not models_dir.exists():
+        print(f"{models_dir} does not exist yet: it is made when the download starts (a typo?).")
     if args.dry_run or not missing:
         return 0
+    if (short := disk_shortfall(models_dir, total)) is not None:
+        print(short, file=sys.stderr)
+        return 1
     blocked = download_blocked()
     if blocked is not None:
         print(f"Cannot download: {blocked}.", file=sys.stderr)

@@ -144,6 +144,13 @@ def resolve_fp8_mode(fp8: str | None, device: torch.device) -> str | None:
         raise ValueError(f"fp8 mode must be one of {', '.join(FP8_MODES)}, not {fp8!r}")
     supported = fp8_matmul_supported(device)
     if fp8 == "auto":
+        if not supported:
+            logger.warning(
+                "--fp8 on %s (no fp8 matrix units): loads XLabs' fp8 checkpoint through optimum-quanto, "
+                "which halves the DiT's memory but computes in bf16, no faster; --fp8_mode native "
+                "needs an Ada, Hopper or Blackwell GPU",
+                describe(device),
+            )
         return "native" if supported else "quanto"
     if fp8 == "native" and not supported:
         raise HardwareError(

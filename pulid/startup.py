@@ -378,4 +378,30 @@ def load_or_exit(args: argparse.Namespace, replicas: int | None = None):
         return build_pipeline(args) if replicas is None else build_replicas(args, replicas)
     except load_errors() as err:
         logger.debug("start-up failed", exc_info=True)
-        raise SystemExit(f"\nCannot start: {err}\n") from None
+        raise SystemExit(f"\n{before_the_weights_list(args, err)}Cannot start: {err}\n") from None
+
+
+def before_the_weights_list(args: argparse.Namespace, err: Exception) -> str:
+    """What to know before a list of weights to download: a --models_dir that does not exist (a
+    misspelt one read as an empty folder), and, on a machine without a CUDA GPU, what the real
+    models need and the preset that runs there (a CPU user went straight to 38 GB of downloads)."""
+    import torch
+
+    from flux.hub import WeightsNotFoundError
+
+    if not isinstance(err, WeightsNotFoundError):
+        return ""
+    notes = ""
+    if args.models_dir is not None and not Path(args.models_dir).expanduser().exists():
+        notes += (
+            f"--models_dir {args.models_dir} does not exist (a typo?): the files below would be "
+            "downloaded into it.\n\n"
+        )
+    if args.device not in (None, "cpu") or torch.cuda.is_available():
+        return notes
+    return notes + (
+        "This machine has no CUDA GPU. The real models want an NVIDIA GPU (8 GB at least with the "
+        "small-card files; README, Weights); on a CPU they take tens of GB of memory and many "
+        "minutes per image. To try the app here first, with nothing to download:\n"
+        "    python app_flux.py --preset tiny-random\n\n"
+    )

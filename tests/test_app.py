@@ -501,7 +501,7 @@ def test_a_hostile_vram_budget_is_refused_by_the_parser(value, capsys):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without CUDA answers")
 def test_a_flag_the_machine_cannot_honour_stops_the_start_with_one_message(tmp_path):
     for flags, message in [
-        (["--device", "cuda"], "--device cuda needs a CUDA build of PyTorch"),
+        (["--device", "cuda"], "--device cuda: this machine has no NVIDIA GPU (nvidia-smi lists none)"),
         (["--device", "cpu", "--fp8", "--fp8_mode", "native"], "fp8 matrix units"),
         (["--device", "cpu", "--vram_budget", "12"], "--vram_budget 12 moves weights"),
         (["--device", "cpu", "--offload"], "--offload moves weights"),

@@ -1,0 +1,52 @@
+"""What a start says on a machine it does not fit: no CUDA GPU, a misspelt models folder, a disk
+too small for the download, fp8 without fp8 units (issue 31, item 6)."""
+
+import logging
+
+import pytest
+import torch
+
+import app_flux
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA says")
+
+
+def test_a_cpu_start_without_weights_points_at_the_tiny_preset_first(tmp_path, monkeypatch):
+    from pulid.startup import load_or_exit
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    typo = tmp_path / "modles"
+    with pytest.raises(SystemExit) as stop:
+        load_or_exit(app_flux.parse_args(["--models_dir", str(typo)]))
+    said = str(stop.value.code)
+    first_download = said.index("Cannot start:")
+    assert 0 < said.index("--preset tiny-random") < first_download  # before any download advice
+    assert said.index(f"--models_dir {typo} does not exist (a typo?)") < first_download
+    assert not typo.exists()  # made only by a download
+
+
+def test_the_download_checks_the_disk_first_and_names_a_new_folder(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    import pulid.download
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 10**9, 99 * 10**9, 10**9))
+    fetched = []
+    monkeypatch.setattr(pulid.download, "download", lambda *a, **k: fetched.append(a))
+    folder = tmp_path / "new-models"
+    assert pulid.download.main(["--models_dir", str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{folder} does not exist yet: it is made when the download starts" in out
+    assert "Not enough disk space: 37.9 GB to download" in err and "1.0 GB free there" in err
+    assert fetched == [] and not folder.exists()
+
+
+def test_fp8_on_a_machine_without_fp8_units_says_what_it_will_do(caplog):
+    from pulid.loading import resolve_fp8_mode
+
+    caplog.set_level(logging.WARNING, logger="pulid.loading")
+    assert resolve_fp8_mode("auto", torch.device("cpu")) == "quanto"
+    assert "loads XLabs' fp8 checkpoint through optimum-quanto" in caplog.text
+    assert "no faster" in caplog.text
