@@ -50,3 +50,27 @@ def test_fp8_on_a_machine_without_fp8_units_says_what_it_will_do(caplog):
     assert resolve_fp8_mode("auto", torch.device("cpu")) == "quanto"
     assert "loads XLabs' fp8 checkpoint through optimum-quanto" in caplog.text
     assert "no faster" in caplog.text
+
+
+def test_a_second_setup_with_nothing_to_do_runs_neither_pip_nor_the_import_check():
+    """README's commands re-ran the whole setup each time: 30-100 s of import checks, and pip
+    again for the app after the test setup (a stamp per flag set)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    venv = Path(sys.prefix)
+    if not (venv / ".setup_env-cpu1-test1.sha256").is_file():
+        pytest.skip("this environment was not made by scripts/setup_env.sh --cpu --test")
+    repo = Path(__file__).resolve().parent.parent
+    for flags in (["--cpu", "--test"], ["--cpu"]):  # the test setup, then the app's
+        done = subprocess.run(
+            ["bash", "scripts/setup_env.sh", "--venv", str(venv), *flags],
+            cwd=repo,
+            env={"PATH": "/usr/bin:/bin", "SKIP_CHROMIUM": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0 and "python packages up to date" in done.stdout, done.stdout
+        assert "pip install" not in done.stdout and "imports OK" not in done.stdout
