@@ -228,6 +228,8 @@ def test_without_behind_proxy_no_local_peer_names_the_client(monkeypatch):
     seen = {}
 
     class Demo:
+        local_url, share_url = "http://127.0.0.1:1/", None
+
         def launch(self, **options):
             import os
 
@@ -236,5 +238,7 @@ def test_without_behind_proxy_no_local_peer_names_the_client(monkeypatch):
     args = argparse.Namespace(host="127.0.0.1", port=1, share=False, allowed_hosts=None)
     for behind_proxy, trusted in ((False, ""), (True, None)):
         monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
-        app_flux.launch(Demo(), argparse.Namespace(**vars(args), behind_proxy=behind_proxy))
+        app_flux.launch(
+            Demo(), argparse.Namespace(**vars(args), behind_proxy=behind_proxy), prevent_thread_lock=True
+        )
         assert seen["trusted"] == trusted
