@@ -11,20 +11,16 @@ prints it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scripts.soak import free_port  # noqa: E402
+from scripts.tiny_app import tiny_app  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,24 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     from app_flux import TINY_START
 
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "app_flux.py", "--preset", "tiny-random", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=5).status_code == 200:
-                    break
-            if server.poll() is not None or time.perf_counter() - started > 600:
-                raise RuntimeError("the app did not start")
-            time.sleep(0.2)
+    started = time.perf_counter()
+    with tiny_app(port):
         served_s = time.perf_counter() - started
         client = Client(url, verbose=False)
         photo = handle_file(str(REPO / "example_inputs" / "astronaut.png"))
@@ -65,12 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
             client.predict(prompt="portrait, color, cinematic", id_image=photo, seed=str(seed), **TINY_START,
                            api_name="/generate")  # fmt: skip
             seconds.append(round(time.perf_counter() - start, 2))
-    finally:
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(30)
-        if server.poll() is None:
-            server.kill()
     report = {"page_served_s": round(served_s, 1), "image_s_at_page_start": seconds, "settings": TINY_START}
     text = json.dumps(report, indent=2)
     print(text)

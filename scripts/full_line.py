@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scripts.soak import free_port, in_api_order  # noqa: E402
+from scripts.tiny_app import tiny_app  # noqa: E402
 
 
 def listen(url: str, session: str, heard: list[str], stop: threading.Event) -> None:
@@ -72,26 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="full-line-"))
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TMPDIR": str(work)}
-    server = subprocess.Popen(
-        [sys.executable, "app_flux.py", "--preset", "tiny-random", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}/"
     stop = threading.Event()
-    try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                config = httpx.get(f"{url}config", timeout=5).json()
-                break
-            if server.poll() is not None:
-                raise RuntimeError("the app exited during start-up")
-            time.sleep(1)
-        else:
-            raise RuntimeError("the app did not start")
+    with tiny_app(port, {"TMPDIR": str(work)}) as server:
+        config = httpx.get(f"{url}config", timeout=30).json()
         index = {d.get("api_name"): d["id"] for d in config["dependencies"]}
         quiet_info = [timed(lambda: httpx.get(f"{url}gradio_api/info", timeout=120)) for _ in range(3)]
 
@@ -131,13 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cancel_s_full_line": round(cancel, 3),
             "server_alive": server.poll() is None,
         }
-    finally:
         stop.set()
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(30)
-        if server.poll() is None:
-            server.kill()
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
