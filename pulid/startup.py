@@ -281,7 +281,13 @@ def lora_folder(args: argparse.Namespace) -> Path:
 
 def build_pipeline(args: argparse.Namespace):
     """The pipeline the flags ask for (the tiny-random preset, or the real models)."""
+    from transformers.utils import logging as transformers_logging
+
     from flux.devices import HardwareError
+
+    # transformers draws a bar for each model it loads or writes, at every start: noise in a server's
+    # console (the download tool keeps the hub's own bars, which matter there)
+    transformers_logging.disable_progress_bar()
 
     if args.preset == "tiny-random":
         from tiny_random.pipeline import tiny_pipeline_with_face_models

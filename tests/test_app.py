@@ -729,6 +729,7 @@ def test_sigterm_stops_the_app_cleanly_and_takes_its_temporary_faces_folder(tmp_
     finally:
         app.kill()
     assert "Traceback" not in output and "share=True" not in output  # gradio's hint names no flag of ours
+    assert "Loading weights" not in output and "Writing model shards" not in output  # transformers' bars
     assert f"Serving at http://127.0.0.1:{port}/ (--share makes a public link)" in output
     after = output.split("Ctrl+C stops it.")[-1]
     assert after.split() == ["Stopped."], after  # one line: not gradio's "Keyboard interruption..."
