@@ -994,34 +994,34 @@ def create_demo(args: argparse.Namespace, service):
                 results = gr.Gallery(
                     label="Results",
                     columns=2,
-                    height=520,
+                    height=430,
                     object_fit="contain",
                     elem_id="results",
                     format="png",
                 )
+                # right under the results, where a user looks to change what comes out next
+                with gr.Accordion("Size, steps and guidance", open=True, elem_id="size"):
+                    preset = listed_choice_class(gr)(
+                        ["custom", *SIZE_PRESETS],
+                        value=next(iter(SIZE_PRESETS)),
+                        label="Size preset",
+                        info="Sets width and height; pick 'custom' to use the sliders alone.",
+                    )
+                    for name, setting in settings.items():
+                        if setting.group == "image":
+                            controls[name] = control(setting, gr)
                 files = gr.File(label="Files (with prompt and settings inside)", file_count="multiple")
                 debug_gallery = gr.Gallery(label="Detected, aligned and parsed face", visible=args.dev)
         with gr.Row(equal_height=False):
-            with gr.Column(), gr.Accordion("Size, steps and guidance", open=True):
-                preset = listed_choice_class(gr)(
-                    ["custom", *SIZE_PRESETS],
-                    value=next(iter(SIZE_PRESETS)),
-                    label="Size preset",
-                    info="Sets width and height; pick 'custom' to use the sliders alone.",
-                )
+            with gr.Column(), gr.Accordion("Advanced: T5 length, true CFG", open=False):
+                gr.Markdown(tips())
                 for name, setting in settings.items():
-                    if setting.group == "image":
+                    if setting.group in ("advanced", "dev"):
+                        controls[name] = control(setting, gr, setting.group != "dev" or args.dev)
+            with gr.Column(), gr.Accordion("Output format", open=False):
+                for name, setting in settings.items():
+                    if setting.group == "output":
                         controls[name] = control(setting, gr)
-            with gr.Column():
-                with gr.Accordion("Advanced: T5 length, true CFG", open=False):
-                    gr.Markdown(tips())
-                    for name, setting in settings.items():
-                        if setting.group in ("advanced", "dev"):
-                            controls[name] = control(setting, gr, setting.group != "dev" or args.dev)
-                with gr.Accordion("Output format", open=False):
-                    for name, setting in settings.items():
-                        if setting.group == "output":
-                            controls[name] = control(setting, gr)
         with gr.Accordion("This session's images (select one to see its settings)", open=False):
             history_gallery = gr.Gallery(columns=6, height=300, object_fit="contain", elem_id="history")
             picked = gr.Markdown()

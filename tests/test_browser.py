@@ -128,6 +128,12 @@ def test_the_first_screen_shows_prompt_photo_input_and_generate(page, tmp_path):
     for element in ("#prompt", "#id-image", "#generate", "#cancel", "#results"):
         box = page.locator(element).bounding_box()
         assert box is not None and box["y"] + box["height"] <= WINDOW["height"], (element, box)
+    # the size starts on the first screen too, under the results: it sat 1,130 px down the page
+    width = page.get_by_label("number input for Width", exact=True).bounding_box()
+    assert (
+        width["y"] + width["height"] <= WINDOW["height"]
+        and width["x"] > page.locator("#results").bounding_box()["x"]
+    )
     assert page.locator("#no-photo-notice").is_visible()  # no photo yet: it says what that means
     screenshot(page, "ui.png", tmp_path)
 
@@ -247,6 +253,7 @@ def test_a_mask_drawn_over_the_photo_repaints_that_part(page, tmp_path):
     canvas = page.locator("#mask-drawing canvas").first
     canvas.wait_for()
     time.sleep(1)  # the photo becomes the canvas's background
+    canvas.scroll_into_view_if_needed()  # the mouse paints only on what is on screen
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.3
     page.mouse.move(x, y)
