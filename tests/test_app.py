@@ -706,6 +706,7 @@ def test_sigterm_stops_the_app_cleanly_and_takes_its_temporary_faces_folder(tmp_
     """``docker stop`` and systemd send SIGTERM: the app closes as on Ctrl+C, no folder left behind."""
     import signal
     import socket
+    import threading
     import time
 
     with socket.socket() as probe:
@@ -719,15 +720,21 @@ def test_sigterm_stops_the_app_cleanly_and_takes_its_temporary_faces_folder(tmp_
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(app.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("pulid-flux-faces-*")) or not _answers(port):
-            assert app.poll() is None and time.monotonic() < deadline, app.stdout.read()
+        while not any(line.startswith("Serving at") for line in lines) or not _answers(port):
+            assert app.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.5)
+        assert list(tmp_path.glob("pulid-flux-faces-*"))
         app.send_signal(signal.SIGTERM)
-        output, _ = app.communicate(timeout=60)  # a guard against a hang: it takes about 2 s
+        app.wait(timeout=60)  # a guard against a hang: it takes about 2 s
+        reader.join(timeout=10)
     finally:
         app.kill()
+    output = "".join(lines)
     assert "Traceback" not in output and "share=True" not in output  # gradio's hint names no flag of ours
     assert "Loading weights" not in output and "Writing model shards" not in output  # transformers' bars
     assert f"Serving at http://127.0.0.1:{port}/ (--share makes a public link)" in output
