@@ -10,6 +10,8 @@ by its annotation, which must be the class itself, or every visitor would share 
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -18,6 +20,7 @@ import os
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +59,7 @@ SPACE_KEEP_OUTPUTS = 500  # a Space's disk is small and shared by every visitor
 MIN_KEEP_OUTPUTS = 50  # below this a busy server could delete a batch before the visitor sees it
 CANVAS_SIDE = 512  # the long side of the blank canvas regions are painted on without a photo
 HISTORY_SIZE = 48  # images the session gallery keeps (the files stay in the outputs folder)
+PAGE_COPIES_KEPT = 1024  # saved images whose copy in gradio's cache the app remembers
 PAINTING_BY_ID = (
     "The painting came without its layers: send each painted layer as an uploaded file (the page "
     "does); drawings sent ahead of a request are not kept."
@@ -781,11 +785,28 @@ def create_demo(args: argparse.Namespace, service):
             return "Nothing to cancel: no generation of yours is running or waiting."
         return "**Cancelled.** Images finished before the cancel stay above."
 
+    page_copies: collections.OrderedDict[Path, str] = collections.OrderedDict()
+    copies_lock = threading.Lock()
+
     def on_page(path: Path) -> str:
         """A copy of a saved image in gradio's cache, which it hands out as it is. Gradio copies only
         from the working directory and the temp folder, so images in an --outputs_dir elsewhere (a
-        Space's /data) were refused; allowing that folder instead would serve all of it to anyone."""
-        return processing_utils.save_file_to_cache(path, get_upload_folder())
+        Space's /data) were refused; allowing that folder instead would serve all of it to anyone.
+        The copy is made once and reused while it lasts (touched, as gradio touches what it hands
+        out again), so a batch and the history gallery do not hash every image at each update."""
+        with copies_lock:
+            copy = page_copies.get(path)
+            if copy is not None and os.path.exists(copy):
+                page_copies.move_to_end(path)
+                with contextlib.suppress(OSError):
+                    os.utime(copy)  # gradio's cache cleaner ages files by their time
+                return copy
+        copy = processing_utils.save_file_to_cache(path, get_upload_folder())
+        with copies_lock:
+            page_copies[path] = copy
+            while len(page_copies) > PAGE_COPIES_KEPT:
+                page_copies.popitem(last=False)
+        return copy
 
     def add_to_history(latest, history):
         history = ([*latest, *history] if latest else history)[:HISTORY_SIZE]
@@ -1184,9 +1205,7 @@ def serve_until_stopped(demo, close_seconds: float = STOP_SECONDS) -> None:
     """Wait for Ctrl+C or SIGTERM, then close the server, giving it ``close_seconds`` at most:
     gradio's own wait closed open streams one by one and took 8-22 s. Raises KeyboardInterrupt,
     which the entry point turns into one line."""
-    import contextlib
     import io
-    import threading
 
     def close() -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # gradio's "Closing server running on port"
@@ -1321,7 +1340,6 @@ def stop_on_sigterm() -> None:
     """SIGTERM (``docker stop``, systemd, ``kill``) stops the app as Ctrl+C does: the server closes
     and temporary folders go, where the default would end the process at once."""
     import signal
-    import threading
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
