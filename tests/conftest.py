@@ -46,7 +46,7 @@ def outside_folder():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def app_pipeline(tmp_path_factory, models_dir):
     """The app's tiny pipeline, with two example LoRAs and a speed LoRA in its LoRA folder, a LoRA
     linked from a store outside it and a listed file that is not a LoRA."""
@@ -66,3 +66,49 @@ def app_pipeline(tmp_path_factory, models_dir):
     (pipeline.lora_library.folder / "linked-style.safetensors").symlink_to(store)
     (pipeline.lora_library.folder / "broken.safetensors").write_bytes(b'\x08\0\0\0\0\0\0\0{"a": 1}')
     return pipeline
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The tiny pipeline with a stand-in face analyser, one for the whole run: generating never
+    changes a pipeline (a module that needs another kind defines its own ``pipeline``)."""
+    from tests.stubs import StubFaceAnalysis
+    from tiny_random.pipeline import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny"), StubFaceAnalysis())
+
+
+@pytest.fixture(scope="session")
+def uploading_service(pipeline, tmp_path_factory):
+    """A service on the shared tiny pipeline that reads uploads from one folder: (service, folder)."""
+    from pulid.service import GenerationService
+
+    uploads = tmp_path_factory.mktemp("uploads")
+    return GenerationService(pipeline, tmp_path_factory.mktemp("out"), upload_roots=[uploads]), uploads
+
+
+@pytest.fixture(scope="session")
+def server(app_pipeline, outside_folder):
+    """The app on the tiny preset, served once for the whole run, with its outputs outside the
+    working and temp folders (as a Space's /data)."""
+    import tempfile
+    from pathlib import Path
+
+    import app_flux
+    from scripts.soak import free_port
+
+    args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
+    outputs = Path(tempfile.mkdtemp(prefix="outputs-", dir=outside_folder))
+    demo = app_flux.create_demo(args, app_flux.make_service(app_pipeline, outputs))
+    port = free_port()
+    app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """A gradio client of the shared app."""
+    from gradio_client import Client
+
+    return Client(server, verbose=False)

@@ -13,18 +13,11 @@ from pathlib import Path
 import torch
 
 from flux.aot import AheadOfTime, compile_ahead
-from flux.model import Flux
 from flux.repeated import block_modules
-from tests.test_sequence_parallel import dit_inputs
-from tiny_random.models import tiny_flux_params
+from tests.tiny_models import dit_inputs, small_dit
 
 ROOT = Path(__file__).resolve().parent.parent
 F32_TOLERANCE = 1e-5  # float32 against float64, relative to the largest value
-
-
-def small_dit() -> Flux:
-    torch.manual_seed(11)
-    return Flux(tiny_flux_params(depth=2, depth_single_blocks=2)).eval()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,7 +28,7 @@ LOAD = """
 import json, sys, torch
 from flux.aot import AheadOfTime, compile_ahead
 from flux.repeated import block_modules
-from tests.test_aot import small_dit, dit_inputs
+from tests.tiny_models import small_dit, dit_inputs
 dit = small_dit()
 backend = AheadOfTime(sys.argv[1], "load")
 compile_ahead(block_modules(dit), backend)

@@ -4,9 +4,8 @@ import pytest
 
 from pulid.service import GenerationService, ServiceError
 from pulid.uploads import load_upload
+from tests.app_requests import call
 from tests.bad_inputs import EXPECTED, write_bad_inputs
-from tests.test_app import call, client, server  # noqa: F401 (the running app fixtures)
-from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +14,8 @@ def bad_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, models_dir):
-    pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
-    return GenerationService(pipeline, tmp_path_factory.mktemp("out"))
+def service(tmp_path_factory, app_pipeline):
+    return GenerationService(app_pipeline, tmp_path_factory.mktemp("out"))
 
 
 def outcome(run) -> str:
@@ -62,14 +60,14 @@ def test_python_api(service, bad_files, name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 @pytest.mark.parametrize("field", ["id_image", "extra_images"])
-def test_http_api(client, bad_files, name, field):  # noqa: F811
+def test_http_api(client, bad_files, name, field):
     path = bad_files[name]
     kw = {"id_image": path} if field == "id_image" else {"extra_images": [path]}
     result = outcome(lambda: call(client, **kw))
     assert matches(result, EXPECTED[name]), result  # the ID image and extra photos are read alike
 
 
-def test_the_server_answers_after_every_bad_file(client):  # noqa: F811 - runs after test_http_api
+def test_the_server_answers_after_every_bad_file(client):
     assert call(client, seed="5").seed == 5
 
 

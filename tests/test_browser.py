@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import PHOTO, server  # noqa: F401 (the running app fixture)
+from tests.app_requests import PHOTO
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
@@ -39,7 +39,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, server):  # noqa: F811
+def page(browser, server):
     page = browser.new_page(viewport=WINDOW)
     page.goto(server, wait_until="load")  # not "networkidle": the session heartbeat stays open
     page.locator("#prompt textarea").wait_for()

@@ -107,7 +107,7 @@ def test_the_loader_refuses_an_impossible_map_before_looking_for_weights(tmp_pat
 
 
 def test_a_pipeline_denoises_on_its_maps_denoising_device(tmp_path):
-    from tests.test_pipeline import StubFaceAnalysis
+    from tests.stubs import StubFaceAnalysis
     from tiny_random.pipeline import tiny_pipeline
 
     pipeline = tiny_pipeline(tmp_path, StubFaceAnalysis())

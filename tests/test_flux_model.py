@@ -4,44 +4,16 @@ import pytest
 import torch
 
 from flux.model import Flux
-from flux.sampling import image_ids, pack, text_ids
 from tests.numerics import rel_err
 from tests.reference_flux import flux_forward
 from tests.tiny_configs import tiny_flux_params
+from tests.tiny_models import DIT_TOL_F64, random_inputs, random_model
 
-# float64 module vs float64 reference. Like the official model, the module computes RoPE and the
-# timestep sinusoids in float32 whatever the activation dtype, which bounds the agreement at ~1e-6.
-TOL_F64 = 1e-5
 # float32 module vs float64 reference.
 TOL_F32 = 2e-5
 
 
-def random_model(params, dtype=torch.float64, seed=0) -> Flux:
-    torch.manual_seed(seed)
-    model = Flux(params)
-    with torch.no_grad():  # non-trivial norms and biases, so every term matters
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.5 / max(p.shape[-1], 1) ** 0.5))
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.to(dtype).eval()
-
-
-def random_inputs(params, batch=2, latent_hw=(8, 6), n_txt=5, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, 16, *latent_hw, generator=g, dtype=dtype)
-    return dict(
-        img=pack(latents),
-        img_ids=image_ids(batch, *latent_hw).to(dtype),
-        txt=torch.randn(batch, n_txt, params.context_in_dim, generator=g, dtype=dtype),
-        txt_ids=text_ids(batch, n_txt).to(dtype),
-        timesteps=torch.rand(batch, generator=g, dtype=dtype),
-        y=torch.randn(batch, params.vec_in_dim, generator=g, dtype=dtype),
-        guidance=torch.rand(batch, generator=g, dtype=dtype) * 5,
-    )
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL_F64), (torch.float32, TOL_F32)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, DIT_TOL_F64), (torch.float32, TOL_F32)])
 def test_dit_forward_matches_float64_reference(dtype, tol):
     params = tiny_flux_params()
     model = random_model(params, dtype)
@@ -59,7 +31,7 @@ def test_dit_without_guidance_embedding_matches_reference():
     inputs = random_inputs(params)
     with torch.no_grad():
         out = model(**{**inputs, "guidance": None})
-    assert rel_err(out, flux_forward(model.state_dict(), params, **inputs)) < TOL_F64
+    assert rel_err(out, flux_forward(model.state_dict(), params, **inputs)) < DIT_TOL_F64
 
 
 def test_guidance_is_required_by_guidance_distilled_model():
@@ -101,7 +73,7 @@ def test_id_injection_adds_residuals_to_image_tokens_only():
         out = model(**inputs, id_injection=hook)
         base = model(**inputs)
     ref = flux_forward(model.state_dict(), params, **inputs, residual_fn=hook.reference)
-    assert rel_err(out, ref) < TOL_F64
+    assert rel_err(out, ref) < DIT_TOL_F64
     assert rel_err(out, base) > 1e-3  # the residuals really changed the output
     assert [c[:2] for c in hook.calls] == [
         ("double", 0),

@@ -29,9 +29,9 @@ from flux.quant.fp8_linear import emulated_mm_rowwise
 from flux.quant.quanto_compat import expected_state, quantize_as_mapped
 from flux.registry import flux_dev_params
 from tests.manifests import read_manifest
-from tests.numerics import fresh_seed
-from tests.test_flux_model import random_inputs, rel_err
+from tests.numerics import fresh_seed, rel_err
 from tests.tiny_configs import tiny_flux_params
+from tests.tiny_models import random_inputs
 
 F64 = torch.float64
 

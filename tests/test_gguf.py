@@ -22,8 +22,8 @@ from flux.model import Flux
 from flux.quant.ggml import FORMATS, GGMLLinear, dequantize
 from tests.numerics import fresh_seed, rel_err
 from tests.reference_flux import flux_forward
-from tests.test_flux_model import random_inputs, random_model
 from tests.tiny_configs import tiny_flux_params
+from tests.tiny_models import random_inputs, random_model
 from tiny_random.ggml_quant import quantize
 from tiny_random.single_files import city96_types, gguf_reference, write_gguf
 
@@ -193,7 +193,7 @@ def test_gguf_dit_streams_its_quantised_bytes_under_a_budget(tiny_gguf):
     from flux.offload import StreamedBlocks
     from flux.offload.layout import FlatLayout
     from flux.repeated import block_modules
-    from tests.test_offload import LoggingTransfer
+    from tests.offload_helpers import LoggingTransfer
 
     params, _, _, path = tiny_gguf
     model = load_gguf_dit(path, params)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
-from tests.test_app import PHOTO, call, client, server  # noqa: F401 (the running app fixtures)
+from tests.app_requests import PHOTO, call
 
 REPO = Path(__file__).resolve().parent.parent
 FILE = {"meta": {"_type": "gradio.FileData"}}
@@ -24,7 +24,7 @@ FILE = {"meta": {"_type": "gradio.FileData"}}
 
 def raw_generate(url: str, **overrides) -> tuple[str, str]:
     """POST /gradio_api/call/generate with JSON as any HTTP client may send it: (event, data)."""
-    from tests.test_app import settings as defaults
+    from tests.app_requests import settings as defaults
 
     values = {**defaults(), **overrides}
     posted = httpx.post(f"{url}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30)
@@ -46,11 +46,11 @@ def raw_generate(url: str, **overrides) -> tuple[str, str]:
     [str(PHOTO), "/etc/passwd", "../../../../etc/passwd", "https://example.com/face.jpg"],
     ids=["server-photo", "system-file", "relative", "url"],
 )
-def test_a_file_input_that_was_not_uploaded_is_refused(server, field, path):  # noqa: F811
+def test_a_file_input_that_was_not_uploaded_is_refused(server, field, path):
     """Refused at the door with the input named (gradio's own preprocessing would refuse it later
     with an empty message; the app's check, which the next test drives, stands behind both).
     Nothing is read: the server photo holds a face, so reading it would have given an image."""
-    from tests.test_app import settings as defaults
+    from tests.app_requests import settings as defaults
 
     value = {**FILE, "path": path}
     values = {**defaults(), field: value if field == "id_image" else [value]}
@@ -63,12 +63,12 @@ def test_a_file_input_that_was_not_uploaded_is_refused(server, field, path):  # 
     assert int(call_ok(server)) == 5  # and the server serves the next request
 
 
-def test_a_payload_gradio_cannot_run_is_refused_with_what_is_wrong(server):  # noqa: F811
+def test_a_payload_gradio_cannot_run_is_refused_with_what_is_wrong(server):
     """Too few values, or a server path through the queue route gradio_client uses: 422 naming
     the problem, where gradio's queue answered an empty error and logged the reason."""
     from gradio_client.utils import extract_validation_message
 
-    from tests.test_app import settings as defaults
+    from tests.app_requests import settings as defaults
 
     values = list(defaults().values())
     short = httpx.post(f"{server}gradio_api/call/generate", json={"data": values[:-5]}, timeout=30)
@@ -95,7 +95,7 @@ def test_a_payload_gradio_cannot_run_is_refused_with_what_is_wrong(server):  # n
     )
 
 
-def test_the_door_check_cannot_be_stepped_around(server):  # noqa: F811
+def test_the_door_check_cannot_be_stepped_around(server):
     """The shapes gradio also reads an event as (``fn_index`` "1" or true, ``/call/v2`` by name),
     a folder in the upload folder (gradio would hand it to its cache cleaner, which then stops
     for good), a link (gradio would download it), a NUL, JSON nested past parsing: each gets 422
@@ -104,7 +104,7 @@ def test_the_door_check_cannot_be_stepped_around(server):  # noqa: F811
 
     from gradio.utils import get_upload_folder
 
-    from tests.test_app import settings as defaults
+    from tests.app_requests import settings as defaults
 
     names, values = list(defaults()), list(defaults().values())
     config = httpx.get(f"{server}config", timeout=30).json()
@@ -168,14 +168,14 @@ def call_ok(url):
 
 
 @pytest.mark.parametrize("field", ["id_image", "extra_images"])
-def test_a_special_file_in_the_upload_folder_is_refused_without_blocking(server, field, tmp_path):  # noqa: F811
+def test_a_special_file_in_the_upload_folder_is_refused_without_blocking(server, field, tmp_path):
     from gradio.utils import get_upload_folder
 
     fifo = Path(get_upload_folder()) / f"hostile-{os.getpid()}-{field}"
     fifo.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(fifo)
     try:
-        from tests.test_app import settings as defaults
+        from tests.app_requests import settings as defaults
 
         start = time.perf_counter()
         value = {**FILE, "path": str(fifo)}
@@ -189,7 +189,7 @@ def test_a_special_file_in_the_upload_folder_is_refused_without_blocking(server,
         fifo.unlink()
 
 
-def test_too_many_extra_photos_are_refused(client):  # noqa: F811
+def test_too_many_extra_photos_are_refused(client):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="5 extra photos were sent; at most 4"):
@@ -198,7 +198,7 @@ def test_too_many_extra_photos_are_refused(client):  # noqa: F811
         call(client, id_image=PHOTO, extra_images=[PHOTO] * 7)  # counted before any is checked
 
 
-def test_a_refused_request_is_one_log_line_not_a_traceback(client, capfd, caplog):  # noqa: F811
+def test_a_refused_request_is_one_log_line_not_a_traceback(client, capfd, caplog):
     """An ordinary user mistake is not a crash: the operator's console gets one line."""
     import logging
 
@@ -222,7 +222,7 @@ def test_a_refused_request_is_one_log_line_not_a_traceback(client, capfd, caplog
         ("lora_1", "B" * 900_000, "LoRA 1 must be one of the listed choices (got 'BBBB"),
     ],
 )
-def test_a_choice_that_is_not_listed_is_refused_by_name_and_cut_short(client, capfd, field, value, message):  # noqa: F811
+def test_a_choice_that_is_not_listed_is_refused_by_name_and_cut_short(client, capfd, field, value, message):
     """Gradio's own check echoes the whole value to the client and logs a traceback with it."""
     from gradio_client.exceptions import AppError
 
@@ -299,7 +299,7 @@ def test_cli_user_errors_are_one_line_messages(flags, message, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_replies_name_only_gradios_own_cache(server):  # noqa: F811
+def test_replies_name_only_gradios_own_cache(server):
     """Gradio serves results by path, so a reply carries one; it is always a copy in gradio's
     cache, never the outputs folder, the models folder or the repository."""
     import json
@@ -324,7 +324,7 @@ def test_replies_name_only_gradios_own_cache(server):  # noqa: F811
     assert str(REPO) not in data
 
 
-def test_the_drawing_piece_route_is_not_offered(server, caplog):  # noqa: F811
+def test_the_drawing_piece_route_is_not_offered(server, caplog):
     """gradio's ``accept_blobs`` kept pieces of drawings in memory for anyone who posted them (the
     page sends its layers as uploads): the route answers 404 for both canvases, without a
     traceback, and a request naming a drawing by id alone is refused with what to send instead."""
@@ -343,7 +343,7 @@ def test_the_drawing_piece_route_is_not_offered(server, caplog):  # noqa: F811
     assert int(call_ok(server)) == 5
 
 
-def test_lora_refusals_name_no_server_folder_and_linked_loras_load(app_pipeline, client):  # noqa: F811
+def test_lora_refusals_name_no_server_folder_and_linked_loras_load(app_pipeline, client):
     """A LoRA folder linked file by file (a shared store) was listed and then "not found"; a broken
     listed LoRA's refusal named the server's folders. Both through the page's API."""
     from gradio_client.exceptions import AppError
@@ -357,10 +357,10 @@ def test_lora_refusals_name_no_server_folder_and_linked_loras_load(app_pipeline,
     assert "/" not in str(refusal.value), refusal.value  # no folder of the server, only the file's name
 
 
-def test_a_request_without_a_session_is_answered_without_a_traceback(server, capfd):  # noqa: F811
+def test_a_request_without_a_session_is_answered_without_a_traceback(server, capfd):
     """``POST /run/cancel`` with no session was a 500 and ~30 lines of traceback each time (cheap
     log flooding); a generation without one is refused with what to use instead."""
-    from tests.test_app import settings as defaults
+    from tests.app_requests import settings as defaults
 
     config = httpx.get(f"{server}config", timeout=30).json()
     index = {d.get("api_name"): d["id"] for d in config["dependencies"]}

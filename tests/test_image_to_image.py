@@ -18,24 +18,15 @@ from pulid.pipeline import fit_image
 from pulid.request import GenerationRequest, InvalidRequestError
 from tests.numerics import fresh_seed, rel_err
 from tests.reference_flux import ae_encode_mean, flux_forward
-from tests.test_pipeline import StubFaceAnalysis, photo
-from tiny_random.pipeline import tiny_pipeline
+from tests.stubs import photo
+from tests.tiny_models import init_photo
 
 TOL_PIPELINE = 1e-4  # the float32 pipeline (AE encoder and DiT) against float64 references
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny-img2img"), StubFaceAnalysis())
 
 
 def request(**kw):
     values = {"prompt": "a portrait of a woman", "width": 320, "height": 256, "num_steps": 3, "seed": 7}
     return GenerationRequest(**{**values, **kw})
-
-
-def init_photo(seed: int, height: int = 256, width: int = 320) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 10, 28, 50])
@@ -139,20 +130,12 @@ def test_bad_image_to_image_requests_are_refused(pipeline, kw, message):
 # ---------------------------------------------------------------- through the service (the app's door)
 
 
-@pytest.fixture(scope="module")
-def service(pipeline, tmp_path_factory):
-    from pulid.service import GenerationService
-
-    uploads = tmp_path_factory.mktemp("uploads")
-    return GenerationService(pipeline, tmp_path_factory.mktemp("out"), upload_roots=[uploads]), uploads
-
-
-def test_an_uploaded_photo_to_start_from_gives_the_array_result(service, pipeline):
+def test_an_uploaded_photo_to_start_from_gives_the_array_result(uploading_service, pipeline):
     from PIL import Image
 
     from pulid.outputs import read_image_metadata
 
-    svc, uploads = service
+    svc, uploads = uploading_service
     image = init_photo(6)
     path = uploads / "start.png"
     Image.fromarray(image).save(path)
@@ -164,17 +147,17 @@ def test_an_uploaded_photo_to_start_from_gives_the_array_result(service, pipelin
     assert stored["init_image"] == direct.metadata["init_image"] and str(path) not in str(stored)
 
 
-def test_a_photo_to_start_from_that_was_not_uploaded_is_refused(service, tmp_path):
+def test_a_photo_to_start_from_that_was_not_uploaded_is_refused(uploading_service, tmp_path):
     from pulid.service import ServiceError
 
-    svc, _ = service
+    svc, _ = uploading_service
     elsewhere = tmp_path / "secret.png"
     from PIL import Image
 
     Image.fromarray(init_photo(7)).save(elsewhere)
     with pytest.raises(ServiceError, match="upload"):
         svc.run(GenerationRequest.from_values(prompt="a portrait"), init_image=str(elsewhere))
-    broken = service[1] / "broken.png"
+    broken = uploading_service[1] / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(ServiceError, match="broken.png"):
         svc.run(GenerationRequest.from_values(prompt="a portrait"), init_image=str(broken))
@@ -185,7 +168,7 @@ def test_a_memory_placement_brings_the_encoder_in_and_changes_nothing(pipeline, 
     """The photo is encoded before denoising: the autoencoder's stage is entered through its
     encoder, then the DiT's, and the latents are those of the resident pipeline."""
     from flux.offload import PipelinePlacement, measure
-    from tests.test_offload import NO_RESERVES, LoggingTransfer, tiny_plans
+    from tests.offload_helpers import NO_RESERVES, LoggingTransfer, tiny_plans
 
     wanted = request(init_image=init_photo(8), strength=0.7, num_steps=2)
     expected = pipeline.generate(wanted).latents

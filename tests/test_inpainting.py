@@ -17,7 +17,13 @@ from flux.sampling import Inpainting, get_noise, get_schedule, image_to_image_st
 from pulid.pipeline import fit_image, latent_mask
 from pulid.request import GenerationRequest, InvalidRequestError
 from tests.numerics import fresh_seed, rel_err
-from tests.test_image_to_image import init_photo, pipeline, request, service  # noqa: F401 (the fixtures)
+from tests.tiny_models import init_photo
+
+
+def request(**kw):
+    values = {"prompt": "a portrait of a woman", "width": 320, "height": 256, "num_steps": 3, "seed": 7}
+    return GenerationRequest(**{**values, **kw})
+
 
 W, H = 320, 256  # the requests' size (tests.test_image_to_image.request)
 
@@ -56,7 +62,7 @@ def outside(tokens: torch.Tensor, mask_tokens: torch.Tensor) -> torch.Tensor:
     return tokens[(mask_tokens == 0).expand_as(tokens)]
 
 
-def test_outside_the_mask_each_step_follows_the_photo_and_ends_on_it(pipeline):  # noqa: F811
+def test_outside_the_mask_each_step_follows_the_photo_and_ends_on_it(pipeline):
     image, strength = init_photo(fresh_seed() % 1000), 0.7
     wanted = request(init_image=image, mask=left_half_mask(), strength=strength)
     steps = []
@@ -78,7 +84,7 @@ def test_outside_the_mask_each_step_follows_the_photo_and_ends_on_it(pipeline): 
     assert not torch.equal(result.latents[inside.expand_as(result.latents)], pack(start.latents)[inside])
 
 
-def test_a_mask_over_everything_is_image_to_image(pipeline):  # noqa: F811
+def test_a_mask_over_everything_is_image_to_image(pipeline):
     image = init_photo(11)
     everything = np.full((H, W), 255, np.uint8)
     masked = pipeline.generate(request(init_image=image, mask=everything, strength=0.6))
@@ -87,7 +93,7 @@ def test_a_mask_over_everything_is_image_to_image(pipeline):  # noqa: F811
     assert masked.metadata["mask_area"] == "100% of the image repainted"
 
 
-def test_a_mask_of_another_size_is_resized_to_the_photo_and_said(pipeline):  # noqa: F811
+def test_a_mask_of_another_size_is_resized_to_the_photo_and_said(pipeline):
     small = left_half_mask(32, 40)
     result = pipeline.generate(request(init_image=init_photo(12), mask=small, strength=0.6))
     assert result.metadata["mask_fit"] == "resized from 40x32 to the photo's 320x256"
@@ -114,7 +120,7 @@ def test_a_mask_of_another_size_is_resized_to_the_photo_and_said(pipeline):  # n
         ),
     ],
 )
-def test_bad_masks_are_refused_with_what_to_do(pipeline, kw, message):  # noqa: F811
+def test_bad_masks_are_refused_with_what_to_do(pipeline, kw, message):
     with pytest.raises(InvalidRequestError, match=message):
         pipeline.generate(request(**kw))
 
@@ -132,7 +138,7 @@ def test_colour_and_alpha_masks_read_as_painted_where_bright_or_opaque():
     request(init_image=init_photo(1), mask=rgba).checked()
 
 
-def test_repainting_the_face_keeps_everything_outside_its_grown_box(pipeline):  # noqa: F811
+def test_repainting_the_face_keeps_everything_outside_its_grown_box(pipeline):
     wanted = request(init_image=init_photo(13), repaint="face", strength=1.0)
     result = pipeline.generate(wanted)
     expected = np.zeros((H, W), np.uint8)  # the stand-in's box (128, 76.8)-(192, 153.6), grown by 1/4
@@ -145,14 +151,14 @@ def test_repainting_the_face_keeps_everything_outside_its_grown_box(pipeline):  
     assert result.metadata["repaint"] == "face" and result.metadata["mask_area"].endswith("repainted")
 
 
-def test_the_service_repaints_the_face_of_an_uploaded_photo(service, pipeline):  # noqa: F811
+def test_the_service_repaints_the_face_of_an_uploaded_photo(uploading_service, pipeline):
     """The app hands the photo to start from over as an upload the service reads at the job's
     turn: "repaint the face" must see it coming, not refuse the request for lacking a photo."""
     from PIL import Image
 
     from pulid.outputs import read_image_metadata
 
-    svc, uploads = service
+    svc, uploads = uploading_service
     path = uploads / "face-start.png"
     Image.fromarray(init_photo(14)).save(path)
     settings = {"prompt": "a portrait of a woman", "width": W, "height": H, "num_steps": 2, "seed": 7}

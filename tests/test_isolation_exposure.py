@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_app import PHOTO, call, server  # noqa: F401 (the running app fixture)
+from tests.app_requests import PHOTO, call
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-def test_concurrent_requests_with_different_faces_never_mix(server, faces):  # noqa: F811
+def test_concurrent_requests_with_different_faces_never_mix(server, faces):
     from gradio_client import Client
 
     a, b = faces
@@ -55,14 +55,14 @@ def test_concurrent_requests_with_different_faces_never_mix(server, faces):  # n
     assert all(np.array_equal(image, reference[face]) for face, image in results)
 
 
-def test_files_outside_the_app_cannot_be_read(server):  # noqa: F811
+def test_files_outside_the_app_cannot_be_read(server):
     for path in ["/etc/passwd", "../../../../etc/passwd", str(PHOTO)]:
         response = httpx.get(f"{server}gradio_api/file={path}")
         assert response.status_code in (403, 404), (path, response.status_code)
         assert b"root:" not in response.content
 
 
-def test_uploads_are_limited_in_size(server):  # noqa: F811
+def test_uploads_are_limited_in_size(server):
     big = b"\0" * (21 * 2**20)  # over the app's 20 MB limit
     response = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.png", big, "image/png")})
     assert response.status_code >= 400

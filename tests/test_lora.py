@@ -498,14 +498,6 @@ def test_lora_options_and_request_checks():
 # ---- through the pipeline ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    from tests.test_pipeline import StubFaceAnalysis
-    from tiny_random.pipeline import tiny_pipeline
-
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny-lora"), StubFaceAnalysis())
-
-
 def test_a_request_with_loras_changes_the_image_records_them_and_leaves_the_dit_as_it_was(pipeline):
     folder = pipeline.lora_library.folder
     write_kohya(folder / "style.safetensors", random_factors(pipeline.flow, seed=13), text_encoder_layers=2)

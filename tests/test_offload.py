@@ -21,7 +21,6 @@ from flux.offload import (
     MemoryPolicy,
     Stage,
     StreamedBlocks,
-    SyncTransfer,
     choose_resident,
     evaluate_plan,
     measure,
@@ -36,9 +35,9 @@ from pulid.catalogue import FLUX_DIT_BYTES
 from pulid.injection import Identity, PuLIDInjection
 from pulid.loading import meta_pipeline, plan_counts
 from pulid.pipeline import STAGES
-from tests.test_flux_model import random_inputs, random_model
-from tests.test_pulid_injection import tiny_ca_modules
+from tests.offload_helpers import NO_RESERVES, LoggingTransfer, tiny_plans
 from tests.tiny_configs import tiny_flux_params
+from tests.tiny_models import random_inputs, random_model, tiny_ca_modules
 
 GiB = 1024**3
 PARAMS = tiny_flux_params(depth=2, depth_single_blocks=5)  # 7 blocks: 2 double, 5 single
@@ -51,56 +50,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class LoggingTransfer(SyncTransfer):
-    """Logs copies, events and waits; ``lazy`` delays each copy until an event at or after it is waited on."""
-
-    def __init__(self, lazy: bool = False):
-        super().__init__("cpu")
-        self.lazy = lazy
-        self.log: list[tuple] = []
-        self.pending: list[tuple] = []
-        self.device_buffers: list[torch.Tensor] = []
-        self._ids = itertools.count()
-
-    def device_buffer(self, nbytes):
-        buffer = super().device_buffer(nbytes).fill_(0xFF)  # NaN-like garbage until written
-        self.device_buffers.append(buffer)
-        return buffer
-
-    def record(self, label=None):
-        self.log.append(("record", label))
-        return ("released", label, next(self._ids))
-
-    def copy(self, dst, src, after, label=None):
-        self.log.append(("copy", label, None if after is None else after[1]))
-        token = ("loaded", label, next(self._ids))
-        if self.lazy:
-            self.pending.append((token, dst, src))
-        else:
-            dst.copy_(src)
-        return token
-
-    def wait(self, event):
-        if event is None:
-            return
-        self.log.append(("wait", event[1]))
-        if event[0] == "loaded":
-            self._flush_through(event)
-
-    def synchronize(self):
-        self._flush_through(None)
-
-    def _flush_through(self, token):
-        while self.pending:  # in order, like a stream
-            done, dst, src = self.pending.pop(0)
-            dst.copy_(src)
-            if done == token:
-                return
-
-    def copies(self):
-        return [entry[1] for entry in self.log if entry[0] == "copy"]
 
 
 def log_compute(blocks, log):
@@ -585,60 +534,37 @@ def measure_like(name, stage, blocks, uses):
 # -- the whole pipeline ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
-    from tests.test_pipeline import StubFaceAnalysis
-    from tiny_random.pipeline import tiny_pipeline
-
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny-offload"), StubFaceAnalysis())
-
-
 def generation_requests():
-    from tests.test_pipeline import photo, request
+    from pulid.request import GenerationRequest
+    from tests.stubs import photo
 
+    small = dict(prompt="a portrait of a woman", width=256, height=256, num_steps=2)
     # true CFG: two T5 calls and two DiT passes per step; the second request hits the ID cache
-    return [request(id_images=[photo(1)], num_steps=2, true_cfg=1.5), request(num_steps=2, seed=3)]
-
-
-NO_RESERVES = tuple(Stage(stage.name) for stage in STAGES)
-
-
-def tiny_plans(sizes):
-    """Plans of every kind for the tiny pipeline (whose autoencoder outweighs its DiT)."""
-    options = dict(overhead=0, counts={"step": 4, "prompt": 2})  # true CFG, 2 steps
-    dit_blocks = next(s.blocks for s in sizes if s.name == "dit")
-    streaming = {**{s.name: "offload" for s in sizes}, "dit": "stream", "t5": "stream"}
-    streamed = evaluate_plan(sizes, NO_RESERVES, streaming, **options)
-    partly = evaluate_plan(sizes, NO_RESERVES, streaming, streamed.peak + dit_blocks[0], **options)
-    assert len(streamed.streamed_blocks("dit")) == 5 and 0 < len(partly.resident_blocks["dit"]) < 5
-    return {
-        "all-streamed": streamed,
-        "partly-resident": partly,
-        "smallest": plan_memory(sizes, NO_RESERVES, None, **options),
-        "offload-flag": MemoryPolicy(offload=True).plan(sizes, NO_RESERVES, overhead=0),
-        "resident": MemoryPolicy().plan(sizes, NO_RESERVES, overhead=0),
-    }
+    return [
+        GenerationRequest(**small, seed=7, id_images=[photo(1)], true_cfg=1.5),
+        GenerationRequest(**small, seed=3),
+    ]
 
 
 @pytest.mark.parametrize("which", ["all-streamed", "partly-resident", "smallest", "offload-flag", "resident"])
-def test_pipeline_placement_gives_identical_images_within_the_planned_peak(tiny_pipe, which):
+def test_pipeline_placement_gives_identical_images_within_the_planned_peak(pipeline, which):
     from flux.offload import PipelinePlacement
 
-    tiny_pipe.id_encoder._cache.clear()
-    expected = [tiny_pipe.generate(r).latents for r in generation_requests()]
-    before = {name: snapshot(m) for name, m in [("flow", tiny_pipe.flow), ("t5", tiny_pipe.t5)]}
-    components = tiny_pipe.components()
+    pipeline.id_encoder._cache.clear()
+    expected = [pipeline.generate(r).latents for r in generation_requests()]
+    before = {name: snapshot(m) for name, m in [("flow", pipeline.flow), ("t5", pipeline.t5)]}
+    components = pipeline.components()
     plan = tiny_plans(measure(components))[which]
-    tiny_pipe.id_encoder._cache.clear()
+    pipeline.id_encoder._cache.clear()
     transfer = LoggingTransfer(lazy=True)
     with PipelinePlacement(components, NO_RESERVES, plan, "cpu", transfer=transfer).attach() as placement:
-        results = [tiny_pipe.generate(r).latents for r in generation_requests()]
+        results = [pipeline.generate(r).latents for r in generation_requests()]
         # zero reserves: the plan counts weights only; prefetches use what the budget leaves
         assert placement.ledger.peak <= (plan.peak if plan.budget is None else plan.budget)
         assert placement.log == ["text", "id", "denoise", "decode", "text", "denoise", "decode"]
     assert all(torch.equal(a, b) for a, b in zip(results, expected, strict=True))
     assert placement.ledger.current == 0
-    for name, module in [("flow", tiny_pipe.flow), ("t5", tiny_pipe.t5)]:
+    for name, module in [("flow", pipeline.flow), ("t5", pipeline.t5)]:
         after = module.state_dict()
         assert all(torch.equal(before[name][k], after[k]) for k in before[name])
         assert all(not m._forward_pre_hooks for m in module.modules())

@@ -4,22 +4,12 @@ import pytest
 import torch
 
 from flux.model import Flux, IDInjection
-from pulid.encoders import PerceiverAttentionCA, PuLIDWeights, num_pulid_ca
+from pulid.encoders import PuLIDWeights, num_pulid_ca
 from pulid.injection import Identity, PuLIDInjection
 from tests.numerics import rel_err
 from tests.reference_flux import flux_forward
-from tests.test_flux_model import TOL_F64, random_inputs, random_model
 from tests.tiny_configs import tiny_flux_params
-
-TINY_CA = dict(dim=64, dim_head=16, heads=2, kv_dim=48)
-
-
-def tiny_ca_modules(params, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    modules = torch.nn.ModuleList(
-        PerceiverAttentionCA(**TINY_CA) for _ in range(num_pulid_ca(params.depth, params.depth_single_blocks))
-    )
-    return modules.to(dtype).eval()
+from tests.tiny_models import DIT_TOL_F64, TINY_CA, random_inputs, random_model, tiny_ca_modules
 
 
 @pytest.mark.parametrize("depth,single,expected", [(19, 38, 20), (2, 3, 2), (5, 9, 6), (1, 1, 2)])
@@ -80,7 +70,7 @@ def test_dit_with_id_matches_reference_with_cross_attention_residuals():
             return weight * cas[1 + index // 4](id_tokens, img) if index % 4 == 0 else None
 
         ref = flux_forward(model.state_dict(), params, **inputs, residual_fn=residual)
-    assert rel_err(out, ref) < TOL_F64
+    assert rel_err(out, ref) < DIT_TOL_F64
     assert rel_err(out, base) > 1e-3
 
 

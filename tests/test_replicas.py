@@ -8,7 +8,7 @@ import pytest
 from flux.devices import HardwareError
 from pulid.request import GenerationRequest
 from pulid.service import GenerationService, LocalRunner, ReplicaRunner
-from tests.test_pipeline import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
 
 

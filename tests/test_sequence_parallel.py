@@ -25,7 +25,8 @@ from pulid.injection import Identity, PuLIDInjection
 from pulid.ranks import SequenceParallelRunner, follow
 from pulid.request import GenerationRequest, InvalidRequestError, Person
 from pulid.service import Cancelled, GenerationService, ServiceError
-from tests.test_pipeline import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalysis, photo
+from tests.tiny_models import dit_inputs
 from tiny_random.models import tiny_flux_params
 from tiny_random.pipeline import tiny_pipeline
 
@@ -51,24 +52,6 @@ def four_head_dit():
     """A tiny DiT with 4 heads, 2 per rank: the all-to-alls must keep the heads in order."""
     torch.manual_seed(7)
     return Flux(tiny_flux_params(num_heads=4, axes_dim=[4, 6, 6])).eval()
-
-
-def dit_inputs(flow, tokens=(6, 8), txt=10, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    h, w = tokens
-    params = flow.params
-    ids = torch.zeros(1, h * w, 3)
-    ids[0, :, 1] = torch.arange(h).repeat_interleave(w)
-    ids[0, :, 2] = torch.arange(w).repeat(h)
-    return dict(
-        img=torch.randn(1, h * w, params.in_channels, generator=g),
-        img_ids=ids,
-        txt=torch.randn(1, txt, params.context_in_dim, generator=g),
-        txt_ids=torch.zeros(1, txt, 3),
-        timesteps=torch.tensor([0.7]),
-        y=torch.randn(1, params.vec_in_dim, generator=g),
-        guidance=torch.tensor([3.5]),
-    )
 
 
 def two_identities(cas, length, seed=5):

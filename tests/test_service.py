@@ -7,13 +7,12 @@ import torch
 from pulid.outputs import read_image_metadata
 from pulid.service import FAILED_MESSAGE, OOM_MESSAGE, GenerationService, ServiceError
 from pulid.uploads import UploadError, load_upload
-from tests.test_pipeline import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), StubFaceAnalysis())
+def service(pipeline, tmp_path_factory):
     return GenerationService(pipeline, tmp_path_factory.mktemp("out"))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import app_flux
 from scripts.soak import free_port
-from tests.test_app import PHOTO, Reply, settings
+from tests.app_requests import PHOTO, Reply, settings
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
 STEPS = 40
@@ -114,7 +114,7 @@ def test_cancelled_jobs_stop_computing_and_the_next_request_starts_at_once(slow_
 def test_a_client_that_leaves_stops_its_job(slow_server):
     import httpx
 
-    from tests.test_app import settings as defaults
+    from tests.app_requests import settings as defaults
 
     url, passes = slow_server
     before = len(passes)
@@ -159,7 +159,7 @@ def test_a_waiting_job_is_sent_its_status_only_when_it_changes(slow_server):
     import httpx
     from gradio_client import Client
 
-    from tests.test_app import settings as defaults
+    from tests.app_requests import settings as defaults
 
     assert app_flux.KEEPALIVE_SECONDS > 3
     url, passes = slow_server

@@ -9,7 +9,6 @@ import app_flux
 import generate
 from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
 from pulid.settings import Setting
-from tests.test_app import client, server  # noqa: F401 (the running app fixtures)
 
 SETTINGS = generation_settings()
 NUMERIC = [s for s in SETTINGS if s.kind is not str]
@@ -47,7 +46,7 @@ def test_a_bad_flag_value_is_refused_by_the_command_line_before_loading(flag, va
     assert f"{label} must be" in capsys.readouterr().err
 
 
-def test_the_api_and_controls_are_the_declared_settings(client):  # noqa: F811
+def test_the_api_and_controls_are_the_declared_settings(client):
     api = client.view_api(return_format="dict")["named_endpoints"]["/generate"]["parameters"]
     by_name = {p["parameter_name"]: p for p in api}
     settings = [s.name for s in SETTINGS if s.name != "prompt" and s.group != "people"]

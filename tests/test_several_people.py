@@ -21,11 +21,9 @@ from pulid.regions import column_regions, overlap_share, token_region
 from pulid.request import GenerationRequest, InvalidRequestError, Person
 from tests.numerics import fresh_seed, rel_err
 from tests.reference_flux import flux_forward
-from tests.test_flux_model import TOL_F64, random_inputs, random_model
-from tests.test_image_to_image import init_photo, pipeline, service  # noqa: F401 (the fixtures)
-from tests.test_pipeline import photo
-from tests.test_pulid_injection import tiny_ca_modules
+from tests.stubs import photo
 from tests.tiny_configs import tiny_flux_params
+from tests.tiny_models import DIT_TOL_F64, random_inputs, random_model, tiny_ca_modules
 
 W, H = 320, 256  # the requests' size: 20 x 16 image tokens
 TOL_PIPELINE = 1e-4  # the float32 tiny pipeline against the float64 reference
@@ -81,7 +79,7 @@ def test_two_and_four_identities_match_the_float64_masked_sum(make):
                 return sum(w * r * ca(t, img) for t, w, r in zip(tokens, weights, regions, strict=True))
 
             ref = flux_forward(model.state_dict(), params, **inputs, residual_fn=masked_sum)
-        assert rel_err(out, ref) < TOL_F64, count
+        assert rel_err(out, ref) < DIT_TOL_F64, count
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -172,7 +170,7 @@ def test_columns_split_the_image_left_to_right_and_share_split_tokens():
 # ---------------------------------------------------------------- through the pipeline
 
 
-def test_two_people_in_columns_match_the_float64_step(pipeline):  # noqa: F811
+def test_two_people_in_columns_match_the_float64_step(pipeline):
     first, second = photo(fresh_seed() % 1000), photo(5)
     wanted = request(id_images=[first], id_weight=0.9, more_people=(Person((second,), 1.3),), num_steps=1)
     result = pipeline.generate(wanted)
@@ -209,7 +207,7 @@ def test_two_people_in_columns_match_the_float64_step(pipeline):  # noqa: F811
     assert not torch.equal(result.latents, single.latents)
 
 
-def test_one_person_over_the_whole_image_is_the_single_person_image(pipeline):  # noqa: F811
+def test_one_person_over_the_whole_image_is_the_single_person_image(pipeline):
     face = photo(8)
     single = pipeline.generate(request(id_images=[face]))
     whole = pipeline.generate(request(id_images=[face], layout="masks", id_region=region(0, W)))
@@ -222,7 +220,7 @@ def test_one_person_over_the_whole_image_is_the_single_person_image(pipeline):  
     assert torch.equal(single.latents, unpainted.latents)
 
 
-def test_a_regional_person_leaves_other_regions_alone_in_the_first_block(pipeline):  # noqa: F811
+def test_a_regional_person_leaves_other_regions_alone_in_the_first_block(pipeline):
     """One person on the left half: the injected residual is zero on the right (at the first
     insertion point, before self-attention spreads anything)."""
     wanted = request(id_images=[photo(2)], layout="masks", id_region=region(0, W // 2))
@@ -236,7 +234,7 @@ def test_a_regional_person_leaves_other_regions_alone_in_the_first_block(pipelin
     assert person.box == (0, 0, W // 2, H)
 
 
-def test_people_metadata_overlap_and_per_person_likeness(pipeline):  # noqa: F811
+def test_people_metadata_overlap_and_per_person_likeness(pipeline):
     faces = [photo(10), photo(11), photo(12)]
     more = (Person((faces[1],), 0.5, region(100, 220)), Person((faces[2],), 1.0, region(200, W)))
     result = pipeline.generate(
@@ -256,7 +254,7 @@ def test_people_metadata_overlap_and_per_person_likeness(pipeline):  # noqa: F81
     assert "regions_overlap" not in columns.metadata
 
 
-def test_a_region_drawn_at_another_size_is_fitted_and_said(pipeline):  # noqa: F811
+def test_a_region_drawn_at_another_size_is_fitted_and_said(pipeline):
     small = np.zeros((64, 80), np.uint8)
     small[:, :40] = 255
     result = pipeline.generate(
@@ -293,7 +291,7 @@ def test_a_region_drawn_at_another_size_is_fitted_and_said(pipeline):  # noqa: F
         ({"more_people": [object()]}, "Person 2 must be given as"),
     ],
 )
-def test_bad_people_are_refused_with_what_to_do(pipeline, kw, message):  # noqa: F811
+def test_bad_people_are_refused_with_what_to_do(pipeline, kw, message):
     with pytest.raises(InvalidRequestError, match=message):
         pipeline.generate(request(id_images=[photo(1)], **kw))
 
@@ -310,7 +308,7 @@ def test_each_person_has_at_most_the_photo_limit_through_every_front_door():
         GenerationRequest(prompt="p", id_images=five, more_people=(Person(tuple(six)),)).checked()
 
 
-def test_people_without_a_first_photo_or_with_a_tiny_region_are_refused(pipeline):  # noqa: F811
+def test_people_without_a_first_photo_or_with_a_tiny_region_are_refused(pipeline):
     with pytest.raises(InvalidRequestError, match="Person 1 has no photo"):
         pipeline.generate(request(more_people=(Person((photo(1),)),)))
     with pytest.raises(InvalidRequestError, match="Person 2's region is too small to hold a face"):
@@ -327,13 +325,13 @@ def test_people_without_a_first_photo_or_with_a_tiny_region_are_refused(pipeline
 # ---------------------------------------------------------------- through the service
 
 
-def test_the_service_reads_uploaded_people_and_regions(service, pipeline):  # noqa: F811
+def test_the_service_reads_uploaded_people_and_regions(uploading_service, pipeline):
     from PIL import Image
 
     from pulid.outputs import read_image_metadata
     from pulid.service import PersonUpload, ServiceError
 
-    svc, uploads = service
+    svc, uploads = uploading_service
     paths = {}
     for name, pixels in {
         "p1": photo(20),
@@ -377,12 +375,12 @@ def test_the_service_reads_uploaded_people_and_regions(service, pipeline):  # no
             svc.run(GenerationRequest.from_values(layout=layout, **settings), photos=[str(paths["p1"])], **kw)
 
 
-def test_the_progress_bar_only_moves_forward_through_every_stage(service):  # noqa: F811
+def test_the_progress_bar_only_moves_forward_through_every_stage(uploading_service):
     """Each stage a request reports (several people, from a photo) is one the app places, so the
     bar goes forward from start to saving and never jumps back to the start mid-request."""
     from pulid import stages
 
-    service, _ = service
+    service, _ = uploading_service
 
     def run(**kw) -> tuple[list[float], list[str], list]:
         bar, fills, names, steps = stages.RequestProgress(), [], [], []

@@ -23,8 +23,8 @@ from flux.quant.ggml import GGMLLinear
 from flux.text_encoders import T5_GGUF_NAMES, load_clip, load_clip_file, load_t5, load_t5_file
 from tests.numerics import fresh_seed, rel_err
 from tests.reference_flux import flux_forward
-from tests.test_flux_model import random_inputs, random_model
 from tests.tiny_configs import tiny_flux_params
+from tests.tiny_models import random_inputs, random_model
 from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer, write_tiny_clip
 from tiny_random.single_files import fp8_reference, fp8_state, gguf_reference, llama_cpp_t5_state, write_gguf
 

@@ -193,14 +193,6 @@ def test_thresholds_are_checked():
             GenerationRequest.from_values(prompt="p", cache_threshold=bad)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    from tests.test_pipeline import StubFaceAnalysis
-    from tiny_random.pipeline import tiny_pipeline
-
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny-cache"), StubFaceAnalysis())
-
-
 def test_the_pipeline_reports_full_steps_keeps_batches_exact_and_keeps_nothing(pipeline):
     from skimage import data as skimage_data
 

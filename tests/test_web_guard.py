@@ -5,7 +5,6 @@ import pytest
 
 import app_flux
 from pulid.web_guard import BodyLimit, allowed_hosts, host_allowed, host_name, visitor
-from tests.test_app import server  # noqa: F401 (the running app fixture, bound to 127.0.0.1)
 
 
 @pytest.mark.parametrize(
@@ -37,7 +36,7 @@ def test_which_names_are_answered_by_default_and_on_request():
     assert host_allowed("localhost", mine) and not host_allowed("example.org.evil", mine)
 
 
-def test_a_forged_host_is_refused_before_gradio_and_the_real_one_served(server):  # noqa: F811
+def test_a_forged_host_is_refused_before_gradio_and_the_real_one_served(server):
     port = httpx.URL(server).port
     forged = httpx.get(server, headers={"Host": f"rebound.attacker.example:{port}"}, timeout=10)
     assert forged.status_code == 421 and "--allowed_hosts rebound.attacker.example" in forged.text
@@ -49,7 +48,7 @@ def test_a_forged_host_is_refused_before_gradio_and_the_real_one_served(server):
         assert httpx.get(server, headers={"Host": host}, timeout=10).status_code == 200
 
 
-def test_a_request_with_two_host_headers_is_refused_whichever_comes_first(server):  # noqa: F811
+def test_a_request_with_two_host_headers_is_refused_whichever_comes_first(server):
     """The check and gradio must read the same name: with two, neither can be sure which."""
     import socket
 
@@ -87,7 +86,7 @@ def test_visitors_are_counted_by_address_and_only_the_proxys_entry_is_trusted():
     assert app_flux.visitor_of(behind, True) == "address 203.0.113.9"
 
 
-def test_a_body_over_its_route_limit_is_refused_before_it_is_read(server):  # noqa: F811
+def test_a_body_over_its_route_limit_is_refused_before_it_is_read(server):
     from pulid.limits import MAX_JSON_BODY_BYTES
 
     big = {"data": ["x" * (MAX_JSON_BODY_BYTES + 1)]}  # e.g. a 1 GB prompt, or 100,000 file entries

@@ -21,15 +21,10 @@ from pulid import zerogpu
 from pulid.outputs import read_image_metadata
 from pulid.request import SIZE_PRESETS, GenerationRequest
 from pulid.service import GenerationService, ServiceError
-from tests.test_pipeline import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny"), StubFaceAnalysis())
 
 
 def request(**changes) -> GenerationRequest:
