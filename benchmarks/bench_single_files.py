@@ -76,9 +76,9 @@ def make_file(state: dict, fmt: str) -> MemoryFile:
 def load_format(state: dict, fmt: str, device: str):
     import torch
 
-    from flux.checkpoint import load_checkpoint_strict
     from flux.loading import build_flow_model, single_file_format
     from flux.registry import flux_dev_params
+    from flux.strict_load import load_checkpoint_strict
 
     model = build_flow_model(flux_dev_params(), "meta", torch.bfloat16)
     if fmt == "bf16":
@@ -195,7 +195,7 @@ def run_t5() -> dict:
     import torch
     from transformers import T5Config, T5EncoderModel
 
-    from flux.checkpoint import load_checkpoint_strict
+    from flux.strict_load import load_checkpoint_strict
     from flux.text_encoders import T5_TIED, T5_XXL_CONFIG, encoder_file_format
     from tiny_random.ggml_quant import quantize
 

@@ -4,13 +4,13 @@ The official loaders call ``load_state_dict(strict=False)`` and print a warning,
 mismatched file silently leaves random weights in the model. Here any mismatch is an error that
 names the file and the keys, raised after reading only the file header, before any long work.
 
-There is one loading loop, :func:`load_checkpoint_strict`, for safetensors and GGUF files alike.
+The checks, the safetensors reader and the formats live here; the one loading loop,
+:func:`flux.strict_load.load_checkpoint_strict`, for safetensors and GGUF files alike, sits above.
 Models are built on the meta device and filled with ``assign=True``: tensors go from the file
 straight to the target device and dtype, one at a time, with no float32 copy of the whole model.
 What differs between checkpoints (plain weights, weights quantised to fp8 as they are read, a
-quanto file, a GGUF file, an fp8 file) is a
-:class:`CheckpointFormat`: a per-tensor transform handed to that loop, the way timm hands a
-checkpoint filter to its one model builder.
+quanto file, a GGUF file, an fp8 file) is a :class:`CheckpointFormat`: a per-tensor transform
+handed to that loop, the way timm hands a checkpoint filter to its one model builder.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from flux.headers import CheckpointError, Header
 
 MAX_LISTED_KEYS = 12
 
@@ -44,16 +46,7 @@ FLOAT_CODES = frozenset({"BF16", "F16", "F32", "F64"})
 FLOAT_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
 
 
-# A file's header: key -> (shape, dtype code), the code a safetensors dtype ("BF16", "F8_E4M3") or a
-# GGUF type ("F16", "Q4_K").
-Header = Mapping[str, tuple[tuple[int, ...], str]]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing keys, has unexpected keys, shapes or dtypes, or cannot be read."""
-
-
-def _listing(keys: Iterable[str]) -> str:
+def listing(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:MAX_LISTED_KEYS])
     more = f" (and {len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else ""
@@ -114,9 +107,9 @@ def check_header(
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+        problems.append(f"{len(missing)} missing key(s): {listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {listing(unexpected)}")
     if misshaped:
         problems.append(
             f"{len(misshaped)} key(s) with the wrong shape: {'; '.join(misshaped[:MAX_LISTED_KEYS])}"
@@ -137,7 +130,7 @@ def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _is_meta(module: nn.Module) -> bool:
+def is_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in module.state_dict().values())
 
 
@@ -197,7 +190,7 @@ def load_state_dict_strict(
         expected_shapes(module), {k: tuple(v.shape) for k, v in state_dict.items()}, source, hint
     )
     converted = {k: cast(v, device, dtype) for k, v in state_dict.items()}
-    module.load_state_dict(converted, strict=True, assign=_is_meta(module))
+    module.load_state_dict(converted, strict=True, assign=is_meta(module))
 
 
 LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file begins
@@ -244,7 +237,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
             return out
     except (SafetensorError, OSError, ValueError) as err:
         if kind := other_format(path):
-            raise CheckpointError(_not_the_format(path, kind, "safetensors")) from err
+            raise CheckpointError(not_the_format(path, kind, "safetensors")) from err
         raise CheckpointError(
             f"Checkpoint {path} is not a readable safetensors file ({err}). It may be truncated or "
             "corrupt: delete it and download it again."
@@ -314,80 +307,9 @@ class RenamedFile:
         self.file.close()
 
 
-def _not_the_format(path: Path, kind: str, expected: str) -> str:
+def not_the_format(path: Path, kind: str, expected: str) -> str:
     """The message for a weight file that is plainly something else, naming the format asked for."""
     return (
         f"Checkpoint {path} is {kind}, not a {expected} file: give the .{expected} file itself "
         "(README.md, Weights, lists each one)."
     )
-
-
-def open_checkpoint(path: str | os.PathLike):
-    """The file at ``path`` as a checkpoint to load: GGUF (by its magic) or safetensors. A ``.gguf``
-    file without the magic is said to be what it is, as a GGUF file (not as safetensors)."""
-    from flux.gguf_file import GGUFFile, is_gguf
-
-    path = Path(path)
-    named_gguf = path.suffix.lower() == ".gguf"
-    if named_gguf and path.is_file() and not is_gguf(path) and (kind := other_format(path)):
-        raise CheckpointError(_not_the_format(path, kind, "gguf"))
-    return GGUFFile(path) if named_gguf or is_gguf(path) else SafetensorsFile(path)
-
-
-def _without_view_base(tensor: Tensor) -> Tensor:
-    """The same memory, as a tensor that is not a view of another.
-
-    Why: safetensors hands out views into a memory map of the whole file. A buffer that is such a
-    view keeps its base, and with it the whole map, alive even after a memory placement rebinds
-    its ``.data`` to a pinned copy (parameters are re-wrapped and do not). On the fp8 files that
-    left all 16 GiB of the DiT and T5 files mapped next to their pinned copies.
-    """
-    if tensor._base is None:
-        return tensor
-    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
-
-
-def load_checkpoint_strict(
-    module: nn.Module,
-    source,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    fmt: CheckpointFormat = PLAIN,
-    hint: Callable[[set[str]], str] | None = None,
-    tied: Mapping[str, str] | None = None,
-) -> None:
-    """Fill ``module`` (built on the meta device, or materialised) from a checkpoint file, strictly.
-
-    ``source`` is a path (safetensors or GGUF, told apart by the file's magic) or an opened file
-    (:class:`SafetensorsFile`, :class:`flux.gguf_file.GGUFFile`). ``fmt`` prepares the module
-    from the header and converts each tensor (see :class:`CheckpointFormat`). The header is checked
-    against the prepared module before any tensor is read; a mismatch names the keys, plus
-    ``hint(keys)`` (or the format's hint) when the file is recognisably something else. ``tied``
-    maps state keys that share another key's tensor (T5's ``encoder.embed_tokens.weight`` is its
-    ``shared.weight``) to that key: files may omit them, and a copy in the file is not read.
-    Afterwards no tensor may be left on the meta device.
-    """
-    file = open_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    tied = dict(tied or {})
-    state: dict[str, Tensor] = {}
-    try:  # closed however it ends (a GGUF holds a memory map of the whole file)
-        header = {k: v for k, v in file.header.items() if k not in tied}
-        fmt.prepare(module, header)
-        keys = set(header)
-        hint_text = fmt.hint(keys) or (hint(keys) if hint is not None else "")
-        layout = {k: v for k, v in fmt.file_layout(module).items() if k not in tied}
-        check_header(layout, header, str(file.path), hint_text)
-        for key in fmt.read_order(header):
-            state.update(fmt.convert(key, file.tensor(key, device), device, dtype))
-    finally:
-        file.close()
-    state = {key: _without_view_base(tensor) for key, tensor in state.items()}
-    for alias, key in tied.items():
-        state[alias] = state[key]
-    module.load_state_dict(state, strict=True, assign=_is_meta(module))
-    left = [k for k, v in module.state_dict().items() if v.is_meta]
-    left += [k for k, v in module.named_buffers() if v.is_meta and k not in left]  # non-persistent too
-    if left:  # a format that forgot a tensor: never run with uninitialised weights
-        raise CheckpointError(f"Checkpoint {file.path} left tensors unloaded: {_listing(left)}")

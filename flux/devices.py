@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from flux.errors import UserError
+
 SUPPORTED_TYPES = ("cuda", "cpu")
 
 
-class HardwareError(RuntimeError):
+class HardwareError(UserError, RuntimeError):
     """This machine cannot do what a flag asks; the message says what to change."""
 
 

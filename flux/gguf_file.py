@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flux.checkpoint import CheckpointError, Header
+from flux.headers import CheckpointError, Header
 from flux.quant.ggml import FORMATS
 
 GGUF_MAGIC = b"GGUF"

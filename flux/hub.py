@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 REACHABILITY_TIMEOUT_S = 3.0
@@ -69,7 +71,7 @@ class HubWeights:
         return Path(models_dir) / self.local_name
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Weight files are neither on disk nor downloadable; the message says how to get each one."""
 
 

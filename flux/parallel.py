@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flux.conventions import TOKEN_PIXELS
+from flux.errors import UserError
 from flux.math import apply_rope
 from flux.model import Flux, IDInjection, StepCache
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A token count or head count this number of ranks does not divide; the message says what to change."""
 
 

@@ -244,7 +244,8 @@ def t5_gguf_name(key: str) -> str:
 
 def open_t5_file(path: str | os.PathLike):
     """A single T5 file opened under transformers' names (GGUF names mapped; other models refused)."""
-    from flux.checkpoint import RenamedFile, open_checkpoint
+    from flux.checkpoint import RenamedFile
+    from flux.strict_load import open_checkpoint
 
     file = open_checkpoint(path)
     if file.kind == "gguf":
@@ -285,7 +286,7 @@ def load_t5_file(
     """
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-    from flux.checkpoint import load_checkpoint_strict
+    from flux.strict_load import load_checkpoint_strict
 
     file = open_t5_file(path)
     tokenizer = _from_folder(
@@ -334,7 +335,8 @@ def load_clip_file(
     """CLIP-L text encoder from one safetensors file (fp16/bf16/fp32 or fp8), e.g. ComfyUI's ``clip_l``."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from flux.checkpoint import RenamedFile, load_checkpoint_strict, open_checkpoint
+    from flux.checkpoint import RenamedFile
+    from flux.strict_load import load_checkpoint_strict, open_checkpoint
 
     tokenizer = _from_folder(
         CLIPTokenizer.from_pretrained,

@@ -3,7 +3,7 @@
 Each :class:`CatalogueEntry` is a :class:`flux.hub.HubWeights` (hub repo, file or folder of files,
 size, place under ``models/``) plus a role and the flags that need it. :func:`required_weights`
 says which entries a set of flags needs; the loader (:mod:`pulid.loading`), the download command
-(``python -m pulid.download``) and the README's table (:func:`markdown_table`, kept in step by a
+(``python -m pulid.serve.download``) and the README's table (:func:`markdown_table`, kept in step by a
 test) all come from here.
 
 Sizes are the files' tensor bytes from the checkpoint manifests (the files add a small header), or
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux.errors import UserError
 from flux.hub import HubWeights, format_size
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # the source checkout, when run from one
@@ -69,7 +70,7 @@ CLIP_L_FILES = (
 CLIP_L_BYTES = 1_712_032_155  # model.safetensors 1,710,540,580 and small files
 
 
-class WeightChoiceError(ValueError):
+class WeightChoiceError(UserError, ValueError):
     """Flags that choose weight files which cannot go together, or a name that is not in the catalogue."""
 
 

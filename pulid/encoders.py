@@ -218,7 +218,7 @@ def load_pulid_weights(
     ca_kwargs: dict | None = None,
 ) -> PuLIDWeights:
     """Build on the meta device and fill strictly from a PuLID-FLUX safetensors file (eval mode)."""
-    from flux.checkpoint import load_checkpoint_strict
+    from flux.strict_load import load_checkpoint_strict
 
     with torch.device("meta"):
         weights = PuLIDWeights(num_ca, encoder_kwargs=encoder_kwargs, ca_kwargs=ca_kwargs)

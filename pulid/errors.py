@@ -6,8 +6,10 @@ can act on; ``error.detail`` holds the technical reason for the logs.
 
 from __future__ import annotations
 
+from flux.errors import UserError
 
-class PuLIDError(Exception):
+
+class PuLIDError(UserError):
     """Base class for errors caused by the user's input rather than by a bug."""
 
     default_message = "The request could not be processed."

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flux.errors import UserError
 
-class InvalidRequestError(ValueError):
+
+class InvalidRequestError(UserError, ValueError):
     """A request setting is missing, of the wrong type or out of range; the message says what is allowed."""
 
 

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from flux.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 Event = Any  # an opaque token: a torch.cuda.Event, None, or whatever a test transfer makes
@@ -25,7 +27,7 @@ Event = Any  # an opaque token: a torch.cuda.Event, None, or whatever a test tra
 normal_tensors = torch.inference_mode(False)
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """The weights that must be on the device do not fit the byte budget; the message says by how much."""
 
 

@@ -25,7 +25,9 @@ from types import ModuleType
 
 from torch import nn
 
-from flux.checkpoint import CheckpointError, CheckpointFormat, Header, TensorSpec
+from flux.checkpoint import CheckpointFormat, TensorSpec
+from flux.errors import UserError
+from flux.headers import CheckpointError, Header, layout_hint
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ XLABS_QCONFIG = {"weights": "qfloat8_e4m3fn", "activations": "none"}
 QuantizationMap = dict[str, dict[str, str]]
 
 
-class QuantoMissingError(ImportError):
+class QuantoMissingError(UserError, ImportError):
     """optimum-quanto is missing or too old for the quanto checkpoint; the message says what to install."""
 
 
@@ -144,8 +146,6 @@ class QuantoFormat(CheckpointFormat):
                 "This looks like a high-precision checkpoint in the official layout (e.g. "
                 "flux1-dev.safetensors), not a quanto fp8 one: load it without --fp8_mode quanto."
             )
-        from flux.loading import layout_hint
-
         return layout_hint(keys)
 
 
