@@ -173,8 +173,8 @@ def main() -> None:
 
     from flux.compile import compile_blocks, compile_repeated_blocks
     from flux.parallel import SequenceParallelFlux
-    from pulid.ranks import join_torchrun
     from pulid.request import GenerationRequest
+    from pulid.serve.ranks import join_torchrun
 
     rank = join_torchrun(minimum=1)  # one process: the parallel path's own cost, no split
     lead = rank.leads

@@ -57,7 +57,7 @@ def main() -> None:
     from skimage import data as skimage_data
 
     from pulid.request import GenerationRequest
-    from pulid.service import GenerationService, ReplicaRunner
+    from pulid.serve.service import GenerationService, ReplicaRunner
 
     counts = [int(n) for n in args.replicas.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="bench-replicas-"))

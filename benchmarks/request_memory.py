@@ -44,7 +44,7 @@ def child(case: str, steps: int) -> dict:
     from PIL import Image
 
     from pulid.limits import MAX_EXTRA_PHOTOS, MAX_IMAGE_PIXELS
-    from pulid.service import GenerationService
+    from pulid.serve.service import GenerationService
     from tiny_random.pipeline import tiny_pipeline_with_face_models
 
     folder = Path(tempfile.mkdtemp(prefix="request-memory-"))

@@ -72,11 +72,11 @@ def plan_counts(request: GenerationRequest | None = None) -> dict[str, int]:
 def download_command(
     model: str, version: str, fp8: str | None, models_dir: Path, files: Mapping[str, str | None] | None = None
 ) -> str:
-    """The ``python -m pulid.download`` line that fetches what these flags need (this Python, so
+    """The ``python -m pulid.serve.download`` line that fetches what these flags need (this Python, so
     the line runs as printed; files given as paths are passed on, and not fetched)."""
     python = os.path.relpath(sys.executable)
     python = python if not python.startswith("..") else sys.executable
-    parts = [python, "-m", "pulid.download", "--name", model, "--version", version]
+    parts = [python, "-m", "pulid.serve.download", "--name", model, "--version", version]
     if fp8 is not None:
         parts += ["--fp8", "--fp8_mode", fp8]
     for kind, value in (files or {}).items():
@@ -260,7 +260,7 @@ def load_pipeline(
     device, a GPU with less free memory than its plan's peak) is refused before anything loads.
 
     ``sequence_parallel``: this process is one rank of a ``torchrun`` group (already joined, see
-    :func:`pulid.ranks.join_torchrun`) that denoises each image together, the DiT's tokens split
+    :func:`pulid.serve.ranks.join_torchrun`) that denoises each image together, the DiT's tokens split
     over the ranks (:mod:`flux.parallel`); every rank must then run the same requests.
     """
     memory = memory or MemoryPolicy()

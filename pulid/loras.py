@@ -13,7 +13,7 @@ request with the same LoRA reads nothing. Sources, tried in this order:
 In the web app a visitor may choose only what :meth:`LoRALibrary.names` lists (files already in
 ``models/loras/`` and the speed LoRAs), never a path on the server or an arbitrary download: the
 service checks each request against that list before it takes a place in the line
-(:class:`pulid.service.GenerationService`, ``listed_loras_only``).
+(:class:`pulid.serve.service.GenerationService`, ``listed_loras_only``).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def check_fetchable_lora(source: str, weights: HubWeights, models_dir: Path) -> 
     if find_local(weights, models_dir) is not None:
         return
     if (blocked := download_blocked()) is not None:
-        command = f"python -m pulid.download --speed_lora {source}" if source in SPEED_LORAS else None
+        command = f"python -m pulid.serve.download --speed_lora {source}" if source in SPEED_LORAS else None
         raise LoRAError(
             f"LoRA {source} is not on this machine, and {blocked}. Get it here:\n"
             f"{how_to_get(weights, models_dir)}" + (f"\nor with: {command}" if command else "")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flux.conventions import TOKEN_PIXELS
+from pulid.images import at_first_size
 from pulid.settings import InvalidRequestError
-from pulid.uploads import at_first_size
 
 if TYPE_CHECKING:  # torch is imported where the token grid is made: the settings need this module
     from torch import Tensor

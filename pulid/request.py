@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from flux.conventions import T5_MAX_LENGTHS, TOKEN_PIXELS, uses_true_cfg
+from pulid.images import at_first_size
 from pulid.limits import (
     MAX_EXTRA_PHOTOS,
     MAX_IMAGES_PER_REQUEST,
@@ -28,7 +29,6 @@ from pulid.limits import (
 from pulid.outputs import EXTENSIONS
 from pulid.regions import LAYOUTS
 from pulid.settings import InvalidRequestError, Setting, coerce_all, declared_settings, setting
-from pulid.uploads import at_first_size
 
 MAX_SEED = 2**64 - 1
 RANDOM_SEEDS = 2**32  # a random seed is drawn below this: at most 10 digits, to read and type

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from gradio_client import Client, handle_file
 
-    from app_flux import TINY_START
+    from pulid.serve.page import TINY_START
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"

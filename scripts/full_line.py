@@ -45,7 +45,7 @@ def listen(url: str, session: str, heard: list[str], stop: threading.Event) -> N
 
 def request_values(**settings) -> list:
     """Every /generate input in order: no photo, no LoRA, nobody else, small unless told."""
-    from app_flux import lora_input_names, people_input_names
+    from pulid.serve.components import lora_input_names, people_input_names
 
     values = {"prompt": "a portrait", "seed": "1", **settings}
     for name in lora_input_names():

@@ -118,8 +118,8 @@ def random_request(rng: random.Random, files: dict[str, Path], good: Path) -> tu
 
 def in_api_order(settings: dict) -> dict:
     """Every /generate parameter in the endpoint's order (raw HTTP sends a positional list)."""
-    from app_flux import input_names
     from pulid.request import generation_settings
+    from pulid.serve.components import input_names
 
     defaults = {s.name: s.default for s in generation_settings()}
     return {name: settings.get(name, defaults.get(name)) for name in input_names()}
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             posted = httpx.post(
                 f"{url}gradio_api/call/generate", json={"data": list(values.values())}, timeout=30
             )
-            if posted.status_code == 422:  # refused at the door (pulid.web_guard.PayloadCheck)
+            if posted.status_code == 422:  # refused at the door (pulid.serve.web_guard.PayloadCheck)
                 return "refused_path" if "was not uploaded" in posted.text else "path_was_read"
             event_id = posted.json()["event_id"]
             with httpx.stream("GET", f"{url}gradio_api/call/generate/{event_id}", timeout=120) as stream:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import app_flux
+from pulid.serve import components
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,13 +17,13 @@ def settings(**kw):
     small = dict(id_image=None, extra_images=[], width=256, height=256, num_steps=2, seed="5")
     small["max_sequence_length"] = 128
     small.update(
-        {name: "" if name.endswith(("1", "2", "3")) else 1.0 for name in app_flux.lora_input_names()}
+        {name: "" if name.endswith(("1", "2", "3")) else 1.0 for name in components.lora_input_names()}
     )
-    for name in app_flux.people_input_names():  # nobody else: no photos, no region, weight 1
+    for name in components.people_input_names():  # nobody else: no photos, no region, weight 1
         small[name] = 1.0 if name.endswith("_weight") else [] if name[-1].isdigit() else None
     small["mask_drawing"] = small["region_drawing"] = None
     values = {}
-    for name in app_flux.input_names():
+    for name in components.input_names():
         declared = {s.name: s.default for s in generation_settings()}
         values[name] = kw.get(name, small.get(name, declared.get(name)))
     unknown = set(kw) - set(values)
@@ -62,7 +62,7 @@ def call(client, **kw) -> Reply:
         if values[name] is not None:
             layer = handle_file(str(values[name]))
             values[name] = {"background": None, "layers": [layer], "composite": None, "id": None}
-    for name in ("init_image", "mask", "id_region", *app_flux.people_input_names()):
+    for name in ("init_image", "mask", "id_region", *components.people_input_names()):
         if name.endswith("_weight") or values[name] is None:
             continue
         if isinstance(values[name], list):

@@ -57,7 +57,7 @@ def app_pipeline(tmp_path_factory, models_dir):
 
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
     write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
-    # a stand-in for one speed LoRA, on this machine as after `pulid.download --speed_lora`: offered
+    # a stand-in for one speed LoRA, on this machine as after `pulid.serve.download --speed_lora`: offered
     speed = pipeline.lora_library.folder / "FLUX.1-Turbo-Alpha.safetensors"
     write_kohya(speed, random_factors(pipeline.flow, rank=2, seed=13))
     # a shared LoRA store linked file by file, and a listed file that is not a LoRA
@@ -81,7 +81,7 @@ def pipeline(tmp_path_factory):
 @pytest.fixture(scope="session")
 def uploading_service(pipeline, tmp_path_factory):
     """A service on the shared tiny pipeline that reads uploads from one folder: (service, folder)."""
-    from pulid.service import GenerationService
+    from pulid.serve.service import GenerationService
 
     uploads = tmp_path_factory.mktemp("uploads")
     return GenerationService(pipeline, tmp_path_factory.mktemp("out"), upload_roots=[uploads]), uploads
@@ -94,14 +94,14 @@ def server(app_pipeline, outside_folder):
     import tempfile
     from pathlib import Path
 
-    import app_flux
+    from pulid.serve import gradio_app, page
     from scripts.soak import free_port
 
-    args = app_flux.parse_args(["--preset", "tiny-random", "--dev"])
+    args = gradio_app.parse_args(["--preset", "tiny-random", "--dev"])
     outputs = Path(tempfile.mkdtemp(prefix="outputs-", dir=outside_folder))
-    demo = app_flux.create_demo(args, app_flux.make_service(app_pipeline, outputs))
+    demo = page.create_demo(args, gradio_app.make_service(app_pipeline, outputs))
     port = free_port()
-    app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
+    gradio_app.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -112,3 +112,28 @@ def client(server):
     from gradio_client import Client
 
     return Client(server, verbose=False)
+
+
+@pytest.fixture
+def run_cli(app_pipeline, monkeypatch, capsys):
+    """``generate.py --preset tiny-random FLAGS`` run in this process on the shared tiny pipeline
+    (the preset's models, loaded once): a ``CompletedProcess`` with the exit code and the output.
+    One test starts the real ``generate.py`` (test_app.py); the others need no new process."""
+    import subprocess
+
+    from pulid.serve import cli
+
+    monkeypatch.setattr(cli, "load_or_exit", lambda args: app_pipeline)
+
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = cli.main(["--preset", "tiny-random", *flags])
+        except SystemExit as stop:  # the parser's refusals, a start that cannot go on
+            code = stop.code
+        out, err = capsys.readouterr()
+        if isinstance(code, str):  # as Python prints an exit message: on stderr, status 1
+            code, err = 1, f"{err}{code}\n"
+        return subprocess.CompletedProcess(["generate.py", *flags], code, out, err)
+
+    return run

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from flux.aot import AheadOfTime, compile_ahead
@@ -40,19 +41,30 @@ print(json.dumps({"built": backend.built, "loaded": backend.loaded, "missing": b
 """
 
 
-def test_packages_built_once_run_every_block_with_its_own_weights_in_a_fresh_process(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The small DiT's blocks built ahead of time once for the module: (folder, keys built, the
+    DiT's output with them, its float64 output)."""
+    folder = tmp_path_factory.mktemp("packages")
     dit = small_dit()
     inputs = dit_inputs(dit)
     with torch.inference_mode():
         expected = small_dit().double()(**{k: v.double() for k, v in inputs.items()})
-        backend = AheadOfTime(tmp_path / "packages", "build")
+        backend = AheadOfTime(folder, "build")
         assert compile_ahead(block_modules(dit), backend) == 4
-        built = dit(**inputs)
-    assert len(backend.built) == 2  # one graph per kind of block, shared by both blocks of the kind
-    assert relative_error(built, expected) < F32_TOLERANCE
+        output = dit(**inputs)
+    return folder, list(backend.built), output, expected
+
+
+@pytest.mark.slow  # an ahead-of-time build, then a new Python that loads it
+def test_packages_built_once_run_every_block_with_its_own_weights_in_a_fresh_process(built, tmp_path):
+    folder, keys, output, expected = built
+    assert len(keys) == 2  # one graph per kind of block, shared by both blocks of the kind
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{key}.pt2" for key in keys)  # no partial file
+    assert relative_error(output, expected) < F32_TOLERANCE
 
     done = subprocess.run(
-        [sys.executable, "-c", LOAD, str(tmp_path / "packages"), str(tmp_path / "out.pt")],
+        [sys.executable, "-c", LOAD, str(folder), str(tmp_path / "out.pt")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -60,11 +72,12 @@ def test_packages_built_once_run_every_block_with_its_own_weights_in_a_fresh_pro
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["built"] == [] and sorted(report["loaded"]) == sorted(backend.built)
+    assert report["built"] == [] and sorted(report["loaded"]) == sorted(keys)
     assert len(report["missing"]) == 2  # the other size's two graphs: run as traced
     outputs = torch.load(tmp_path / "out.pt", weights_only=True)
     assert relative_error(outputs["built"], expected) < F32_TOLERANCE
     with torch.inference_mode():
+        dit = small_dit()
         other = small_dit().double()(**{k: v.double() for k, v in dit_inputs(dit, tokens=(4, 8)).items()})
     assert relative_error(outputs["other"], other) < F32_TOLERANCE
 
@@ -92,22 +105,34 @@ def test_a_graph_key_names_its_code_and_its_inputs():
         flux.aot.torch.__version__ = real_version
 
 
-def test_a_damaged_package_runs_uncompiled_and_a_build_leaves_no_partial_file(tmp_path):
-    dit = small_dit()
-    inputs = dit_inputs(dit)
+@pytest.mark.slow  # loads the module's ahead-of-time build
+def test_a_damaged_package_runs_uncompiled(built, tmp_path):
+    folder, keys, _, _ = built
+    for key in keys:  # cut off, as by a slice's time limit before the rename existed
+        (tmp_path / f"{key}.pt2").write_bytes(b"PK\x03\x04 half a zip")
+    fresh = small_dit()
+    inputs = dit_inputs(fresh)
     with torch.inference_mode():
         expected = small_dit()(**inputs)
-    backend = AheadOfTime(tmp_path, "build")
-    compile_ahead(block_modules(dit), backend)
-    with torch.inference_mode():
-        dit(**inputs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{key}.pt2" for key in backend.built)
-    for key in backend.built:  # cut off, as by a slice's time limit before the rename existed
-        backend.package(key).write_bytes(b"PK\x03\x04 half a zip")
-    fresh = small_dit()
     loading = AheadOfTime(tmp_path, "load")
     compile_ahead(block_modules(fresh), loading)
     with torch.inference_mode():
         result = fresh(**inputs)
-    assert sorted(loading.missing) == sorted(backend.built) and loading.loaded == []
+    assert sorted(loading.missing) == sorted(keys) and loading.loaded == []
+    assert relative_error(result, expected) < F32_TOLERANCE
+
+
+def test_without_packages_every_block_runs_as_traced_and_right(tmp_path):
+    """The fast tier's sibling of the two above: loading from an empty folder builds nothing,
+    finds every graph missing and runs them as traced, with the eager model's output."""
+    dit = small_dit()
+    inputs = dit_inputs(dit)
+    with torch.inference_mode():
+        expected = small_dit()(**inputs)
+    loading = AheadOfTime(tmp_path, "load")
+    compile_ahead(block_modules(dit), loading)
+    with torch.inference_mode():
+        result = dit(**inputs)
+    assert len(loading.missing) == 2 and loading.loaded == [] and loading.built == []
+    assert list(tmp_path.iterdir()) == []
     assert relative_error(result, expected) < F32_TOLERANCE

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pulid.service import GenerationService, ServiceError
-from pulid.uploads import load_upload
+from pulid.serve.service import GenerationService, ServiceError
+from pulid.serve.uploads import load_upload
 from tests.app_requests import call
 from tests.bad_inputs import EXPECTED, write_bad_inputs
 
@@ -88,7 +88,7 @@ def test_a_16_bit_grey_photo_reads_as_its_8_bit_copy(bad_files):
     """PIL's own conversion clips 16-bit grey to white; the file's 0-65535 is scaled to 0-255."""
     import numpy as np
 
-    from pulid.uploads import painted_layer
+    from pulid.images import painted_layer
 
     eight = load_upload(bad_files["grey.png"])
     sixteen = load_upload(bad_files["grey16.png"])

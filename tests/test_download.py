@@ -1,4 +1,4 @@
-"""``python -m pulid.download``: what the flags need, where it goes, and fetching only what is missing."""
+"""``python -m pulid.serve.download``: what the flags need, where it goes, fetching only what is missing."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import pulid.download
+import pulid.serve.download
 from flux.hub import format_size
 from pulid.catalogue import CATALOGUE, required_weights
 
@@ -18,7 +18,7 @@ def test_dry_run_lists_every_file_with_size_and_place(tmp_path):
         [
             sys.executable,
             "-m",
-            "pulid.download",
+            "pulid.serve.download",
             "--dry-run",
             "--models_dir",
             str(tmp_path),
@@ -47,7 +47,7 @@ def fake_hub(monkeypatch):
     """huggingface_hub's download, writing a small file where the real one would land."""
     import huggingface_hub
 
-    monkeypatch.setattr(pulid.download, "download_blocked", lambda: None)  # as if online
+    monkeypatch.setattr(pulid.serve.download, "download_blocked", lambda: None)  # as if online
     fetched = []
 
     def fake_download(repo_id, filename, local_dir=None, **kwargs):
@@ -63,7 +63,7 @@ def fake_hub(monkeypatch):
 
 def test_fetches_what_is_missing_into_its_place_then_nothing(tmp_path, fake_hub, capsys):
     (tmp_path / "ae.safetensors").write_bytes(b"already here")
-    assert pulid.download.main(["--models_dir", str(tmp_path), "--name", "flux-krea-dev"]) == 0
+    assert pulid.serve.download.main(["--models_dir", str(tmp_path), "--name", "flux-krea-dev"]) == 0
     needed = required_weights("flux-krea-dev")
     for entry in needed.values():
         weights = entry.weights
@@ -75,7 +75,7 @@ def test_fetches_what_is_missing_into_its_place_then_nothing(tmp_path, fake_hub,
     assert ("black-forest-labs/FLUX.1-Krea-dev", "ae.safetensors") in fake_hub  # lands as krea-ae.safetensors
     assert (tmp_path / "ae.safetensors").read_bytes() == b"already here"  # flux-dev's, untouched
     fake_hub.clear()
-    assert pulid.download.main(["--models_dir", str(tmp_path), "--name", "flux-krea-dev"]) == 0
+    assert pulid.serve.download.main(["--models_dir", str(tmp_path), "--name", "flux-krea-dev"]) == 0
     assert fake_hub == [] and "0 to download" in capsys.readouterr().out
 
 
@@ -83,13 +83,13 @@ def test_an_empty_file_is_fetched_again_and_a_folder_in_its_place_is_named(tmp_p
     (tmp_path / "ae.safetensors").write_bytes(b"")  # a download cut off at once
     (tmp_path / "flux1-dev.safetensors").mkdir()  # a folder named like the file
     (tmp_path / "xflux_text_encoders").write_bytes(b"x")  # a file where a folder belongs
-    assert pulid.download.main(["--models_dir", str(tmp_path), "--dry-run"]) == 0
+    assert pulid.serve.download.main(["--models_dir", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "ae.safetensors is empty (a download that was cut off?)" in out
     assert "flux1-dev.safetensors is a folder where the file belongs: remove it" in out
     assert "xflux_text_encoders is a file where a folder belongs: remove it" in out
     assert out.count("\nbroken ") == 3
-    assert pulid.download.main(["--models_dir", str(tmp_path)]) == 1  # two cannot be fetched over
+    assert pulid.serve.download.main(["--models_dir", str(tmp_path)]) == 1  # two cannot be fetched over
     assert (tmp_path / "ae.safetensors").read_bytes() == b"weights"  # the empty one was
     assert "flux1-dev.safetensors is a folder where the file belongs: remove it" in capsys.readouterr().err
     assert (tmp_path / "flux1-dev.safetensors").is_dir()  # nothing was moved into it
@@ -110,33 +110,37 @@ def test_the_missing_list_says_what_is_in_a_files_place(tmp_path):
 def test_a_speed_lora_asked_twice_is_listed_once_and_not_as_optional(tmp_path, capsys):
     name = "FLUX.1-Turbo-Alpha"
     argv = ["--dry-run", "--speed_lora", name, "--speed_lora", name, "--models_dir", str(tmp_path)]
-    assert pulid.download.main(argv) == 0
+    assert pulid.serve.download.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if name in line]
     assert len(rows) == 1 and rows[0].startswith("missing ")
 
 
 def test_fp8_mode_alone_asks_for_fp8(tmp_path, capsys):
-    assert pulid.download.main(["--dry-run", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)]) == 0
+    assert (
+        pulid.serve.download.main(["--dry-run", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)]) == 0
+    )
     out = capsys.readouterr().out
     assert "flux-dev-fp8.safetensors" in out and "flux1-dev.safetensors" not in out
 
 
 def test_quanto_fp8_needs_xlabs_file_and_all_lists_the_whole_catalogue(tmp_path, capsys):
     assert (
-        pulid.download.main(["--dry-run", "--fp8", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)])
+        pulid.serve.download.main(
+            ["--dry-run", "--fp8", "--fp8_mode", "quanto", "--models_dir", str(tmp_path)]
+        )
         == 0
     )
     out = capsys.readouterr().out
     assert "flux-dev-fp8.safetensors" in out and "flux1-dev.safetensors" not in out
     assert "optional" in out  # the quantization map: the built-in one replaces it
-    assert pulid.download.main(["--dry-run", "--all", "--models_dir", str(tmp_path)]) == 0
+    assert pulid.serve.download.main(["--dry-run", "--all", "--models_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert all(str(tmp_path / entry.weights.local_name) in out for entry in CATALOGUE)
 
 
 def test_offline_says_so_and_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert pulid.download.main(["--models_dir", str(tmp_path)]) == 1
+    assert pulid.serve.download.main(["--models_dir", str(tmp_path)]) == 1
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
 
 
@@ -151,7 +155,9 @@ def test_a_speed_lora_downloads_into_models_loras_under_its_name(tmp_path, fake_
             target = place / name if name else place
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(b"x")
-    assert pulid.download.main(["--models_dir", str(tmp_path), "--speed_lora", "FLUX.1-Turbo-Alpha"]) == 0
+    assert (
+        pulid.serve.download.main(["--models_dir", str(tmp_path), "--speed_lora", "FLUX.1-Turbo-Alpha"]) == 0
+    )
     assert fake_hub == [(turbo.repo_id, turbo.filename)]
     assert (tmp_path / "loras" / "FLUX.1-Turbo-Alpha.safetensors").read_bytes() == b"weights"
     library = LoRALibrary(tmp_path / "loras", {}, models_dir=tmp_path, allow_download=False)
@@ -172,7 +178,7 @@ def test_a_speed_lora_downloads_into_models_loras_under_its_name(tmp_path, fake_
     ],
 )
 def test_flags_that_cannot_be_planned_get_one_line_not_a_traceback(tmp_path, capsys, flags, message):
-    assert pulid.download.main(["--dry-run", "--models_dir", str(tmp_path), *flags]) == 2
+    assert pulid.serve.download.main(["--dry-run", "--models_dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Cannot plan the download: ") and message in err and "Traceback" not in err
 
@@ -182,7 +188,7 @@ def test_a_file_given_as_a_path_is_checked_and_not_fetched(tmp_path, capsys):
 
     mine = tmp_path / "my-flux.gguf"
     mine.write_bytes(b"GGUF")
-    assert pulid.download.main(["--dry-run", "--models_dir", str(tmp_path), "--dit", str(mine)]) == 0
+    assert pulid.serve.download.main(["--dry-run", "--models_dir", str(tmp_path), "--dit", str(mine)]) == 0
     out = capsys.readouterr().out
     assert required_weights()["flow"].weights.description not in out  # the 23.8 GB DiT is not planned
     assert required_weights()["ae"].weights.description in out  # the rest is

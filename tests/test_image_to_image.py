@@ -148,7 +148,7 @@ def test_an_uploaded_photo_to_start_from_gives_the_array_result(uploading_servic
 
 
 def test_a_photo_to_start_from_that_was_not_uploaded_is_refused(uploading_service, tmp_path):
-    from pulid.service import ServiceError
+    from pulid.serve.service import ServiceError
 
     svc, _ = uploading_service
     elsewhere = tmp_path / "secret.png"

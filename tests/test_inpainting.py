@@ -180,8 +180,8 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def test_painted_layers_give_their_opacity_and_their_union_is_the_mask():
+    from pulid.images import painted_layer
     from pulid.request import painted_mask
-    from pulid.uploads import painted_layer
 
     strokes = np.zeros((40, 60, 4), np.uint8)
     strokes[5:15, 10:30] = (255, 255, 255, 255)
@@ -201,22 +201,22 @@ def test_painted_layers_give_their_opacity_and_their_union_is_the_mask():
 
 
 def test_painted_layers_are_bounded_before_anything_is_decoded():
+    from pulid.images import ImageError, painted_layer
     from pulid.limits import MAX_UPLOAD_BYTES
-    from pulid.uploads import UploadError, painted_layer
 
-    with pytest.raises(UploadError, match="larger than"):
+    with pytest.raises(ImageError, match="larger than"):
         painted_layer(b"\0" * (MAX_UPLOAD_BYTES + 1), "the drawn mask")
-    with pytest.raises(UploadError, match="Could not read the drawn mask"):
+    with pytest.raises(ImageError, match="Could not read the drawn mask"):
         painted_layer(b"not a png", "the drawn mask")
     huge = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
     huge[16:24] = (100_000).to_bytes(4, "big") * 2  # the header says 100,000 x 100,000 pixels
     huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")  # with a valid checksum
-    with pytest.raises(UploadError, match="megapixels"):
+    with pytest.raises(ImageError, match="megapixels"):
         painted_layer(bytes(huge), "the drawn mask")
 
 
 def test_a_painting_over_a_large_photo_is_read_at_a_bounded_size_with_its_own_colours():
-    from pulid.uploads import MAX_PAINTED_SIDE, painted_layer
+    from pulid.images import MAX_PAINTED_SIDE, painted_layer
 
     strokes = np.zeros((3000, 5000, 4), np.uint8)  # a flat 15 MP layer: a small file
     strokes[:, :2500] = (230, 25, 75, 255)
@@ -234,7 +234,7 @@ def test_a_painting_over_a_large_photo_is_read_at_a_bounded_size_with_its_own_co
 def test_an_uploaded_mask_is_read_by_its_transparency_else_its_brightness(tmp_path):
     from PIL import Image
 
-    from pulid.uploads import load_mask
+    from pulid.serve.uploads import load_mask
 
     def saved(pixels: np.ndarray, mode: str) -> str:
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"

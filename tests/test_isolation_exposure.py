@@ -41,7 +41,7 @@ def test_concurrent_requests_with_different_faces_never_mix(server, faces):
     def user(face):
         try:
             client = Client(server, verbose=False)
-            for _ in range(3):
+            for _ in range(2):
                 results.append((face, pixels(call(client, id_image=face, seed="9").image)))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
@@ -51,7 +51,7 @@ def test_concurrent_requests_with_different_faces_never_mix(server, faces):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 12
+    assert not errors and len(results) == 8
     assert all(np.array_equal(image, reference[face]) for face, image in results)
 
 
@@ -138,13 +138,21 @@ def test_an_onnx_model_pointing_at_another_file_is_refused(tmp_path, models_dir)
     assert str(tmp_path / "glintr100.onnx") in str(caught.value)
 
 
-def test_short_soak_has_no_crash_no_unexpected_error_and_no_memory_growth():
+@pytest.mark.parametrize(
+    "requests",
+    [pytest.param(10, id="10 requests"), pytest.param(40, id="40 requests, memory", marks=pytest.mark.slow)],
+)
+def test_short_soak_has_no_crash_no_unexpected_error_and_no_memory_growth(requests):
+    """Mixed good and hostile requests against a fresh server. The fast tier's 10 requests check
+    the outcomes; the slow tier's 40 also see whether the server's memory settles."""
     from scripts.soak import main as soak
 
-    report = soak(["--requests", "40", "--clients", "2", "--seed", "3"])
+    report = soak(["--requests", str(requests), "--clients", "2", "--seed", "3"])
     assert report["crashes"] == 0 and report["unexpected_messages"] == []
-    assert report["outcomes"].get("image", 0) >= 20 and "path_was_read" not in report["outcomes"]
+    assert report["outcomes"].get("image", 0) >= requests // 2 and "path_was_read" not in report["outcomes"]
     assert report["files_left_elsewhere"] == []  # nothing written outside the upload and output folders
+    if requests < 40:
+        return
     samples = [rss for _, rss in report["server_rss_mib_by_request"]]
     settled = samples[len(samples) // 2]  # after the first half: every input size has been seen once
     assert samples[-1] - settled < 150, samples

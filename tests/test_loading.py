@@ -168,7 +168,7 @@ def test_missing_gated_file_offline_explains_everything(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     entries = {"flow": required_weights()["flow"]}
     with pytest.raises(WeightsNotFoundError) as err:
-        locate_weights(entries, tmp_path, command="python -m pulid.download")
+        locate_weights(entries, tmp_path, command="python -m pulid.serve.download")
     message = str(err.value)
     for fact in [
         "black-forest-labs/FLUX.1-dev",
@@ -178,7 +178,7 @@ def test_missing_gated_file_offline_explains_everything(tmp_path, monkeypatch):
         "licence",
         "HF_TOKEN",
         "HF_HUB_OFFLINE",
-        "python -m pulid.download",
+        "python -m pulid.serve.download",
     ]:
         assert fact in message
 

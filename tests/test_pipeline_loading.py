@@ -26,7 +26,9 @@ def test_all_missing_files_are_listed_in_one_error(tmp_path, monkeypatch):
         assert str(tmp_path / weights.local_name) in message
     assert message.count("HF_TOKEN") == 2  # the two gated FLUX files
     assert "HF_HUB_OFFLINE is set" in message
-    assert f"python -m pulid.download --name flux-dev --version v0.9.0 --models_dir {tmp_path}" in message
+    assert (
+        f"python -m pulid.serve.download --name flux-dev --version v0.9.0 --models_dir {tmp_path}" in message
+    )
 
 
 def test_present_files_are_not_reported_and_a_missing_explicit_path_is(tmp_path, monkeypatch):

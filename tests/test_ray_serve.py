@@ -22,7 +22,8 @@ from PIL import Image
 from ray import serve
 
 from pulid.limits import MAX_EXTRA_PHOTOS, MAX_UPLOAD_BYTES
-from pulid.ray_serve import (
+from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.serve.ray_serve import (
     APP_NAME,
     MAX_BODY_BYTES,
     REPLICA_LOST,
@@ -34,8 +35,7 @@ from pulid.ray_serve import (
     read_body,
     request_from_json,
 )
-from pulid.request import GenerationRequest, InvalidRequestError
-from pulid.service import GenerationService, ServiceError
+from pulid.serve.service import GenerationService, ServiceError
 from tiny_random.pipeline import tiny_pipeline_with_face_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +87,7 @@ def close_to(image, reference) -> bool:
     return difference.max() <= 1 and (difference > 0).mean() < 0.005
 
 
+@pytest.mark.slow  # a Ray cluster on this machine
 def test_two_replicas_serve_concurrent_requests_with_the_right_images(served, tmp_path):
     handle, _, local = served
     service = GenerationService(None, tmp_path, runner=RayRunner(handle, REPLICAS))
@@ -111,6 +112,7 @@ def test_two_replicas_serve_concurrent_requests_with_the_right_images(served, tm
     assert service.lora_names(refresh=True) == local.lora_library.names()
 
 
+@pytest.mark.slow  # a Ray cluster on this machine
 def test_a_request_with_a_lora_is_admitted_from_the_event_loop(served, tmp_path):
     """The app's handler admits requests on gradio's event loop, where a blocking Serve call is
     refused: the LoRA list a request is checked against is the one fetched beforehand."""
@@ -132,6 +134,7 @@ def test_a_request_with_a_lora_is_admitted_from_the_event_loop(served, tmp_path)
     assert job.result().metadata["loras"][0]["name"] == Path(name).stem
 
 
+@pytest.mark.slow  # a Ray cluster on this machine
 def test_the_http_endpoint_answers_with_the_image_and_refuses_bad_requests(served):
     _, port, local = served
     url = f"http://127.0.0.1:{port}{ROUTE}"
@@ -196,6 +199,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_all_read():
     assert MAX_BODY_BYTES > (MAX_EXTRA_PHOTOS + 1) * MAX_UPLOAD_BYTES * 4 / 3
 
 
+@pytest.mark.slow  # a Ray cluster on this machine
 def test_a_replica_killed_mid_request_fails_that_request_alone(served, tmp_path):
     handle, _, _ = served
     service = GenerationService(None, tmp_path, runner=RayRunner(handle, REPLICAS))
@@ -247,11 +251,11 @@ def test_a_replica_killed_mid_request_fails_that_request_alone(served, tmp_path)
 
 
 def test_the_endpoint_counts_photos_before_decoding_any(monkeypatch):
-    import pulid.uploads
+    import pulid.images
 
     decoded = []
-    real = pulid.uploads.load_image_bytes
-    monkeypatch.setattr(pulid.uploads, "load_image_bytes", lambda *a: decoded.append(1) or real(*a))
+    real = pulid.images.load_image_bytes
+    monkeypatch.setattr(pulid.images, "load_image_bytes", lambda *a: decoded.append(1) or real(*a))
     photo = base64.b64encode(PHOTO.read_bytes()).decode()
     with pytest.raises(InvalidRequestError, match="6 extra photos were sent"):
         request_from_json({"prompt": "a", "id_images": [photo] * 7})
@@ -282,8 +286,8 @@ def replica_with(events) -> PuLIDReplica:
 def test_the_endpoint_answers_out_of_memory_as_busy_and_stops_for_a_client_that_left():
     import asyncio
 
-    from pulid.events import Failed
-    from pulid.service import OOM_MESSAGE
+    from pulid.serve.events import Failed
+    from pulid.serve.service import OOM_MESSAGE
 
     body = JSONRequest({"prompt": "a portrait", "width": 256, "height": 256})
     answer = asyncio.run(replica_with(lambda request: iter([Failed(OOM_MESSAGE, busy=True)]))(body))

@@ -60,13 +60,13 @@ def test_the_models_folder_readme_names_every_file_of_the_catalogue():
 
 
 def test_the_download_help_for_small_cards_is_the_readmes():
-    """The card lines of ``python -m pulid.download --help`` are rows of README's table."""
-    import pulid.download
+    """The card lines of ``python -m pulid.serve.download --help`` are rows of README's table."""
+    import pulid.serve.download
 
-    lines = [line for line in pulid.download.__doc__.splitlines() if "GB card" in line]
+    lines = [line for line in pulid.serve.download.__doc__.splitlines() if "GB card" in line]
     assert lines
     for line in lines:
-        flags = line.split("pulid.download", 1)[1].split("#")[0].strip()
+        flags = line.split("pulid.serve.download", 1)[1].split("#")[0].strip()
         assert flags in README, line
 
 
@@ -89,8 +89,8 @@ def test_the_limits_table_is_the_limits_module():
 
 
 def test_the_layout_names_every_folder_and_module():
-    """Every tracked top-level folder, and every module and sub-package of ``flux/`` and
-    ``pulid/``, is in docs/architecture.md (README's Layout points there), so a new folder or
+    """Every tracked top-level folder, and every module and sub-package of ``flux/``, ``pulid/``
+    and ``pulid/serve/``, is in docs/architecture.md (README's Layout points there), so a new folder or
     module comes with its line."""
     import subprocess
 
@@ -100,7 +100,7 @@ def test_the_layout_names_every_folder_and_module():
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True)
     folders = {path.split("/", 1)[0] for path in tracked.stdout.splitlines() if "/" in path}
     missing = [f"{name}/" for name in sorted(folders) if f"`{name}/`" not in layout]
-    for package in ("flux", "pulid"):
+    for package in ("flux", "pulid", "pulid/serve"):
         for child in sorted((root / package).iterdir()):
             if child.name.startswith("_"):
                 continue

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "example_inputs" / "astronaut.png"
 
@@ -24,6 +26,20 @@ def block_with(marker: str) -> str:
     return block
 
 
+def test_the_python_snippet_runs_as_printed_in_this_process(tmp_path, monkeypatch, capsys):
+    """The fast tier's sibling of the test below: the same block, from another folder, without
+    installing the package first."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(PHOTO, work / "me.jpg")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    exec(compile(block_with("tiny_pipeline_with_face_models"), "README.md", "exec"), {})
+    assert (work / "out.png").is_file()
+    assert re.fullmatch(r"(-?\d\.\d\d|no face found)\n", capsys.readouterr().out)
+
+
+@pytest.mark.slow  # installs the package into a folder and starts a new Python
 def test_the_python_snippet_runs_as_printed_outside_the_repository(tmp_path):
     """It failed three ways: no module 'flux' outside the repository, "cuda" on a CPU, and
     save_image used without its import, after the whole generation."""

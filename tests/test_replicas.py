@@ -7,7 +7,7 @@ import pytest
 
 from flux.devices import HardwareError
 from pulid.request import GenerationRequest
-from pulid.service import GenerationService, LocalRunner, ReplicaRunner
+from pulid.serve.service import GenerationService, LocalRunner, ReplicaRunner
 from tests.stubs import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
 
@@ -72,8 +72,8 @@ def test_one_replica_is_the_plain_service(replicas):
 
 
 def test_replicas_that_cannot_be_placed_are_refused():
-    from app_flux import parse_args
-    from pulid.startup import build_replicas
+    from pulid.serve.gradio_app import parse_args
+    from pulid.serve.startup import build_replicas
 
     with pytest.raises(HardwareError, match="--replicas 2 needs 2 GPUs and this machine has 0"):
         build_replicas(parse_args(["--replicas", "2"]), 2)
@@ -91,7 +91,7 @@ def test_replicas_that_cannot_be_placed_are_refused():
     ],
 )
 def test_a_replica_count_or_port_out_of_range_stops_at_the_parser(argv, message, capsys):
-    from app_flux import parse_args
+    from pulid.serve.gradio_app import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(argv)

@@ -22,9 +22,9 @@ from flux.model import Flux
 from flux.parallel import SequenceParallelFlux, SequenceShards, ShardingError
 from pulid import stages
 from pulid.injection import Identity, PuLIDInjection
-from pulid.ranks import SequenceParallelRunner, follow
 from pulid.request import GenerationRequest, InvalidRequestError, Person
-from pulid.service import Cancelled, GenerationService, ServiceError
+from pulid.serve.ranks import SequenceParallelRunner, follow
+from pulid.serve.service import Cancelled, GenerationService, ServiceError
 from tests.stubs import StubFaceAnalysis, photo
 from tests.tiny_models import dit_inputs
 from tiny_random.models import tiny_flux_params
@@ -205,6 +205,7 @@ def test_shards_are_contiguous_equal_parts():
         SequenceShards(0, 3).part(10)
 
 
+@pytest.mark.slow  # torchrun starts two processes that each build the pipeline
 def test_the_command_line_under_torchrun_writes_the_image_of_one_process(tmp_path):
     """``torchrun --nproc-per-node 2 generate.py --sequence_parallel`` on the tiny preset (gloo on
     the CPU): rank 0 writes the one image, and it is the image one process makes."""
@@ -214,8 +215,8 @@ def test_the_command_line_under_torchrun_writes_the_image_of_one_process(tmp_pat
     import numpy as np
     from PIL import Image
 
-    import generate
-    from pulid.startup import build_pipeline
+    from pulid.serve import cli
+    from pulid.serve.startup import build_pipeline
 
     root = Path(__file__).resolve().parent.parent
     flags = ["--preset", "tiny-random", "--id_image", str(root / "example_inputs" / "astronaut.png")]
@@ -246,7 +247,7 @@ def test_the_command_line_under_torchrun_writes_the_image_of_one_process(tmp_pat
     written = list(tmp_path.glob("*.png"))
     assert len(written) == 1 and done.stdout.count("seed=3") == 1  # rank 0 alone writes and prints
 
-    args = generate.parse_args([*flags, "--out", str(tmp_path / "alone")])
+    args = cli.parse_args([*flags, "--out", str(tmp_path / "alone")])
     request = args.requests[0]
     request.id_images = [np.asarray(Image.open(root / "example_inputs" / "astronaut.png").convert("RGB"))]
     alone = np.asarray(build_pipeline(args).generate(request).image, dtype=int)
@@ -258,7 +259,7 @@ def test_the_command_line_under_torchrun_writes_the_image_of_one_process(tmp_pat
 
 def test_sequence_parallel_without_torchrun_says_how_to_start_it(monkeypatch):
     from flux.devices import HardwareError
-    from pulid.ranks import join_torchrun
+    from pulid.serve.ranks import join_torchrun
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -276,6 +277,7 @@ def test_the_app_shares_each_request_and_a_cancel_stops_every_rank(ranks):
     assert results[1]["app after"] == "followed to the end"  # rank 1 left its loop when told
 
 
+@pytest.mark.slow  # torchrun starts two processes that each build the pipeline
 def test_the_app_under_torchrun_serves_the_image_of_one_process(tmp_path):
     """``torchrun --nproc-per-node 2 app_flux.py --sequence_parallel``: rank 0 serves the page and
     shares each request; the image that comes back is the one one process makes."""
@@ -289,7 +291,7 @@ def test_the_app_under_torchrun_serves_the_image_of_one_process(tmp_path):
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from pulid.startup import build_pipeline
+    from pulid.serve.startup import build_pipeline
 
     root = Path(__file__).resolve().parent.parent
     ports = []
@@ -332,9 +334,9 @@ def test_the_app_under_torchrun_serves_the_image_of_one_process(tmp_path):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
         log.close()
-    import app_flux
+    from pulid.serve import gradio_app
 
-    args = app_flux.parse_args(["--preset", "tiny-random"])
+    args = gradio_app.parse_args(["--preset", "tiny-random"])
     request = GenerationRequest(
         prompt="a portrait",
         id_images=[np.asarray(Image.open(photo).convert("RGB"))],

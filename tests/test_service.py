@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from pulid.images import ImageError
 from pulid.outputs import read_image_metadata
-from pulid.service import FAILED_MESSAGE, OOM_MESSAGE, GenerationService, ServiceError
-from pulid.uploads import UploadError, load_upload
+from pulid.serve.service import FAILED_MESSAGE, OOM_MESSAGE, GenerationService, ServiceError
+from pulid.serve.uploads import load_upload
 from tests.stubs import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
 
@@ -94,7 +95,7 @@ def test_an_image_that_cannot_be_saved_is_a_message_not_a_traceback(tmp_path, mo
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("pulid.service.save_new_image", full_disk)
+    monkeypatch.setattr("pulid.serve.service.save_new_image", full_disk)
     with pytest.raises(ServiceError, match=r"could not be saved on the server \(No space left on device\)"):
         service.run(request(service))
 
@@ -135,7 +136,7 @@ def test_uploads_are_read_rotated_and_bad_files_refused(tmp_path):
     assert load_upload(rotated).shape == (40, 20, 3)
     fake = tmp_path / "notes.png"
     fake.write_text("not an image")
-    with pytest.raises(UploadError, match="Could not read the image notes.png"):
+    with pytest.raises(ImageError, match="Could not read the image notes.png"):
         load_upload(fake)
     assert np.asarray(load_upload(rotated)).dtype == np.uint8
 
@@ -202,7 +203,7 @@ def test_the_line_is_first_come_first_served_bounded_per_visitor_and_left_on_can
     refused at once; a job cancelled while it waits leaves the line without running."""
     import threading
 
-    from pulid.service import ServiceBusy
+    from pulid.serve.service import ServiceBusy
 
     pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalysis())
     service = GenerationService(pipeline, tmp_path / "out", max_waiting=4, max_per_client=3)

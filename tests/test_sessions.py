@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-import app_flux
+from pulid.serve import gradio_app, handlers, page
 from scripts.soak import free_port
 from tests.app_requests import PHOTO, Reply, settings
 from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
@@ -26,17 +26,17 @@ def slow_service(tmp_path_factory, models_dir):
         time.sleep(STEP_SECONDS)
 
     pipeline.flow.register_forward_pre_hook(slow_step)
-    return app_flux.make_service(pipeline, tmp_path_factory.mktemp("outputs")), passes
+    return gradio_app.make_service(pipeline, tmp_path_factory.mktemp("outputs")), passes
 
 
 @pytest.fixture(scope="module")
 def slow_server(slow_service):
     """The app over :func:`slow_service`: its address, and the DiT's passes."""
     service, passes = slow_service
-    args = app_flux.parse_args(["--preset", "tiny-random"])
-    demo = app_flux.create_demo(args, service)
+    args = gradio_app.parse_args(["--preset", "tiny-random"])
+    demo = page.create_demo(args, service)
     port = free_port()
-    app_flux.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
+    gradio_app.launch(demo, args, server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", passes
     demo.close()
 
@@ -161,7 +161,7 @@ def test_a_waiting_job_is_sent_its_status_only_when_it_changes(slow_server):
 
     from tests.app_requests import settings as defaults
 
-    assert app_flux.KEEPALIVE_SECONDS > 3
+    assert handlers.KEEPALIVE_SECONDS > 3
     url, passes = slow_server
     before = len(passes)
     running = submit(Client(url, verbose=False), seed="60", num_steps=50, num_images=2)  # 5 s of passes

@@ -5,9 +5,8 @@ import re
 
 import pytest
 
-import app_flux
-import generate
 from pulid.request import GenerationRequest, InvalidRequestError, generation_settings
+from pulid.serve import cli, components
 from pulid.settings import Setting
 
 SETTINGS = generation_settings()
@@ -29,18 +28,18 @@ def test_the_declaration_is_the_request_dataclass():
 
 
 def test_the_command_line_flags_are_the_declared_settings():
-    args = generate.parse_args(["--prompt", "x"])
+    args = cli.parse_args(["--prompt", "x"])
     for setting in SETTINGS:
         assert hasattr(args, setting.name)
     # the official spelling works too, and values are checked by the declaration
-    args = generate.parse_args(["--prompt", "x", "--timestep_to_start_cfg", "3", "--num_steps", "4"])
+    args = cli.parse_args(["--prompt", "x", "--timestep_to_start_cfg", "3", "--num_steps", "4"])
     assert args.requests[0].cfg_start_step == 3 and args.requests[0].num_steps == 4
 
 
 @pytest.mark.parametrize("flag,value", [("--num_steps", "2.5"), ("--width", "1e400"), ("--guidance", "nan")])
 def test_a_bad_flag_value_is_refused_by_the_command_line_before_loading(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
-        generate.parse_args(["--prompt", "x", flag, value])
+        cli.parse_args(["--prompt", "x", flag, value])
     assert exit_.value.code == 2
     label = {s.name: s.label for s in SETTINGS}[flag[2:]]
     assert f"{label} must be" in capsys.readouterr().err
@@ -50,8 +49,8 @@ def test_the_api_and_controls_are_the_declared_settings(client):
     api = client.view_api(return_format="dict")["named_endpoints"]["/generate"]["parameters"]
     by_name = {p["parameter_name"]: p for p in api}
     settings = [s.name for s in SETTINGS if s.name != "prompt" and s.group != "people"]
-    loras = app_flux.lora_input_names()
-    people = app_flux.people_input_names()
+    loras = components.lora_input_names()
+    people = components.people_input_names()
     # Parameters added later come last, so that positional callers of the earlier ones keep working.
     assert list(by_name) == [
         "prompt",
@@ -148,5 +147,5 @@ def test_the_same_lora_twice_is_refused_with_what_to_change():
 def test_a_prompts_file_skips_blank_lines_and_comments(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a portrait\n\n# a note to self\n   # indented note\nwatercolor, #2 pencil\n")
-    args = generate.parse_args(["--preset", "tiny-random", "--prompts_file", str(prompts)])
+    args = cli.parse_args(["--preset", "tiny-random", "--prompts_file", str(prompts)])
     assert [request.prompt for request in args.requests] == ["a portrait", "watercolor, #2 pencil"]

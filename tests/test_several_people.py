@@ -329,7 +329,7 @@ def test_the_service_reads_uploaded_people_and_regions(uploading_service, pipeli
     from PIL import Image
 
     from pulid.outputs import read_image_metadata
-    from pulid.service import PersonUpload, ServiceError
+    from pulid.serve.service import PersonUpload, ServiceError
 
     svc, uploads = uploading_service
     paths = {}

@@ -331,7 +331,7 @@ def test_choices_that_cannot_work_are_refused_with_the_reason(flags, message):
 def test_the_start_prints_a_bad_choice_without_a_traceback(tmp_path):
     import argparse
 
-    from pulid.startup import add_model_arguments, load_or_exit
+    from pulid.serve.startup import add_model_arguments, load_or_exit
 
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
@@ -346,7 +346,7 @@ def test_download_fetches_the_chosen_single_files_and_tokenizers(tmp_path):
     import io
     from contextlib import redirect_stdout
 
-    from pulid.download import main
+    from pulid.serve.download import main
 
     out = io.StringIO()
     with redirect_stdout(out):

@@ -6,18 +6,18 @@ import logging
 import pytest
 import torch
 
-import app_flux
+from pulid.serve import gradio_app
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA says")
 
 
 def test_a_cpu_start_without_weights_points_at_the_tiny_preset_first(tmp_path, monkeypatch):
-    from pulid.startup import load_or_exit
+    from pulid.serve.startup import load_or_exit
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     typo = tmp_path / "modles"
     with pytest.raises(SystemExit) as stop:
-        load_or_exit(app_flux.parse_args(["--models_dir", str(typo)]))
+        load_or_exit(gradio_app.parse_args(["--models_dir", str(typo)]))
     said = str(stop.value.code)
     first_download = said.index("Cannot start:")
     assert 0 < said.index("--preset tiny-random") < first_download  # before any download advice
@@ -29,14 +29,14 @@ def test_the_download_checks_the_disk_first_and_names_a_new_folder(tmp_path, mon
     import shutil
     from collections import namedtuple
 
-    import pulid.download
+    import pulid.serve.download
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 10**9, 99 * 10**9, 10**9))
     fetched = []
-    monkeypatch.setattr(pulid.download, "download", lambda *a, **k: fetched.append(a))
+    monkeypatch.setattr(pulid.serve.download, "download", lambda *a, **k: fetched.append(a))
     folder = tmp_path / "new-models"
-    assert pulid.download.main(["--models_dir", str(folder)]) == 1
+    assert pulid.serve.download.main(["--models_dir", str(folder)]) == 1
     out, err = capsys.readouterr()
     assert f"{folder} does not exist yet: it is made when the download starts" in out
     assert "Not enough disk space: 37.9 GB to download" in err and "1.0 GB free there" in err

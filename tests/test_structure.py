@@ -1,14 +1,13 @@
 """The layering and the fresh-clone promises, checked on the source itself.
 
-- ``flux`` (the model library) never imports ``pulid``, the app or the fixtures;
-- the product packages never import the fixtures (``tiny_random``), except the start-up code for
-  the ``--preset tiny-random`` it offers;
-- ``generate.py`` does not import the Gradio app;
+- imports run one way: the front ends, ``pulid.serve``, the preset's fixtures (``tiny_random``),
+  the library ``pulid``, ``eva_clip``, ``flux`` (:mod:`tests.import_map`); the library never
+  imports a serving library; identity modules never import generation; no circles anywhere;
+- ``generate.py`` does not reach the Gradio app;
 - nothing in the repository reads the shared folder beside the checkout (a user's clone has none);
 - the package builds with its entry points and the dependencies of the requirement files.
 """
 
-import ast
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.import_map import cycles, import_map, rule_breaks
+
 REPO = Path(__file__).resolve().parent.parent
 # Ways of naming the shared folder that sits beside the repository on the project's own machines
 # (spelled in pieces so that this file does not name it itself).
@@ -24,56 +25,79 @@ SHARED = "sha" + "red"
 OUTSIDE_FOLDERS = (f"../{SHARED}", f"/work/{SHARED}", f'parents[2] / "{SHARED}"')
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module a Python file imports, at any level of its code (lazy imports included)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-    return names
+def test_imports_run_one_way_and_the_library_imports_no_serving_library():
+    assert rule_breaks(REPO) == []
 
 
-def sources(*parts: str) -> list[Path]:
-    return sorted(p for part in parts for p in (REPO / part).rglob("*.py")) if parts else []
+def test_there_are_no_import_circles():
+    assert cycles(REPO) == []
 
 
-def top_level(name: str) -> str:
-    return name.split(".")[0]
+def planted(tmp_path: Path, module: str, source: str) -> Path:
+    """A copy of the repository's packages and front ends with ``module`` replaced by ``source``."""
+    for name in ("flux", "eva_clip", "pulid", "tiny_random"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("app_flux.py", "generate.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / module.replace(".", "/")).with_suffix(".py").write_text(source)
+    return tmp_path
 
 
-@pytest.mark.parametrize("package", ["flux", "eva_clip"])
-def test_lower_layers_import_nothing_above_them(package):
-    for path in sources(package):
-        above = {top_level(m) for m in imported_modules(path)} & {
-            "pulid",
-            "tiny_random",
-            "app_flux",
-            "generate",
-        }
-        assert not above, f"{path.relative_to(REPO)} imports {sorted(above)}"
+@pytest.mark.parametrize(
+    "module, source, found",
+    [
+        (
+            "flux/sampling",
+            "from pulid.pipeline import PuLIDFluxPipeline\n",
+            "flux.sampling imports pulid.pipeline",
+        ),
+        (
+            "pulid/pipeline",
+            "def f():\n    from pulid.serve import service\n",
+            "pulid.pipeline imports pulid.serve",
+        ),
+        ("pulid/outputs", "import gradio as gr\n", "pulid.outputs imports gradio, a serving library"),
+        ("pulid/id_encoder", "from pulid.pipeline import STAGES\n", "(identity) imports pulid.pipeline"),
+        (
+            "pulid/loras",
+            "import tiny_random.loras\n",
+            "pulid.loras imports tiny_random.loras, a layer above it",
+        ),
+        ("pulid/serve/service", "import app_flux\n", "pulid.serve.service imports app_flux"),
+    ],
+)
+def test_a_planted_violation_is_named(tmp_path, module, source, found):
+    breaks = rule_breaks(planted(tmp_path, module, source))
+    assert any(found in line for line in breaks), breaks
 
 
-def test_the_packages_do_not_import_the_front_ends():
-    for path in sources("pulid", "flux", "eva_clip"):
-        front = {top_level(m) for m in imported_modules(path)} & {"app_flux", "generate"}
-        assert not front, f"{path.relative_to(REPO)} imports {sorted(front)}"
+def test_a_planted_circle_is_found_through_a_lazy_import_and_a_package(tmp_path):
+    """``flux.gguf_file`` imports ``flux.quant.ggml``, which runs ``flux.quant`` first, whose
+    formats import ``flux.checkpoint``: a lazy import back from there is a circle."""
+    root = planted(tmp_path, "flux/headers", "")
+    checkpoint = root / "flux" / "checkpoint.py"
+    checkpoint.write_text(checkpoint.read_text() + "\n\ndef f():\n    from flux.gguf_file import GGUFFile\n")
+    (found,) = cycles(root)
+    assert {"flux.checkpoint", "flux.gguf_file", "flux.quant"} <= set(found)
 
 
-def test_product_code_leaves_the_fixtures_to_the_preset():
-    for path in [*sources("pulid", "flux", "eva_clip"), REPO / "app_flux.py", REPO / "generate.py"]:
-        uses = {m for m in imported_modules(path) if top_level(m) == "tiny_random"}
-        if path.name == "startup.py":  # --preset tiny-random
-            assert uses == {"tiny_random.pipeline"}
-        else:
-            assert not uses, f"{path.relative_to(REPO)} imports the fixtures {sorted(uses)}"
+def test_the_command_line_does_not_reach_the_gradio_app():
+    ours, others = import_map(REPO)
+    reached, todo = set(), ["generate"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(ours[module])
+    assert "pulid.serve.gradio_app" not in reached
+    assert not set().union(*(others[m] for m in reached)) & {"gradio", "ray", "spaces"}
 
 
-def test_the_command_line_does_not_import_the_gradio_app():
-    modules = {top_level(m) for m in imported_modules(REPO / "generate.py")}
-    assert not modules & {"app_flux", "gradio"}
+def test_the_front_ends_are_entry_points_only():
+    for name in ("app_flux.py", "generate.py"):
+        ours, _ = import_map(REPO)
+        lines = [line for line in (REPO / name).read_text().splitlines() if line.strip()]
+        assert len(ours[name[:-3]]) <= 3 and len(lines) < 15, name
 
 
 def test_nothing_reads_a_shared_folder_beside_the_repository():
@@ -136,15 +160,16 @@ def test_the_package_builds_with_entry_points_and_the_requirement_files(tmp_path
         "flux/lora/adapters.py",
         "flux/quant/fp8_linear.py",
         "pulid/catalogue.py",
+        "pulid/serve/gradio_app.py",
         "eva_clip/model.py",
         "tiny_random/face_models.py",
     ):
         assert module in names, module
     assert not any(n.startswith(("tests/", "benchmarks/", "models/")) for n in names)
     for script in (
-        "pulid-flux = app_flux:main",
-        "pulid-flux-generate = generate:main",
-        "pulid-flux-download = pulid.download:main",
+        "pulid-flux = pulid.serve.gradio_app:run",
+        "pulid-flux-generate = pulid.serve.cli:run",
+        "pulid-flux-download = pulid.serve.download:main",
     ):
         assert script in entry_points
     base = [

@@ -3,8 +3,8 @@
 import httpx
 import pytest
 
-import app_flux
-from pulid.web_guard import BodyLimit, allowed_hosts, host_allowed, host_name, visitor
+from pulid.serve import gradio_app, handlers
+from pulid.serve.web_guard import BodyLimit, allowed_hosts, host_allowed, host_name, visitor
 
 
 @pytest.mark.parametrize(
@@ -81,9 +81,9 @@ def test_visitors_are_counted_by_address_and_only_the_proxys_entry_is_trusted():
     assert visitor("::1", None, False, "s9") == "session s9"
     assert visitor("testclient", None, False, "s9") == "session s9"
     a, b = FakeRequest("203.0.113.5", session="one"), FakeRequest("203.0.113.5", session="two")
-    assert app_flux.visitor_of(a, False) == app_flux.visitor_of(b, False)  # new session, same visitor
+    assert handlers.visitor_of(a, False) == handlers.visitor_of(b, False)  # new session, same visitor
     behind = FakeRequest("10.0.0.2", forwarded="203.0.113.9", session="three")
-    assert app_flux.visitor_of(behind, True) == "address 203.0.113.9"
+    assert handlers.visitor_of(behind, True) == "address 203.0.113.9"
 
 
 def test_a_body_over_its_route_limit_is_refused_before_it_is_read(server):
@@ -93,7 +93,7 @@ def test_a_body_over_its_route_limit_is_refused_before_it_is_read(server):
     refused = httpx.post(f"{server}gradio_api/call/generate", json=big, timeout=30)
     assert refused.status_code == 413 and f"at most {MAX_JSON_BODY_BYTES:,}" in refused.text
     assert httpx.get(server, timeout=10).status_code == 200  # and the server goes on
-    limits = app_flux.BODY_LIMITS
+    limits = gradio_app.BODY_LIMITS
     guard = BodyLimit(None, MAX_JSON_BODY_BYTES, limits)
     assert guard.limit_for("/gradio_api/upload") == limits["/gradio_api/upload"]
     assert guard.limit_for("/gradio_api/component_server/") == MAX_JSON_BODY_BYTES  # no pieces of drawings
@@ -157,7 +157,7 @@ def test_a_client_that_leaves_mid_body_is_not_a_server_error(caplog):
         raise AssertionError("nobody is left to answer")
 
     scope = {"type": "http", "path": "/gradio_api/upload", "headers": []}
-    with caplog.at_level(logging.INFO, logger="pulid.web_guard"):
+    with caplog.at_level(logging.INFO, logger="pulid.serve.web_guard"):
         asyncio.run(BodyLimit(upload_route, 10**6, {})(scope, receive, send))
     assert "ended before its body did" in caplog.text
 
@@ -173,7 +173,7 @@ def test_uploads_stop_at_a_visitors_hourly_share_and_short_of_a_full_disk(tmp_pa
     import shutil
     from collections import namedtuple
 
-    from pulid.web_guard import UploadQuota
+    from pulid.serve.web_guard import UploadQuota
 
     async def upload_route(scope, receive, send):  # stores what it reads, or refuses a bad upload
         body = b""
@@ -237,7 +237,7 @@ def test_without_behind_proxy_no_local_peer_names_the_client(monkeypatch):
     args = argparse.Namespace(host="127.0.0.1", port=1, share=False, allowed_hosts=None)
     for behind_proxy, trusted in ((False, ""), (True, None)):
         monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
-        app_flux.launch(
+        gradio_app.launch(
             Demo(), argparse.Namespace(**vars(args), behind_proxy=behind_proxy), prevent_thread_lock=True
         )
         assert seen["trusted"] == trusted

@@ -17,10 +17,10 @@ import pytest
 import spaces
 import torch
 
-from pulid import zerogpu
 from pulid.outputs import read_image_metadata
 from pulid.request import SIZE_PRESETS, GenerationRequest
-from pulid.service import GenerationService, ServiceError
+from pulid.serve import zerogpu
+from pulid.serve.service import GenerationService, ServiceError
 from tests.stubs import StubFaceAnalysis, photo
 from tiny_random.pipeline import tiny_pipeline
 
@@ -71,7 +71,7 @@ def test_the_gpu_function_is_handed_to_spaces_with_the_requests_duration():
         "    seen[task.__name__] = duration\n"
         "    return 'scheduled ' + task.__name__\n"
         "spaces.GPU = recording_gpu\n"
-        "from pulid import zerogpu\n"
+        "from pulid.serve import zerogpu\n"
         "assert zerogpu.generate_on_gpu == 'scheduled _generate'\n"
         "assert inspect.isgeneratorfunction(zerogpu._generate)\n"
         "assert seen['_generate'] is zerogpu.gpu_seconds\n"
@@ -114,7 +114,7 @@ def test_the_duration_grows_with_the_work_and_is_refused_past_the_limit(pipeline
 
 
 def test_the_flags_a_zero_gpu_space_refuses():
-    from app_flux import parse_args
+    from pulid.serve.gradio_app import parse_args
 
     assert zerogpu.check_flags(parse_args([])) == []
     problems = zerogpu.check_flags(parse_args(["--offload", "--device", "cpu", "--replicas", "2", "--ray"]))
@@ -211,6 +211,7 @@ def test_a_cancel_closes_the_gpu_call_and_stops_the_generation(pipeline, tmp_pat
     assert service.run(request(num_images=1), session="bob").seed == 5
 
 
+@pytest.mark.slow  # an ahead-of-time build; test_aot.py's fast test covers loading without one
 def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process(tmp_path, monkeypatch):
     """``--compile`` on ZeroGPU: the GPU function builds the packages while generating at each size,
     then the app process compiles the blocks with the loading backend (which each worker
@@ -248,7 +249,7 @@ def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process
     assert getattr(made[1], "prepared", False)  # its one-time set-up done here, for every worker
     after = pipeline.generate(request(num_images=1)).latents
     assert made[1].graphs >= 3 and torch.allclose(after, before, rtol=1e-5, atol=1e-6)
-    from app_flux import parse_args
+    from pulid.serve.gradio_app import parse_args
 
     assert zerogpu.check_flags(parse_args(["--compile"])) == []  # --compile means ahead of time there
 
@@ -259,10 +260,10 @@ def test_a_cancelled_generation_that_outlives_its_stream_finishes_before_the_nex
     import threading
     import time
 
-    import pulid.events
-    from pulid.events import generation_events
+    import pulid.serve.events
+    from pulid.serve.events import generation_events
 
-    monkeypatch.setattr(pulid.events, "JOIN_SECONDS", 0.05)
+    monkeypatch.setattr(pulid.serve.events, "JOIN_SECONDS", 0.05)
     spans: list[tuple[str, float, float]] = []
     release = threading.Event()
 

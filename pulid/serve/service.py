@@ -29,9 +29,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from flux.errors import UserError
 from flux.sampling import GenerationCancelled, StepInfo
 from pulid import stages
-from pulid.errors import PuLIDError
+from pulid.images import ImageError, check_header
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import FirstImage, GeneratedImage, PuLIDFluxPipeline
 from pulid.request import (
@@ -46,8 +47,8 @@ from pulid.request import (
     checked_people,
     checked_region,
 )
+from pulid.serve.uploads import check_upload, load_mask, load_upload
 from pulid.settings import shown
-from pulid.uploads import UploadError, check_header, check_upload, load_mask, load_upload
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class _Uploads:
     id_region: PhotoSource | None = None
 
 
-class ServiceError(Exception):
+class ServiceError(UserError):
     """An expected failure with a message for the user."""
 
 
@@ -174,8 +175,8 @@ class _Line:
 
 class Runner(Protocol):
     """Where a request's GPU work runs: in this process (:class:`LocalRunner`), on one of several
-    pipelines (:class:`ReplicaRunner`), in a ZeroGPU worker (:class:`pulid.zerogpu.ZeroGPURunner`),
-    or on a Ray Serve replica (:class:`pulid.ray_serve.RayRunner`). ``capacity``, when a runner
+    pipelines (:class:`ReplicaRunner`), in a ZeroGPU worker (:class:`pulid.serve.zerogpu.ZeroGPURunner`),
+    or on a Ray Serve replica (:class:`pulid.serve.ray_serve.RayRunner`). ``capacity``, when a runner
     has it, is how many jobs it runs at once (default 1)."""
 
     def admit(self, request: GenerationRequest) -> None:
@@ -228,6 +229,8 @@ class Job:
         self._done = threading.Event()
         self._result: ServiceResult | None = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks_lock = threading.Lock()
 
     def _work(self, run: Callable[[], ServiceResult]) -> None:
         try:
@@ -235,7 +238,20 @@ class Job:
         except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
             self._error = err
         finally:
-            self._done.set()
+            with self._callbacks_lock:
+                self._done.set()
+                callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                callback()
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the job has finished (from its worker thread; at once if it has),
+        so that a waiter sees the end when it comes rather than at its next look."""
+        with self._callbacks_lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Whether the job has finished (waiting at most ``timeout`` seconds)."""
@@ -408,7 +424,7 @@ class GenerationService:
         try:
             check_person_photo_count(1, len(photos) + len(extra_images))  # before reading any file
             photos += [load_upload(path, self.upload_roots) for path in extra_images]
-        except (UploadError, InvalidRequestError) as err:
+        except (ImageError, InvalidRequestError) as err:
             raise ServiceError(str(err)) from None
         try:
             return GenerationRequest.from_values(id_images=photos, **settings)
@@ -529,7 +545,7 @@ class GenerationService:
                 ],
                 id_region=self._checked_optional(uploads.id_region),
             )
-        except UploadError as err:
+        except ImageError as err:
             raise ServiceError(str(err)) from None
         if cancel.is_set():  # cancelled while it was checked: it takes no place in the line
             raise Cancelled([])
@@ -576,16 +592,14 @@ class GenerationService:
             debug_images = self.runner.generate(request, report, save)
         except GenerationCancelled:
             raise Cancelled(saved) from None
-        except PuLIDError as err:  # no face, unreadable image: the message is for the user
-            raise ServiceError(err.user_message) from None
-        except InvalidRequestError as err:
+        except ServiceError:
+            raise
+        except UserError as err:  # no face, an unreadable image, a LoRA that does not fit: for the user
             raise ServiceError(str(err)) from None
         except torch.OutOfMemoryError:
             logger.exception("out of GPU memory")
             self.release_memory()
             raise ServiceError(OOM_MESSAGE) from None
-        except ServiceError:
-            raise
         except Exception:  # a bug or a broken machine: logged once, and the visitor told plainly
             logger.exception("a generation failed")
             raise ServiceError(FAILED_MESSAGE) from None
@@ -628,7 +642,7 @@ class GenerationService:
             return mask
         try:
             return load_mask(mask, self.upload_roots)
-        except UploadError as err:
+        except ImageError as err:
             raise ServiceError(str(err)) from None
 
     def _save(self, generated: GeneratedImage, request: GenerationRequest) -> SavedImage:
@@ -658,7 +672,7 @@ class GenerationService:
                 continue
             try:
                 yield load_upload(photo, self.upload_roots)
-            except UploadError as err:
+            except ImageError as err:
                 raise ServiceError(str(err)) from None
 
     @staticmethod

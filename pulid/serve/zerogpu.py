@@ -16,8 +16,8 @@ runs in that worker, so:
 - closing the generator (a cancel) makes ``spaces`` close it in the worker, which stops the
   generation at its next step or decoder block;
 - an error other than ``gradio.Error`` reaches the app only as its class name, so expected
-  failures travel as a :class:`~pulid.events.Failed` event with their message for the user
-  (:mod:`pulid.events`).
+  failures travel as a :class:`~pulid.serve.events.Failed` event with their message for the user
+  (:mod:`pulid.serve.events`).
 
 Outside a Space, ``spaces.GPU`` returns the function unchanged and :class:`ZeroGPURunner` runs it
 in the calling process: the same code, the same images.
@@ -42,10 +42,10 @@ import torch
 
 from flux.aot import AheadOfTime, compile_ahead
 from flux.sampling import StepInfo, image_to_image_start
-from pulid.events import Event, consume, generation_events
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
-from pulid.service import Runner
+from pulid.serve.events import Event, consume, generation_events
+from pulid.serve.service import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def use_pipeline(pipeline: PuLIDFluxPipeline) -> None:
 
 def _the_pipeline() -> PuLIDFluxPipeline:
     if _pipeline is None:
-        raise RuntimeError("pulid.zerogpu.use_pipeline was not called before the GPU work")
+        raise RuntimeError("pulid.serve.zerogpu.use_pipeline was not called before the GPU work")
     return _pipeline
 
 
 def _generate(request: GenerationRequest) -> Iterator[Event]:
-    """The GPU work of one request, as picklable events (:func:`pulid.events.generation_events`)."""
+    """The GPU work of one request, as picklable events (:func:`pulid.serve.events.generation_events`)."""
     yield from generation_events(_the_pipeline(), request)
 
 

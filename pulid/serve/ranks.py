@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from flux.devices import HardwareError
+from flux.errors import UserError
 from flux.sampling import GenerationCancelled, StepInfo
-from pulid.errors import PuLIDError
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
-from pulid.request import GenerationRequest, InvalidRequestError
-from pulid.service import LocalRunner, Runner
+from pulid.request import GenerationRequest
+from pulid.serve.service import LocalRunner, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _share(request: GenerationRequest | None) -> GenerationRequest | None:
 
 
 class SequenceParallelRunner(Runner):
-    """Rank 0's runner under the app (:class:`pulid.service.Runner`): each request goes to the
+    """Rank 0's runner under the app (:class:`pulid.serve.service.Runner`): each request goes to the
     other ranks first, then every rank generates it together."""
 
     def __init__(self, pipeline: PuLIDFluxPipeline):
@@ -125,7 +125,7 @@ def follow(pipeline: PuLIDFluxPipeline) -> None:
             pipeline.generate(request)
         except GenerationCancelled:
             logger.info("the request was cancelled on rank 0")
-        except (PuLIDError, InvalidRequestError) as err:
+        except UserError as err:
             logger.info("the request was refused: %s", err)
         except torch.OutOfMemoryError:  # rank 0 told its visitor; every rank serves the next one
             logger.warning("the request ran out of GPU memory")

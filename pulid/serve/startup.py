@@ -5,9 +5,9 @@ The model flags keep the official app's names and meanings (``--name``, ``--vers
 plus this project's (``--vram_budget``, ``--fp8_mode``, ``--compile``, ``--models_dir``,
 ``--preset``, and ``--dit``/``--t5``/``--clip`` for single files). The memory flags are parsed once,
 here, into a :class:`~flux.offload.MemoryPolicy`. Everything that can stop a start (a missing or
-mismatched weight file, a flag the machine cannot honour, a budget too small) is one of
-:data:`LOAD_ERRORS`, whose message is meant for the user as it is: :func:`load_or_exit` prints it
-without a traceback.
+mismatched weight file, a flag the machine cannot honour, a budget too small) is a
+:class:`~flux.errors.UserError`, whose message is meant for the user as it is:
+:func:`load_or_exit` prints it without a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import math
 import os
 import tempfile
 from pathlib import Path
+
+from flux.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -228,25 +230,6 @@ def memory_policy(args: argparse.Namespace):
     )
 
 
-def load_errors() -> tuple[type[BaseException], ...]:
-    """The errors that stop a start with a message for the user (no traceback needed)."""
-    from flux.checkpoint import CheckpointError
-    from flux.devices import HardwareError
-    from flux.hub import WeightsNotFoundError
-    from flux.offload import BudgetError
-    from flux.quant.quanto_compat import QuantoMissingError
-    from pulid.catalogue import WeightChoiceError
-
-    return (
-        WeightsNotFoundError,
-        CheckpointError,
-        HardwareError,
-        BudgetError,
-        QuantoMissingError,
-        WeightChoiceError,
-    )
-
-
 # Flags that choose or place the real models: the tiny-random preset builds its own, on the CPU.
 REAL_MODEL_FLAGS = (
     "name", "version", "fp8", "models_dir", "pretrained_model", "dit", "t5", "clip",
@@ -303,7 +286,7 @@ def build_pipeline(args: argparse.Namespace):
         import torch.distributed as dist
 
         from flux.parallel import SequenceParallelFlux
-        from pulid.ranks import join_torchrun
+        from pulid.serve.ranks import join_torchrun
 
         first = join_torchrun().leads  # rank 0 writes the tiny files; the others read them after
         if not first:
@@ -316,7 +299,7 @@ def build_pipeline(args: argparse.Namespace):
 
     device = args.device
     if args.sequence_parallel:
-        from pulid.ranks import join_torchrun
+        from pulid.serve.ranks import join_torchrun
 
         if device is not None:
             raise HardwareError(
@@ -382,7 +365,7 @@ def load_or_exit(args: argparse.Namespace, replicas: int | None = None):
     status 1 and the reason when the start cannot go on."""
     try:
         return build_pipeline(args) if replicas is None else build_replicas(args, replicas)
-    except load_errors() as err:
+    except UserError as err:
         logger.debug("start-up failed", exc_info=True)
         raise SystemExit(f"\n{before_the_weights_list(args, err)}Cannot start: {err}\n") from None
 

@@ -1,11 +1,10 @@
-"""Photos from outside: only files that were uploaded, only regular files, only sizes a server can take.
+"""Photos in: image files and bytes decoded to RGB arrays, within limits a server can take.
 
-A file-typed input of the HTTP API is a path on the server. A hostile client can name a path that
-was never uploaded (``/etc/passwd``, the app's own files), a FIFO or a device (which blocks the
-worker that opens it), or a small file whose header declares a huge image (which decodes to
-gigabytes). :func:`check_upload` refuses all of these before anything is opened, and
-:func:`load_upload` reads only the header before it decides to decode. Both raise
-:class:`UploadError` with a message for the user.
+A small file can declare a huge image (a 200 KB PNG that decodes to gigabytes), so every image is
+opened lazily and its header checked against :data:`~pulid.limits.MAX_IMAGE_PIXELS` before any
+pixel is decoded; every photo comes out upright (EXIF) as RGB uint8. Where the bytes came from (an
+upload, a path on the command line, an HTTP body) is for the front doors to check
+(:mod:`pulid.serve.uploads`). Failures raise :class:`ImageError` with a message for the user.
 """
 
 from __future__ import annotations
@@ -15,52 +14,40 @@ import io
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from pulid.errors import PuLIDError
 from pulid.limits import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES
 
 UNREADABLE_IMAGE = "Could not read {name}: upload a JPEG, PNG or WebP photo."
 
 
-class UploadError(ValueError):
-    """A file the user sent cannot be used; the message says why and what to send instead."""
+class ImageError(PuLIDError, ValueError):
+    """An image cannot be used; the message says why and what to send instead."""
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def check_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> Path:
-    """``path`` resolved, if it is a regular file within ``roots`` (when given) and not too large.
-
-    ``roots``: the folders uploads are stored in (gradio's upload cache); ``None`` for paths a
-    local user gave (the command line), where any regular file may be read.
-    """
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` resolved, if it is a regular file of at most :data:`MAX_UPLOAD_BYTES` (a FIFO or a
+    device would block whoever opens it)."""
     name = Path(str(path)).name or str(path)
-    if "://" in str(path):
-        raise UploadError(f"{name[:60]} is a URL: upload the photo itself.")
-    resolved = Path(path).resolve()  # symbolic links and '..' are followed before the check
-    if roots is not None and not any(_inside(resolved, Path(root).resolve()) for root in roots):
-        raise UploadError(f"{name[:60]} was not uploaded to this app: upload the photo itself.")
+    resolved = Path(path).resolve()
     try:
         info = resolved.stat()
     except OSError:
-        if roots is not None:  # an upload the app no longer keeps (it deletes them after an hour)
-            raise UploadError(f"{name[:60]} is no longer on the server: upload it again.") from None
-        raise UploadError(f"{name[:60]} does not exist.") from None
+        raise ImageError(f"{name[:60]} does not exist.") from None
     if not stat.S_ISREG(info.st_mode):
-        raise UploadError(f"{name[:60]} is not a regular file: upload a JPEG, PNG or WebP photo.")
+        raise ImageError(f"{name[:60]} is not a regular file: upload a JPEG, PNG or WebP photo.")
     check_size(name, info.st_size)
     return resolved
 
 
 def check_size(name: str, size: int) -> None:
-    """A file of ``size`` bytes is within the upload limit, else :class:`UploadError` saying by how much."""
+    """A file of ``size`` bytes is within the upload limit, else :class:`ImageError` saying by how much."""
     if size > MAX_UPLOAD_BYTES:
-        raise UploadError(
+        raise ImageError(
             f"{name[:60]} is {size:,} bytes, larger than the {MAX_UPLOAD_BYTES:,} bytes "
             f"({MAX_UPLOAD_BYTES / 1e6:.0f} MB) a file may be: send a smaller copy."
         )
@@ -69,7 +56,7 @@ def check_size(name: str, size: int) -> None:
 def check_pixels(width: int, height: int, name: str) -> None:
     """Refuse an image whose header declares more than :data:`MAX_IMAGE_PIXELS`."""
     if width * height > MAX_IMAGE_PIXELS:
-        raise UploadError(
+        raise ImageError(
             f"{name[:60]} is {width} x {height} pixels; photos may have at most "
             f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: send a smaller copy."
         )
@@ -85,14 +72,14 @@ def open_checked(path: str | os.PathLike, name: str) -> Iterator:
         with Image.open(path) as image:
             check_pixels(*image.size, name)
             yield image
-    except UploadError:
+    except ImageError:
         raise
     except Image.DecompressionBombError:  # PIL's own guard, far above ours
-        raise UploadError(
+        raise ImageError(
             f"{name[:60]} has far more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: send a smaller copy."
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise UploadError(UNREADABLE_IMAGE.format(name=name)) from err
+        raise ImageError(UNREADABLE_IMAGE.format(name=name)) from err
 
 
 def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
@@ -101,19 +88,19 @@ def check_header(path: str | os.PathLike, name: str) -> tuple[int, int]:
         return image.size
 
 
-def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, rotated as its EXIF says (first frame of animations), checked
-    with :func:`check_upload` and, from its header, against the pixel limit before decoding."""
-    resolved = check_upload(path, roots)
+    with :func:`check_file` and, from its header, against the pixel limit before decoding."""
+    resolved = check_file(path)
     with open_checked(resolved, f"the image {resolved.name}") as image:
         return upright_rgb8(image)
 
 
-def load_mask(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> np.ndarray:
-    """A mask or region file as (H, W) uint8, checked as :func:`load_upload` checks a photo: its
+def load_mask_image(path: str | os.PathLike) -> np.ndarray:
+    """A mask or region file as (H, W) uint8, checked as :func:`load_image` checks a photo: its
     alpha where it has transparency (strokes on a transparent layer: a transparent white is not
     painted), else its brightest channel (white or any colour on black)."""
-    resolved = check_upload(path, roots)
+    resolved = check_file(path)
     with open_checked(resolved, f"the image {resolved.name}") as image:
         image = upright(image)
         if has_alpha(image):
@@ -124,7 +111,7 @@ def load_mask(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None
 
 
 def load_image_bytes(data: bytes, name: str) -> np.ndarray:
-    """An image sent as bytes (an HTTP API's body) as RGB uint8, checked as an upload is: its size,
+    """An image sent as bytes (an HTTP API's body) as RGB uint8, checked as a file is: its size,
     then its header against the pixel limit, before decoding."""
     check_size(name, len(data))
     with open_checked(io.BytesIO(data), name) as image:

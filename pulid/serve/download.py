@@ -1,11 +1,11 @@
-"""Download the weight files the chosen flags need into ``models/``: ``python -m pulid.download``.
+"""Download the weight files the chosen flags need into ``models/``: ``python -m pulid.serve.download``.
 
-    python -m pulid.download --dry-run                 # what flux-dev + PuLID v0.9.1 need, and where
-    python -m pulid.download                           # fetch what is missing (progress, resume)
-    python -m pulid.download --name flux-krea-dev --version v0.9.0 --models_dir /data/models
-    python -m pulid.download --fp8                     # what --fp8 loads on this machine
-    python -m pulid.download --speed_lora FLUX.1-Turbo-Alpha   # and an 8-step LoRA into models/loras/
-    python -m pulid.download --dit flux-dev-Q4_K_S --t5 t5xxl-Q4_K_M --clip clip-l   # an 8 GB card
+    python -m pulid.serve.download --dry-run                 # what flux-dev + PuLID v0.9.1 need, and where
+    python -m pulid.serve.download                           # fetch what is missing (progress, resume)
+    python -m pulid.serve.download --name flux-krea-dev --version v0.9.0 --models_dir /data/models
+    python -m pulid.serve.download --fp8                     # what --fp8 loads on this machine
+    python -m pulid.serve.download --speed_lora FLUX.1-Turbo-Alpha   # and an 8-step LoRA into models/loras/
+    python -m pulid.serve.download --dit flux-dev-Q4_K_S --t5 t5xxl-Q4_K_M --clip clip-l   # an 8 GB card
 
 The flags are the app's (``--name``, ``--version``, ``--fp8``, ``--fp8_mode``, ``--dit``, ``--t5``,
 ``--clip``, ``--models_dir``), so the same line that starts the app says what to download. Files
@@ -39,13 +39,13 @@ from pulid.catalogue import (
     is_path_choice,
     required_weights,
 )
-from pulid.startup import Parser, add_weight_arguments
+from pulid.serve.startup import Parser, add_weight_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The download command's flags: the app's weight flags, plus what to fetch and how."""
     parser = Parser(
-        prog="python -m pulid.download",
+        prog="python -m pulid.serve.download",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],

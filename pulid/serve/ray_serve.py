@@ -36,13 +36,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from flux.errors import UserError
 from flux.sampling import GenerationCancelled, StepInfo
 from pulid import stages
-from pulid.events import Event, consume, generation_events
 from pulid.limits import MAX_EXTRA_PHOTOS, MAX_JSON_BODY_BYTES, MAX_QUEUED, MAX_UPLOAD_BYTES
 from pulid.pipeline import GeneratedImage
 from pulid.request import GenerationRequest, InvalidRequestError, check_person_photo_count
-from pulid.service import Runner, ServiceError, check_listed_loras, lora_names_of
+from pulid.serve.events import Event, consume, generation_events
+from pulid.serve.service import Runner, ServiceError, check_listed_loras, lora_names_of
 from pulid.similarity import rounded
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ class PuLIDReplica:
     """One pipeline on one GPU, built from the app's model flags (``argv``)."""
 
     def __init__(self, argv: Sequence[str], hosts: Sequence[str] = ("*",)):
-        """``hosts``: the host names the HTTP endpoint answers to (:mod:`pulid.web_guard`)."""
-        from pulid.startup import add_model_arguments, build_pipeline
+        """``hosts``: the host names the HTTP endpoint answers to (:mod:`pulid.serve.web_guard`)."""
+        from pulid.serve.startup import add_model_arguments, build_pipeline
 
         self.hosts = tuple(hosts)
 
@@ -74,7 +75,7 @@ class PuLIDReplica:
         self.pipeline = build_pipeline(args)
 
     def events(self, request: GenerationRequest) -> Iterator[Event]:
-        """The request as a stream of events (:mod:`pulid.events`), for :class:`RayRunner`."""
+        """The request as a stream of events (:mod:`pulid.serve.events`), for :class:`RayRunner`."""
         yield from generation_events(self.pipeline, request)
 
     def lora_names(self) -> list[str]:
@@ -87,7 +88,7 @@ class PuLIDReplica:
 
         from starlette.responses import JSONResponse
 
-        from pulid.web_guard import host_allowed, host_name
+        from pulid.serve.web_guard import host_allowed, host_name
 
         header = http_request.headers.get("host", "")
         if "*" not in self.hosts and not host_allowed(header, self.hosts):  # DNS rebinding
@@ -125,7 +126,7 @@ class PuLIDReplica:
         return JSONResponse({"images": [image_json(image) for image in images]})
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(UserError):
     """An HTTP body over :data:`MAX_BODY_BYTES` (answered with 413 before it is all read)."""
 
 
@@ -149,7 +150,7 @@ async def read_body(http_request, limit: int) -> bytes:
 
 def request_from_json(body: object) -> GenerationRequest:
     """A request from the HTTP API's JSON: photos decoded and checked as uploads, settings coerced."""
-    from pulid.uploads import UploadError, load_image_bytes
+    from pulid.images import ImageError, load_image_bytes
 
     if not isinstance(body, dict):
         raise InvalidRequestError("Send a JSON object with a prompt, id_images and settings.")
@@ -162,8 +163,8 @@ def request_from_json(body: object) -> GenerationRequest:
     for number, text in enumerate(encoded, start=1):
         try:
             photos.append(load_image_bytes(base64.b64decode(text, validate=True), f"id_images[{number}]"))
-        except (UploadError, ValueError) as err:
-            message = str(err) if isinstance(err, UploadError) else "it is not base64"
+        except (ImageError, ValueError) as err:
+            message = str(err) if isinstance(err, ImageError) else "it is not base64"
             raise InvalidRequestError(f"id_images[{number}]: {message}") from None
     return GenerationRequest.from_values(id_images=photos, **values).checked()
 
@@ -196,7 +197,7 @@ def _stream(response) -> Iterator[Event]:
 
 
 class RayRunner(Runner):
-    """The service's runner (:class:`pulid.service.Runner`) in front of a Serve deployment."""
+    """The service's runner (:class:`pulid.serve.service.Runner`) in front of a Serve deployment."""
 
     def __init__(self, handle, capacity: int):
         self.handle = handle
@@ -239,10 +240,10 @@ def deploy(
 ):
     """Start Serve's HTTP proxy and ``replicas`` replicas of :class:`PuLIDReplica`; returns the
     handle. Ray must be initialised (``ray.init``). ``hosts``: the host names the endpoint answers
-    to (default: the app's rule for ``http_host``, :func:`pulid.web_guard.allowed_hosts`)."""
+    to (default: the app's rule for ``http_host``, :func:`pulid.serve.web_guard.allowed_hosts`)."""
     from ray import serve
 
-    from pulid.web_guard import allowed_hosts
+    from pulid.serve.web_guard import allowed_hosts
 
     hosts = tuple(hosts) if hosts is not None else allowed_hosts(http_host, False, False, None)
 

@@ -1,6 +1,6 @@
 """A generation as a stream of picklable events, for runners whose GPU work is in another process.
 
-A ZeroGPU worker (:mod:`pulid.zerogpu`) and a Ray Serve replica (:mod:`pulid.ray_serve`) cannot
+A ZeroGPU worker (:mod:`pulid.serve.zerogpu`) and a Ray Serve replica (:mod:`pulid.serve.ray_serve`) cannot
 call the service's callbacks: they send what happens instead. :func:`generation_events` runs a
 request and yields its steps (without their latents, which stay behind), stage names, finished
 images (latents on the CPU), then :class:`Finished`; an expected failure becomes :class:`Failed`
@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from flux.errors import UserError
 from flux.sampling import GenerationCancelled, StepInfo
-from pulid.errors import PuLIDError
 from pulid.pipeline import GeneratedImage, PuLIDFluxPipeline
 from pulid.request import GenerationRequest, InvalidRequestError
 
@@ -61,7 +61,7 @@ def generation_events(pipeline: PuLIDFluxPipeline, request: GenerationRequest) -
     """``request`` on ``pipeline`` as events (see the module's docstring). The generation runs in
     a thread of its own so that its callbacks become yields; closing the stream sets its cancel
     flag and waits for it to stop."""
-    from pulid.service import OOM_MESSAGE, GenerationService
+    from pulid.serve.service import OOM_MESSAGE, GenerationService
 
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()
@@ -84,8 +84,8 @@ def generation_events(pipeline: PuLIDFluxPipeline, request: GenerationRequest) -
             events.put(Finished(result.debug_images))
         except GenerationCancelled:
             pass
-        except (PuLIDError, InvalidRequestError) as err:
-            events.put(Failed(getattr(err, "user_message", str(err))))
+        except UserError as err:
+            events.put(Failed(str(err)))
         except torch.OutOfMemoryError:
             GenerationService.release_memory()
             events.put(Failed(OOM_MESSAGE, busy=True))
@@ -115,7 +115,7 @@ def consume(
     :class:`~flux.sampling.GenerationCancelled`: the stream is then closed), images to
     ``on_image``; returns the face crops. A :class:`Failed` event becomes
     :class:`~pulid.request.InvalidRequestError` with its message (a busy one, out of memory:
-    :class:`~pulid.service.ServiceError`)."""
+    :class:`~pulid.serve.service.ServiceError`)."""
     iterator = iter(events)
     try:
         for event in iterator:
@@ -125,7 +125,7 @@ def consume(
                 return event.debug_images
             elif isinstance(event, Failed):
                 if event.busy:
-                    from pulid.service import ServiceError
+                    from pulid.serve.service import ServiceError
 
                     raise ServiceError(event.message)
                 raise InvalidRequestError(event.message)
