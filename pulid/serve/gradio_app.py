@@ -33,8 +33,6 @@ from pulid.limits import (
 from pulid.serve.startup import (
     Parser,
     add_model_arguments,
-    check_whole_pipeline_per_gpu,
-    load_or_exit,
     path_argument,
 )
 
@@ -310,8 +308,8 @@ def preloaded() -> bool:
     from flux.hub import find_local
     from pulid.catalogue import DEFAULT_MODEL, DEFAULT_VERSION, default_models_dir, required_weights
 
-    flow = required_weights(DEFAULT_MODEL, DEFAULT_VERSION, None, {})["flow"]
-    return find_local(flow.weights, default_models_dir()) is not None
+    dit = required_weights(DEFAULT_MODEL, DEFAULT_VERSION, None, {})["dit"]
+    return find_local(dit.weights, default_models_dir()) is not None
 
 
 def stop_on_sigterm() -> None:
@@ -331,8 +329,9 @@ def main(argv: list[str] | None = None) -> None:
         argv = sys.argv[1:] + shlex.split(os.environ.get("PULID_FLUX_ARGS", ""))
     args = parse_args(argv)  # before torch is imported: --help and a mistyped flag answer at once
     # Then: on ZeroGPU, importing ``spaces`` patches torch before anything starts CUDA.
+    import pulid.serve.zerogpu  # noqa: F401 (before torch)
     from pulid.serve.page import EXAMPLE_PHOTO, create_demo
-    from pulid.serve.zerogpu import ON_ZERO_GPU, ZeroGPURunner, check_flags
+    from pulid.serve.topology import serving_for
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
@@ -343,63 +342,14 @@ def main(argv: list[str] | None = None) -> None:
     stop_on_sigterm()
     if problems := problems_before_loading(args):
         raise SystemExit("\nCannot start:\n- " + "\n- ".join(problems) + "\n")
-    ahead_of_time = False
-    if ON_ZERO_GPU:
-        if problems := check_flags(args):
-            raise SystemExit("\nCannot start on ZeroGPU:\n- " + "\n- ".join(problems) + "\n")
-        args.onnx_provider = "cpu"  # the app process has no GPU; the face stage is small (BENCHMARKS.md)
-        ahead_of_time, args.compile = args.compile, False  # compiled ahead of time below, not at load
-    runner = None
-    if args.ray:  # the pipelines live in Ray Serve replicas; this process serves the page
-        from flux.devices import HardwareError
-        from pulid.serve.ray_serve import RayRunner, start
-        from pulid.serve.web_guard import allowed_hosts
-
-        try:
-            check_whole_pipeline_per_gpu(args, "--ray")
-        except HardwareError as err:
-            raise SystemExit(f"\nCannot start: {err}\n") from None
-        handle = start(
-            argv,
-            args.replicas,
-            on_gpus=args.preset is None,
-            address=args.ray_address,
-            http_host=args.host,
-            http_port=args.ray_http_port,
-            hosts=allowed_hosts(args.host, args.share, IN_SPACE, args.allowed_hosts),
-        )
-        service = make_service(None, args.outputs_dir, args.keep_outputs, RayRunner(handle, args.replicas))
-        launch(create_demo(args, service), args)
+    serving = serving_for(args, argv, EXAMPLE_PHOTO, IN_SPACE)  # the one place the topology is chosen
+    if not serving.serves:
         return
-    if args.replicas > 1:  # one pipeline per GPU, a job on each at once
-        from pulid.serve.service import ReplicaRunner
-
-        pipelines = load_or_exit(args, args.replicas)
-        pipeline, runner = pipelines[0], ReplicaRunner(pipelines)
-    else:  # on ZeroGPU: placed on cuda now, moved into each GPU worker by spaces
-        pipeline = load_or_exit(args)
-    if ON_ZERO_GPU:
-        if ahead_of_time:
-            from pulid.serve.uploads import load_upload
-            from pulid.serve.zerogpu import prepare_ahead_of_time
-
-            prepare_ahead_of_time(pipeline, load_upload(EXAMPLE_PHOTO))
-        runner = ZeroGPURunner(pipeline)
-    if args.sequence_parallel:  # torchrun: rank 0 serves and shares each request with the others
-        from pulid.serve.ranks import SequenceParallelRunner, follow, leads, leave_group
-
-        if not leads():
-            follow(pipeline)
-            leave_group()
-            return
-        runner = SequenceParallelRunner(pipeline)
-    demo = create_demo(args, make_service(pipeline, args.outputs_dir, args.keep_outputs, runner))
+    service = make_service(serving.pipeline, args.outputs_dir, args.keep_outputs, serving.runner)
     try:
-        launch(demo, args)
+        launch(create_demo(args, service), args)
     finally:
-        if args.sequence_parallel:
-            runner.close()
-            leave_group()
+        serving.close()
 
 
 def exit_now(code: int) -> None:
