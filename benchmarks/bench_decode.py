@@ -99,7 +99,7 @@ def main() -> None:
         torch.randn(1, 16, args.height // 8, args.width // 8, device=device, generator=generator)
     ).to(torch.bfloat16)
     pipeline = PuLIDFluxPipeline(
-        flow=None,
+        dit=None,
         ae=ae,
         t5=None,
         clip=None,

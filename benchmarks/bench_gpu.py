@@ -96,8 +96,8 @@ def build_stack(device: str, dtype, folder: Path):
         ae = AutoEncoder(spec.ae_params)
         pulid = PuLIDWeights().to(dtype)
         eva = EvaVisionTower(device=device).to(dtype)
-    flow = build_flow_model(spec.params, "meta", dtype).to_empty(device=device)
-    init_random_(flow, 0)
+    dit = build_flow_model(spec.params, "meta", dtype).to_empty(device=device)
+    init_random_(dit, 0)
     init_random_(pulid, 1)
     t5 = HFEmbedder(t5_model, tiny_t5_tokenizer(), 512, "last_hidden_state")
     clip = HFEmbedder(clip_model, tiny_clip_tokenizer(), CLIP_MAX_LENGTH, "pooler_output")
@@ -105,7 +105,7 @@ def build_stack(device: str, dtype, folder: Path):
     face = load_face_analyzer(tiny_face_model_paths(folder / "models"), "cpu", device)
     id_encoder = IDEncoder(face, eva.eval(), pulid.pulid_encoder.eval(), device, dtype)
     return PuLIDFluxPipeline(
-        flow=flow.eval(),
+        dit=dit.eval(),
         ae=ae.eval(),
         t5=t5,
         clip=clip,
@@ -129,9 +129,9 @@ def apply_mode(pipeline, mode: str) -> None:
         if fp8:
             from flux.quant import quantize_linears_to_fp8
 
-            quantize_linears_to_fp8(pipeline.flow)
+            quantize_linears_to_fp8(pipeline.dit)
         for module in (
-            pipeline.flow,
+            pipeline.dit,
             pipeline.t5,
             pipeline.clip,
             pipeline.ae,
@@ -147,23 +147,23 @@ def apply_mode(pipeline, mode: str) -> None:
         place_pipeline(pipeline, policy)
         print(str(pipeline.placement.plan), flush=True)
         if compiled:
-            compile_repeated_blocks(pipeline.flow)
+            compile_repeated_blocks(pipeline.dit)
             compile_blocks(pipeline.pulid_ca)
         return
     if mode == "quanto":  # the XLabs checkpoint's layout: every Linear qfloat8 through optimum-quanto
         from flux.quant import xlabs_quantization_map
         from flux.quant.quanto_compat import quantize_as_mapped
 
-        quantize_as_mapped(pipeline.flow, xlabs_quantization_map(pipeline.flow), "benchmark")
+        quantize_as_mapped(pipeline.dit, xlabs_quantization_map(pipeline.dit), "benchmark")
         return
     if mode.startswith("fp8"):
         from flux.quant import quantize_linears_to_fp8
 
-        quantize_linears_to_fp8(pipeline.flow)
+        quantize_linears_to_fp8(pipeline.dit)
     if mode == "fp8-whole":  # one graph for the whole DiT forward, ID injection included
-        pipeline.flow.compile(dynamic=False)
+        pipeline.dit.compile(dynamic=False)
     if mode in ("compiled", "fp8"):
-        compile_repeated_blocks(pipeline.flow)
+        compile_repeated_blocks(pipeline.dit)
         compile_blocks(pipeline.pulid_ca)
 
 
@@ -178,7 +178,7 @@ def one_forward(pipeline, request):
         noise = get_noise(1, request.height, request.width, "cuda", torch.bfloat16, seed=7)
         cond = pipeline.encode_prompt(request.prompt, 128)
         tokens = pipeline.id_encoder(request.id_images).tokens
-        pred = pipeline.flow(
+        pred = pipeline.dit(
             img=pack(noise),
             img_ids=image_ids(1, noise.shape[-2], noise.shape[-1], "cuda"),
             txt=cond.txt,

@@ -91,7 +91,7 @@ def run_group(group: str, args) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     folder = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     pipeline = build_stack("cuda", torch.bfloat16, folder)
-    files = write_loras(pipeline.flow, folder / "loras")
+    files = write_loras(pipeline.dit, folder / "loras")
     out: dict = {"group": group, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     base = dict(
@@ -123,7 +123,7 @@ def run_group(group: str, args) -> dict:
         return statistics.median(times), torch.cuda.max_memory_allocated() / GiB
 
     def attach():
-        pipeline.lora_adapters = LoRAAdapters(pipeline.flow, "cuda", torch.bfloat16)
+        pipeline.lora_adapters = LoRAAdapters(pipeline.dit, "cuda", torch.bfloat16)
         pipeline.lora_library = LoRALibrary(folder / "loras", pipeline.lora_adapters.targets)
 
     if group == "eager":
@@ -148,7 +148,7 @@ def run_group(group: str, args) -> dict:
         from flux.compile import compile_blocks, compile_repeated_blocks
 
         attach()
-        compile_repeated_blocks(pipeline.flow)
+        compile_repeated_blocks(pipeline.dit)
         compile_blocks(pipeline.pulid_ca)
         rows = {}
         for mechanism, merge in (("merged", True), ("side path", False)):
@@ -185,9 +185,9 @@ def run_group(group: str, args) -> dict:
         from flux.compile import compile_blocks, compile_repeated_blocks
         from flux.quant import quantize_linears_to_fp8
 
-        quantize_linears_to_fp8(pipeline.flow)
+        quantize_linears_to_fp8(pipeline.dit)
         attach()  # the slots before compiling, as the loader does
-        compile_repeated_blocks(pipeline.flow)
+        compile_repeated_blocks(pipeline.dit)
         compile_blocks(pipeline.pulid_ca)
         fp8_plain = forward(False)
         fp8_merged, fp8_side = forward(True, merge=True), forward(True, merge=False)

@@ -183,7 +183,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pipeline = build_stack(str(rank.device), torch.bfloat16, folder)
     build_s = time.perf_counter() - t0
-    split = pipeline.with_options(parallel=SequenceParallelFlux(pipeline.flow))
+    split = pipeline.with_options(parallel=SequenceParallelFlux(pipeline.dit))
     request = GenerationRequest(
         prompt="a portrait, cinematic",
         id_images=[skimage_data.astronaut()],
@@ -195,7 +195,7 @@ def main() -> None:
     rows, errors, comm, one_by_mode = [], [], {}, {}
     for mode in ["eager", "compiled"] if args.compile else ["eager"]:
         if mode == "compiled":
-            compile_repeated_blocks(pipeline.flow)
+            compile_repeated_blocks(pipeline.dit)
             compile_blocks(pipeline.pulid_ca)
         one = None
         if lead:

@@ -124,7 +124,7 @@ def main() -> None:
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     for mode in modes:
         if mode == "compiled":
-            compile_repeated_blocks(pipeline.flow)
+            compile_repeated_blocks(pipeline.dit)
             compile_blocks(pipeline.pulid_ca)
         times = measure(pipeline, variants, args.rounds)
         one = statistics.median(times["one person"])

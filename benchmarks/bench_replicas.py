@@ -62,10 +62,10 @@ def main() -> None:
     counts = [int(n) for n in args.replicas.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     if args.preset == "tiny":
-        from tests.test_pipeline import StubFaceAnalysis
+        from tests.test_pipeline import StubFaceAnalyzer
         from tiny_random.pipeline import tiny_pipeline
 
-        pipelines = [tiny_pipeline(folder, StubFaceAnalysis()) for _ in range(max(counts))]
+        pipelines = [tiny_pipeline(folder, StubFaceAnalyzer()) for _ in range(max(counts))]
         device = "cpu (tiny pipeline)"
     else:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -74,15 +74,15 @@ def write_files(config: str, files: Path) -> dict:
     files.mkdir(parents=True, exist_ok=True)
     seconds = {}
     start = time.perf_counter()
-    flow = build_flow_model(flux_dev_params(), "meta", torch.bfloat16).to_empty(device="cuda")
-    init_random_(flow, 0)
-    state = flow.state_dict()
+    dit = build_flow_model(flux_dev_params(), "meta", torch.bfloat16).to_empty(device="cuda")
+    init_random_(dit, 0)
+    state = dit.state_dict()
     if dit_fmt == "fp8":
-        keys = {f"{name}.weight" for name in fp8_linear_names(flow)}
+        keys = {f"{name}.weight" for name in fp8_linear_names(dit)}
         save_file({k: v.cpu() for k, v in fp8_state(state, keys).items()}, dit_path(files, dit_fmt))
     else:
         write_gguf(dit_path(files, dit_fmt), state, city96_types(state, dit_fmt))
-    del flow, state
+    del dit, state
     torch.cuda.empty_cache()
     seconds["dit"] = time.perf_counter() - start
 
@@ -193,11 +193,11 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
     t5 = load_t5_file(t5_path(files, t5_fmt), files / "t5-tokenizer", "cpu", dtype, max_length=512)
     clip = load_clip_file(files / "clip_l.safetensors", files / "clip-tokenizer", "cpu", dtype)
     dit_file = open_dit_file(dit_path(files, dit_fmt))
-    flow = load_flow_model(dit_file, spec.params, "cpu", dtype, fmt=single_file_format(dit_file, "cuda"))
+    dit = load_flow_model(dit_file, spec.params, "cpu", dtype, fmt=single_file_format(dit_file, "cuda"))
     load_s = time.perf_counter() - t1
     loaded_rss = rss()
     pipeline = PuLIDFluxPipeline(
-        flow=flow,
+        dit=dit,
         ae=ae,
         t5=t5,
         clip=clip,
@@ -205,12 +205,12 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
         id_encoder=IDEncoder(face, eva, pulid.pulid_encoder, "cuda", dtype),
         device="cuda",
         dtype=dtype,
-        lora_adapters=LoRAAdapters(flow, "cuda", dtype),
+        lora_adapters=LoRAAdapters(dit, "cuda", dtype),
     )
     if compiled:  # as pulid.loading does: before the placement, after the LoRA slots
         from flux.compile import compile_blocks, compile_repeated_blocks
 
-        compile_repeated_blocks(flow)
+        compile_repeated_blocks(dit)
         compile_blocks(pulid.pulid_ca)
     place_pipeline(pipeline, MemoryPolicy(vram_budget_gb=budget))
     ready_s = time.perf_counter() - t0

@@ -106,7 +106,7 @@ def run_mode(mode: str, out: Path) -> dict:
     encoder = pipeline.id_encoder
     encoder._cache.clear()
     _, text_s = timed(torch, lambda: pipeline.encode_prompt(request.prompt, 128))
-    face, face_s = timed(torch, lambda: encoder.face_analysis.analyze(photo))
+    face, face_s = timed(torch, lambda: encoder.face_analyzer.analyze(photo))
     enter_s = 0.0
     if pipeline.placement is not None:
         _, enter_s = timed(torch, lambda: pipeline.placement.enter("id"))

@@ -95,19 +95,27 @@ class EvaVisionTower(nn.Module):
         return self.trunk.embed_dim
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(B, 3, H, W) normalised pixels -> (pooled (B, num_classes), [block inputs (B, N+1, D)])."""
-        trunk = self.trunk
-        x = trunk.patch_embed(pixels)
-        x, rope = trunk._pos_embed(x)
-        x = trunk.norm_pre(x)
+        """(B, 3, H, W) normalised pixels -> (pooled (B, num_classes), [block inputs (B, N+1, D)]).
+
+        timm's own forward runs the tower; hooks on the blocks, held for this call only, keep the
+        inputs PuLID takes (an index equal to the depth: the last block's output)."""
+        blocks, taken = self.trunk.blocks, {}
+
+        def keep_input(index: int):
+            return lambda block, args: taken.__setitem__(index, args[0])
+
         wanted = set(self.hidden_state_indices)
-        taken: dict[int, Tensor] = {}
-        for i, block in enumerate(trunk.blocks):
-            if i in wanted:
-                taken[i] = x
-            x = block(x, rope=rope)
-        taken[len(trunk.blocks)] = x
-        pooled = trunk.forward_head(trunk.norm(x))
+        hooks = [blocks[i].register_forward_pre_hook(keep_input(i)) for i in wanted if i < len(blocks)]
+        if len(blocks) in wanted:
+            hooks.append(
+                blocks[-1].register_forward_hook(lambda block, args, out: taken.__setitem__(len(blocks), out))
+            )
+        try:
+            features = self.trunk.forward_features(pixels)  # ends with the final norm
+        finally:
+            for hook in hooks:
+                hook.remove()
+        pooled = self.trunk.forward_head(features)
         return pooled, [taken[i] for i in self.hidden_state_indices]
 
     def load_original_state_dict(

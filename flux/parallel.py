@@ -114,15 +114,15 @@ class SequenceParallelFlux(nn.Module):
     """A :class:`~flux.model.Flux` whose forward runs on this rank's share of the tokens (see the
     module's docstring). Every rank must call it with the same whole inputs."""
 
-    def __init__(self, flow: Flux, group: dist.ProcessGroup | None = None):
+    def __init__(self, dit: Flux, group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.flow = flow
+        self.dit = dit
         self.group = group if group is not None else dist.group.WORLD
         self.shards = SequenceShards(dist.get_rank(self.group), dist.get_world_size(self.group))
-        if flow.params.num_heads % self.shards.world:
+        if dit.params.num_heads % self.shards.world:
             raise ShardingError(
-                f"the DiT's {flow.params.num_heads} attention heads cannot be split over "
-                f"{self.shards.world} GPUs: use a number of GPUs that divides {flow.params.num_heads}"
+                f"the DiT's {dit.params.num_heads} attention heads cannot be split over "
+                f"{self.shards.world} GPUs: use a number of GPUs that divides {dit.params.num_heads}"
             )
         self.attention = UlyssesAttention(self.group, self.shards.world)
         # Agreements (a seed, whether to stop) over gloo on the host: no GPU synchronisation
@@ -134,7 +134,7 @@ class SequenceParallelFlux(nn.Module):
 
     @property
     def params(self):
-        return self.flow.params
+        return self.dit.params
 
     def check(self, txt_tokens: int, img_tokens: int) -> None:
         """Refuse token counts the ranks cannot share evenly (before any work starts)."""
@@ -179,7 +179,7 @@ class SequenceParallelFlux(nn.Module):
         ``id_injection`` must already be this rank's (:meth:`image_tokens`)."""
         self.check(txt.shape[1], img.shape[1])
         take = self.shards.take
-        local = self.flow(
+        local = self.dit(
             img=take(img),
             img_ids=take(img_ids),
             txt=take(txt),

@@ -78,21 +78,21 @@ class WeightChoiceError(UserError, ValueError):
 class CatalogueEntry:
     """One weight file (or folder) of the product: its role, its source, and the flags that need it."""
 
-    role: str  # what the loader uses it as: "flow", "ae", "t5", "clip", "pulid", "eva", ...
+    role: str  # what the loader uses it as: "dit", "ae", "t5", "clip", "pulid", "eva", ...
     weights: HubWeights
     needed_by: str  # for people: the flags that make the app load it
 
 
-def _flux(name: str, repo: str, licence: str, flow_file: str, ae_local: str) -> tuple[CatalogueEntry, ...]:
+def _flux(name: str, repo: str, licence: str, dit_file: str, ae_local: str) -> tuple[CatalogueEntry, ...]:
     model = repo.split("/")[1]
     return (
         CatalogueEntry(
-            "flow",
+            "dit",
             HubWeights(
                 repo,
-                (flow_file,),
+                (dit_file,),
                 FLUX_DIT_BYTES,
-                flow_file,
+                dit_file,
                 f"the {model} transformer",
                 gated=True,
                 licence_url=licence,
@@ -133,8 +133,8 @@ FLUX_WEIGHTS: dict[str, tuple[CatalogueEntry, ...]] = {
         "krea-ae.safetensors",
     ),
 }
-FP8_FLOW = CatalogueEntry(
-    "flow",
+FP8_DIT = CatalogueEntry(
+    "dit",
     HubWeights(
         "XLabs-AI/flux-dev-fp8",
         ("flux-dev-fp8.safetensors",),
@@ -194,7 +194,7 @@ CITY96_FLUX = "city96/FLUX.1-dev-gguf"
 CITY96_T5 = "city96/t5-v1_1-xxl-encoder-gguf"
 COMFY_TEXT = "comfyanonymous/flux_text_encoders"
 DIT_FILES: dict[str, CatalogueEntry] = {
-    name: _single("flow", repo, file, size, what, f"`--dit {name}`")
+    name: _single("dit", repo, file, size, what, f"`--dit {name}`")
     for name, repo, file, size, what in (
         (
             "flux-dev-fp8",
@@ -460,7 +460,7 @@ SPEED_LORAS: dict[str, SpeedLoRA] = {
 
 CATALOGUE: tuple[CatalogueEntry, ...] = (
     *(entry for entries in FLUX_WEIGHTS.values() for entry in entries),
-    FP8_FLOW,
+    FP8_DIT,
     FP8_MAP,
     *DIT_FILES.values(),
     *TEXT_ENCODERS,
@@ -535,11 +535,11 @@ def required_weights(
     check_single_files(model, fp8, files)
     for kind, value in files.items():
         check_single_file_name(kind, value)
-    flow, ae = FLUX_WEIGHTS[model]
+    dit, ae = FLUX_WEIGHTS[model]
     t5, clip = TEXT_ENCODERS
     if files.get("dit") is not None:
-        flow = DIT_FILES.get(files["dit"], flow)
-    entries = [FP8_FLOW, FP8_MAP] if fp8 == "quanto" else [flow]
+        dit = DIT_FILES.get(files["dit"], dit)
+    entries = [FP8_DIT, FP8_MAP] if fp8 == "quanto" else [dit]
     if files.get("t5") is not None:
         entries += [T5_FILES.get(files["t5"], T5_FILES["t5xxl-fp16"]), TOKENIZERS["t5_tokenizer"]]
     else:

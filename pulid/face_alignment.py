@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eva_clip.model import EVA_CLIP_MEAN, EVA_CLIP_STD
 from pulid.catalogue import FACEXLIB_FILES
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ PARSING_STD = (0.229, 0.224, 0.225)
 # BiSeNet labels painted white: background, cloth, hat, ears, earring, neck, necklace.
 BACKGROUND_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)
 CLIP_IMAGE_SIZE = 336  # EVA02-CLIP-L-14-336
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, as EVA-CLIP's transform uses
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CROP_CONTEXT = 2.0  # side of the square searched by RetinaFace, in insightface box sizes
 CROP_SIZE = 384  # that square is resized to this many pixels (face about 190 px)
@@ -73,8 +72,8 @@ def clip_input(features: torch.Tensor) -> torch.Tensor:
     x = F.interpolate(
         features, size=(CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE), mode="bicubic", align_corners=False, antialias=True
     )
-    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(EVA_CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(EVA_CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

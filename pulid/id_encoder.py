@@ -64,14 +64,14 @@ class IDEncoder:
 
     def __init__(
         self,
-        face_analysis: FaceAnalyzing,
+        face_analyzer: FaceAnalyzing,
         eva: nn.Module,
         id_former: nn.Module,
         device: torch.device | str,
         dtype: torch.dtype,
         cache_size: int = 32,
     ):
-        self.face_analysis = face_analysis
+        self.face_analyzer = face_analyzer
         self.eva = eva
         self.id_former = id_former
         self.device = torch.device(device)
@@ -85,7 +85,7 @@ class IDEncoder:
     def features(self, image_rgb: np.ndarray) -> tuple[Tensor, list[Tensor], FaceFeatures]:
         """The IDFormer inputs for one photo: the 1280-d condition and EVA's hidden states, and
         the face analysis they came from."""
-        face = self.face_analysis.analyze(image_rgb)
+        face = self.face_analyzer.analyze(image_rgb)
         arcface = torch.as_tensor(np.asarray(face.arcface_embedding), dtype=self.dtype, device=self.device)
         pooled, hidden = self.eva(face.clip_input.to(self.device, self.dtype))
         pooled = pooled / torch.norm(pooled, 2, 1, True)
@@ -129,11 +129,11 @@ class IDEncoder:
 
     def identity(self, image_rgb: np.ndarray) -> np.ndarray | None:
         """The ArcFace embedding of the largest face in an image (a generated one), or None."""
-        return self.face_analysis.identity(image_rgb)
+        return self.face_analyzer.identity(image_rgb)
 
     def face_box(self, image_rgb: np.ndarray) -> tuple[float, float, float, float] | None:
         """The box of the largest face in an image (x1, y1, x2, y2), or None."""
-        return self.face_analysis.face_box(image_rgb)
+        return self.face_analyzer.face_box(image_rgb)
 
 
 @dataclass(frozen=True)

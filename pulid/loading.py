@@ -176,7 +176,7 @@ def meta_pipeline(
 
     Native fp8 swaps the DiT's block Linears as the loader does; the quanto layout is planned as
     native fp8 (the same fp8 bytes per weight, bf16 scales instead of float32 ones). Single files
-    (``files``: role "flow"/"t5" -> local path) are prepared from their headers exactly as the
+    (``files``: role "dit"/"t5" -> local path) are prepared from their headers exactly as the
     loader will prepare them, so GGUF and fp8 layers are planned at their stored size.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -189,14 +189,14 @@ def meta_pipeline(
 
     files = files or {}
     spec = get_model_spec(model_name)
-    flow = build_flow_model(spec.params, "meta", torch.bfloat16)
+    dit = build_flow_model(spec.params, "meta", torch.bfloat16)
     if fp8 is not None:
         from flux.quant import quantize_linears_to_fp8
 
-        quantize_linears_to_fp8(flow)
-    if "flow" in files:
-        file = open_dit_file(files["flow"])
-        single_file_format(file, "meta").prepare(flow, file.header)
+        quantize_linears_to_fp8(dit)
+    if "dit" in files:
+        file = open_dit_file(files["dit"])
+        single_file_format(file, "meta").prepare(dit, file.header)
         file.close()
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(torch.bfloat16)
@@ -210,7 +210,7 @@ def meta_pipeline(
         file.close()
     eva = EvaVisionTower(device="meta").to(torch.bfloat16)
     return PuLIDFluxPipeline(
-        flow=flow,
+        dit=dit,
         ae=ae,
         t5=HFEmbedder(t5, None, 512, "last_hidden_state"),
         clip=HFEmbedder(clip, None, CLIP_MAX_LENGTH, "pooler_output"),
@@ -321,7 +321,7 @@ def load_pipeline(
 
     logger.info("Loading PuLID-FLUX (%s, PuLID %s) for %s", model_name, version, describe(device))
     id_device = device_map.device_of("id")
-    face_analysis = load_face_analyzer(
+    face_analyzer = load_face_analyzer(
         {role: paths[role] for role in FACE_MODEL_ROLES},
         onnx_provider=face_provider(onnx_provider, id_device),
         device=id_device,
@@ -336,12 +336,12 @@ def load_pipeline(
     else:
         clip_encoder = load_clip(paths["clip"], text_weights, dtype)
     if dit is not None:
-        dit_file = open_dit_file(paths["flow"])
+        dit_file = open_dit_file(paths["dit"])
         fmt = single_file_format(dit_file, device)
-        flow = load_flow_model(dit_file, spec.params, weights_on("denoise"), dtype, fmt=fmt)
+        dit = load_flow_model(dit_file, spec.params, weights_on("denoise"), dtype, fmt=fmt)
     else:
-        flow = load_flow_model(
-            paths["flow"], spec.params, weights_on("denoise"), dtype, fmt=_dit_format(fp8, paths)
+        dit = load_flow_model(
+            paths["dit"], spec.params, weights_on("denoise"), dtype, fmt=_dit_format(fp8, paths)
         )
     ae = load_autoencoder(paths["ae"], spec.ae_params, weights_on("decode"))
     pulid = load_pulid_weights(
@@ -352,18 +352,18 @@ def load_pipeline(
     )
     pulid.pulid_encoder.to(weights_on("id"))  # the IDFormer runs in the ID stage, the CAs while denoising
     eva = load_eva_clip(paths["eva"], weights_on("id"), dtype)
-    id_encoder = IDEncoder(face_analysis, eva, pulid.pulid_encoder, id_device, dtype)
-    lora_adapters = LoRAAdapters(flow, device, dtype)
+    id_encoder = IDEncoder(face_analyzer, eva, pulid.pulid_encoder, id_device, dtype)
+    lora_adapters = LoRAAdapters(dit, device, dtype)
     parallel = None
     if sequence_parallel:
         from flux.parallel import SequenceParallelFlux, ShardingError
 
         try:
-            parallel = SequenceParallelFlux(flow)
+            parallel = SequenceParallelFlux(dit)
         except ShardingError as err:
             raise HardwareError(str(err)) from None
     pipeline = PuLIDFluxPipeline(
-        flow=flow,
+        dit=dit,
         ae=ae,
         t5=t5_encoder,
         clip=clip_encoder,

@@ -140,7 +140,7 @@ class PuLIDFluxPipeline:
     def __init__(
         self,
         *,
-        flow: Flux,
+        dit: Flux,
         ae: AutoEncoder,
         t5: nn.Module,
         clip: nn.Module,
@@ -156,9 +156,9 @@ class PuLIDFluxPipeline:
     ):
         """``device``: where the DiT denoises. ``device_map``: the device of each stage when they
         are not all on ``device`` (:mod:`flux.offload.device_map`); each stage's results move to
-        the next stage's device once. ``parallel``: ``flow`` wrapped for this rank when one image
+        the next stage's device once. ``parallel``: ``dit`` wrapped for this rank when one image
         is denoised on several GPUs (:mod:`flux.parallel`); every rank then runs the same requests."""
-        self.flow = flow
+        self.dit = dit
         self.ae = ae
         self.t5 = t5
         self.clip = clip
@@ -184,20 +184,20 @@ class PuLIDFluxPipeline:
         # devices, ``placement`` is the denoising device's and ``placements`` holds every one.
         self.placement = None
         self.placements: list = []
-        if parallel is not None and parallel.flow is not flow:
+        if parallel is not None and parallel.dit is not dit:
             raise ValueError("the sequence-parallel wrapper must wrap this pipeline's DiT")
         self.parallel = parallel
 
     def compiled_blocks(self) -> list[nn.Module]:
         """The modules compiled one by one (``--compile``, ahead of time on ZeroGPU): the DiT's
         declared blocks, then the ID cross-attentions."""
-        return [*block_modules(self.flow), *self.pulid_ca]
+        return [*block_modules(self.dit), *self.pulid_ca]
 
     def with_options(self, **changes) -> PuLIDFluxPipeline:
         """A pipeline over the same models (shared, not copied) with some construction options
         changed: ``parallel``, ``device_map``, or a model moved to another device."""
         options = dict(
-            flow=self.flow,
+            dit=self.dit,
             ae=self.ae,
             t5=self.t5,
             clip=self.clip,
@@ -227,7 +227,7 @@ class PuLIDFluxPipeline:
             parts.append(Component("id_encoder", "id", (self.id_encoder.eva, self.id_encoder.id_former)))
         parts += [
             Component("pulid_ca", "denoise", (self.pulid_ca,), uses="step"),
-            Component("dit", "denoise", (self.flow,), blocks=tuple(block_modules(self.flow)), uses="step"),
+            Component("dit", "denoise", (self.dit,), blocks=tuple(block_modules(self.dit)), uses="step"),
             # Its stage begins at the decoder; the encoder (a photo to start from) also brings it in.
             Component("ae", "decode", (self.ae,), entry=(self.ae.encoder, self.ae.decoder)),
         ]
@@ -342,7 +342,7 @@ class PuLIDFluxPipeline:
         """The DiT's ID injection for these identities (None without any: plain FLUX)."""
         if not identities:
             return None
-        params = self.flow.params
+        params = self.dit.params
         return PuLIDInjection(self.pulid_ca, identities, params.depth, params.depth_single_blocks)
 
     def people(self, request: GenerationRequest, notes: dict[str, str]) -> list[PersonCondition]:
@@ -624,7 +624,7 @@ class PuLIDFluxPipeline:
             timesteps = timesteps[first:]
         identities = [_batched_identity(p.identity, batch) for p in people]
         uncond_identities = [_batched_identity(p.uncond, batch) for p in people if p.uncond is not None]
-        model = self.flow
+        model = self.dit
         if self.parallel is not None:  # this rank's image tokens only
             model, mine = self.parallel, self.parallel.image_tokens(img.shape[1])
             identities = [identity.part(mine) for identity in identities]

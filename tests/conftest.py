@@ -56,10 +56,10 @@ def app_pipeline(tmp_path_factory, models_dir):
     from tiny_random.pipeline import tiny_face_analyzer, tiny_pipeline
 
     pipeline = tiny_pipeline(tmp_path_factory.mktemp("tiny"), tiny_face_analyzer(models_dir))
-    write_example_loras(pipeline.lora_library.folder, pipeline.flow)  # tiny-style, tiny-detail
+    write_example_loras(pipeline.lora_library.folder, pipeline.dit)  # tiny-style, tiny-detail
     # a stand-in for one speed LoRA, on this machine as after `pulid.serve.download --speed_lora`: offered
     speed = pipeline.lora_library.folder / "FLUX.1-Turbo-Alpha.safetensors"
-    write_kohya(speed, random_factors(pipeline.flow, rank=2, seed=13))
+    write_kohya(speed, random_factors(pipeline.dit, rank=2, seed=13))
     # a shared LoRA store linked file by file, and a listed file that is not a LoRA
     store = tmp_path_factory.mktemp("lora-store") / "style.safetensors"
     shutil.copy(pipeline.lora_library.folder / "tiny-style.safetensors", store)
@@ -72,10 +72,10 @@ def app_pipeline(tmp_path_factory, models_dir):
 def pipeline(tmp_path_factory):
     """The tiny pipeline with a stand-in face analyser, one for the whole run: generating never
     changes a pipeline (a module that needs another kind defines its own ``pipeline``)."""
-    from tests.stubs import StubFaceAnalysis
+    from tests.stubs import StubFaceAnalyzer
     from tiny_random.pipeline import tiny_pipeline
 
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny"), StubFaceAnalysis())
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny"), StubFaceAnalyzer())
 
 
 @pytest.fixture(scope="session")

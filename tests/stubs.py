@@ -14,7 +14,7 @@ class StubFace:
     debug_images: list = field(default_factory=list)
 
 
-class StubFaceAnalysis:
+class StubFaceAnalyzer:
     """Deterministic features from the pixels, counting calls (the real analyser has its own tests)."""
 
     def __init__(self):

@@ -107,10 +107,10 @@ def test_the_loader_refuses_an_impossible_map_before_looking_for_weights(tmp_pat
 
 
 def test_a_pipeline_denoises_on_its_maps_denoising_device(tmp_path):
-    from tests.stubs import StubFaceAnalysis
+    from tests.stubs import StubFaceAnalyzer
     from tiny_random.pipeline import tiny_pipeline
 
-    pipeline = tiny_pipeline(tmp_path, StubFaceAnalysis())
+    pipeline = tiny_pipeline(tmp_path, StubFaceAnalyzer())
     assert pipeline.device_map == DeviceMap.single("cpu", STAGES)
     with pytest.raises(ValueError, match="denoises on cuda:0, not cpu"):
         pipeline.with_options(device_map=DeviceMap.parse("cuda:0,cpu", STAGES))

@@ -190,5 +190,5 @@ def test_a_file_given_as_a_path_is_checked_and_not_fetched(tmp_path, capsys):
     mine.write_bytes(b"GGUF")
     assert pulid.serve.download.main(["--dry-run", "--models_dir", str(tmp_path), "--dit", str(mine)]) == 0
     out = capsys.readouterr().out
-    assert required_weights()["flow"].weights.description not in out  # the 23.8 GB DiT is not planned
+    assert required_weights()["dit"].weights.description not in out  # the 23.8 GB DiT is not planned
     assert required_weights()["ae"].weights.description in out  # the rest is

@@ -16,10 +16,12 @@ import pytest
 import torch
 from skimage import data as skimage_data  # a test dependency: its photo is the real face
 
+from eva_clip.model import EVA_CLIP_MEAN as CLIP_MEAN
+from eva_clip.model import EVA_CLIP_STD as CLIP_STD
 from flux.checkpoint import CheckpointError
 from pulid import face_detection
 from pulid.errors import InvalidImageError, NoFaceError
-from pulid.face_alignment import BACKGROUND_LABELS, CLIP_MEAN, CLIP_STD, MIN_IOU, FaceAligner, box_iou
+from pulid.face_alignment import BACKGROUND_LABELS, MIN_IOU, FaceAligner, box_iou
 from pulid.face_analysis import FaceAnalyzer, _common_folder, load_face_analyzer, prepare_image
 from pulid.face_detection import DetectedFace, DetectionAttempt, FaceDetector, largest_face, onnx_providers
 from tiny_random.face_models import (

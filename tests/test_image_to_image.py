@@ -69,8 +69,8 @@ def test_one_step_from_a_photo_matches_the_float64_reference(pipeline):
     x_t = pack(t * noise + (1 - t) * x0)
     cond = pipeline.encode_prompt("a portrait of a woman", 128)
     pred = flux_forward(
-        pipeline.flow.state_dict(),
-        pipeline.flow.params,
+        pipeline.dit.state_dict(),
+        pipeline.dit.params,
         img=x_t,
         img_ids=image_ids(1, 32, 40).double(),
         txt=cond.txt.double(),

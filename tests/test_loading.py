@@ -166,7 +166,7 @@ def test_autoencoder_loads_in_float32(tmp_path):
 
 def test_missing_gated_file_offline_explains_everything(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    entries = {"flow": required_weights()["flow"]}
+    entries = {"dit": required_weights()["dit"]}
     with pytest.raises(WeightsNotFoundError) as err:
         locate_weights(entries, tmp_path, command="python -m pulid.serve.download")
     message = str(err.value)

@@ -500,9 +500,9 @@ def test_lora_options_and_request_checks():
 
 def test_a_request_with_loras_changes_the_image_records_them_and_leaves_the_dit_as_it_was(pipeline):
     folder = pipeline.lora_library.folder
-    write_kohya(folder / "style.safetensors", random_factors(pipeline.flow, seed=13), text_encoder_layers=2)
-    write_diffusers(folder / "detail.safetensors", random_factors(pipeline.flow, rank=2, seed=14))
-    state = {k: v.clone() for k, v in pipeline.flow.state_dict().items()}
+    write_kohya(folder / "style.safetensors", random_factors(pipeline.dit, seed=13), text_encoder_layers=2)
+    write_diffusers(folder / "detail.safetensors", random_factors(pipeline.dit, rank=2, seed=14))
+    state = {k: v.clone() for k, v in pipeline.dit.state_dict().items()}
     settings = dict(prompt="a photo", width=256, height=256, num_steps=2, seed=5)
     plain = pipeline.generate(GenerationRequest(**settings))
     loras = (LoRAChoice("style.safetensors", 0.9), LoRAChoice("detail.safetensors", -0.3))
@@ -510,7 +510,7 @@ def test_a_request_with_loras_changes_the_image_records_them_and_leaves_the_dit_
     again = pipeline.generate(GenerationRequest(**settings))
     assert not torch.equal(plain.latents, styled.latents)
     assert torch.equal(plain.latents, again.latents)
-    assert all(torch.equal(state[k], v) for k, v in pipeline.flow.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in pipeline.dit.state_dict().items())
     recorded = styled.metadata["loras"]
     assert [(r["name"], r["strength"]) for r in recorded] == [("style", 0.9), ("detail", -0.3)]
     from flux.lora.files import file_sha256
@@ -538,7 +538,7 @@ def test_under_a_vram_budget_loras_must_fit_beside_the_plan(pipeline):
 
     from flux.lora import LoRAAdapters as Adapters
 
-    write_kohya(pipeline.lora_library.folder / "style.safetensors", random_factors(pipeline.flow, seed=13))
+    write_kohya(pipeline.lora_library.folder / "style.safetensors", random_factors(pipeline.dit, seed=13))
     request = GenerationRequest(
         prompt="p", width=256, height=256, num_steps=1, seed=1, loras=(LoRAChoice("style.safetensors"),)
     )
@@ -577,7 +577,7 @@ def test_a1111_parameters_carry_lora_tags_and_hashes():
 def test_lora_metadata_survives_in_the_png(pipeline, tmp_path):
     from pulid.outputs import read_image_metadata, save_new_image
 
-    write_kohya(pipeline.lora_library.folder / "style.safetensors", random_factors(pipeline.flow, seed=13))
+    write_kohya(pipeline.lora_library.folder / "style.safetensors", random_factors(pipeline.dit, seed=13))
     result = pipeline.generate(
         GenerationRequest(
             prompt="p",
@@ -597,7 +597,7 @@ def test_the_app_service_takes_only_listed_loras(pipeline, tmp_path):
     """Behind gradio's own check of the picker's choices, the service refuses any other source."""
     from pulid.serve.service import GenerationService, ServiceError
 
-    outside = write_kohya(tmp_path / "outside.safetensors", random_factors(pipeline.flow, seed=16))
+    outside = write_kohya(tmp_path / "outside.safetensors", random_factors(pipeline.dit, seed=16))
     service = GenerationService(pipeline, tmp_path / "out", listed_loras_only=True)
     assert "Hyper-FLUX.1-dev-8steps" not in service.lora_names()  # not here, and no downloads
     for source in (

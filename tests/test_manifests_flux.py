@@ -38,12 +38,12 @@ def test_autoencoder_matches_the_ae_manifest():
 def test_catalogue_sizes_match_the_manifests():
     needed = required_weights("flux-dev")
     for role, name in [
-        ("flow", "flux1-dev.manifest.json"),
+        ("dit", "flux1-dev.manifest.json"),
         ("ae", "ae.manifest.json"),
         ("pulid", "pulid_flux_v0.9.x.manifest.json"),
     ]:
         assert needed[role].weights.size_bytes == read_manifest(name)["total_bytes_in_tensors"], role
-    fp8 = required_weights("flux-dev", fp8="quanto")["flow"].weights
+    fp8 = required_weights("flux-dev", fp8="quanto")["dit"].weights
     assert (
         fp8.size_bytes == read_manifest("flux-dev-fp8.xlabs-quanto.manifest.json")["total_bytes_in_tensors"]
     )

@@ -90,7 +90,7 @@ def test_decoded_image_equals_the_official_bit_for_bit(dtype, side):
     ae = random_ae(seed)
     latents = pack(torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(seed)))
     pipeline = PuLIDFluxPipeline(
-        flow=None, ae=ae, t5=None, clip=None, pulid_ca=None, id_encoder=None, device="cpu", dtype=dtype
+        dit=None, ae=ae, t5=None, clip=None, pulid_ca=None, id_encoder=None, device="cpu", dtype=dtype
     )
     ours = np.asarray(pipeline.decode(latents, side, side))
     reference = official_autoencoder(ae)

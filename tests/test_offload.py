@@ -552,7 +552,7 @@ def test_pipeline_placement_gives_identical_images_within_the_planned_peak(pipel
 
     pipeline.id_encoder._cache.clear()
     expected = [pipeline.generate(r).latents for r in generation_requests()]
-    before = {name: snapshot(m) for name, m in [("flow", pipeline.flow), ("t5", pipeline.t5)]}
+    before = {name: snapshot(m) for name, m in [("dit", pipeline.dit), ("t5", pipeline.t5)]}
     components = pipeline.components()
     plan = tiny_plans(measure(components))[which]
     pipeline.id_encoder._cache.clear()
@@ -564,7 +564,7 @@ def test_pipeline_placement_gives_identical_images_within_the_planned_peak(pipel
         assert placement.log == ["text", "id", "denoise", "decode", "text", "denoise", "decode"]
     assert all(torch.equal(a, b) for a, b in zip(results, expected, strict=True))
     assert placement.ledger.current == 0
-    for name, module in [("flow", pipeline.flow), ("t5", pipeline.t5)]:
+    for name, module in [("dit", pipeline.dit), ("t5", pipeline.t5)]:
         after = module.state_dict()
         assert all(torch.equal(before[name][k], after[k]) for k in before[name])
         assert all(not m._forward_pre_hooks for m in module.modules())

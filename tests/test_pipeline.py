@@ -52,7 +52,7 @@ def test_several_photos_average_their_id_tokens(pipeline):
 
 
 def test_seen_photos_are_cached(pipeline):
-    analysis = pipeline.id_encoder.face_analysis
+    analysis = pipeline.id_encoder.face_analyzer
     before = analysis.calls
     pipeline.id_encoder([photo(5)])
     pipeline.id_encoder([photo(5)])
@@ -114,9 +114,9 @@ def test_invalid_requests_are_refused_with_a_clear_message(pipeline, kw, message
 
 
 def test_pipeline_models_are_not_changed_by_requests(pipeline):
-    before = {k: v.clone() for k, v in pipeline.flow.state_dict().items()}
+    before = {k: v.clone() for k, v in pipeline.dit.state_dict().items()}
     pipeline.generate(request(id_images=[photo(1)], true_cfg=2.0))
-    assert all(torch.equal(before[k], v) for k, v in pipeline.flow.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in pipeline.dit.state_dict().items())
 
 
 def test_a_batch_gives_each_seed_the_image_it_gives_alone(pipeline):
@@ -152,7 +152,7 @@ def test_each_image_reaches_on_image_as_it_is_decoded(pipeline):
 
 def test_face_similarity_is_the_mean_arcface_cosine_to_the_references(pipeline):
     """Checked against an independent float64 computation from the stub's embeddings."""
-    analysis = pipeline.id_encoder.face_analysis
+    analysis = pipeline.id_encoder.face_analyzer
     photos = [photo(1), photo(2)]
     result = pipeline.generate(request(id_images=photos, seed=8))
     found = analysis.identity(np.asarray(result.image)).astype(np.float64)
@@ -167,7 +167,7 @@ def test_face_similarity_says_when_there_is_no_face_or_no_photo(pipeline, monkey
 
     plain = pipeline.generate(request(seed=2))
     assert plain.images[0].face_similarity is None and plain.metadata["face_similarity"] == NO_ID_PHOTO
-    monkeypatch.setattr(pipeline.id_encoder.face_analysis, "identity", lambda image: None)
+    monkeypatch.setattr(pipeline.id_encoder.face_analyzer, "identity", lambda image: None)
     faceless = pipeline.generate(request(id_images=[photo(1)], seed=2))
     assert faceless.images[0].face_similarity is None
     assert faceless.metadata["face_similarity"] == NO_FACE_FOUND

@@ -84,7 +84,7 @@ def test_the_probe_gives_up_within_its_timeout(monkeypatch):
 def test_the_catalogue_is_consistent():
     places = [entry.weights.local_name for entry in CATALOGUE]
     assert len(places) == len(set(places)), "two entries would share one place under models/"
-    assert required_weights(fp8="quanto")["flow"].weights.filename == "flux-dev-fp8.safetensors"
+    assert required_weights(fp8="quanto")["dit"].weights.filename == "flux-dev-fp8.safetensors"
     assert required_weights(fp8="quanto")["fp8_map"] is FP8_MAP and FP8_MAP.weights.optional
     assert "fp8_map" not in required_weights(fp8="native")
     with pytest.raises(ValueError, match="flux-dev, flux-krea-dev"):

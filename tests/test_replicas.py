@@ -8,14 +8,14 @@ import pytest
 from flux.devices import HardwareError
 from pulid.request import GenerationRequest
 from pulid.serve.service import GenerationService, LocalRunner, ReplicaRunner
-from tests.stubs import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalyzer, photo
 from tiny_random.pipeline import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    return [tiny_pipeline(folder, StubFaceAnalysis()) for _ in range(2)]
+    return [tiny_pipeline(folder, StubFaceAnalyzer()) for _ in range(2)]
 
 
 def request(seed: int) -> GenerationRequest:

@@ -25,7 +25,7 @@ from pulid.injection import Identity, PuLIDInjection
 from pulid.request import GenerationRequest, InvalidRequestError, Person
 from pulid.serve.ranks import SequenceParallelRunner, follow
 from pulid.serve.service import Cancelled, GenerationService, ServiceError
-from tests.stubs import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalyzer, photo
 from tests.tiny_models import dit_inputs
 from tiny_random.models import tiny_flux_params
 from tiny_random.pipeline import tiny_pipeline
@@ -75,11 +75,11 @@ def _rank(rank: int, port: int, folder: str, out: str) -> None:
             timeout=datetime.timedelta(seconds=60),  # a rank left waiting fails the test, not hangs it
         )
         torch.manual_seed(0)
-        pipeline = tiny_pipeline(Path(folder), StubFaceAnalysis())
+        pipeline = tiny_pipeline(Path(folder), StubFaceAnalyzer())
         results = {}
         # the DiT alone, with two identities in regions that the ranks split
         dit = SequenceParallelFlux(four_head_dit())
-        inputs = dit_inputs(dit.flow)
+        inputs = dit_inputs(dit.dit)
         identities = two_identities(pipeline.pulid_ca, inputs["img"].shape[1])
         mine = dit.image_tokens(inputs["img"].shape[1])
         params = dit.params
@@ -88,7 +88,7 @@ def _rank(rank: int, port: int, folder: str, out: str) -> None:
         )
         with torch.inference_mode():
             results["dit"] = dit(**inputs, id_injection=injection)
-        parallel = SequenceParallelFlux(pipeline.flow)
+        parallel = SequenceParallelFlux(pipeline.dit)
         # whole generations
         split = pipeline.with_options(parallel=parallel)
         for name, request in requests().items():
@@ -140,7 +140,7 @@ def _rank(rank: int, port: int, folder: str, out: str) -> None:
 def ranks(tmp_path_factory):
     """Both ranks' results (one launch for every check here)."""
     folder, out = tmp_path_factory.mktemp("tiny"), tmp_path_factory.mktemp("ranks")
-    tiny_pipeline(folder, StubFaceAnalysis())  # writes the text encoders' files once, before the ranks
+    tiny_pipeline(folder, StubFaceAnalyzer())  # writes the text encoders' files once, before the ranks
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -158,7 +158,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_the_split_dit_predicts_what_the_whole_one_does_in_float64(ranks):
     results, folder = ranks
-    pipeline = tiny_pipeline(folder, StubFaceAnalysis())
+    pipeline = tiny_pipeline(folder, StubFaceAnalyzer())
     reference = four_head_dit().double()
     cas = copy.deepcopy(pipeline.pulid_ca).double()
     inputs = {k: v.double() for k, v in dit_inputs(reference).items()}
@@ -179,7 +179,7 @@ def test_the_split_dit_predicts_what_the_whole_one_does_in_float64(ranks):
 @pytest.mark.parametrize("name", list(requests()))
 def test_a_split_generation_gives_the_latents_of_one_process(ranks, name):
     results, folder = ranks
-    pipeline = tiny_pipeline(folder, StubFaceAnalysis())
+    pipeline = tiny_pipeline(folder, StubFaceAnalyzer())
     alone = pipeline.generate(requests()[name])
     for rank in results:
         latents, cache_steps = rank[name]

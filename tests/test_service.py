@@ -8,7 +8,7 @@ from pulid.images import ImageError
 from pulid.outputs import read_image_metadata
 from pulid.serve.service import FAILED_MESSAGE, OOM_MESSAGE, GenerationService, ServiceError
 from pulid.serve.uploads import load_upload
-from tests.stubs import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalyzer, photo
 from tiny_random.pipeline import tiny_pipeline
 
 
@@ -58,7 +58,7 @@ def test_cancel_stops_the_run_and_the_next_run_works(service):
 
 def test_out_of_memory_is_caught_and_the_next_request_succeeds(service, monkeypatch):
     released = []
-    original = service.pipeline.flow.forward
+    original = service.pipeline.dit.forward
     calls = {"n": 0}
 
     def flaky_forward(*args, **kwargs):
@@ -67,7 +67,7 @@ def test_out_of_memory_is_caught_and_the_next_request_succeeds(service, monkeypa
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(service.pipeline.flow, "forward", flaky_forward)
+    monkeypatch.setattr(service.pipeline.dit, "forward", flaky_forward)
     monkeypatch.setattr(GenerationService, "release_memory", staticmethod(lambda: released.append(True)))
     with pytest.raises(ServiceError) as err:
         service.run(request(service))
@@ -79,7 +79,7 @@ def test_an_unexpected_error_is_logged_and_the_visitor_told_plainly(service, mon
     def broken_forward(*args, **kwargs):
         raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR at /srv/secret/path")
 
-    monkeypatch.setattr(service.pipeline.flow, "forward", broken_forward)
+    monkeypatch.setattr(service.pipeline.dit, "forward", broken_forward)
     with pytest.raises(ServiceError) as err:
         service.run(request(service))
     assert str(err.value) == FAILED_MESSAGE  # nothing of the server's internals in the answer
@@ -89,7 +89,7 @@ def test_an_unexpected_error_is_logged_and_the_visitor_told_plainly(service, mon
 
 
 def test_an_image_that_cannot_be_saved_is_a_message_not_a_traceback(tmp_path, monkeypatch):
-    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalysis())
+    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalyzer())
     service = GenerationService(pipeline, tmp_path / "out")
 
     def full_disk(*args, **kwargs):
@@ -205,7 +205,7 @@ def test_the_line_is_first_come_first_served_bounded_per_visitor_and_left_on_can
 
     from pulid.serve.service import ServiceBusy
 
-    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalysis())
+    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalyzer())
     service = GenerationService(pipeline, tmp_path / "out", max_waiting=4, max_per_client=3)
     gate, order, heard = threading.Event(), [], {}
 

@@ -25,7 +25,7 @@ def slow_service(tmp_path_factory, models_dir):
         passes.append(time.perf_counter())
         time.sleep(STEP_SECONDS)
 
-    pipeline.flow.register_forward_pre_hook(slow_step)
+    pipeline.dit.register_forward_pre_hook(slow_step)
     return gradio_app.make_service(pipeline, tmp_path_factory.mktemp("outputs")), passes
 
 

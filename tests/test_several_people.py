@@ -181,7 +181,7 @@ def test_two_people_in_columns_match_the_float64_step(pipeline):
     tokens = [pipeline.id_encoder([face]).tokens.double() for face in (first, second)]
     columns = [token_region(c).double() for c in column_regions(2, W, H)]
     cas = [copy.deepcopy(ca).double() for ca in pipeline.pulid_ca]  # float64 copies of the product's
-    num_double = (pipeline.flow.params.depth + 1) // 2
+    num_double = (pipeline.dit.params.depth + 1) // 2
 
     def masked_sum(kind, index, img):
         interval = 2 if kind == "double" else 4
@@ -191,8 +191,8 @@ def test_two_people_in_columns_match_the_float64_step(pipeline):
         return sum(w * r * ca(tok, img) for tok, w, r in zip(tokens, (0.9, 1.3), columns, strict=True))
 
     pred = flux_forward(
-        pipeline.flow.state_dict(),
-        pipeline.flow.params,
+        pipeline.dit.state_dict(),
+        pipeline.dit.params,
         img=pack(noise),
         img_ids=image_ids(1, H // 8, W // 8).double(),
         txt=cond.txt.double(),
@@ -226,7 +226,7 @@ def test_a_regional_person_leaves_other_regions_alone_in_the_first_block(pipelin
     wanted = request(id_images=[photo(2)], layout="masks", id_region=region(0, W // 2))
     people = pipeline.people(wanted.checked(), {})
     (person,) = people
-    img = torch.randn(1, (H // 16) * (W // 16), pipeline.flow.hidden_size)
+    img = torch.randn(1, (H // 16) * (W // 16), pipeline.dit.hidden_size)
     injection = pipeline.injection([person.identity])
     with torch.inference_mode():
         residual = injection.after_double_block(0, img).reshape(H // 16, W // 16, -1)

@@ -21,7 +21,7 @@ from pulid.outputs import read_image_metadata
 from pulid.request import SIZE_PRESETS, GenerationRequest
 from pulid.serve import zerogpu
 from pulid.serve.service import GenerationService, ServiceError
-from tests.stubs import StubFaceAnalysis, photo
+from tests.stubs import StubFaceAnalyzer, photo
 from tiny_random.pipeline import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,7 +239,7 @@ def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process
 
     monkeypatch.setattr(zerogpu, "AheadOfTime", Recording)
     monkeypatch.setattr(zerogpu, "build_ahead_on_gpu", on_gpu)
-    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalysis())  # its own: its blocks get compiled
+    pipeline = tiny_pipeline(tmp_path / "tiny", StubFaceAnalyzer())  # its own: its blocks get compiled
     before = pipeline.generate(request(num_images=1)).latents
     zerogpu.prepare_ahead_of_time(pipeline, photo(1), tmp_path / "aot", sizes=((256, 256), (320, 256)))
     assert calls == [(str(tmp_path / "aot"), ((256, 256), (320, 256)))]

@@ -79,10 +79,10 @@ def test_cuda_component_offload_frees_device_memory_after_use():
 def test_cuda_pipeline_placements_all_give_the_resident_images(tmp_path):
     pytest.importorskip("timm")
     from flux.offload import PipelinePlacement
-    from tests.test_pipeline import StubFaceAnalysis
+    from tests.test_pipeline import StubFaceAnalyzer
     from tiny_random.pipeline import tiny_pipeline
 
-    pipe = tiny_pipeline(tmp_path, StubFaceAnalysis())  # built on the host, run on the GPU
+    pipe = tiny_pipeline(tmp_path, StubFaceAnalyzer())  # built on the host, run on the GPU
     pipe.device = pipe.id_encoder.device = torch.device("cuda")
     components = pipe.components()
     plans = tiny_plans(measure(components))
@@ -95,7 +95,7 @@ def test_cuda_pipeline_placements_all_give_the_resident_images(tmp_path):
             assert placement.log == ["text", "id", "denoise", "decode", "text", "denoise", "decode"]
         pipe.id_encoder._uncond = None  # made on the GPU with the first placement's weights
         torch.cuda.synchronize()
-        assert all(p.device.type == "cpu" for p in pipe.flow.parameters())
+        assert all(p.device.type == "cpu" for p in pipe.dit.parameters())
     for which, latents in results.items():
         assert all(torch.equal(a, b) for a, b in zip(latents, results["resident"], strict=True)), which
     del results

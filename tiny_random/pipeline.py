@@ -52,7 +52,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def tiny_pipeline(
     folder: Path,
-    face_analysis: FaceAnalyzing,
+    face_analyzer: FaceAnalyzing,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -61,7 +61,7 @@ def tiny_pipeline(
     folder is ``folder/loras`` (nothing is ever downloaded for it)."""
     params = tiny_flux_params()
     t5, clip = tiny_text_encoders(folder, device, dtype)
-    flow = _randomise(Flux(params), seed).to(device, dtype).eval()
+    dit = _randomise(Flux(params), seed).to(device, dtype).eval()
     ae = _randomise(AutoEncoder(tiny_ae_params()), seed + 1).to(device).eval()
     weights = PuLIDWeights(
         num_pulid_ca(params.depth, params.depth_single_blocks),
@@ -70,11 +70,11 @@ def tiny_pipeline(
     )
     weights = _randomise(weights, seed + 2).to(device, dtype).eval()
     eva = _randomise(EvaVisionTower(**TINY_EVA), seed + 3).to(device, dtype).eval()
-    id_encoder = IDEncoder(face_analysis, eva, weights.pulid_encoder, device, dtype)
-    adapters = LoRAAdapters(flow, device, dtype)
+    id_encoder = IDEncoder(face_analyzer, eva, weights.pulid_encoder, device, dtype)
+    adapters = LoRAAdapters(dit, device, dtype)
     library = LoRALibrary(Path(folder) / "loras", adapters.targets, allow_download=False)
     return PuLIDFluxPipeline(
-        flow=flow,
+        dit=dit,
         ae=ae,
         t5=t5,
         clip=clip,
@@ -121,5 +121,5 @@ def tiny_pipeline_with_face_models(folder: Path, seed: int = 0) -> PuLIDFluxPipe
     pipeline = tiny_pipeline(folder, tiny_face_analyzer(folder / "models"), "cpu", torch.float32, seed)
     from tiny_random.loras import write_example_loras
 
-    write_example_loras(pipeline.lora_library.folder, pipeline.flow)
+    write_example_loras(pipeline.lora_library.folder, pipeline.dit)
     return pipeline

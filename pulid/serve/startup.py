@@ -294,7 +294,7 @@ def build_pipeline(args: argparse.Namespace):
         pipeline = tiny_pipeline_with_face_models(folder)
         if first:
             dist.barrier()
-        return pipeline.with_options(parallel=SequenceParallelFlux(pipeline.flow))
+        return pipeline.with_options(parallel=SequenceParallelFlux(pipeline.dit))
     from pulid.loading import load_pipeline
 
     device = args.device
