@@ -88,7 +88,7 @@ def main() -> None:
     from flux.registry import flux_ae_params
     from flux.sampling import pack
     from pulid.pipeline import PuLIDFluxPipeline
-    from tests.test_official_parity import official_autoencoder, official_decode, with_attention
+    from tests.official_reference import official_autoencoder, official_decode, with_attention
 
     torch.manual_seed(0)
     device = torch.device(args.device)

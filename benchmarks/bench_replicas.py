@@ -62,7 +62,7 @@ def main() -> None:
     counts = [int(n) for n in args.replicas.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     if args.preset == "tiny":
-        from tests.test_pipeline import StubFaceAnalyzer
+        from tests.stubs import StubFaceAnalyzer
         from tiny_random.pipeline import tiny_pipeline
 
         pipelines = [tiny_pipeline(folder, StubFaceAnalyzer()) for _ in range(max(counts))]

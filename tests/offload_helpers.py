@@ -3,9 +3,13 @@
 import itertools
 
 import torch
+from torch import nn
 
 from flux.offload import MemoryPolicy, Stage, SyncTransfer, evaluate_plan, plan_memory
+from pulid.injection import Identity, PuLIDInjection
 from pulid.pipeline import STAGES
+from tests.tiny_configs import tiny_flux_params
+from tests.tiny_models import random_inputs, random_model, tiny_ca_modules
 
 
 class LoggingTransfer(SyncTransfer):
@@ -76,3 +80,35 @@ def tiny_plans(sizes):
         "offload-flag": MemoryPolicy(offload=True).plan(sizes, NO_RESERVES, overhead=0),
         "resident": MemoryPolicy().plan(sizes, NO_RESERVES, overhead=0),
     }
+
+
+PARAMS = tiny_flux_params(depth=2, depth_single_blocks=5)  # 7 blocks: 2 double, 5 single
+
+
+def tiny_setup(seed=0):
+    model = random_model(PARAMS, torch.float32, seed=seed)
+    inputs = random_inputs(PARAMS, batch=1, dtype=torch.float32)
+    return model, inputs
+
+
+def injection(seed=0):
+    cas = tiny_ca_modules(PARAMS, dtype=torch.float32, seed=seed)
+    tokens = torch.randn(1, 4, 48, generator=torch.Generator().manual_seed(seed))
+    return cas, PuLIDInjection(cas, [Identity(tokens, 0.8)], PARAMS.depth, PARAMS.depth_single_blocks)
+
+
+def small_component(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+
+
+def generation_requests():
+    from pulid.request import GenerationRequest
+    from tests.stubs import photo
+
+    small = dict(prompt="a portrait of a woman", width=256, height=256, num_steps=2)
+    # true CFG: two T5 calls and two DiT passes per step; the second request hits the ID cache
+    return [
+        GenerationRequest(**small, seed=7, id_images=[photo(1)], true_cfg=1.5),
+        GenerationRequest(**small, seed=3),
+    ]

@@ -32,15 +32,19 @@ from flux.offload.plan import DEFAULT_OVERHEAD
 from flux.registry import MODELS
 from flux.repeated import block_modules
 from pulid.catalogue import FLUX_DIT_BYTES
-from pulid.injection import Identity, PuLIDInjection
 from pulid.loading import meta_pipeline, plan_counts
 from pulid.pipeline import STAGES
-from tests.offload_helpers import NO_RESERVES, LoggingTransfer, tiny_plans
-from tests.tiny_configs import tiny_flux_params
-from tests.tiny_models import random_inputs, random_model, tiny_ca_modules
+from tests.offload_helpers import (
+    NO_RESERVES,
+    LoggingTransfer,
+    generation_requests,
+    injection,
+    small_component,
+    tiny_plans,
+    tiny_setup,
+)
 
 GiB = 1024**3
-PARAMS = tiny_flux_params(depth=2, depth_single_blocks=5)  # 7 blocks: 2 double, 5 single
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,18 +62,6 @@ def log_compute(blocks, log):
     for index, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, i=index: log.append(("compute", i))))
     return handles
-
-
-def tiny_setup(seed=0):
-    model = random_model(PARAMS, torch.float32, seed=seed)
-    inputs = random_inputs(PARAMS, batch=1, dtype=torch.float32)
-    return model, inputs
-
-
-def injection(seed=0):
-    cas = tiny_ca_modules(PARAMS, dtype=torch.float32, seed=seed)
-    tokens = torch.randn(1, 4, 48, generator=torch.Generator().manual_seed(seed))
-    return cas, PuLIDInjection(cas, [Identity(tokens, 0.8)], PARAMS.depth, PARAMS.depth_single_blocks)
 
 
 def block_sizes(model):
@@ -312,11 +304,6 @@ def test_full_size_resident_choice_keeps_double_blocks_and_spreads_streamed_sing
 # -- ComponentOffload -------------------------------------------------------------------------------
 
 
-def small_component(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
-
-
 def test_component_offload_moves_components_only_while_used():
     a, b = small_component(0), small_component(1)
     x = torch.randn(3, 8)
@@ -532,18 +519,6 @@ def measure_like(name, stage, blocks, uses):
 
 
 # -- the whole pipeline ------------------------------------------------------------------------------
-
-
-def generation_requests():
-    from pulid.request import GenerationRequest
-    from tests.stubs import photo
-
-    small = dict(prompt="a portrait of a woman", width=256, height=256, num_steps=2)
-    # true CFG: two T5 calls and two DiT passes per step; the second request hits the ID cache
-    return [
-        GenerationRequest(**small, seed=7, id_images=[photo(1)], true_cfg=1.5),
-        GenerationRequest(**small, seed=3),
-    ]
 
 
 @pytest.mark.parametrize("which", ["all-streamed", "partly-resident", "smallest", "offload-flag", "resident"])

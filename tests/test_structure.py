@@ -8,6 +8,7 @@
 - the package builds with its entry points and the dependencies of the requirement files.
 """
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 # (spelled in pieces so that this file does not name it itself).
 SHARED = "sha" + "red"
 OUTSIDE_FOLDERS = (f"../{SHARED}", f"/work/{SHARED}", f'parents[2] / "{SHARED}"')
+
+
+def sources(*folders: str) -> list[Path]:
+    return sorted(path for folder in folders for path in (REPO / folder).rglob("*.py"))
 
 
 def test_imports_run_one_way_and_the_library_imports_no_serving_library():
@@ -185,3 +190,16 @@ def test_the_package_builds_with_entry_points_and_the_requirement_files(tmp_path
         name = requirement.split("<")[0].split(">")[0].split("=")[0]
         assert any(line.startswith(f"Requires-Dist: {name}") for line in base), requirement
     assert 'Requires-Dist: optimum-quanto<0.3,>=0.2.7; extra == "fp8"' in metadata
+
+
+def test_no_module_imports_a_test_module():
+    """Fixtures are shared through conftest.py and helpers through plain modules of tests/ (the
+    suite once held together by 38 imports of other test modules, each building its fixtures)."""
+    offenders = []
+    for path in sources("tests", "tests_gpu", "benchmarks", "scripts"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if any(name.split(".")[-1].startswith("test_") for name in names):
+                offenders.append(f"{path.relative_to(REPO)} imports {names}")
+    assert offenders == []

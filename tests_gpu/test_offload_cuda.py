@@ -9,8 +9,7 @@ import torch
 
 from flux.offload import ComponentOffload, StreamedBlocks, measure
 from flux.repeated import block_modules
-from tests.test_flux_model import random_model
-from tests.test_offload import (
+from tests.offload_helpers import (
     NO_RESERVES,
     PARAMS,
     generation_requests,
@@ -19,6 +18,7 @@ from tests.test_offload import (
     tiny_plans,
     tiny_setup,
 )
+from tests.tiny_models import random_model
 
 if not torch.cuda.is_available():
     pytest.skip("these checks need a CUDA device", allow_module_level=True)
@@ -79,7 +79,7 @@ def test_cuda_component_offload_frees_device_memory_after_use():
 def test_cuda_pipeline_placements_all_give_the_resident_images(tmp_path):
     pytest.importorskip("timm")
     from flux.offload import PipelinePlacement
-    from tests.test_pipeline import StubFaceAnalyzer
+    from tests.stubs import StubFaceAnalyzer
     from tiny_random.pipeline import tiny_pipeline
 
     pipe = tiny_pipeline(tmp_path, StubFaceAnalyzer())  # built on the host, run on the GPU
