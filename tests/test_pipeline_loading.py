@@ -50,22 +50,22 @@ def test_present_files_are_not_reported_and_a_missing_explicit_path_is(tmp_path,
     assert "FLUX.1-dev autoencoder" not in message  # ae.safetensors is flux-dev's, not krea's
 
 
-def test_unreachable_hub_is_detected_once_and_quickly(tmp_path, monkeypatch):
-    import time
-
+def test_unreachable_hub_is_detected_once(tmp_path, monkeypatch):
+    """One probe for the whole list of missing files, not one (with retries) per file."""
     import flux.hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     probes = []
     monkeypatch.setattr(flux.hub, "hub_reachable", lambda: probes.append(1) or False)
-    start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError, match="cannot be reached"):
         load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path)
-    assert probes == [1] and time.perf_counter() - start < 10
+    assert probes == [1]
 
 
-def test_the_probe_gives_up_within_its_timeout(monkeypatch):
-    import time
+@pytest.mark.parametrize("answer", ["refused", "silent"])
+def test_the_probe_gives_up_on_a_hub_that_refuses_or_never_answers(monkeypatch, answer):
+    import socket
+    import threading
 
     import flux.hub
 
@@ -73,10 +73,17 @@ def test_the_probe_gives_up_within_its_timeout(monkeypatch):
     monkeypatch.setattr(flux.hub, "_reachable", {})
     from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
-    start = time.perf_counter()
-    assert flux.hub.hub_reachable(timeout=2.0) is False
-    assert time.perf_counter() - start < 3
+    listener = socket.socket()  # accepts connections and never answers: a dropping firewall
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = 9 if answer == "refused" else listener.getsockname()[1]  # 9: the discard port, refused
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    found = []
+    probe = threading.Thread(target=lambda: found.append(flux.hub.hub_reachable(timeout=1.0)), daemon=True)
+    probe.start()
+    probe.join(60)  # a guard against a hang only: the probe's own timeout is 1 s
+    listener.close()
+    assert found == [False]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert flux.hub.hub_reachable() is False
 
