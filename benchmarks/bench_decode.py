@@ -87,7 +87,7 @@ def main() -> None:
     from flux.autoencoder import AutoEncoder
     from flux.registry import flux_ae_params
     from flux.sampling import pack
-    from pulid.pipeline import PuLIDFluxPipeline
+    from pulid.assembly import PipelineModels, assemble_pipeline
     from tests.official_reference import official_autoencoder, official_decode, with_attention
 
     torch.manual_seed(0)
@@ -98,16 +98,7 @@ def main() -> None:
     latents = pack(
         torch.randn(1, 16, args.height // 8, args.width // 8, device=device, generator=generator)
     ).to(torch.bfloat16)
-    pipeline = PuLIDFluxPipeline(
-        dit=None,
-        ae=ae,
-        t5=None,
-        clip=None,
-        pulid_ca=None,
-        id_encoder=None,
-        device=device,
-        dtype=torch.bfloat16,
-    )
+    pipeline = assemble_pipeline(PipelineModels(ae), device, torch.bfloat16)
     reference, previous = official_autoencoder(ae), with_attention(ae, StridedAttnBlock)
     variants = {
         "ours": lambda: pipeline.decode(latents, args.height, args.width),

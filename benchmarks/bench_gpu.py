@@ -81,10 +81,9 @@ def build_stack(device: str, dtype, folder: Path):
     from flux.loading import build_flow_model
     from flux.registry import MODELS
     from flux.text_encoders import CLIP_L_TEXT_CONFIG, CLIP_MAX_LENGTH, T5_XXL_CONFIG, HFEmbedder
+    from pulid.assembly import PipelineModels, assemble_pipeline
     from pulid.encoders import PuLIDWeights
     from pulid.face_analysis import load_face_analyzer
-    from pulid.id_encoder import IDEncoder
-    from pulid.pipeline import PuLIDFluxPipeline
     from tiny_random.models import tiny_clip_tokenizer, tiny_t5_tokenizer
     from tiny_random.pipeline import tiny_face_model_paths
 
@@ -103,18 +102,8 @@ def build_stack(device: str, dtype, folder: Path):
     clip = HFEmbedder(clip_model, tiny_clip_tokenizer(), CLIP_MAX_LENGTH, "pooler_output")
     # facexlib on the GPU as the app puts it; insightface on CPU onnxruntime (no onnxruntime-gpu here)
     face = load_face_analyzer(tiny_face_model_paths(folder / "models"), "cpu", device)
-    id_encoder = IDEncoder(face, eva.eval(), pulid.pulid_encoder.eval(), device, dtype)
-    return PuLIDFluxPipeline(
-        dit=dit.eval(),
-        ae=ae.eval(),
-        t5=t5,
-        clip=clip,
-        pulid_ca=pulid.pulid_ca.eval(),
-        id_encoder=id_encoder,
-        device=device,
-        dtype=dtype,
-        info={"model": "flux-dev (random weights)"},
-    )
+    models = PipelineModels(ae.eval(), dit.eval(), t5, clip, pulid.eval(), eva.eval(), face)
+    return assemble_pipeline(models, device, dtype, info={"model": "flux-dev (random weights)"})
 
 
 def apply_mode(pipeline, mode: str) -> None:

@@ -159,15 +159,13 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
     from eva_clip.model import EvaVisionTower
     from flux.autoencoder import AutoEncoder
     from flux.loading import load_flow_model, open_dit_file, single_file_format
-    from flux.lora import LoRAAdapters
     from flux.offload import MemoryPolicy
     from flux.registry import MODELS
     from flux.text_encoders import load_clip_file, load_t5_file
+    from pulid.assembly import PipelineModels, assemble_pipeline
     from pulid.encoders import PuLIDWeights
     from pulid.face_analysis import load_face_analyzer
-    from pulid.id_encoder import IDEncoder
     from pulid.loading import place_pipeline
-    from pulid.pipeline import PuLIDFluxPipeline
     from pulid.request import GenerationRequest
     from tiny_random.pipeline import tiny_face_model_paths
 
@@ -196,17 +194,8 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
     dit = load_flow_model(dit_file, spec.params, "cpu", dtype, fmt=single_file_format(dit_file, "cuda"))
     load_s = time.perf_counter() - t1
     loaded_rss = rss()
-    pipeline = PuLIDFluxPipeline(
-        dit=dit,
-        ae=ae,
-        t5=t5,
-        clip=clip,
-        pulid_ca=pulid.pulid_ca,
-        id_encoder=IDEncoder(face, eva, pulid.pulid_encoder, "cuda", dtype),
-        device="cuda",
-        dtype=dtype,
-        lora_adapters=LoRAAdapters(dit, "cuda", dtype),
-    )
+    models = PipelineModels(ae, dit, t5, clip, pulid, eva, face)
+    pipeline = assemble_pipeline(models, "cuda", dtype, lora_slots=True)
     if compiled:  # as pulid.loading does: before the placement, after the LoRA slots
         from flux.compile import compile_blocks, compile_repeated_blocks
 

@@ -30,7 +30,6 @@ from flux.hub import (
     missing_report,
 )
 from flux.loading import load_autoencoder, load_flow_model, open_dit_file, single_file_format
-from flux.lora import LoRAAdapters
 from flux.offload import MemoryPlan, MemoryPolicy, PipelinePlacement, measure
 from flux.offload.device_map import DeviceMap, check_device_map
 from flux.registry import get_model_spec
@@ -42,6 +41,7 @@ from flux.text_encoders import (
     load_t5_file,
     open_t5_file,
 )
+from pulid.assembly import PipelineModels, assemble_pipeline
 from pulid.catalogue import (
     DEFAULT_MODEL,
     DEFAULT_VERSION,
@@ -54,8 +54,6 @@ from pulid.catalogue import (
     required_weights,
 )
 from pulid.encoders import load_pulid_weights, num_pulid_ca
-from pulid.id_encoder import IDEncoder
-from pulid.loras import LoRALibrary
 from pulid.pipeline import STAGES, PuLIDFluxPipeline
 from pulid.request import GenerationRequest
 
@@ -209,15 +207,9 @@ def meta_pipeline(
         encoder_file_format(file).prepare(t5, file.header)
         file.close()
     eva = EvaVisionTower(device="meta").to(torch.bfloat16)
-    return PuLIDFluxPipeline(
-        dit=dit,
-        ae=ae,
-        t5=HFEmbedder(t5, None, 512, "last_hidden_state"),
-        clip=HFEmbedder(clip, None, CLIP_MAX_LENGTH, "pooler_output"),
-        pulid_ca=pulid.pulid_ca,
-        id_encoder=IDEncoder(None, eva, pulid.pulid_encoder, "meta", torch.bfloat16),
-        device="meta",
-    )
+    t5 = HFEmbedder(t5, None, 512, "last_hidden_state")
+    clip = HFEmbedder(clip, None, CLIP_MAX_LENGTH, "pooler_output")
+    return assemble_pipeline(PipelineModels(ae, dit, t5, clip, pulid, eva), "meta")
 
 
 def load_pipeline(
@@ -352,8 +344,6 @@ def load_pipeline(
     )
     pulid.pulid_encoder.to(weights_on("id"))  # the IDFormer runs in the ID stage, the CAs while denoising
     eva = load_eva_clip(paths["eva"], weights_on("id"), dtype)
-    id_encoder = IDEncoder(face_analyzer, eva, pulid.pulid_encoder, id_device, dtype)
-    lora_adapters = LoRAAdapters(dit, device, dtype)
     parallel = None
     if sequence_parallel:
         from flux.parallel import SequenceParallelFlux, ShardingError
@@ -362,15 +352,10 @@ def load_pipeline(
             parallel = SequenceParallelFlux(dit)
         except ShardingError as err:
             raise HardwareError(str(err)) from None
-    pipeline = PuLIDFluxPipeline(
-        dit=dit,
-        ae=ae,
-        t5=t5_encoder,
-        clip=clip_encoder,
-        pulid_ca=pulid.pulid_ca,
-        id_encoder=id_encoder,
-        device=device,
-        dtype=dtype,
+    pipeline = assemble_pipeline(
+        PipelineModels(ae, dit, t5_encoder, clip_encoder, pulid, eva, face_analyzer),
+        device,
+        dtype,
         info={
             "model": model_name,
             "pulid_version": version,
@@ -381,10 +366,9 @@ def load_pipeline(
                 if value is not None
             },
         },
-        lora_adapters=lora_adapters,
-        lora_library=LoRALibrary(
-            models_dir / "loras", lora_adapters.targets, models_dir=models_dir, allow_download=allow_download
-        ),
+        lora_folder=models_dir / "loras",
+        models_dir=models_dir,
+        allow_download=allow_download,
         device_map=device_map,
         parallel=parallel,
     )

@@ -13,7 +13,7 @@ import torch
 
 from flux.autoencoder import AutoEncoder
 from flux.sampling import pack
-from pulid.pipeline import PuLIDFluxPipeline
+from pulid.assembly import PipelineModels, assemble_pipeline
 from pulid.request import GenerationRequest, generation_settings
 from tests.official_reference import official_autoencoder, official_decode
 from tiny_random.models import tiny_ae_params  # 8x upsampling, as the real AE
@@ -40,9 +40,7 @@ def test_decoded_image_equals_the_official_bit_for_bit(dtype, side):
     seed = int(torch.randint(0, 2**31 - 1, ()))
     ae = random_ae(seed)
     latents = pack(torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(seed)))
-    pipeline = PuLIDFluxPipeline(
-        dit=None, ae=ae, t5=None, clip=None, pulid_ca=None, id_encoder=None, device="cpu", dtype=dtype
-    )
+    pipeline = assemble_pipeline(PipelineModels(ae), "cpu", dtype)
     ours = np.asarray(pipeline.decode(latents, side, side))
     reference = official_autoencoder(ae)
     official = np.asarray(official_decode(reference, latents, side, side, autocast=dtype == torch.bfloat16))

@@ -13,11 +13,10 @@ import torch
 
 from eva_clip.model import EvaVisionTower
 from flux.autoencoder import AutoEncoder
-from flux.lora import LoRAAdapters
 from flux.model import Flux
+from pulid.assembly import PipelineModels, assemble_pipeline
 from pulid.encoders import PuLIDWeights, num_pulid_ca
-from pulid.id_encoder import FaceAnalyzing, IDEncoder
-from pulid.loras import LoRALibrary
+from pulid.id_encoder import FaceAnalyzing
 from pulid.pipeline import PuLIDFluxPipeline
 from tiny_random.models import tiny_ae_params, tiny_flux_params, tiny_text_encoders
 
@@ -70,21 +69,12 @@ def tiny_pipeline(
     )
     weights = _randomise(weights, seed + 2).to(device, dtype).eval()
     eva = _randomise(EvaVisionTower(**TINY_EVA), seed + 3).to(device, dtype).eval()
-    id_encoder = IDEncoder(face_analyzer, eva, weights.pulid_encoder, device, dtype)
-    adapters = LoRAAdapters(dit, device, dtype)
-    library = LoRALibrary(Path(folder) / "loras", adapters.targets, allow_download=False)
-    return PuLIDFluxPipeline(
-        dit=dit,
-        ae=ae,
-        t5=t5,
-        clip=clip,
-        pulid_ca=weights.pulid_ca,
-        id_encoder=id_encoder,
-        device=device,
-        dtype=dtype,
+    return assemble_pipeline(
+        PipelineModels(ae, dit, t5, clip, weights, eva, face_analyzer),
+        device,
+        dtype,
         info={"model": "tiny-random", "pulid_version": "tiny-random"},
-        lora_adapters=adapters,
-        lora_library=library,
+        lora_folder=Path(folder) / "loras",
     )
 
 
