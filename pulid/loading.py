@@ -16,6 +16,7 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -212,34 +213,52 @@ def meta_pipeline(
     return assemble_pipeline(PipelineModels(ae, dit, t5, clip, pulid, eva), "meta")
 
 
-def load_pipeline(
-    model_name: str = DEFAULT_MODEL,
-    version: str = DEFAULT_VERSION,
-    device: torch.device | str | None = None,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    onnx_provider: str = "auto",
-    pretrained_model: str | os.PathLike | None = None,
-    models_dir: str | os.PathLike | None = None,
-    fp8: str | None = None,
-    compiled: bool = False,
-    memory: MemoryPolicy | None = None,
-    allow_download: bool = True,
-    dit: str | None = None,
-    t5: str | None = None,
-    clip: str | None = None,
-    devices: str | None = None,
-    sequence_parallel: bool = False,
-) -> PuLIDFluxPipeline:
-    """The whole stack on ``device`` (default: the first CUDA GPU, else the CPU), or its stages
-    spread over several devices by ``devices`` (``--devices``, :class:`~flux.offload.DeviceMap`).
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What the real pipeline is built from: the model and PuLID version, where it runs, its
+    precision and memory policy, and its weight files (the official ones or single files). The
+    command line's flags become one of these (:func:`pulid.serve.startup.pipeline_config`)."""
 
-    ``dit``, ``t5``, ``clip``: single files instead of the official ones, as a catalogue name
+    model: str = DEFAULT_MODEL
+    version: str = DEFAULT_VERSION
+    device: torch.device | str | None = None
+    dtype: torch.dtype = torch.bfloat16
+    onnx_provider: str = "auto"
+    pretrained_model: str | os.PathLike | None = None
+    models_dir: str | os.PathLike | None = None
+    fp8: str | None = None
+    compiled: bool = False
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
+    allow_download: bool = True
+    dit: str | None = None
+    t5: str | None = None
+    clip: str | None = None
+    devices: str | None = None
+    sequence_parallel: bool = False
+
+    def conflicts(self) -> list[str]:
+        """The choices that cannot go together, each with what to drop."""
+        found = []
+        if self.sequence_parallel and self.devices is not None:
+            found.append(
+                "--sequence_parallel and --devices both given: each rank holds the whole pipeline on "
+                "its own GPU, drop --devices"
+            )
+        if self.devices is not None and self.device is not None:
+            found.append("--device and --devices both given: --devices places every stage, drop --device")
+        return found
+
+
+def load_pipeline(config: PipelineConfig) -> PuLIDFluxPipeline:
+    """The whole stack on ``config.device`` (default: the first CUDA GPU, else the CPU), or its stages
+    spread over several devices by ``config.devices`` (``--devices``, :class:`~flux.offload.DeviceMap`).
+
+    ``config.dit``, ``.t5``, ``.clip``: single files instead of the official ones, as a catalogue name
     (:data:`pulid.catalogue.DIT_FILES`, ``T5_FILES``, ``CLIP_FILES``) or a path: GGUF files keep
     their quantised layers quantised, fp8 e4m3fn files load into the fp8 layers, bf16/fp16 files
     load as usual (see :mod:`flux.loading` and :mod:`flux.text_encoders`).
 
-    ``fp8``: None (bf16), ``"native"`` (the bf16 checkpoint quantised to fp8 as it is read, computed
+    ``config.fp8``: None (bf16), ``"native"`` (the bf16 checkpoint quantised to fp8 as it is read, computed
     with the GPU's fp8 matrix units; needs Ada/Hopper), ``"quanto"`` (XLabs' fp8 checkpoint through
     optimum-quanto) or ``"auto"`` (native where supported, else quanto). ``compiled``
     compiles the repeated DiT and PuLID blocks with torch.compile.
@@ -251,26 +270,21 @@ def load_pipeline(
     device has its own plan (a budget is per GPU), and a map this machine cannot honour (a missing
     device, a GPU with less free memory than its plan's peak) is refused before anything loads.
 
-    ``sequence_parallel``: this process is one rank of a ``torchrun`` group (already joined, see
+    ``config.sequence_parallel``: this process is one rank of a ``torchrun`` group (already joined, see
     :func:`pulid.serve.ranks.join_torchrun`) that denoises each image together, the DiT's tokens split
     over the ranks (:mod:`flux.parallel`); every rank must then run the same requests.
     """
-    memory = memory or MemoryPolicy()
+    if conflicts := config.conflicts():
+        raise HardwareError("; ".join(conflicts))
+    model_name, version, device, dtype = config.model, config.version, config.device, config.dtype
+    fp8, memory, devices = config.fp8, config.memory, config.devices
+    dit, t5, clip = config.dit, config.t5, config.clip
     spec = get_model_spec(model_name)
-    models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
+    models_dir = Path(config.models_dir) if config.models_dir is not None else default_models_dir()
     files = {"dit": dit, "t5": t5, "clip": clip}
     single = dit is not None or t5 is not None
     device_map = None
-    if sequence_parallel and devices is not None:
-        raise HardwareError(
-            "--sequence_parallel and --devices both given: each rank holds the whole pipeline on its "
-            "own GPU, drop --devices"
-        )
     if devices is not None:
-        if device is not None:
-            raise HardwareError(
-                "--device and --devices both given: --devices places every stage, drop --device"
-            )
         device_map = DeviceMap.parse(devices, STAGES)
         if not single:
             plans = device_plans(device_map, memory, meta_pipeline(model_name, fp8))
@@ -288,8 +302,8 @@ def load_pipeline(
     paths = locate_weights(
         entries,
         models_dir,
-        {"pulid": pretrained_model, **explicit},
-        allow_download=allow_download,
+        {"pulid": config.pretrained_model, **explicit},
+        allow_download=config.allow_download,
         command=download_command(model_name, version, fp8, models_dir, files),
     )
     if memory.placed and single:  # planned from the files' headers, before reading their tensors
@@ -315,7 +329,7 @@ def load_pipeline(
     id_device = device_map.device_of("id")
     face_analyzer = load_face_analyzer(
         {role: paths[role] for role in FACE_MODEL_ROLES},
-        onnx_provider=face_provider(onnx_provider, id_device),
+        onnx_provider=face_provider(config.onnx_provider, id_device),
         device=id_device,
     )
     text_weights = weights_on("text")
@@ -345,7 +359,7 @@ def load_pipeline(
     pulid.pulid_encoder.to(weights_on("id"))  # the IDFormer runs in the ID stage, the CAs while denoising
     eva = load_eva_clip(paths["eva"], weights_on("id"), dtype)
     parallel = None
-    if sequence_parallel:
+    if config.sequence_parallel:
         from flux.parallel import SequenceParallelFlux, ShardingError
 
         try:
@@ -368,11 +382,11 @@ def load_pipeline(
         },
         lora_folder=models_dir / "loras",
         models_dir=models_dir,
-        allow_download=allow_download,
+        allow_download=config.allow_download,
         device_map=device_map,
         parallel=parallel,
     )
-    if compiled:  # after the LoRA slots: torch.compile ignores hooks added after it has traced a block
+    if config.compiled:  # after the LoRA slots: torch.compile ignores hooks added after it has traced a block
         from flux.compile import compile_blocks
 
         compile_blocks(pipeline.compiled_blocks())

@@ -374,10 +374,8 @@ def test_flags_reach_the_loader(monkeypatch):
     from flux.offload import MemoryPolicy
     from pulid.serve.startup import build_pipeline
 
-    seen = {}
-    monkeypatch.setattr(
-        pulid.loading, "load_pipeline", lambda *args, **kwargs: seen.update(args=args, **kwargs)
-    )
+    configs = []
+    monkeypatch.setattr(pulid.loading, "load_pipeline", configs.append)
     build_pipeline(
         gradio_app.parse_args(
             [
@@ -400,12 +398,13 @@ def test_flags_reach_the_loader(monkeypatch):
             ]
         )
     )
-    assert seen["args"] == ("flux-krea-dev", "v0.9.0", "cuda:1")
-    assert seen["fp8"] == "native" and seen["compiled"] is True
-    assert seen["memory"] == MemoryPolicy(vram_budget_gb=12.0)
-    assert seen["onnx_provider"] == "cpu" and seen["pretrained_model"] == "p.safetensors"
+    seen = configs[-1]
+    assert (seen.model, seen.version, seen.device) == ("flux-krea-dev", "v0.9.0", "cuda:1")
+    assert seen.fp8 == "native" and seen.compiled is True
+    assert seen.memory == MemoryPolicy(vram_budget_gb=12.0)
+    assert seen.onnx_provider == "cpu" and seen.pretrained_model == "p.safetensors"
     build_pipeline(gradio_app.parse_args(["--aggressive_offload", "--device", "cuda"]))
-    assert seen["memory"] == MemoryPolicy(offload=True, aggressive=True) and seen["fp8"] is None
+    assert configs[-1].memory == MemoryPolicy(offload=True, aggressive=True) and configs[-1].fp8 is None
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-4", "0", "lots"])

@@ -8,7 +8,7 @@ from flux.devices import HardwareError
 from flux.offload import MemoryPolicy, measure
 from flux.offload.device_map import DeviceMap, check_device_map
 from flux.offload.plan import GiB
-from pulid.loading import device_plans, load_pipeline, meta_pipeline, plan_counts
+from pulid.loading import PipelineConfig, device_plans, load_pipeline, meta_pipeline, plan_counts
 from pulid.pipeline import STAGES
 
 CUDA0, CUDA1 = torch.device("cuda:0"), torch.device("cuda:1")
@@ -101,9 +101,13 @@ def test_a_gpu_with_too_little_free_memory_is_refused_naming_it(full_size, monke
 def test_the_loader_refuses_an_impossible_map_before_looking_for_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HardwareError, match="--devices .*denoise=cuda:0"):
-        load_pipeline("flux-dev", devices="cuda:0,cuda:1", models_dir=tmp_path)  # no weights there either
+        load_pipeline(
+            PipelineConfig("flux-dev", devices="cuda:0,cuda:1", models_dir=tmp_path)
+        )  # no weights there either
     with pytest.raises(HardwareError, match="--device and --devices both given"):
-        load_pipeline("flux-dev", device="cuda:0", devices="cuda:0,cuda:1", models_dir=tmp_path)
+        load_pipeline(
+            PipelineConfig("flux-dev", device="cuda:0", devices="cuda:0,cuda:1", models_dir=tmp_path)
+        )
 
 
 def test_a_pipeline_denoises_on_its_maps_denoising_device(tmp_path):

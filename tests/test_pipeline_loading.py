@@ -9,14 +9,14 @@ from flux.devices import HardwareError, resolve_device
 from flux.hub import WeightsNotFoundError, format_size
 from flux.offload import BudgetError, MemoryPolicy, measure
 from pulid.catalogue import CATALOGUE, FP8_MAP, required_weights
-from pulid.loading import load_pipeline, meta_pipeline, plan_counts, resolve_fp8_mode
+from pulid.loading import PipelineConfig, load_pipeline, meta_pipeline, plan_counts, resolve_fp8_mode
 from pulid.pipeline import STAGES
 
 
 def test_all_missing_files_are_listed_in_one_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError) as err:
-        load_pipeline("flux-dev", "v0.9.0", "cpu", models_dir=tmp_path)
+        load_pipeline(PipelineConfig("flux-dev", "v0.9.0", "cpu", models_dir=tmp_path))
     message = str(err.value)
     needed = required_weights("flux-dev", "v0.9.0")
     assert f"{len(needed)} weight file(s) are missing" in message
@@ -36,15 +36,17 @@ def test_present_files_are_not_reported_and_a_missing_explicit_path_is(tmp_path,
     (tmp_path / "ae.safetensors").write_bytes(b"x")
     with pytest.raises(WeightsNotFoundError) as err:
         load_pipeline(
-            "flux-krea-dev",
-            "v0.9.1",
-            "cpu",
-            models_dir=tmp_path,
-            pretrained_model=tmp_path / "mine.safetensors",
+            PipelineConfig(
+                "flux-krea-dev",
+                "v0.9.1",
+                "cpu",
+                models_dir=tmp_path,
+                pretrained_model=tmp_path / "mine.safetensors",
+            )
         )
     assert "mine.safetensors is not a file" in str(err.value)
     with pytest.raises(WeightsNotFoundError) as err:
-        load_pipeline("flux-krea-dev", "v0.9.1", "cpu", models_dir=tmp_path)
+        load_pipeline(PipelineConfig("flux-krea-dev", "v0.9.1", "cpu", models_dir=tmp_path))
     message = str(err.value)
     assert "flux1-krea-dev.safetensors" in message and "krea-ae.safetensors" in message
     assert "FLUX.1-dev autoencoder" not in message  # ae.safetensors is flux-dev's, not krea's
@@ -58,7 +60,7 @@ def test_unreachable_hub_is_detected_once(tmp_path, monkeypatch):
     probes = []
     monkeypatch.setattr(flux.hub, "hub_reachable", lambda: probes.append(1) or False)
     with pytest.raises(WeightsNotFoundError, match="cannot be reached"):
-        load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path)
+        load_pipeline(PipelineConfig("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path))
     assert probes == [1]
 
 
@@ -111,16 +113,16 @@ def test_flags_this_machine_cannot_honour_stop_the_start(tmp_path):
     else:
         message = "CPU build" if torch.version.cuda is None else "no CUDA GPU"
     with pytest.raises(HardwareError, match=message):
-        load_pipeline(device="cuda", models_dir=tmp_path)
+        load_pipeline(PipelineConfig(device="cuda", models_dir=tmp_path))
     with pytest.raises(HardwareError, match="fp8 matrix units"):
-        load_pipeline(device="cpu", fp8="native", models_dir=tmp_path)
+        load_pipeline(PipelineConfig(device="cpu", fp8="native", models_dir=tmp_path))
     for policy in (
         MemoryPolicy(vram_budget_gb=12),
         MemoryPolicy(offload=True),
         MemoryPolicy(aggressive=True),
     ):
         with pytest.raises(HardwareError, match=re.escape(policy.describe()) + ".* CUDA GPU"):
-            load_pipeline(device="cpu", memory=policy, models_dir=tmp_path)
+            load_pipeline(PipelineConfig(device="cpu", memory=policy, models_dir=tmp_path))
     assert resolve_fp8_mode("auto", torch.device("cpu")) == "quanto"  # no fp8 units: XLabs' file
     with pytest.raises(HardwareError, match="not a device"):
         resolve_device("gpu0")

@@ -288,11 +288,11 @@ SMALL_CARD = {"dit": "flux-dev-Q4_K_S", "t5": "t5xxl-Q5_K_M", "clip": "clip-l"}
 
 def test_single_files_replace_the_official_ones_in_the_missing_report(tmp_path, monkeypatch):
     from flux.hub import WeightsNotFoundError
-    from pulid.loading import load_pipeline
+    from pulid.loading import PipelineConfig, load_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError) as err:
-        load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path, **SMALL_CARD)
+        load_pipeline(PipelineConfig("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path, **SMALL_CARD))
     message = str(err.value)
     for name in ("flux1-dev-Q4_K_S.gguf", "t5-v1_1-xxl-encoder-Q5_K_M.gguf", "clip_l.safetensors"):
         assert str(tmp_path / name) in message
@@ -303,11 +303,13 @@ def test_single_files_replace_the_official_ones_in_the_missing_report(tmp_path, 
 
 def test_a_given_path_is_used_and_a_missing_one_is_named(tmp_path, monkeypatch):
     from flux.hub import WeightsNotFoundError
-    from pulid.loading import load_pipeline
+    from pulid.loading import PipelineConfig, load_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="mine.gguf is not a file"):
-        load_pipeline("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path, dit=str(tmp_path / "mine.gguf"))
+        load_pipeline(
+            PipelineConfig("flux-dev", "v0.9.1", "cpu", models_dir=tmp_path, dit=str(tmp_path / "mine.gguf"))
+        )
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ mismatched weight file, a flag the machine cannot honour, a budget too small) is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -297,19 +298,26 @@ def build_pipeline(args: argparse.Namespace):
         return pipeline.with_options(parallel=SequenceParallelFlux(pipeline.dit))
     from pulid.loading import load_pipeline
 
-    device = args.device
+    config = pipeline_config(args)
     if args.sequence_parallel:
         from pulid.serve.ranks import join_torchrun
 
-        if device is not None:
+        if args.device is not None:
             raise HardwareError(
                 "--sequence_parallel gives each rank its own GPU (cuda:LOCAL_RANK): drop --device"
             )
-        device = join_torchrun().device
-    return load_pipeline(
+        config = dataclasses.replace(config, device=join_torchrun().device)
+    return load_pipeline(config)
+
+
+def pipeline_config(args: argparse.Namespace):
+    """The :class:`~pulid.loading.PipelineConfig` of the model flags."""
+    from pulid.loading import PipelineConfig
+
+    return PipelineConfig(
         args.name,
         args.version,
-        device,
+        args.device,
         fp8=args.fp8_mode if args.fp8 else None,
         compiled=args.compile,
         memory=memory_policy(args),
