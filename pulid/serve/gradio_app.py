@@ -1,13 +1,13 @@
-"""PuLID for FLUX: the Gradio app. Its controls only wire to :class:`~pulid.serve.service.GenerationService`.
+"""PuLID for FLUX: the Gradio app's flags, its start and its serving.
 
 Started by ``app_flux.py`` (the entry point a Space runs) or the ``pulid-flux`` command:
 
 python app_flux.py                        # FLUX.1-dev + PuLID v0.9.1 on CUDA (downloads or models/)
 python app_flux.py --preset tiny-random   # tiny random weights on CPU: noise, but the whole path runs
 
-The controls are made from the declared generation settings (:mod:`pulid.request`). No
-``from __future__ import annotations`` here: gradio finds the ``gr.Request`` parameter of a handler
-by its annotation, which must be the class itself, or every visitor would share one session.
+The page is :mod:`pulid.serve.page`, where each request goes :mod:`pulid.serve.topology`, and
+what a request passes on its way in :mod:`pulid.serve.web_guard`. ``--help`` answers before torch
+or gradio is imported.
 """
 
 import argparse
