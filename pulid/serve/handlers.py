@@ -50,7 +50,6 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
     (each person's region painted in the page, person 1 first) counts as uploaded; a painted and an
     uploaded region for one person, or a region for a row without photos, is refused. Regions count
     with the 'masks' layout only: the page hides them otherwise, so they are left out."""
-
     use_regions = str(values.get("layout") or "").strip().lower() == "masks"
     painted = list(painted or []) + [None] * MAX_PEOPLE
 
@@ -77,7 +76,6 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
 
 def painted_or_uploaded(painted, uploaded, refusal: str):
     """What was painted in the page or else what was uploaded; both is refused with ``refusal``."""
-
     if painted is not None and uploaded is not None:
         raise ServiceError(refusal)
     return painted if painted is not None else uploaded
@@ -86,7 +84,6 @@ def painted_or_uploaded(painted, uploaded, refusal: str):
 def chosen_loras(values: dict) -> list[tuple[str, object]]:
     """Take the LoRA rows out of ``values``: (name, strength) of each row with a LoRA chosen (a
     missing strength is the declared default)."""
-
     chosen = []
     for row in range(1, LORA_ROWS + 1):
         name = values.pop(f"lora_{row}", None)
@@ -185,7 +182,6 @@ def summary(images, cancelled: bool = False, random_models: bool = False) -> str
     """The text beside the results: one line per image, how to read the face similarity (and that
     random models make it meaningless), what "no ID photo" means, and the LoRAs used (how they
     were applied, and any text-encoder layers that were not)."""
-
     lines = [f"- `{image.path.name}`: {caption(image)}" for image in images]
     if any(image.face_similarity is not None for image in images):
         lines.append(
@@ -223,7 +219,6 @@ def details(images) -> list[dict]:
 
 def visitor_of(request, behind_proxy: bool) -> str:
     """Who sent the request (:func:`pulid.serve.web_guard.visitor`): their share of the line counts by it."""
-
     client = getattr(request, "client", None)
     headers = getattr(request, "headers", None) or {}
     forwarded = headers.get("x-forwarded-for")
