@@ -115,25 +115,33 @@ def client(server):
 
 
 @pytest.fixture
-def run_cli(app_pipeline, monkeypatch, capsys):
-    """``generate.py --preset tiny-random FLAGS`` run in this process on the shared tiny pipeline
-    (the preset's models, loaded once): a ``CompletedProcess`` with the exit code and the output.
-    One test starts the real ``generate.py`` (test_app.py); the others need no new process."""
+def cli_in_process(capsys):
+    """``generate.py ARGV`` run in this process: a ``CompletedProcess`` with the exit code and the
+    output, as a new process would give them (an exit message on stderr, status 1)."""
     import subprocess
 
     from pulid.serve import cli
 
-    monkeypatch.setattr(cli, "load_or_exit", lambda args: app_pipeline)
-
-    def run(*flags: str) -> subprocess.CompletedProcess:
+    def run(argv: list[str]) -> subprocess.CompletedProcess:
         capsys.readouterr()
         try:
-            code = cli.main(["--preset", "tiny-random", *flags])
+            code = cli.main(argv)
         except SystemExit as stop:  # the parser's refusals, a start that cannot go on
             code = stop.code
         out, err = capsys.readouterr()
-        if isinstance(code, str):  # as Python prints an exit message: on stderr, status 1
+        if isinstance(code, str):
             code, err = 1, f"{err}{code}\n"
-        return subprocess.CompletedProcess(["generate.py", *flags], code, out, err)
+        return subprocess.CompletedProcess(["generate.py", *argv], code, out, err)
 
     return run
+
+
+@pytest.fixture
+def run_cli(app_pipeline, monkeypatch, cli_in_process):
+    """``generate.py --preset tiny-random FLAGS`` run in this process on the shared tiny pipeline
+    (the preset's models, loaded once). One test starts the real ``generate.py`` (test_app.py);
+    the others need no new process."""
+    from pulid.serve import cli
+
+    monkeypatch.setattr(cli, "load_or_exit", lambda args: app_pipeline)
+    return lambda *flags: cli_in_process(["--preset", "tiny-random", *flags])

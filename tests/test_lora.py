@@ -613,10 +613,9 @@ def test_the_app_service_takes_only_listed_loras(pipeline, tmp_path):
             service.run(request)
 
 
-def test_the_cli_checks_a_lora_against_the_real_dit_before_loading_anything(tmp_path, capsys):
+def test_the_cli_checks_a_lora_against_the_real_dit_before_loading_anything(tmp_path, cli_in_process):
     """A LoRA for another model, or one for FLUX.1-dev, is told apart against the full-size DiT's
     layers built without weights, before the (here missing) weights would load."""
-    import subprocess
 
     sdxl = tmp_path / "sdxl.safetensors"
     save_file({"lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(1.0)}, str(sdxl))
@@ -629,21 +628,11 @@ def test_the_cli_checks_a_lora_against_the_real_dit_before_loading_anything(tmp_
         str(fits),
     )
 
-    def cli(*flags: str) -> subprocess.CompletedProcess:
+    def cli(*flags: str):
         """``generate.py`` in this process, real models asked for, none on this machine."""
-        from pulid.serve import cli as command_line
-
-        capsys.readouterr()
-        try:
-            code = command_line.main(
-                ["--prompt", "x", "--device", "cpu", *flags, "--models_dir", str(tmp_path / "models")]
-            )
-        except SystemExit as stop:
-            code = stop.code
-        out, err = capsys.readouterr()
-        if isinstance(code, str):  # as Python prints an exit message: on stderr, status 1
-            code, err = 1, f"{err}{code}\n"
-        return subprocess.CompletedProcess(flags, code, out, err)
+        return cli_in_process(
+            ["--prompt", "x", "--device", "cpu", *flags, "--models_dir", str(tmp_path / "models")]
+        )
 
     refused = cli("--lora", str(sdxl))
     assert refused.returncode == 2 and "for a Stable Diffusion UNet" in refused.stderr
