@@ -9,6 +9,7 @@ message, one line in the server's log.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import gradio as gr
@@ -138,8 +139,10 @@ class RegionPainting(Painting):
         return painted_regions(layers, MAX_PEOPLE)
 
 
+@functools.cache
 def declared_setting(name: str) -> Setting:
-    """The setting a control checks its value by (the LoRA and person rows' too)."""
+    """The setting a control checks its value by (the LoRA and person rows' too), looked up once
+    per name: every control's check of every request asks."""
     return {s.name: s for s in (*generation_settings(), LORA_STRENGTH, PERSON_WEIGHT)}[name]
 
 
