@@ -38,6 +38,12 @@ def refused(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False, duration=None)  # stays until the visitor closes it
 
 
+def cancelled(message: str) -> gr.Error:
+    """How a request cancelled before any image ends: an API caller gets the error, while the page,
+    whose status line already says "Cancelled", shows no error box for what the visitor chose."""
+    return gr.Error(message, print_exception=False, visible=False)
+
+
 def uploaded(payload) -> None:
     """Refuse, before gradio opens anything, a file input that is not an upload of this app."""
     path = getattr(payload, "path", None)

@@ -28,7 +28,7 @@ from pulid import stages
 from pulid.catalogue import SPEED_LORAS
 from pulid.limits import MAX_PEOPLE
 from pulid.request import LORA_STRENGTH, PERSON_WEIGHT, SIZE_PRESETS, size_for_photo
-from pulid.serve.components import LORA_ROWS, refused
+from pulid.serve.components import LORA_ROWS, cancelled, refused
 from pulid.serve.service import Cancelled, GenerationService, PersonUpload, SavedImage, ServiceError
 from pulid.serve.web_guard import visitor
 from pulid.similarity import NO_ID_PHOTO, SCALE, rounded
@@ -323,7 +323,7 @@ class PageHandlers:
         except Cancelled as err:  # by the visitor's Cancel while its files were checked
             ended[0] = "cancelled while it was checked"
             yield status("**Cancelled.**")
-            raise refused(str(err)) from None
+            raise cancelled(str(err)) from None
         except ServiceError as err:
             ended[0] = f"refused ({str(err)[:120]})"
             yield status("")  # no clock ticking on under the refusal's message
@@ -370,7 +370,7 @@ class PageHandlers:
                 ended[0] = f"cancelled after {len(err.images)} image(s)"
                 if not err.images:  # nothing finished: the API caller gets the error itself
                     yield status("**Cancelled.**")
-                    raise refused(str(err)) from None
+                    raise cancelled(str(err)) from None
                 yield outputs(cancelled=True)
                 return
             except ServiceError as err:
@@ -383,6 +383,9 @@ class PageHandlers:
             job.cancel()  # nothing if it finished; otherwise the visitor cancelled or disconnected
 
     def cancel(self, request: gr.Request):
+        """Stops the session's jobs through the service. Their own events then end and say
+        "Cancelled" last, after the work stopped: had gradio cancelled the event instead, a status
+        line already on its way could land after this answer and stay there, frozen mid-run."""
         session = getattr(request, "session_hash", None)
         if not session or self.service.cancel(session) == 0:
             return "Nothing to cancel: no generation of yours is running or waiting."

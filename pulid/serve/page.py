@@ -173,7 +173,7 @@ def create_demo(args: argparse.Namespace, service):
             concurrency_limit=MAX_QUEUED + 1,
         )
         event.success(page.add_to_history, [latest, history], [history, history_gallery], **private)
-        cancel_button.click(page.cancel, None, info, cancels=[event], api_name="cancel", queue=False)
+        cancel_button.click(page.cancel, None, info, api_name="cancel", queue=False)
         randomize.click(lambda: "-1", None, controls["seed"], **private)
         reuse.click(
             lambda seed, current: current if seed is None else str(seed),
