@@ -490,18 +490,26 @@ def check_choice(model: str, version: str, fp8: str | None) -> None:
         )
 
 
-def check_single_files(model: str, fp8: str | None, files: Mapping[str, str | None]) -> None:
-    """Raise :class:`WeightChoiceError` for single-file choices that cannot go with the other flags."""
+def single_file_conflicts(model: str, fp8: str | None, files: Mapping[str, str | None]) -> list[str]:
+    """The single-file choices that cannot go with the other flags, each with what to do instead."""
+    found = []
     dit = files.get("dit")
     if dit is not None and fp8 is not None:
-        raise WeightChoiceError(
+        found.append(
             "--fp8 quantises the bf16 checkpoint as it loads, --dit chooses a file that is already "
             "quantised: pass one of them."
         )
     if dit in DIT_FILES and model != "flux-dev":
-        raise WeightChoiceError(
+        found.append(
             f"--dit {dit} is a FLUX.1-dev file; with --name {model} give a path to a file of that model."
         )
+    return found
+
+
+def check_single_files(model: str, fp8: str | None, files: Mapping[str, str | None]) -> None:
+    """Raise :class:`WeightChoiceError` for :func:`single_file_conflicts`."""
+    if found := single_file_conflicts(model, fp8, files):
+        raise WeightChoiceError(" ".join(found))
 
 
 def is_path_choice(kind: str, value: str | None) -> bool:

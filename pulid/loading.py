@@ -23,6 +23,7 @@ import torch
 
 from eva_clip.model import load_eva_clip
 from flux.devices import HardwareError, describe, resolve_device
+from flux.errors import UserError
 from flux.hub import (
     WeightsNotFoundError,
     download,
@@ -53,6 +54,7 @@ from pulid.catalogue import (
     default_models_dir,
     is_path_choice,
     required_weights,
+    single_file_conflicts,
 )
 from pulid.encoders import load_pulid_weights, num_pulid_ca
 from pulid.pipeline import STAGES, PuLIDFluxPipeline
@@ -213,6 +215,10 @@ def meta_pipeline(
     return assemble_pipeline(PipelineModels(ae, dit, t5, clip, pulid, eva), "meta")
 
 
+class ConflictingChoicesError(UserError, ValueError):
+    """A :class:`PipelineConfig` whose choices cannot go together; the message says what to drop."""
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """What the real pipeline is built from: the model and PuLID version, where it runs, its
@@ -238,7 +244,9 @@ class PipelineConfig:
 
     def conflicts(self) -> list[str]:
         """The choices that cannot go together, each with what to drop."""
-        found = []
+        found = single_file_conflicts(
+            self.model, self.fp8, {"dit": self.dit, "t5": self.t5, "clip": self.clip}
+        )
         if self.sequence_parallel and self.devices is not None:
             found.append(
                 "--sequence_parallel and --devices both given: each rank holds the whole pipeline on "
@@ -275,7 +283,7 @@ def load_pipeline(config: PipelineConfig) -> PuLIDFluxPipeline:
     over the ranks (:mod:`flux.parallel`); every rank must then run the same requests.
     """
     if conflicts := config.conflicts():
-        raise HardwareError("; ".join(conflicts))
+        raise ConflictingChoicesError("; ".join(conflicts))
     model_name, version, device, dtype = config.model, config.version, config.device, config.dtype
     fp8, memory, devices = config.fp8, config.memory, config.devices
     dit, t5, clip = config.dit, config.t5, config.clip

@@ -8,7 +8,14 @@ from flux.devices import HardwareError
 from flux.offload import MemoryPolicy, measure
 from flux.offload.device_map import DeviceMap, check_device_map
 from flux.offload.plan import GiB
-from pulid.loading import PipelineConfig, device_plans, load_pipeline, meta_pipeline, plan_counts
+from pulid.loading import (
+    ConflictingChoicesError,
+    PipelineConfig,
+    device_plans,
+    load_pipeline,
+    meta_pipeline,
+    plan_counts,
+)
 from pulid.pipeline import STAGES
 
 CUDA0, CUDA1 = torch.device("cuda:0"), torch.device("cuda:1")
@@ -104,7 +111,7 @@ def test_the_loader_refuses_an_impossible_map_before_looking_for_weights(tmp_pat
         load_pipeline(
             PipelineConfig("flux-dev", devices="cuda:0,cuda:1", models_dir=tmp_path)
         )  # no weights there either
-    with pytest.raises(HardwareError, match="--device and --devices both given"):
+    with pytest.raises(ConflictingChoicesError, match="--device and --devices both given"):
         load_pipeline(
             PipelineConfig("flux-dev", device="cuda:0", devices="cuda:0,cuda:1", models_dir=tmp_path)
         )

@@ -129,6 +129,26 @@ def test_flags_this_machine_cannot_honour_stop_the_start(tmp_path):
     assert resolve_device(None) == torch.device("cpu")
 
 
+def test_flags_that_cannot_go_together_are_all_named_before_anything_loads(cli_in_process, monkeypatch):
+    """One function holds the rules between flags; the CLI (and the app, test_replicas.py) stops on
+    every conflict at once, before a model loads or a weight is looked for."""
+    from pulid.serve import cli
+    from pulid.serve.startup import flag_conflicts
+
+    loaded = []
+    monkeypatch.setattr(cli, "load_or_exit", lambda args: loaded.append(args))
+    flags = ["--fp8", "--dit", "flux-dev-Q8_0", "--device", "cuda:0", "--devices", "cuda:0,cuda:1"]
+    flags += ["--sequence_parallel", "--prompt", "a portrait"]
+    done = cli_in_process(flags)
+    said = done.stderr.split("Cannot start:")[-1]
+    assert done.returncode == 1 and not loaded
+    for rule in ("pass one of them", "--device and --devices both given", "each rank holds the whole"):
+        assert rule in said
+    assert "--sequence_parallel gives each rank its own GPU (cuda:LOCAL_RANK): drop --device" in said
+    assert len(flag_conflicts(cli.parse_args(flags))) == said.count("\n- ") == 4
+    assert flag_conflicts(cli.parse_args(["--fp8", "--prompt", "a portrait"])) == []
+
+
 def test_a_budget_that_cannot_be_met_is_known_before_loading():
     sizes = measure(meta_pipeline("flux-dev").components())
     with pytest.raises(BudgetError, match="smallest plan needs"):

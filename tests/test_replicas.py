@@ -1,6 +1,7 @@
 """``--replicas N``: one pipeline per GPU, N jobs at once behind the service's line."""
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,11 +75,13 @@ def test_one_replica_is_the_plain_service(replicas):
 def test_replicas_that_cannot_be_placed_are_refused():
     from pulid.serve.gradio_app import parse_args
     from pulid.serve.startup import build_replicas
+    from pulid.serve.topology import serving_for
 
     with pytest.raises(HardwareError, match="--replicas 2 needs 2 GPUs and this machine has 0"):
         build_replicas(parse_args(["--replicas", "2"]), 2)
-    with pytest.raises(HardwareError, match="drop --device, --devices and --sequence_parallel"):
-        build_replicas(parse_args(["--replicas", "2", "--device", "cuda:1"]), 2)
+    with pytest.raises(SystemExit, match="--replicas puts one whole pipeline on each GPU: drop --device, "):
+        flags = parse_args(["--replicas", "2", "--device", "cuda:1"])
+        serving_for(flags, [], Path("unused.png"), in_space=False)
 
 
 @pytest.mark.parametrize(

@@ -115,12 +115,16 @@ def test_the_duration_grows_with_the_work_and_is_refused_past_the_limit(pipeline
 
 def test_the_flags_a_zero_gpu_space_refuses():
     from pulid.serve.gradio_app import parse_args
+    from pulid.serve.startup import flag_conflicts
 
-    assert zerogpu.check_flags(parse_args([])) == []
-    problems = zerogpu.check_flags(parse_args(["--offload", "--device", "cpu", "--replicas", "2", "--ray"]))
-    assert len(problems) == 4 and any("--ray" in p for p in problems)
-    assert any("--offload" in p and "PULID_FLUX_ARGS" in p for p in problems)
-    assert any("--device cpu" in p for p in problems) and any("--replicas" in p for p in problems)
+    assert flag_conflicts(parse_args([]), on_zero_gpu=True) == []
+    flags = parse_args(["--offload", "--device", "cpu", "--replicas", "2"])
+    problems = flag_conflicts(flags, on_zero_gpu=True)
+    assert flag_conflicts(flags) == problems[:1]
+    assert "--replicas puts one whole pipeline on each GPU" in problems[0]  # a rule off ZeroGPU too
+    assert len(problems) == 4 and any("--offload" in p and "PULID_FLUX_ARGS" in p for p in problems)
+    assert any("--device cpu" in p for p in problems[1:]) and any("--replicas:" in p for p in problems)
+    assert any("--ray:" in p for p in flag_conflicts(parse_args(["--ray"]), on_zero_gpu=True))
 
 
 def test_the_zero_gpu_runner_saves_the_same_images_as_the_local_one(pipeline, tmp_path):
@@ -250,8 +254,9 @@ def test_compile_on_zero_gpu_builds_in_a_gpu_slice_then_loads_in_the_app_process
     after = pipeline.generate(request(num_images=1)).latents
     assert made[1].graphs >= 3 and torch.allclose(after, before, rtol=1e-5, atol=1e-6)
     from pulid.serve.gradio_app import parse_args
+    from pulid.serve.startup import flag_conflicts
 
-    assert zerogpu.check_flags(parse_args(["--compile"])) == []  # --compile means ahead of time there
+    assert flag_conflicts(parse_args(["--compile"]), on_zero_gpu=True) == []  # ahead of time there
 
 
 def test_a_cancelled_generation_that_outlives_its_stream_finishes_before_the_next_starts(monkeypatch):

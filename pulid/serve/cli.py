@@ -33,6 +33,7 @@ from pulid.request import PERSON_WEIGHT
 from pulid.serve.startup import (
     Parser,
     add_model_arguments,
+    exit_on_conflicts,
     load_or_exit,
     lora_folder,
     path_argument,
@@ -212,6 +213,7 @@ def progress_bar(prefix: str):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    exit_on_conflicts(args)
     from flux.lora import LoRAError
     from pulid.images import ImageError
     from pulid.loras import check_fetchable_lora, check_lora_for, locate_lora

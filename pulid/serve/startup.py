@@ -267,8 +267,6 @@ def build_pipeline(args: argparse.Namespace):
     """The pipeline the flags ask for (the tiny-random preset, or the real models)."""
     from transformers.utils import logging as transformers_logging
 
-    from flux.devices import HardwareError
-
     # transformers draws a bar for each model it loads or writes, at every start: noise in a server's
     # console (the download tool keeps the hub's own bars, which matter there)
     transformers_logging.disable_progress_bar()
@@ -299,13 +297,9 @@ def build_pipeline(args: argparse.Namespace):
     from pulid.loading import load_pipeline
 
     config = pipeline_config(args)
-    if args.sequence_parallel:
+    if args.sequence_parallel:  # the device is the rank's (flag_conflicts refuses a --device)
         from pulid.serve.ranks import join_torchrun
 
-        if args.device is not None:
-            raise HardwareError(
-                "--sequence_parallel gives each rank its own GPU (cuda:LOCAL_RANK): drop --device"
-            )
         config = dataclasses.replace(config, device=join_torchrun().device)
     return load_pipeline(config)
 
@@ -332,15 +326,55 @@ def pipeline_config(args: argparse.Namespace):
     )
 
 
-def check_whole_pipeline_per_gpu(args: argparse.Namespace, flag: str) -> None:
-    """``flag`` (``--replicas``, ``--ray``) gives each GPU a whole pipeline of its own: refuse the
-    flags that place one pipeline's models instead."""
-    from flux.devices import HardwareError
-
-    if args.device is not None or args.devices is not None or args.sequence_parallel:
-        raise HardwareError(
+def flag_conflicts(args: argparse.Namespace, on_zero_gpu: bool = False) -> list[str]:
+    """Every rule between the start's flags, in one place: what cannot go together, each with what
+    to drop (empty: nothing). The pipeline's own rules (:meth:`~pulid.loading.PipelineConfig.conflicts`:
+    devices, single files) come first, then those of the serving topology, then, in a ZeroGPU
+    Space, those of a GPU lent per call. Rules that need the machine (fp8 matrix units, a CUDA
+    device for a memory budget, enough GPUs) are checked when the pipeline loads."""
+    found = [] if args.preset is not None else pipeline_config(args).conflicts()
+    if args.sequence_parallel and args.device is not None:
+        found.append("--sequence_parallel gives each rank its own GPU (cuda:LOCAL_RANK): drop --device")
+    replicas, ray = getattr(args, "replicas", 1), getattr(args, "ray", False)
+    placed = args.device is not None or args.devices is not None or args.sequence_parallel
+    if (replicas > 1 or ray) and placed:
+        flag = "--ray" if ray else "--replicas"
+        found.append(
             f"{flag} puts one whole pipeline on each GPU: drop --device, --devices and --sequence_parallel"
         )
+    if on_zero_gpu:
+        found += zero_gpu_conflicts(args, replicas, ray)
+    return found
+
+
+def zero_gpu_conflicts(args: argparse.Namespace, replicas: int, ray: bool) -> list[str]:
+    """The flags a ZeroGPU Space refuses. The models must be placed on the one GPU at start-up:
+    ``spaces`` moves all of them into each worker, so memory modes would only slow every call down."""
+    found = []
+    if args.offload or args.aggressive_offload or args.vram_budget is not None:
+        found.append(
+            "--offload, --aggressive_offload and --vram_budget do nothing useful on ZeroGPU, whose "
+            "slice (about 70 GB) holds the whole app: remove them from PULID_FLUX_ARGS."
+        )
+    if args.device not in (None, "cuda", "cuda:0") or args.devices is not None:
+        given = f"--devices {args.devices}" if args.devices is not None else f"--device {args.device}"
+        found.append(f"{given}: a ZeroGPU Space has one GPU, cuda: remove it.")
+    if ray:
+        found.append("--ray: a ZeroGPU Space schedules its own GPU slices; remove it.")
+    if replicas > 1:
+        found.append("--replicas: ZeroGPU gives each call its own GPU slice already; remove it.")
+    if args.sequence_parallel:
+        found.append("--sequence_parallel needs several GPUs under torchrun: remove it on ZeroGPU.")
+    if args.preset is not None:
+        found.append(f"--preset {args.preset} runs on the CPU: remove it on a ZeroGPU Space.")
+    return found
+
+
+def exit_on_conflicts(args: argparse.Namespace, on_zero_gpu: bool = False) -> None:
+    """Stop the start, before anything loads, with every :func:`flag_conflicts` found."""
+    if problems := flag_conflicts(args, on_zero_gpu):
+        where = " on ZeroGPU" if on_zero_gpu else ""
+        raise SystemExit(f"\nCannot start{where}:\n- " + "\n- ".join(problems) + "\n")
 
 
 def build_replicas(args: argparse.Namespace, count: int) -> list:
@@ -352,7 +386,6 @@ def build_replicas(args: argparse.Namespace, count: int) -> list:
         raise HardwareError(f"--replicas {count}: give at least one")
     if count == 1:
         return [build_pipeline(args)]
-    check_whole_pipeline_per_gpu(args, "--replicas")
     if args.preset is None:
         import torch
 

@@ -30,24 +30,18 @@ class Serving:
 def serving_for(args: argparse.Namespace, argv: list[str], example_photo: Path, in_space: bool) -> Serving:
     """Load or reach the pipelines the flags ask for, and the runner that drives them. A start
     that cannot go on raises SystemExit with the reason (nothing is loaded before the checks)."""
-    from flux.devices import HardwareError
-    from pulid.serve.startup import check_whole_pipeline_per_gpu, load_or_exit
-    from pulid.serve.zerogpu import ON_ZERO_GPU, ZeroGPURunner, check_flags
+    from pulid.serve.startup import exit_on_conflicts, load_or_exit
+    from pulid.serve.zerogpu import ON_ZERO_GPU, ZeroGPURunner
 
+    exit_on_conflicts(args, ON_ZERO_GPU)
     ahead_of_time = False
     if ON_ZERO_GPU:
-        if problems := check_flags(args):
-            raise SystemExit("\nCannot start on ZeroGPU:\n- " + "\n- ".join(problems) + "\n")
         args.onnx_provider = "cpu"  # the app process has no GPU; the face stage is small (BENCHMARKS.md)
         ahead_of_time, args.compile = args.compile, False  # compiled ahead of time below, not at load
     if args.ray:  # the pipelines live in Ray Serve replicas; this process serves the page
         from pulid.serve.ray_serve import RayRunner, start
         from pulid.serve.web_guard import allowed_hosts
 
-        try:
-            check_whole_pipeline_per_gpu(args, "--ray")
-        except HardwareError as err:
-            raise SystemExit(f"\nCannot start: {err}\n") from None
         handle = start(
             argv,
             args.replicas,

@@ -25,7 +25,6 @@ in the calling process: the same code, the same images.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import tempfile
@@ -147,30 +146,6 @@ def prepare_ahead_of_time(
     logger.info("the packages' one-time set-up took %.1f s here, for every worker", backend.prepare())
     compile_ahead(pipeline.compiled_blocks(), backend)
     return backend
-
-
-def check_flags(args: argparse.Namespace) -> list[str]:
-    """What is wrong with the app's flags for a ZeroGPU Space, each with what to do instead
-    (empty: nothing). The models must be placed on the one GPU at start-up: ``spaces`` moves all of
-    them into each worker, so memory modes would only slow every call down."""
-    problems = []
-    if args.offload or args.aggressive_offload or args.vram_budget is not None:
-        problems.append(
-            "--offload, --aggressive_offload and --vram_budget do nothing useful on ZeroGPU, whose "
-            "slice (about 70 GB) holds the whole app: remove them from PULID_FLUX_ARGS."
-        )
-    if args.device not in (None, "cuda", "cuda:0") or args.devices is not None:
-        given = f"--devices {args.devices}" if args.devices is not None else f"--device {args.device}"
-        problems.append(f"{given}: a ZeroGPU Space has one GPU, cuda: remove it.")
-    if getattr(args, "ray", False):
-        problems.append("--ray: a ZeroGPU Space schedules its own GPU slices; remove it.")
-    if getattr(args, "replicas", 1) > 1:
-        problems.append("--replicas: ZeroGPU gives each call its own GPU slice already; remove it.")
-    if args.sequence_parallel:
-        problems.append("--sequence_parallel needs several GPUs under torchrun: remove it on ZeroGPU.")
-    if args.preset is not None:
-        problems.append(f"--preset {args.preset} runs on the CPU: remove it on a ZeroGPU Space.")
-    return problems
 
 
 class ZeroGPURunner(Runner):
