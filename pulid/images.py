@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,45 @@ def load_mask_image(path: str | os.PathLike) -> np.ndarray:
             if alpha.min() < 255:
                 return alpha.copy()
         return rgb8(image).max(axis=2)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image that a request names by its file. :meth:`check` reads its header only (a regular
+    file, within the size and pixel limits); the pixels are read when the request is decoded (a
+    service does that at the job's turn, so a request waiting in line holds no decoded photo).
+    Whether the file may be read at all (an upload of this app, a path a local user gave) is the
+    front door's decision (:mod:`pulid.serve.uploads`)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def check(self) -> None:
+        """Refuse, from the header, a file that cannot be a photo here (:class:`ImageError`)."""
+        check_header(check_file(self.path), f"the image {self.path.name}")
+
+    def photo(self) -> np.ndarray:
+        """The file as an RGB photo (:func:`load_image`)."""
+        return load_image(self.path)
+
+    def mask(self) -> np.ndarray:
+        """The file as a mask or region (:func:`load_mask_image`)."""
+        return load_mask_image(self.path)
+
+
+ImageSource = np.ndarray | ImageFile  # what a request's photo, mask or region may be
+
+
+def photo_pixels(source: ImageSource) -> np.ndarray:
+    """A photo's pixels: an array as it is, a file decoded as a photo."""
+    return source.photo() if isinstance(source, ImageFile) else source
+
+
+def mask_pixels(source: ImageSource) -> np.ndarray:
+    """A mask's or region's pixels: an array as it is, a file decoded as a mask."""
+    return source.mask() if isinstance(source, ImageFile) else source
 
 
 def load_image_bytes(data: bytes, name: str) -> np.ndarray:

@@ -437,7 +437,7 @@ class PuLIDFluxPipeline:
         if self.parallel is not None:  # a cancel at any of these points stops every rank there
             stage = on_stage = _agreed(self.parallel, on_stage)
             on_image = _agreed(self.parallel, on_image)
-        request = request.checked()
+        request = request.checked().decoded()  # files named by the request are read now
         self.check_sharding(request)
         timings: dict[str, float] = {}
         start = time.perf_counter()

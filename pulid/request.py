@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from flux.conventions import T5_MAX_LENGTHS, TOKEN_PIXELS, uses_true_cfg
-from pulid.images import at_first_size
+from pulid.images import ImageError, ImageFile, ImageSource, at_first_size, mask_pixels, photo_pixels
 from pulid.limits import (
     MAX_EXTRA_PHOTOS,
     MAX_IMAGES_PER_REQUEST,
@@ -86,6 +86,8 @@ LORA_STRENGTH = Setting(
     name="lora_strength",
 )
 MAX_LORA_SOURCE_CHARS = 500
+# The fields that hold a request's images (arrays or files): the rest are its settings and LoRAs.
+IMAGE_FIELDS = ("id_images", "init_image", "mask", "more_people", "id_region")
 
 __all__ = [
     "GenerationRequest",
@@ -108,13 +110,13 @@ class LoRAChoice:
 
 @dataclass(frozen=True)
 class Person:
-    """Another person in the image: photos of their face (RGB uint8, averaged into one identity as
-    the ID photos are), their ID weight, and their region (a mask, white where they stand) for the
-    'masks' layout."""
+    """Another person in the image: photos of their face (RGB uint8 or image files, averaged into
+    one identity as the ID photos are), their ID weight, and their region (a mask, white where they
+    stand) for the 'masks' layout."""
 
-    photos: tuple[np.ndarray, ...]
+    photos: tuple[ImageSource, ...]
     weight: float = 1.0
-    region: np.ndarray | None = None
+    region: ImageSource | None = None
 
 
 @dataclass
@@ -130,7 +132,8 @@ class GenerationRequest:
         widget="textbox",
         help="What the image shows; the person is the one in the ID photos.",
     )
-    id_images: list[np.ndarray] = field(default_factory=list)
+    # The person's photos: RGB uint8 arrays or image files (read when the request is decoded).
+    id_images: list[ImageSource] = field(default_factory=list)
     # LoRAs for the DiT, each with its strength (:mod:`pulid.loras`); applied for this request only.
     loras: tuple[LoRAChoice, ...] = ()
     id_weight: float = setting(
@@ -288,14 +291,14 @@ class GenerationRequest:
         group="people",
         help=LAYOUT_HELP,
     )
-    # A photo to start from (RGB uint8): image to image (see :meth:`PuLIDFluxPipeline.generate`).
-    init_image: np.ndarray | None = None
+    # A photo to start from (RGB uint8 or a file): image to image (see :meth:`PuLIDFluxPipeline.generate`).
+    init_image: ImageSource | None = None
     # With a photo to start from: where to repaint (see :func:`mask_values`); the rest is kept.
-    mask: np.ndarray | None = None
+    mask: ImageSource | None = None
     # Several people: the others besides the one in ``id_images`` (see :mod:`pulid.regions`), and,
     # with the 'masks' layout, the first person's region.
     more_people: tuple[Person, ...] = ()
-    id_region: np.ndarray | None = None
+    id_region: ImageSource | None = None
 
     @classmethod
     def from_values(
@@ -308,16 +311,19 @@ class GenerationRequest:
         id_region: Any = None,
         **values: Any,
     ) -> GenerationRequest:
-        """A request from raw values (strings, JSON numbers): each coerced and checked."""
-        return cls(
-            id_images=list(id_images or []),
-            loras=checked_loras(loras),
-            init_image=checked_init_image(init_image),
-            mask=checked_mask(mask),
-            more_people=checked_people(more_people),
-            id_region=checked_region(id_region, "Person 1"),
+        """The request every front door builds (the page, the CLI, the HTTP API, Python): raw setting
+        values (strings, JSON numbers) and its images (arrays or :class:`~pulid.images.ImageFile`),
+        validated once by :meth:`checked`."""
+        raw = cls(
+            id_images=id_images if id_images is not None else [],
+            loras=loras,
+            init_image=init_image,
+            mask=mask,
+            more_people=more_people if more_people is not None else (),
+            id_region=id_region,
             **coerce_all(generation_settings(), values),
         )
+        return raw.checked()
 
     @property
     def image_tokens(self) -> int:
@@ -328,29 +334,20 @@ class GenerationRequest:
     def uses_true_cfg(self) -> bool:
         return uses_true_cfg(self.true_cfg)
 
-    def checked(
-        self,
-        photo_to_come: bool = False,
-        mask_to_come: bool = False,
-        people_to_come: PeopleToCome | None = None,
-    ) -> GenerationRequest:
-        """This request with every setting coerced to its type, or :class:`InvalidRequestError`
-        naming every setting that is not allowed. The request itself is not changed.
-
-        ``photo_to_come`` / ``mask_to_come``: a photo to start from or a mask will be attached later
-        (a service reads uploads at the job's turn), so :func:`check_edit` counts them as given;
-        ``people_to_come`` likewise describes the people whose photos and regions will be attached.
-        """
+    def checked(self) -> GenerationRequest:
+        """This request with every setting coerced to its type and every image checked, or
+        :class:`InvalidRequestError` naming what is not allowed. The request itself is not changed.
+        Image files are checked from their headers only: their pixels are read by :meth:`decoded`."""
         values = coerce_all(
             generation_settings(), {s.name: getattr(self, s.name) for s in generation_settings()}
         )
         if not isinstance(self.id_images, (list, tuple)) or any(
-            not isinstance(image, np.ndarray) for image in self.id_images
+            not isinstance(image, (np.ndarray, ImageFile)) for image in self.id_images
         ):
-            raise InvalidRequestError("The ID photos must be a list of images (numpy arrays).")
+            raise InvalidRequestError("The ID photos must be a list of images (numpy arrays or image files).")
         check_person_photo_count(1, len(self.id_images))
         checked = GenerationRequest(
-            id_images=list(self.id_images),
+            id_images=[checked_id_photo(photo) for photo in self.id_images],
             loras=checked_loras(self.loras),
             init_image=checked_init_image(self.init_image),
             mask=checked_mask(self.mask),
@@ -358,17 +355,48 @@ class GenerationRequest:
             id_region=checked_region(self.id_region, "Person 1"),
             **values,
         )
-        has_photo, has_mask = (
-            self.init_image is not None or photo_to_come,
-            self.mask is not None or mask_to_come,
-        )
-        check_edit(values["repaint"], has_photo, has_mask)
-        check_people(values["layout"], checked.people_given() if people_to_come is None else people_to_come)
+        check_edit(values["repaint"], checked.init_image is not None, checked.mask is not None)
+        check_people(values["layout"], checked.people_given())
         return checked
 
-    def people_given(self) -> PeopleToCome:
+    def decoded(self) -> GenerationRequest:
+        """This request with every image file read into pixels and checked as pixels (a mask that
+        paints nothing is known only now): what the pipeline generates from. A request without
+        files is returned as it is."""
+        if not self.image_files():
+            return self
+        try:
+            return dataclasses.replace(
+                self,
+                id_images=[photo_pixels(photo) for photo in self.id_images],
+                init_image=checked_init_image(_pixels(self.init_image, photo_pixels)),
+                mask=checked_mask(_pixels(self.mask, mask_pixels)),
+                more_people=checked_people(
+                    tuple(
+                        Person(
+                            tuple(photo_pixels(photo) for photo in person.photos),
+                            person.weight,
+                            _pixels(person.region, mask_pixels),
+                        )
+                        for person in self.more_people
+                    )
+                ),
+                id_region=checked_region(_pixels(self.id_region, mask_pixels), "Person 1"),
+            )
+        except ImageError as err:
+            raise InvalidRequestError(str(err)) from None
+
+    def image_files(self) -> list[ImageFile]:
+        """Every image this request names by its file, photos first: what a front door checks the
+        origin of before anything reads them."""
+        sources = [*self.id_images, self.init_image, self.mask, self.id_region]
+        for person in self.more_people:
+            sources += [*person.photos, person.region]
+        return [source for source in sources if isinstance(source, ImageFile)]
+
+    def people_given(self) -> PeopleGiven:
         """What :func:`check_people` needs to know of this request's people."""
-        return PeopleToCome(
+        return PeopleGiven(
             first_has_photos=bool(self.id_images),
             first_has_region=self.id_region is not None,
             more=tuple((bool(p.photos), p.region is not None) for p in self.more_people),
@@ -426,10 +454,32 @@ def size_for_photo(photo_width: int, photo_height: int, pixels: int) -> tuple[in
     return tuple(int(min(high, max(low, step * round(side / step)))) for side in (width, height))
 
 
-def checked_init_image(image: Any) -> np.ndarray | None:
-    """``image`` if it is None or an RGB image (H, W, 3) of uint8, else :class:`InvalidRequestError`."""
+def _pixels(source: ImageSource | None, decode) -> np.ndarray | None:
+    return None if source is None else decode(source)
+
+
+def checked_file(image: ImageFile) -> ImageFile:
+    """An image file whose header is readable and within the limits (:class:`InvalidRequestError`)."""
+    try:
+        image.check()
+    except ImageError as err:
+        raise InvalidRequestError(str(err)) from None
+    return image
+
+
+def checked_id_photo(photo: ImageSource) -> ImageSource:
+    """An ID photo: a file with a readable header, or an array (its shape is the face analyser's to
+    judge, which says "no face" for an image without one)."""
+    return checked_file(photo) if isinstance(photo, ImageFile) else photo
+
+
+def checked_init_image(image: Any) -> ImageSource | None:
+    """``image`` if it is None, a readable image file or an RGB image (H, W, 3) of uint8, else
+    :class:`InvalidRequestError`."""
     if image is None:
         return None
+    if isinstance(image, ImageFile):
+        return checked_file(image)
     if checked_photo(image) is None:
         raise InvalidRequestError(
             "The photo to start from must be an image (an RGB array of height x width x 3 bytes)."
@@ -457,11 +507,14 @@ def painted_mask(layers: list[np.ndarray]) -> np.ndarray | None:
     return union if (union >= 128).any() else None
 
 
-def checked_mask(mask: Any) -> np.ndarray | None:
-    """``mask`` if it is None or an image (H, W), (H, W, 1/3/4) of uint8 or bool that repaints
-    something; else :class:`InvalidRequestError` saying what to do."""
+def checked_mask(mask: Any) -> ImageSource | None:
+    """``mask`` if it is None, a readable image file (whether it paints something is known once it
+    is read), or an image (H, W), (H, W, 1/3/4) of uint8 or bool that repaints something; else
+    :class:`InvalidRequestError` saying what to do."""
     if mask is None:
         return None
+    if isinstance(mask, ImageFile):
+        return checked_file(mask)
     shaped = isinstance(mask, np.ndarray) and (
         mask.ndim == 2 or (mask.ndim == 3 and mask.shape[2] in (1, 3, 4))
     )
@@ -492,7 +545,7 @@ def check_edit(repaint: str, has_photo: bool, has_mask: bool) -> None:
 
 
 @dataclass(frozen=True)
-class PeopleToCome:
+class PeopleGiven:
     """Who is in a request, for :func:`check_people`: whether the first person has photos and a
     region, and (has photos, has a region) for each other person."""
 
@@ -501,7 +554,7 @@ class PeopleToCome:
     more: tuple[tuple[bool, bool], ...] = ()
 
 
-def check_people(layout: str, people: PeopleToCome) -> None:
+def check_people(layout: str, people: PeopleGiven) -> None:
     """The people and their regions agree with the layout; :class:`InvalidRequestError` otherwise."""
     if not people.more and not people.first_has_region:
         return  # one person (or nobody): the whole image, as ever
@@ -547,10 +600,11 @@ def check_person_photo_count(number: int, count: int) -> None:
     )
 
 
-def checked_region(region: Any, who: str) -> np.ndarray | None:
-    """A person's region: None, or an image (as :func:`checked_mask` takes) that paints something."""
-    if region is None:
-        return None
+def checked_region(region: Any, who: str) -> ImageSource | None:
+    """A person's region: None, a readable image file, or an image (as :func:`checked_mask` takes)
+    that paints something."""
+    if region is None or isinstance(region, ImageFile):
+        return None if region is None else checked_file(region)
     try:
         return checked_mask(region)
     except InvalidRequestError:
@@ -562,7 +616,7 @@ def checked_region(region: Any, who: str) -> np.ndarray | None:
 
 def checked_people(people: Any) -> tuple[Person, ...]:
     """The other people: each a :class:`Person` (or a (photos, weight[, region]) tuple) with RGB
-    photos, a weight in the ID weight's range and a region that paints something."""
+    photos or image files, a weight in the ID weight's range and a region that paints something."""
     if people is None:
         return ()
     if not isinstance(people, (list, tuple)):
@@ -576,11 +630,19 @@ def checked_people(people: Any) -> tuple[Person, ...]:
             photos, weight, region = (*item, None)[:3]
         else:
             raise InvalidRequestError(f"Person {number} must be given as (photos, weight, region).")
-        if not isinstance(photos, (list, tuple)) or any(checked_photo(p) is None for p in photos):
-            raise InvalidRequestError(f"Person {number}'s photos must be a list of RGB images.")
+        if not isinstance(photos, (list, tuple)) or any(
+            not isinstance(p, ImageFile) and checked_photo(p) is None for p in photos
+        ):
+            raise InvalidRequestError(
+                f"Person {number}'s photos must be a list of RGB images or image files."
+            )
         check_person_photo_count(number, len(photos))
         out.append(
-            Person(tuple(photos), PERSON_WEIGHT.coerce(weight), checked_region(region, f"Person {number}"))
+            Person(
+                tuple(checked_id_photo(photo) for photo in photos),
+                PERSON_WEIGHT.coerce(weight),
+                checked_region(region, f"Person {number}"),
+            )
         )
     return tuple(out)
 

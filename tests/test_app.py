@@ -552,13 +552,11 @@ def test_the_api_and_the_cli_put_two_people_in_one_image(client, tmp_path, capsy
     assert proc.returncode == 0, proc.stderr[-2000:]
     (image,) = masked.glob("*.png")
     assert [p["region"][:7] for p in read_image_metadata(image)["people"]] == ["sha256:", "sha256:"]
-    from pulid.serve import cli  # refusals come before any model loads: in this process
-
-    too_many = ["--person", str(friend)] * 4
-    assert cli.main([*flags, "--id_image", str(PHOTO), *too_many, "--out", str(out)]) == 2
-    assert "5 people were given; at most 4" in capsys.readouterr().err
-    assert cli.main([*flags, *pair, "--layout", "masks", "--out", str(out)]) == 2
-    assert "Person 1 has no region" in capsys.readouterr().err
+    too_many = ["--person", str(friend)] * 4  # refused with the flags, before any model loads
+    refused = run_cli(*flags, "--id_image", str(PHOTO), *too_many, "--out", str(out))
+    assert refused.returncode == 2 and "5 people were given; at most 4" in refused.stderr
+    refused = run_cli(*flags, *pair, "--layout", "masks", "--out", str(out))
+    assert refused.returncode == 2 and "Person 1 has no region" in refused.stderr
 
 
 def test_a_mask_painted_in_the_page_is_the_same_mask_as_uploaded(client, tmp_path):

@@ -152,8 +152,20 @@ def test_the_services_own_guard_reads_only_from_the_upload_folder(tmp_path):
         with pytest.raises(UploadError, match="was not uploaded to this app"):
             check_upload(path, [uploads])
     service = GenerationService(pipeline=None, output_dir=tmp_path / "out", upload_roots=[uploads])
-    with pytest.raises(ServiceError, match="was not uploaded to this app"):
-        service.build_request(None, [str(PHOTO)], prompt="a")
+    import os
+
+    from pulid.images import ImageFile
+    from pulid.request import GenerationRequest, Person
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # opening it would block the worker: the origin is checked before any open
+    for sent in (
+        GenerationRequest(prompt="a", id_images=[ImageFile(PHOTO)]),
+        GenerationRequest(prompt="a", id_images=[ImageFile(uploads / "face.png")], mask=ImageFile(fifo)),
+        GenerationRequest(prompt="a", more_people=(Person((ImageFile("/etc/passwd"),)),)),
+    ):
+        with pytest.raises(ServiceError, match="was not uploaded to this app"):
+            service.run(sent)
     (uploads / "face.png").unlink()  # the app deletes uploads after an hour; the page may be older
     with pytest.raises(UploadError, match="face.png is no longer on the server: upload it again"):
         check_upload(uploads / "face.png", [uploads])

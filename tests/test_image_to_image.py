@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flux.sampling import get_noise, get_schedule, image_ids, image_to_image_start, noised, pack
+from pulid.images import ImageFile
 from pulid.pipeline import fit_image
 from pulid.request import GenerationRequest, InvalidRequestError
 from tests.numerics import fresh_seed, rel_err
@@ -140,7 +141,7 @@ def test_an_uploaded_photo_to_start_from_gives_the_array_result(uploading_servic
     path = uploads / "start.png"
     Image.fromarray(image).save(path)
     settings = {"prompt": "a portrait of a woman", "width": 320, "height": 256, "num_steps": 3, "seed": 7}
-    result = svc.run(GenerationRequest.from_values(strength="0.5", **settings), init_image=str(path))
+    result = svc.run(GenerationRequest.from_values(strength="0.5", init_image=ImageFile(path), **settings))
     direct = pipeline.generate(request(init_image=image, strength=0.5))
     assert np.array_equal(np.asarray(Image.open(result.path).convert("RGB")), np.asarray(direct.image))
     stored = read_image_metadata(result.path)
@@ -155,12 +156,14 @@ def test_a_photo_to_start_from_that_was_not_uploaded_is_refused(uploading_servic
     from PIL import Image
 
     Image.fromarray(init_photo(7)).save(elsewhere)
-    with pytest.raises(ServiceError, match="upload"):
-        svc.run(GenerationRequest.from_values(prompt="a portrait"), init_image=str(elsewhere))
+    with pytest.raises(ServiceError, match="upload"):  # refused before the file is opened
+        svc.run(GenerationRequest(prompt="a portrait", init_image=ImageFile(elsewhere)))
     broken = uploading_service[1] / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(ServiceError, match="broken.png"):
-        svc.run(GenerationRequest.from_values(prompt="a portrait"), init_image=str(broken))
+        svc.run(GenerationRequest(prompt="a portrait", init_image=ImageFile(broken)))
+    with pytest.raises(InvalidRequestError, match="broken.png"):  # a front door's own check
+        GenerationRequest.from_values(prompt="a portrait", init_image=ImageFile(broken))
 
 
 @pytest.mark.parametrize("which", ["all-streamed", "smallest"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flux.sampling import Inpainting, get_noise, get_schedule, image_to_image_start, pack
+from pulid.images import ImageFile
 from pulid.pipeline import fit_image, latent_mask
 from pulid.request import GenerationRequest, InvalidRequestError
 from tests.numerics import fresh_seed, rel_err
@@ -162,7 +163,7 @@ def test_the_service_repaints_the_face_of_an_uploaded_photo(uploading_service, p
     path = uploads / "face-start.png"
     Image.fromarray(init_photo(14)).save(path)
     settings = {"prompt": "a portrait of a woman", "width": W, "height": H, "num_steps": 2, "seed": 7}
-    result = svc.run(GenerationRequest.from_values(repaint="face", **settings), init_image=str(path))
+    result = svc.run(GenerationRequest.from_values(repaint="face", init_image=ImageFile(path), **settings))
     assert read_image_metadata(result.path)["repaint"] == "face"
 
 

@@ -6,6 +6,7 @@ import torch
 
 from pulid.images import ImageError
 from pulid.outputs import read_image_metadata
+from pulid.request import GenerationRequest, InvalidRequestError
 from pulid.serve.service import FAILED_MESSAGE, OOM_MESSAGE, GenerationService, ServiceError
 from pulid.serve.uploads import load_upload
 from tests.stubs import StubFaceAnalyzer, photo
@@ -32,7 +33,7 @@ def request(service, **kw):
         max_sequence_length=128,
     )
     values.update(kw)
-    return service.build_request(photo(1), None, prompt="a photo of a woman", **values)
+    return GenerationRequest.from_values(id_images=[photo(1)], prompt="a photo of a woman", **values)
 
 
 def test_result_is_a_png_with_the_settings(service):
@@ -112,16 +113,21 @@ def test_seed_parsing(service, value, expected):
     "value", ["abc", "1.5.2", "0x12", "1e400", "1.5", 1.5, float("inf"), None, True, 2**64, "1e3", "1_000"]
 )
 def test_bad_seed_is_a_clear_error(service, value):
-    with pytest.raises(ServiceError, match=r"Seed \(-1 for random\) must be a whole number from -1 to"):
+    with pytest.raises(
+        InvalidRequestError, match=r"Seed \(-1 for random\) must be a whole number from -1 to"
+    ):
         request(service, seed=value)
 
 
 def test_invalid_settings_become_messages(service):
+    """A request built in Python without from_values is checked by the service all the same."""
     with pytest.raises(ServiceError, match="Number of steps"):
-        service.run(request(service, num_steps=0))
-    with pytest.raises(ServiceError, match=r"Width must be a multiple of 16 .*\(got 'wide'\)"):
+        service.run(GenerationRequest(prompt="a portrait", num_steps=0))
+    with pytest.raises(ServiceError, match="The ID photos must be a list of images"):
+        service.run(GenerationRequest(prompt="a portrait", id_images=["face.png"]))  # a path: ImageFile
+    with pytest.raises(InvalidRequestError, match=r"Width must be a multiple of 16 .*\(got 'wide'\)"):
         request(service, width="wide")
-    with pytest.raises(ServiceError, match="Width must .* Height must"):  # every problem at once
+    with pytest.raises(InvalidRequestError, match="Width must .* Height must"):  # every problem at once
         request(service, width="1e400", height=float("inf"))
 
 

@@ -326,53 +326,63 @@ def test_people_without_a_first_photo_or_with_a_tiny_region_are_refused(pipeline
 
 
 def test_the_service_reads_uploaded_people_and_regions(uploading_service, pipeline):
+    """People and regions come as files in the request; the service checks each came from its
+    upload folder and reads them at the job's turn. Requests built in Python without
+    ``from_values`` are checked by the service as a whole."""
     from PIL import Image
 
+    from pulid.images import ImageFile
     from pulid.outputs import read_image_metadata
-    from pulid.serve.service import PersonUpload, ServiceError
+    from pulid.serve.service import ServiceError
 
     svc, uploads = uploading_service
-    paths = {}
+    files = {}
     for name, pixels in {
         "p1": photo(20),
         "p2": photo(21),
         "r1": region(0, 160),
         "r2": region(160, W),
     }.items():
-        paths[name] = uploads / f"{name}.png"
-        Image.fromarray(pixels).save(paths[name])
+        Image.fromarray(pixels).save(uploads / f"{name}.png")
+        files[name] = ImageFile(uploads / f"{name}.png")
     settings = {"prompt": "two friends", "width": W, "height": H, "num_steps": 2, "seed": 7}
-    result = svc.run(
-        GenerationRequest.from_values(layout="masks", **settings),
-        photos=[str(paths["p1"])],
-        people=[PersonUpload([str(paths["p2"])], "0.6", str(paths["r2"]))],
-        id_region=str(paths["r1"]),
+    sent = GenerationRequest.from_values(
+        layout="masks",
+        id_images=[files["p1"]],
+        more_people=[Person((files["p2"],), "0.6", files["r2"])],
+        id_region=files["r1"],
+        **settings,
     )
+    result = svc.run(sent)
     people = read_image_metadata(result.path)["people"]
     assert [p["weight"] for p in people] == [1.0, 0.6] and people[1]["region"].startswith("sha256:")
+    direct = pipeline.generate(
+        GenerationRequest.from_values(
+            layout="masks",
+            id_images=[photo(20)],
+            more_people=[Person((photo(21),), 0.6, region(160, W))],
+            id_region=region(0, 160),
+            **settings,
+        )
+    )
+    assert np.array_equal(np.asarray(Image.open(result.path).convert("RGB")), np.asarray(direct.image))
 
     outside = uploads.parent / "elsewhere.png"
     Image.fromarray(region(0, 100)).save(outside)
-    masks = {"layout": "masks", "id_region": str(paths["r1"])}
+    masks = {"layout": "masks", "id_region": files["r1"]}
     refusals = [
         (
-            "masks",
-            {**masks, "people": [PersonUpload([str(paths["p2"])], 1.0, str(outside))]},
+            {**masks, "more_people": (Person((files["p2"],), 1.0, ImageFile(outside)),)},
             "was not uploaded to this app",
         ),
-        ("columns", {"people": [PersonUpload([str(paths["p2"])])] * 4}, "at most 4"),
-        ("columns", {"people": [PersonUpload([str(paths["p2"])], "lots")]}, "ID weight must be"),
-        (
-            "columns",
-            {"people": [PersonUpload([str(paths["p2"])])], "id_region": str(paths["r1"])},
-            "'masks' layout",
-        ),
-        ("masks", {**masks, "people": [PersonUpload([str(paths["p2"])])]}, "Person 2 has no region"),
+        ({"more_people": (Person((files["p2"],)),) * 4}, "at most 4"),
+        ({"more_people": (Person((files["p2"],), "lots"),)}, "ID weight must be"),
+        ({"more_people": (Person((files["p2"],)),), "id_region": files["r1"]}, "'masks' layout"),
+        ({**masks, "more_people": (Person((files["p2"],)),)}, "Person 2 has no region"),
     ]
-    for layout, kw, message in refusals:
-        kw.pop("layout", None)
+    for kw, message in refusals:
         with pytest.raises(ServiceError, match=message):
-            svc.run(GenerationRequest.from_values(layout=layout, **settings), photos=[str(paths["p1"])], **kw)
+            svc.run(GenerationRequest(id_images=[files["p1"]], **{**settings, **kw}))
 
 
 def test_the_progress_bar_only_moves_forward_through_every_stage(uploading_service):

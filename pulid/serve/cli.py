@@ -157,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give at least one --prompt or a --prompts_file")
     if len(args.person_weight) > len(args.person):
         parser.error(f"{len(args.person_weight)} --person_weight for {len(args.person)} --person")
+    if len(args.region) > 1 + len(args.person):  # the people: --id_image's, then each --person's
+        parser.error(f"{len(args.region)} --region for {1 + len(args.person)} people: give one per person")
     if problem := writable_folder_problem(args.out, "--out"):
         parser.error(problem)
     args.seed = args.seed or ["-1"]
@@ -186,18 +188,56 @@ def repeated_seeds(requests: list) -> str | None:
     return None
 
 
+def images_of(args: argparse.Namespace) -> dict:
+    """The batch's images, as the files the flags name (a local user may name any regular file):
+    the request fields ``id_images``, ``init_image``, ``mask``, ``more_people`` and ``id_region``."""
+    from pulid.images import ImageFile
+    from pulid.request import Person
+
+    def file(path):
+        return None if path is None else ImageFile(path)
+
+    regions = [file(path) for path in args.region] + [None] * (1 + len(args.person) - len(args.region))
+    weights = args.person_weight + [PERSON_WEIGHT.default] * (len(args.person) - len(args.person_weight))
+    people = tuple(
+        Person(tuple(file(path) for path in paths), weight, region)
+        for paths, weight, region in zip(args.person, weights, regions[1:], strict=True)
+    )
+    return dict(
+        id_images=[file(path) for path in args.id_image],
+        init_image=file(args.init_image),
+        mask=file(args.mask),
+        more_people=people,
+        id_region=regions[0],
+    )
+
+
 def requests_of(args: argparse.Namespace) -> list:
-    """Every (prompt, seed) request of the batch, checked before any model loads."""
+    """Every (prompt, seed) request of the batch, whole (settings and image files) and checked
+    before any model loads."""
     from pulid.loras import parse_lora_option
     from pulid.request import GenerationRequest, generation_settings
 
     shared = {s.name: getattr(args, s.name) for s in generation_settings() if s.name not in REPEATABLE}
     loras = [parse_lora_option(text) for text in args.lora]
+    images = images_of(args)
     return [
-        GenerationRequest.from_values(prompt=prompt, seed=seed, loras=loras, **shared)
+        GenerationRequest.from_values(prompt=prompt, seed=seed, loras=loras, **shared, **images)
         for prompt in args.prompt
         for seed in args.seed
     ]
+
+
+def read_once(requests: list) -> list:
+    """The batch with its image files read, once for all its requests (they share them): a mask
+    that paints nothing is refused now, before any model loads."""
+    import dataclasses
+
+    from pulid.request import IMAGE_FIELDS
+
+    pixels = requests[0].decoded()
+    shared = {name: getattr(pixels, name) for name in IMAGE_FIELDS}
+    return [dataclasses.replace(request, **shared) for request in requests]
 
 
 def progress_bar(prefix: str):
@@ -215,47 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_conflicts(args)
     from flux.lora import LoRAError
-    from pulid.images import ImageError
     from pulid.loras import check_fetchable_lora, check_lora_for, locate_lora
-    from pulid.request import PERSON_WEIGHT, InvalidRequestError, Person, checked_mask, checked_region
-    from pulid.serve.uploads import load_mask, load_upload
+    from pulid.request import InvalidRequestError
 
     try:
-        photos = [load_upload(path) for path in args.id_image]
-    except ImageError as err:
-        print(f"--id_image: {err}", file=sys.stderr)
-        return 2
-    try:
-        start = None if args.init_image is None else load_upload(args.init_image)
-    except ImageError as err:
-        print(f"--init_image: {err}", file=sys.stderr)
-        return 2
-    try:
-        mask = None if args.mask is None else checked_mask(load_mask(args.mask))
-    except (ImageError, InvalidRequestError) as err:
-        print(f"--mask: {err}", file=sys.stderr)
-        return 2
-    given = 1 + len(args.person)  # the people: --id_image's, then each --person's
-    if len(args.region) > given:
-        print(f"{len(args.region)} --region for {given} people: give one per person", file=sys.stderr)
-        return 2
-    weights = args.person_weight + [PERSON_WEIGHT.default] * (len(args.person) - len(args.person_weight))
-    try:
-        regions = [checked_region(load_mask(path), f"Person {n}") for n, path in enumerate(args.region, 1)]
-        regions += [None] * (given - len(regions))
-        people = tuple(
-            Person(tuple(load_upload(path) for path in paths), PERSON_WEIGHT.coerce(weight), region)
-            for paths, weight, region in zip(args.person, weights, regions[1:], strict=True)
-        )
-    except (ImageError, InvalidRequestError) as err:
-        print(f"--person/--region: {err}", file=sys.stderr)
-        return 2
-    try:  # every request whole, before any model loads
-        for request in args.requests:
-            request.id_images = photos
-            request.init_image, request.mask = start, mask
-            request.more_people, request.id_region = people, regions[0]
-            request.checked()
+        args.requests = read_once(args.requests)
     except InvalidRequestError as err:
         print(err, file=sys.stderr)
         return 2
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoRAError as err:
         print(f"--lora: {err}", file=sys.stderr)
         return 2
-    if not photos:
+    if not args.id_image:
         print("no --id_image: the images are plain FLUX.1-dev, with nobody's identity", file=sys.stderr)
     pipeline = load_or_exit(args)
     from pulid.serve.ranks import leads, leave_group

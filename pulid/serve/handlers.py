@@ -26,10 +26,21 @@ from PIL import Image
 
 from pulid import stages
 from pulid.catalogue import SPEED_LORAS
+from pulid.images import ImageError
 from pulid.limits import MAX_PEOPLE
-from pulid.request import LORA_STRENGTH, PERSON_WEIGHT, SIZE_PRESETS, size_for_photo
+from pulid.request import (
+    LORA_STRENGTH,
+    PERSON_WEIGHT,
+    SIZE_PRESETS,
+    GenerationRequest,
+    InvalidRequestError,
+    Person,
+    check_person_photo_count,
+    size_for_photo,
+)
 from pulid.serve.components import LORA_ROWS, cancelled, refused
-from pulid.serve.service import Cancelled, GenerationService, PersonUpload, SavedImage, ServiceError
+from pulid.serve.service import Cancelled, GenerationService, SavedImage, ServiceError
+from pulid.serve.uploads import uploaded_image
 from pulid.serve.web_guard import visitor
 from pulid.similarity import NO_ID_PHOTO, SCALE, rounded
 
@@ -44,9 +55,43 @@ PAGE_COPIES_KEPT = 1024  # saved images whose copy in gradio's cache the app rem
 NO_LORA = ("(none)", "")
 
 
-def chosen_people(values: dict, painted: list | None = None) -> tuple[list, object]:
+def page_request(values: dict, upload_roots) -> GenerationRequest:
+    """The request the page sent, built as every front door builds one
+    (:meth:`~pulid.request.GenerationRequest.from_values`): its settings, and its files as uploads
+    of this app (checked to come from ``upload_roots`` before anything opens them, read at the
+    job's turn). Refusals are :class:`~pulid.serve.service.ServiceError`."""
+    values = dict(values)
+
+    def upload(path):
+        return None if path is None else uploaded_image(path, upload_roots)
+
+    photo, extra = values.pop("id_image"), values.pop("extra_images")
+    start, mask = values.pop("init_image"), values.pop("mask")
+    drawn, painted = values.pop("mask_drawing"), values.pop("region_drawing")
+    photos = ([] if photo is None else [photo]) + list(extra or [])
+    values["loras"] = chosen_loras(values)
+    try:
+        check_person_photo_count(1, len(photos))  # before looking at any file
+        one_mask = painted_or_uploaded(
+            drawn, upload(mask), "Give one mask: clear the drawing, or remove the uploaded mask."
+        )
+        people, id_region = chosen_people(values, painted, upload)
+        return GenerationRequest.from_values(
+            id_images=[upload(path) for path in photos],
+            init_image=upload(start),
+            mask=one_mask,
+            more_people=people,
+            id_region=id_region,
+            **values,
+        )
+    except (InvalidRequestError, ImageError) as err:
+        raise ServiceError(str(err)) from None
+
+
+def chosen_people(values: dict, painted: list | None = None, upload=lambda path: path) -> tuple[list, object]:
     """Take the people's inputs out of ``values``: person 1's region, and a
-    :class:`~pulid.serve.service.PersonUpload` for each other row with photos, in row order. ``painted``
+    :class:`~pulid.request.Person` for each other row with photos, in row order (files through
+    ``upload``). ``painted``
     (each person's region painted in the page, person 1 first) counts as uploaded; a painted and an
     uploaded region for one person, or a region for a row without photos, is refused. Regions count
     with the 'masks' layout only: the page hides them otherwise, so they are left out."""
@@ -57,7 +102,7 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
         if not use_regions:
             return None
         refusal = f"Person {number} has a painted region and an uploaded one: keep one."
-        return painted_or_uploaded(painted[number - 1], uploaded, refusal)
+        return painted_or_uploaded(painted[number - 1], upload(uploaded), refusal)
 
     id_region = region_of(1, values.pop("id_region", None))
     people = []
@@ -70,7 +115,9 @@ def chosen_people(values: dict, painted: list | None = None) -> tuple[list, obje
             if region is not None:
                 raise ServiceError(f"Person {number} has a region but no photo: add their photo.")
             continue
-        people.append(PersonUpload(photos, PERSON_WEIGHT.default if weight is None else weight, region))
+        check_person_photo_count(number, len(photos))
+        weight = PERSON_WEIGHT.default if weight is None else weight
+        people.append(Person(tuple(upload(path) for path in photos), weight, region))
     return people, id_region
 
 
@@ -277,11 +324,6 @@ class PageHandlers:
         end is seen at once, not at the next look. ``ended[0]`` is set to how the request ended,
         for the log."""
         service, args = self.service, self.args
-        photo, extra = values.pop("id_image"), values.pop("extra_images")
-        start, mask = values.pop("init_image"), values.pop("mask")
-        drawn, painted = values.pop("mask_drawing"), values.pop("region_drawing")
-        photos = ([] if photo is None else [photo]) + list(extra or [])
-        values["loras"] = chosen_loras(values)
         saved: list[SavedImage] = []
         bar = stages.RequestProgress()
 
@@ -295,21 +337,9 @@ class PageHandlers:
         def admit():
             """Check the request and put it in line: file headers, the LoRA folder, the hub's
             reachability; in a thread, so that no visitor's page waits on them."""
-            one_mask = painted_or_uploaded(
-                drawn, mask, "Give one mask: clear the drawing, or remove the uploaded mask."
-            )
-            people, id_region = chosen_people(values, painted)
-            return service.start(
-                service.build_request(None, None, **values),
-                session_of(request),
-                show,
-                client=visitor_of(request, args.behind_proxy),
-                photos=photos,
-                init_image=start,
-                mask=one_mask,
-                people=people,
-                id_region=id_region,
-            )
+            sent = page_request(values, service.upload_roots)
+            client = visitor_of(request, args.behind_proxy)
+            return service.start(sent, session_of(request), show, client=client)
 
         def status(text: str | None = None):
             """Only the status line (the summary box) changes."""

@@ -166,7 +166,7 @@ def request_from_json(body: object) -> GenerationRequest:
         except (ImageError, ValueError) as err:
             message = str(err) if isinstance(err, ImageError) else "it is not base64"
             raise InvalidRequestError(f"id_images[{number}]: {message}") from None
-    return GenerationRequest.from_values(id_images=photos, **values).checked()
+    return GenerationRequest.from_values(id_images=photos, **values)
 
 
 def image_json(image: GeneratedImage) -> dict:

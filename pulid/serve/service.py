@@ -1,10 +1,10 @@
-"""The app's one entry point into the pipeline: raw UI values in, a saved image or a clear message out.
+"""The front doors' one way into the pipeline: a whole request in, saved images or a clear message out.
 
-It turns what a browser sends (strings, numpy arrays, uploaded file paths) into a
-:class:`~pulid.pipeline.GenerationRequest`, runs it with progress and cancellation, writes the PNG
-with its settings, and turns every expected failure (bad input, no face, cancelled, out of GPU
-memory) into a :class:`ServiceError` whose message a user can act on. The UI code only wires
-controls to :meth:`GenerationService.run`.
+It takes a whole :class:`~pulid.request.GenerationRequest` (its settings and its images: pixels,
+or files that it checks came from the upload folders and reads at the job's turn), gives it its
+place in line, runs it with progress and cancellation, writes each image with its settings, and
+turns every expected failure (bad input, no face, cancelled, out of GPU memory) into a
+:class:`ServiceError` whose message a user can act on.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -32,22 +32,11 @@ import torch
 from flux.errors import UserError
 from flux.sampling import GenerationCancelled, StepInfo
 from pulid import stages
-from pulid.images import ImageError, check_header
+from pulid.images import ImageError
 from pulid.outputs import prune_outputs, save_new_image
 from pulid.pipeline import FirstImage, GeneratedImage, PuLIDFluxPipeline
-from pulid.request import (
-    PERSON_WEIGHT,
-    GenerationRequest,
-    InvalidRequestError,
-    PeopleToCome,
-    Person,
-    check_person_photo_count,
-    checked_init_image,
-    checked_mask,
-    checked_people,
-    checked_region,
-)
-from pulid.serve.uploads import check_upload, load_mask, load_upload
+from pulid.request import GenerationRequest, InvalidRequestError
+from pulid.serve.uploads import check_upload
 from pulid.settings import shown
 
 logger = logging.getLogger(__name__)
@@ -66,27 +55,6 @@ CANCELLED = "Generation cancelled."
 POLL_SECONDS = 0.25  # how often a job waiting for its turn looks at its cancel flag
 
 
-@dataclass(frozen=True)
-class PersonUpload:
-    """Another person as the app sends them: their photos and region (uploads or arrays, read at
-    the job's turn) and their ID weight (a raw value, checked at once)."""
-
-    photos: Sequence[PhotoSource]
-    weight: object = PERSON_WEIGHT.default
-    region: PhotoSource | None = None
-
-
-@dataclass
-class _Uploads:
-    """A job's files, checked from their headers at admission and decoded at its turn."""
-
-    photos: list[PhotoSource]
-    init_image: PhotoSource | None = None
-    mask: PhotoSource | None = None
-    people: list[PersonUpload] = field(default_factory=list)
-    id_region: PhotoSource | None = None
-
-
 class ServiceError(UserError):
     """An expected failure with a message for the user."""
 
@@ -101,9 +69,6 @@ class Cancelled(ServiceError):
     def __init__(self, images: list[SavedImage]):
         super().__init__(CANCELLED)
         self.images = images
-
-
-PhotoSource = str | os.PathLike | np.ndarray  # an uploaded file (read when the job's turn comes) or pixels
 
 
 @dataclass(eq=False)
@@ -388,23 +353,17 @@ class GenerationService:
         session: str = "default",
         progress: Progress | None = None,
         client: str | None = None,
-        photos: Sequence[PhotoSource] = (),
-        init_image: PhotoSource | None = None,
-        mask: PhotoSource | None = None,
-        people: Sequence[PersonUpload] = (),
-        id_region: PhotoSource | None = None,
     ) -> Job:
         """:meth:`run` in a worker thread: the caller can wait with a timeout and cancel the job.
 
         Everything that can be refused at once is refused here, before the thread starts: bad
-        settings, photos that were not uploaded or are too large (checked from their headers), a
-        full line (:class:`ServiceBusy`). The photos are decoded only when the job's turn comes.
+        settings, image files that were not uploaded or are too large (checked from their headers),
+        a full line (:class:`ServiceBusy`). The files are read only when the job's turn comes.
         The thread runs in a copy of the caller's context (gradio's progress lives in context
         variables).
         """
         job = Job()
-        uploads = _Uploads(list(photos), init_image, mask, list(people), id_region)
-        admitted = self._admit(request, uploads, session, client, job.cancelled)
+        admitted = self._admit(request, session, client, job.cancelled)
         context = contextvars.copy_context()
         thread = threading.Thread(
             target=context.run,
@@ -415,22 +374,6 @@ class GenerationService:
         thread.start()
         return job
 
-    def build_request(
-        self, id_image: np.ndarray | None, extra_images: Sequence[str] | None, **settings
-    ) -> GenerationRequest:
-        """A request from what the browser sent: the photo, uploaded file paths and raw setting values."""
-        extra_images = list(extra_images or [])
-        photos = [] if id_image is None else [np.asarray(id_image)]
-        try:
-            check_person_photo_count(1, len(photos) + len(extra_images))  # before reading any file
-            photos += [load_upload(path, self.upload_roots) for path in extra_images]
-        except (ImageError, InvalidRequestError) as err:
-            raise ServiceError(str(err)) from None
-        try:
-            return GenerationRequest.from_values(id_images=photos, **settings)
-        except InvalidRequestError as err:
-            raise ServiceError(str(err)) from None
-
     def run(
         self,
         request: GenerationRequest,
@@ -438,22 +381,14 @@ class GenerationService:
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         client: str | None = None,
-        photos: Sequence[PhotoSource] = (),
-        init_image: PhotoSource | None = None,
-        mask: PhotoSource | None = None,
-        people: Sequence[PersonUpload] = (),
-        id_region: PhotoSource | None = None,
     ) -> ServiceResult:
         """Generate and save the request's images; ``progress`` gets each step (:class:`StepInfo`),
         the name of each stage and each :class:`SavedImage` as soon as it is written. ``cancel``
         (or :meth:`cancel` of the session) stops it at the next step or decoder block, also while
-        it waits for its turn; the :class:`Cancelled` error holds the images already saved.
-        ``photos`` are added to the request's ID images, ``init_image`` is the photo to start from
-        and ``mask`` what of it to repaint; ``people`` are added to the request's other people and
-        ``id_region`` is the first person's region (files are read when the turn comes)."""
+        it waits for its turn; the :class:`Cancelled` error holds the images already saved. The
+        request's image files are read when its turn comes."""
         cancel = cancel if cancel is not None else threading.Event()
-        uploads = _Uploads(list(photos), init_image, mask, list(people), id_region)
-        admitted = self._admit(request, uploads, session, client, cancel)
+        admitted = self._admit(request, session, client, cancel)
         return self._run_admitted(*admitted, session, progress)
 
     def lora_names(self, refresh: bool = False) -> list[str]:
@@ -479,17 +414,16 @@ class GenerationService:
     def _admit(
         self,
         request: GenerationRequest,
-        uploads: _Uploads,
         session: str,
         client: str | None,
         cancel: threading.Event,
-    ) -> tuple[GenerationRequest, _Uploads, _Ticket]:
+    ) -> tuple[GenerationRequest, _Ticket]:
         """The checks that need no turn, then a place in the line. The session's cancel reaches the
         request from the start: one pressed while its files are checked stops it too."""
         with self._active_lock:
             self._active.setdefault(session, set()).add(cancel)
         try:
-            return self._checked_in_line(request, uploads, client, cancel)
+            return self._checked_in_line(request, client, cancel)
         except BaseException:
             self._forget(session, cancel)
             raise
@@ -503,69 +437,30 @@ class GenerationService:
                 self._active.pop(session, None)
 
     def _checked_in_line(
-        self, request: GenerationRequest, uploads: _Uploads, client: str | None, cancel: threading.Event
-    ) -> tuple[GenerationRequest, _Uploads, _Ticket]:
-        people = []
+        self, request: GenerationRequest, client: str | None, cancel: threading.Event
+    ) -> tuple[GenerationRequest, _Ticket]:
         try:
-            check_person_photo_count(1, len(request.id_images) + len(uploads.photos))
-            for number, person in enumerate(uploads.people, start=2 + len(request.more_people)):
-                if not isinstance(person, PersonUpload):
-                    raise InvalidRequestError(f"Person {number} must be given as a PersonUpload.")
-                check_person_photo_count(number, len(person.photos))
-                people.append(
-                    PersonUpload(list(person.photos), PERSON_WEIGHT.coerce(person.weight), person.region)
-                )
-            given = request.people_given()
-            to_come = PeopleToCome(
-                first_has_photos=given.first_has_photos or bool(uploads.photos),
-                first_has_region=given.first_has_region or uploads.id_region is not None,
-                more=given.more + tuple((bool(p.photos), p.region is not None) for p in people),
-            )
-            request = request.checked(
-                photo_to_come=uploads.init_image is not None,
-                mask_to_come=uploads.mask is not None,
-                people_to_come=to_come,
-            )
+            self._check_origins(request)  # before any file is opened
+            request = request.checked()
             self.runner.admit(request)
-        except InvalidRequestError as err:
+        except (InvalidRequestError, ImageError) as err:
             raise ServiceError(str(err)) from None
         self._check_loras(request)
-        try:
-            checked = _Uploads(
-                photos=[self._checked_source(photo) for photo in uploads.photos],
-                init_image=self._checked_optional(uploads.init_image),
-                mask=self._checked_optional(uploads.mask),
-                people=[
-                    PersonUpload(
-                        [self._checked_source(photo) for photo in person.photos],
-                        person.weight,
-                        self._checked_optional(person.region),
-                    )
-                    for person in people
-                ],
-                id_region=self._checked_optional(uploads.id_region),
-            )
-        except ImageError as err:
-            raise ServiceError(str(err)) from None
         if cancel.is_set():  # cancelled while it was checked: it takes no place in the line
             raise Cancelled([])
-        return request, checked, self._line.join(client, cancel)
+        return request, self._line.join(client, cancel)
 
-    def _checked_optional(self, photo: PhotoSource | None) -> PhotoSource | None:
-        return None if photo is None else self._checked_source(photo)
-
-    def _checked_source(self, photo: PhotoSource) -> PhotoSource:
-        """An array as it is; a path only if it is an upload whose header is a readable image."""
-        if isinstance(photo, np.ndarray):
-            return photo
-        path = check_upload(photo, self.upload_roots)
-        check_header(path, f"the image {path.name}")
-        return path
+    def _check_origins(self, request: GenerationRequest) -> None:
+        """Every file the request names is an upload of this app (with ``upload_roots``) and a
+        regular file of an allowed size (:func:`~pulid.serve.uploads.check_upload`)."""
+        if not isinstance(request, GenerationRequest):
+            raise InvalidRequestError("A request must be a GenerationRequest.")
+        for image in request.image_files():
+            check_upload(image.path, self.upload_roots)
 
     def _run_admitted(
         self,
         request: GenerationRequest,
-        uploads: _Uploads,
         ticket: _Ticket,
         session: str,
         progress: Progress | None,
@@ -588,7 +483,7 @@ class GenerationService:
         try:
             self._line.wait_turn(ticket, report)
             report(stages.STARTING)  # a job cancelled just as its turn came stops here
-            request = self._with_uploads(request, uploads)
+            request = request.decoded()  # the files, read at the job's turn
             debug_images = self.runner.generate(request, report, save)
         except GenerationCancelled:
             raise Cancelled(saved) from None
@@ -609,42 +504,6 @@ class GenerationService:
             trim_host_memory()
         return ServiceResult(images=saved, debug_images=debug_images)
 
-    def _with_uploads(self, request: GenerationRequest, uploads: _Uploads) -> GenerationRequest:
-        """The request with its uploaded files decoded and attached (each checked as it would be
-        had it come in the request)."""
-        changes: dict = {}
-        if uploads.photos:
-            changes["id_images"] = [*request.id_images, *self._decode(uploads.photos)]
-        if uploads.init_image is not None:
-            changes["init_image"] = checked_init_image(self._decode_one(uploads.init_image))
-        if uploads.mask is not None:
-            changes["mask"] = checked_mask(self._decode_mask(uploads.mask))
-        if uploads.id_region is not None:
-            changes["id_region"] = checked_region(self._decode_mask(uploads.id_region), "Person 1")
-        if uploads.people:
-            more = [
-                Person(
-                    tuple(self._decode(person.photos)),
-                    person.weight,
-                    None if person.region is None else self._decode_mask(person.region),
-                )
-                for person in uploads.people
-            ]
-            changes["more_people"] = checked_people([*request.more_people, *more])
-        return replace(request, **changes) if changes else request
-
-    def _decode_one(self, photo: PhotoSource) -> np.ndarray:
-        return next(self._decode([photo]))
-
-    def _decode_mask(self, mask: PhotoSource) -> np.ndarray:
-        """A mask or region: pixels as given, or an uploaded file by its transparency or brightness."""
-        if isinstance(mask, np.ndarray):
-            return mask
-        try:
-            return load_mask(mask, self.upload_roots)
-        except ImageError as err:
-            raise ServiceError(str(err)) from None
-
     def _save(self, generated: GeneratedImage, request: GenerationRequest) -> SavedImage:
         with self._saving:
             try:
@@ -664,16 +523,6 @@ class GenerationService:
                 ) from None
             prune_outputs(self.output_dir, self.keep_outputs)
         return SavedImage(path, generated.seed, generated.metadata, generated.face_similarity)
-
-    def _decode(self, photos: list[PhotoSource]) -> Iterator[np.ndarray]:
-        for photo in photos:
-            if isinstance(photo, np.ndarray):
-                yield photo
-                continue
-            try:
-                yield load_upload(photo, self.upload_roots)
-            except ImageError as err:
-                raise ServiceError(str(err)) from None
 
     @staticmethod
     def release_memory() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pulid.images import ImageError, check_file, load_image, load_mask_image
+from pulid.images import ImageError, ImageFile, check_file, load_image, load_mask_image
 
 
 class UploadError(ImageError):
@@ -42,6 +42,12 @@ def check_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | N
     if roots is not None and not resolved.exists():  # an upload the app no longer keeps (an hour)
         raise UploadError(f"{name[:60]} is no longer on the server: upload it again.")
     return check_file(resolved)
+
+
+def uploaded_image(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> ImageFile:
+    """A file input of a request as an :class:`~pulid.images.ImageFile`, if it is an upload
+    (:func:`check_upload`); its header is checked with the request, its pixels read at its turn."""
+    return ImageFile(check_upload(path, roots))
 
 
 def load_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> np.ndarray:
