@@ -1,12 +1,12 @@
 """The First-Block step cache on the GPU: whole-image time and full steps at a few thresholds.
 
-Builds the full-size stack with random weights (``bench_gpu.build_stack``), then for each
+Builds the full-size stack with random weights (``benchmarks.harness.build_stack``), then for each
 threshold generates one 896x1152 image at 28 steps with the ID on, resident bf16, and again under
 a 16 GiB VRAM budget (blocks streamed: a skipped step streams none of the skipped blocks). Records
 the whole-image time, the DiT time, how many steps ran in full, and the latents' distance from the
 uncached image. Random weights do not behave like trained ones (how fast the first block's residual
 settles differs), so the counts here say what the mechanism costs and saves, not what a threshold
-does to real images. Writes ``cache.json`` to ``--out``.
+does to real images. Writes ``cache.json`` and ``cache.md`` to ``--out``.
 
     python benchmarks/bench_cache.py --thresholds 0,0.08,0.12,0.2 --out $OUT
 """
@@ -14,6 +14,7 @@ does to real images. Writes ``cache.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GiB = 2**30
+from benchmarks.harness import (  # noqa: E402
+    Column,
+    GiB,
+    apply_mode,
+    bench_request,
+    build_stack,
+    meta,
+    write_report,
+)
+
+COLUMNS = (
+    Column("mode", "mode"),
+    Column("threshold", "threshold", "{:g}"),
+    Column("whole image (s)", "whole_image_s", "{:.2f}"),
+    Column("DiT (s)", "denoise_s", "{:.2f}"),
+    Column("full steps", "full_steps"),
+    Column("latents vs uncached (rel.)", "latents_rel_diff_vs_uncached", "{:.2e}"),
+    Column("peak GPU allocated (GiB)", "peak_gpu_allocated_gib", "{:.1f}"),
+)
 
 
 def main() -> None:
@@ -36,34 +55,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from skimage import data as skimage_data
-
-    from benchmarks.bench_gpu import apply_mode, build_stack
-    from pulid.request import GenerationRequest
 
     torch.backends.cuda.matmul.allow_tf32 = True
     pipeline = build_stack("cuda", torch.bfloat16, Path(tempfile.mkdtemp(prefix="bench-cache-")))
-    base = dict(
-        prompt="portrait, color, cinematic",
-        id_images=[skimage_data.astronaut()],
-        width=896,
-        height=1152,
-        num_steps=args.steps,
-        seed=42,
-        max_sequence_length=128,
-    )
+    base = bench_request(num_steps=args.steps)
     thresholds = [float(v) for v in args.thresholds.split(",")]
     rows = []
     for mode in args.modes.split(","):
         if mode != "resident":
             apply_mode(pipeline, mode)
-        pipeline.generate(GenerationRequest(**{**base, "num_steps": 3}))  # warm-up
+        pipeline.generate(dataclasses.replace(base, num_steps=3))  # warm-up
         reference = None
         for threshold in thresholds:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            result = pipeline.generate(GenerationRequest(**base, cache_threshold=threshold))
+            result = pipeline.generate(dataclasses.replace(base, cache_threshold=threshold))
             torch.cuda.synchronize()
             whole = time.perf_counter() - t0
             latents = result.latents.float()
@@ -81,8 +88,8 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    (args.out / "cache.json").write_text(json.dumps(out, indent=1))
+    settings = {"thresholds": thresholds, "steps": args.steps, "modes": args.modes}
+    print(write_report(args.out, "cache", rows, meta(**settings), COLUMNS))
 
 
 if __name__ == "__main__":

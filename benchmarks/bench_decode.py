@@ -12,14 +12,14 @@ random latents three ways, each from packed latents to a PIL image (the host cop
     python benchmarks/bench_decode.py --out $OUT        # 896x1152, 20 timed decodes each
 
 Reports the median wall time of each (after warm-up, synchronised), the ratio to the official
-one, and whether each image equals the official image bit for bit. Random weights cannot show
-image quality; they do exercise the same kernels at the same sizes.
+one, and whether each image equals the official image bit for bit, in ``decode.json`` and
+``decode.md`` in ``--out``. Random weights cannot show image quality; they do exercise the same
+kernels at the same sizes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +31,16 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import Column, meta, write_report  # noqa: E402
+
+COLUMNS = (
+    Column("variant", "variant"),
+    Column("median (ms)", "median_ms", "{:.1f}"),
+    Column("min (ms)", "min_ms", "{:.1f}"),
+    Column("vs official", "vs_official", "{:.2f}"),
+    Column("values differing from official", "fraction_of_values_differing_from_official", "{:.2%}"),
+)
 
 
 class StridedAttnBlock(nn.Module):
@@ -131,22 +141,9 @@ def main() -> None:
                 "fraction_of_values_differing_from_official": differ,
             }
         )
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "size": [args.width, args.height],
-        "repeat": args.repeat,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(result, indent=2))
-    print("| variant | median (ms) | min (ms) | vs official | values differing from official |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['vs_official']:.2f} | "
-            f"{r['fraction_of_values_differing_from_official']:.2%} |"
-        )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = meta(device_name, size=[args.width, args.height], repeat=args.repeat, warmup=args.warmup)
+    print(write_report(args.out, "decode", rows, report, COLUMNS))
 
 
 if __name__ == "__main__":

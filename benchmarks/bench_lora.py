@@ -19,7 +19,8 @@ FLUX.1-Turbo-Alpha ships) and measures, per group (each in its own process):
   which LoRA sets are refused for not fitting beside the plan.
 
 Random weights say nothing about image quality or how a speed LoRA keeps the identity; they
-give the costs. Writes ``lora-<group>.json`` to ``--out``.
+give the costs. Writes ``lora-<group>.json`` and ``lora-<group>.md`` (the step times) to ``--out``,
+and each group's log, ``<group>.log``.
 
     python benchmarks/bench_lora.py --groups eager,budget16 --out $OUT
 """
@@ -27,10 +28,8 @@ give the costs. Writes ``lora-<group>.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +37,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GiB = 2**30
+from benchmarks.harness import (  # noqa: E402
+    Column,
+    GiB,
+    StepTimer,
+    apply_mode,
+    astronaut,
+    bench_request,
+    build_stack,
+    child_args,
+    markdown_table,
+    meta,
+    one_forward,
+    print_result,
+    run_modes,
+    write_json,
+)
+
 GROUPS = ("eager", "compiled", "fp8", "budget16")
+COLUMNS = (
+    Column("LoRAs", "loras"),
+    Column("DiT step (ms, median)", "median_ms", "{:.1f}"),
+    Column("vs none", "vs_none", "{:.3f}x"),
+    Column("peak GPU allocated (GiB)", "peak_gib", "{:.1f}"),
+)
 
 
 def summarise(rows: dict) -> dict:
@@ -79,48 +100,35 @@ SETS = {  # name -> LoRA file keys
 }
 
 
+def step_rows(step_ms: dict) -> list[dict]:
+    """The table's rows: one per LoRA set."""
+    return [{"loras": name, **values} for name, values in step_ms.items()]
+
+
 def run_group(group: str, args) -> dict:
     import torch
-    from skimage import data as skimage_data
 
-    from benchmarks.bench_gpu import apply_mode, build_stack
     from flux.lora import LoRAAdapters
     from pulid.loras import LoRAChoice, LoRALibrary
-    from pulid.request import GenerationRequest
 
     torch.backends.cuda.matmul.allow_tf32 = True
     folder = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     pipeline = build_stack("cuda", torch.bfloat16, folder)
     files = write_loras(pipeline.dit, folder / "loras")
-    out: dict = {"group": group, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
-
-    base = dict(
-        prompt="portrait, color, cinematic",
-        id_images=[skimage_data.astronaut()],
-        width=args.width,
-        height=args.height,
-        max_sequence_length=128,
-        seed=42,
-    )
+    out: dict = {"group": group}
+    base = {"id_images": [astronaut()], "width": args.width, "height": args.height}
 
     def request(names, steps=args.steps, strength=1.0):
         loras = tuple(LoRAChoice(str(files[n]), strength) for n in names)
-        return GenerationRequest(**base, num_steps=steps, loras=loras)
+        return bench_request(**base, num_steps=steps, loras=loras)
 
     def step_times(req) -> tuple[float, float]:
-        events = []
-
-        def on_step(info):
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            events.append(event)
-
+        timer = StepTimer("cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        pipeline.generate(req, callback=on_step)
+        pipeline.generate(req, callback=timer)
         torch.cuda.synchronize()
-        times = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)]
-        return statistics.median(times), torch.cuda.max_memory_allocated() / GiB
+        return timer.median_ms, torch.cuda.max_memory_allocated() / GiB
 
     def attach():
         pipeline.lora_adapters = LoRAAdapters(pipeline.dit, "cuda", torch.bfloat16)
@@ -166,14 +174,12 @@ def run_group(group: str, args) -> dict:
         out["graph_breaks"] = sum(counters["graph_break"].values())
         out["step_ms"] = summarise(rows)
     elif group == "fp8":
-        from benchmarks.bench_gpu import one_forward
-
         attach()
         lora = [LoRAChoice(str(files["r16-0"]), 1.0)]
         reference = request([], steps=1)
 
         def forward(with_lora: bool, merge: bool = True):
-            files_ = pipeline.load_loras(GenerationRequest(**base, loras=tuple(lora))) if with_lora else []
+            files_ = pipeline.load_loras(bench_request(**base, loras=tuple(lora))) if with_lora else []
             from flux.lora import ActiveLoRA
 
             active = [ActiveLoRA(f.name, f.layers, 1.0) for f in files_]
@@ -222,13 +228,7 @@ def run_group(group: str, args) -> dict:
                 rows[name] = [step_times(request(SETS[name])) for _ in range(args.repeats)]
             except InvalidRequestError as err:  # factors that do not fit beside the plan
                 out.setdefault("refused", {})[name] = str(err)
-        out["step_ms"] = {
-            name: {
-                "median_ms": statistics.median(v[0] for v in values),
-                "peak_gib": max(v[1] for v in values),
-            }
-            for name, values in rows.items()
-        }
+        out["step_ms"] = summarise(rows)
     base_ms = out["step_ms"].get("none", {}).get("median_ms")
     if base_ms:
         for row in out["step_ms"].values():
@@ -322,30 +322,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.group:
         result = run_group(args.group, args)
-        (args.out / f"lora-{args.group}.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps(result, indent=1), flush=True)
+        settings = {"steps": args.steps, "repeats": args.repeats, "size": f"{args.width}x{args.height}"}
+        write_json(args.out / f"lora-{args.group}.json", {"meta": meta(**settings), **result})
+        table = markdown_table(step_rows(result["step_ms"]), COLUMNS)
+        (args.out / f"lora-{args.group}.md").write_text(table + "\n")
+        print_result(result)
         return
-    for group in args.groups.split(","):
+    groups = args.groups.split(",")
+    for group in groups:
         if group not in GROUPS:
             raise SystemExit(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
-        command = [
-            sys.executable,
-            __file__,
-            "--group",
-            group,
-            "--steps",
-            str(args.steps),
-            "--repeats",
-            str(args.repeats),
-            "--width",
-            str(args.width),
-            "--height",
-            str(args.height),
-            "--out",
-            str(args.out),
-        ]
-        print(f"== {group}", flush=True)
-        subprocess.run(command, check=False)
+    passed_on = child_args(args, "steps", "repeats", "width", "height", "out")
+    for result in run_modes(__file__, groups, passed_on, args.out, flag="--group"):
+        print(f"== {result['group']}\n" + markdown_table(step_rows(result["step_ms"]), COLUMNS), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Two GPUs of one host: one GPU, one image split over two (sequence parallel), and the stage split.
 
-Run under torchrun with one process per GPU; both build the full-size stack of ``bench_gpu`` with
+Run under torchrun with one process per GPU; both build the harness's full-size stack with
 the same random weights (bf16, resident, one person's ID), then:
 
 1. one GPU: rank 0 alone generates the request (the other waits);
@@ -36,23 +36,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_gpu import build_stack  # noqa: E402
+from benchmarks.harness import Column, StepTimer, bench_request, build_stack, meta, write_report  # noqa: E402
+
+COLUMNS = (
+    Column("mode", "mode"),
+    Column("variant", "variant"),
+    Column("DiT step (ms)", "step_ms", "{:.1f}"),
+    Column("vs one GPU", "step_ratio", "{:.3f}x"),
+    Column("whole image (s)", "whole_s", "{:.2f}"),
+    Column("vs one GPU", "whole_ratio", "{:.3f}x"),
+    Column(
+        "latents vs one GPU (max / mean rel.)", "error_vs_one", lambda e: f"{e['max']:.2e} / {e['mean']:.2e}"
+    ),
+)
 
 
 def timed(pipeline, request, watch: bool) -> dict:
     """One generation: its DiT step times (ms, CUDA events; ``watch`` on rank 0), total and latents."""
     import torch
 
-    events = []
-
-    def on_step(info) -> None:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        events.append(event)
-
-    result = pipeline.generate(request, callback=on_step if watch else None)
+    timer = StepTimer("cuda")
+    result = pipeline.generate(request, callback=timer if watch else None)
     torch.cuda.synchronize()
-    steps = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)]
+    steps = timer.intervals_ms()
     return {"steps": steps, "total_s": result.timings["total_s"], "latents": result.latents.float().cpu()}
 
 
@@ -91,14 +97,14 @@ def comm_ms(parallel, request, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats + 1):
         torch.distributed.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        timer = StepTimer("cuda")
+        timer.mark()
         for _ in range(blocks):
             funcol.wait_tensor(funcol.all_to_all_single(send, None, None, parallel.group))
             funcol.wait_tensor(funcol.all_to_all_single(back, None, None, parallel.group))
-        end.record()
+        timer.mark()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times += timer.intervals_ms()
     return statistics.median(times[1:])
 
 
@@ -139,24 +145,6 @@ def stage_split(pipeline, request, folder: Path, rounds: int, one: dict) -> dict
     return result
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| mode | variant | DiT step (ms) | vs one GPU | whole image (s) | vs one GPU "
-        "| latents vs one GPU (max / mean rel.) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        step = "-" if row.get("step_ms") is None else f"{row['step_ms']:.1f}"
-        step_ratio = "-" if row.get("step_ratio") is None else f"{row['step_ratio']:.3f}x"
-        error = row.get("error_vs_one")
-        error = "-" if error is None else f"{error['max']:.2e} / {error['mean']:.2e}"
-        lines.append(
-            f"| {row['mode']} | {row['variant']} | {step} | {step_ratio} | {row['whole_s']:.2f} | "
-            f"{row['whole_ratio']:.3f}x | {error} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=1024)
@@ -169,11 +157,9 @@ def main() -> None:
 
     import torch
     import torch.distributed as dist
-    from skimage import data as skimage_data
 
     from flux.compile import compile_blocks, compile_repeated_blocks
     from flux.parallel import SequenceParallelFlux
-    from pulid.request import GenerationRequest
     from pulid.serve.ranks import join_torchrun
 
     rank = join_torchrun(minimum=1)  # one process: the parallel path's own cost, no split
@@ -184,13 +170,8 @@ def main() -> None:
     pipeline = build_stack(str(rank.device), torch.bfloat16, folder)
     build_s = time.perf_counter() - t0
     split = pipeline.with_options(parallel=SequenceParallelFlux(pipeline.dit))
-    request = GenerationRequest(
-        prompt="a portrait, cinematic",
-        id_images=[skimage_data.astronaut()],
-        width=args.width,
-        height=args.height,
-        num_steps=args.steps,
-        seed=42,
+    request = bench_request(
+        prompt="a portrait, cinematic", width=args.width, height=args.height, num_steps=args.steps
     )
     rows, errors, comm, one_by_mode = [], [], {}, {}
     for mode in ["eager", "compiled"] if args.compile else ["eager"]:
@@ -250,24 +231,16 @@ def main() -> None:
             print(errors[-1], flush=True)
         for row in rows:
             row.pop("latents", None)
-        meta = {
-            "command": " ".join(sys.argv),
-            "device": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "torch": torch.__version__,
-            "size": f"{args.width}x{args.height}",
-            "steps": args.steps,
-            "rounds": args.rounds,
-            "build_s": build_s,
-            "date": time.strftime("%Y-%m-%d"),
-            "errors": errors,
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "multi_gpu.json").write_text(
-            json.dumps({"meta": meta, "rows": rows}, indent=1, default=str)
+        report = meta(
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            size=f"{args.width}x{args.height}",
+            steps=args.steps,
+            rounds=args.rounds,
+            build_s=build_s,
+            errors=errors,
         )
-        (args.out / "multi_gpu.md").write_text(table(rows) + "\n")
-        print(table(rows))
-        print(json.dumps(meta))
+        print(write_report(args.out, "multi_gpu", rows, report, COLUMNS))
+        print(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
 

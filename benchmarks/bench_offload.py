@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import GiB
 from flux.autoencoder import AutoEncoder
 from flux.model import Flux
 from flux.offload.blocks import StreamedBlocks, choose_resident
@@ -25,8 +26,6 @@ from flux.offload.transfer import CudaTransfer
 from flux.registry import MODELS
 from flux.repeated import block_modules
 from flux.sampling import image_ids, text_ids
-
-GiB = 1024**3
 
 
 def report(**values) -> None:

@@ -1,6 +1,6 @@
 """The DiT step's cost of several people and of inpainting, against one person, with random weights.
 
-Builds the full-size stack of ``bench_gpu`` once (bf16, resident), then times the median DiT step
+Builds the harness's full-size stack once (bf16, resident), then times the median DiT step
 of the same request in several variants, interleaved over ``--rounds`` rounds so that drift hits
 them all alike: no ID, one person, two and four people (the columns layout), two people with
 drawn regions (the masks layout), and one person repainting half of a photo (inpainting). Eager
@@ -26,39 +26,49 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_gpu import build_stack  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    Column,
+    StepTimer,
+    astronaut,
+    bench_request,
+    build_stack,
+    markdown_table,
+    meta,
+    write_report,
+)
 
 VARIANTS = ("no ID", "one person", "two people", "four people", "two people, masks", "one person, inpainting")
+COLUMNS = (
+    Column("mode", "mode"),
+    Column("variant", "variant"),
+    Column("DiT step (ms, median)", "step_ms_median", "{:.1f}"),
+    Column("vs one person", "vs_one_person", "{:.3f}x"),
+)
 
 
 def requests(photo, width: int, height: int, steps: int) -> dict:
     """The request of each variant: the same prompt, size, steps and seed."""
     import numpy as np
 
-    from pulid.request import GenerationRequest, Person
+    from pulid.request import Person
 
-    base = {"prompt": "friends on a beach", "width": width, "height": height, "num_steps": steps, "seed": 42}
+    base = {"prompt": "friends on a beach", "width": width, "height": height, "num_steps": steps}
+    one = {**base, "id_images": [photo]}
     flipped = np.ascontiguousarray(photo[:, ::-1])
     left = np.zeros((height, width), np.uint8)
     left[:, : width // 2] = 255
     start = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return {
-        "no ID": GenerationRequest(**base),
-        "one person": GenerationRequest(**base, id_images=[photo]),
-        "two people": GenerationRequest(**base, id_images=[photo], more_people=(Person((flipped,)),)),
-        "four people": GenerationRequest(
-            **base, id_images=[photo], more_people=tuple(Person((p,)) for p in (flipped, photo, flipped))
+        "no ID": bench_request(**base, id_images=[]),
+        "one person": bench_request(**one),
+        "two people": bench_request(**one, more_people=(Person((flipped,)),)),
+        "four people": bench_request(
+            **one, more_people=tuple(Person((p,)) for p in (flipped, photo, flipped))
         ),
-        "two people, masks": GenerationRequest(
-            **base,
-            id_images=[photo],
-            layout="masks",
-            id_region=left,
-            more_people=(Person((flipped,), 1.0, 255 - left),),
+        "two people, masks": bench_request(
+            **one, layout="masks", id_region=left, more_people=(Person((flipped,), 1.0, 255 - left),)
         ),
-        "one person, inpainting": GenerationRequest(
-            **base, id_images=[photo], init_image=start, mask=left, strength=1.0
-        ),
+        "one person, inpainting": bench_request(**one, init_image=start, mask=left, strength=1.0),
     }
 
 
@@ -66,16 +76,10 @@ def step_times(pipeline, request) -> list[float]:
     """The DiT steps of one generation, in ms (CUDA events at each step's end)."""
     import torch
 
-    events = []
-
-    def on_step(info) -> None:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        events.append(event)
-
-    pipeline.generate(request, callback=on_step)
+    timer = StepTimer("cuda")
+    pipeline.generate(request, callback=timer)
     torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)]
+    return timer.intervals_ms()
 
 
 def measure(pipeline, variants: dict, rounds: int) -> dict[str, list[float]]:
@@ -91,14 +95,6 @@ def measure(pipeline, variants: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| mode | variant | DiT step (ms, median) | vs one person |", "|---|---|---|---|"]
-    for row in rows:
-        step, ratio = row["step_ms_median"], row["vs_one_person"]
-        lines.append(f"| {row['mode']} | {row['variant']} | {step:.1f} | {ratio:.3f}x |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=896)
@@ -110,7 +106,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from skimage import data as skimage_data
 
     from flux.compile import compile_blocks, compile_repeated_blocks
 
@@ -119,7 +114,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pipeline = build_stack("cuda", torch.bfloat16, Path(tempfile.mkdtemp(prefix="bench-people-")))
     build_s = time.perf_counter() - t0
-    variants = requests(skimage_data.astronaut(), args.width, args.height, args.steps)
+    variants = requests(astronaut(), args.width, args.height, args.steps)
     rows = []
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     for mode in modes:
@@ -140,19 +135,11 @@ def main() -> None:
                     "vs_one_person": median / one,
                 }
             )
-        print(table([r for r in rows if r["mode"] == mode]), flush=True)
-    meta = {
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "size": f"{args.width}x{args.height}",
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "build_s": build_s,
-    }
-    (args.out / "people.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "people.md").write_text(table(rows) + "\n")
-    print(json.dumps(meta))
+        print(markdown_table([r for r in rows if r["mode"] == mode], COLUMNS), flush=True)
+    settings = {"size": f"{args.width}x{args.height}", "steps": args.steps, "rounds": args.rounds}
+    report = meta(**settings, build_s=build_s)
+    write_report(args.out, "people", rows, report, COLUMNS)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

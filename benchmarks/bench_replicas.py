@@ -1,6 +1,6 @@
 """Requests per minute with 1 and 2 replicas (``--replicas``), under a burst of requests.
 
-Builds the full-size stack of ``bench_gpu`` (random weights, bf16, resident) on each GPU, then for
+Builds the harness's full-size stack (random weights, bf16, resident) on each GPU, then for
 each replica count sends ``--burst`` requests at once through the app's service (each its own
 visitor, as a burst of users would) and times from the first submission to the last saved image.
 One warm-up request per replica first. ``--preset tiny`` runs the same on the CPU with the tiny
@@ -23,7 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_gpu import build_stack  # noqa: E402
+from benchmarks.harness import Column, astronaut, bench_request, build_stack, meta, write_report  # noqa: E402
+
+COLUMNS = (
+    Column("replicas", "replicas"),
+    Column("burst", "burst"),
+    Column("wall (s)", "wall_s", "{:.1f}"),
+    Column("requests per minute", "requests_per_minute", "{:.1f}"),
+    Column("vs 1 replica", "vs_first", "{:.2f}x"),
+)
 
 
 def burst(service, requests: list) -> dict:
@@ -54,9 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from skimage import data as skimage_data
 
-    from pulid.request import GenerationRequest
     from pulid.serve.service import GenerationService, ReplicaRunner
 
     counts = [int(n) for n in args.replicas.split(",")]
@@ -71,9 +77,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         pipelines = [build_stack(f"cuda:{i}", torch.bfloat16, folder) for i in range(max(counts))]
         device = ", ".join(torch.cuda.get_device_name(i) for i in range(max(counts)))
-    photo = skimage_data.astronaut()
+    photo = astronaut()
     requests = [
-        GenerationRequest(
+        bench_request(
             prompt="a portrait, cinematic",
             id_images=[photo],
             width=args.width,
@@ -95,25 +101,10 @@ def main() -> None:
     base = rows[0]["requests_per_minute"]
     for row in rows:
         row["vs_first"] = row["requests_per_minute"] / base
-    table = ["| replicas | burst | wall (s) | requests per minute | vs 1 replica |", "|---|---|---|---|---|"]
-    for r in rows:
-        rate = r["requests_per_minute"]
-        table.append(
-            f"| {r['replicas']} | {r['burst']} | {r['wall_s']:.1f} | {rate:.1f} | {r['vs_first']:.2f}x |"
-        )
-    meta = {
-        "command": " ".join(sys.argv),
-        "device": device,
-        "torch": torch.__version__,
-        "size": f"{args.width}x{args.height}",
-        "steps": args.steps,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "replicas.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "replicas.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    print(json.dumps(meta))
+    settings = {"size": f"{args.width}x{args.height}", "steps": args.steps}
+    report = meta(device, **settings)
+    print(write_report(args.out, "replicas", rows, report, COLUMNS))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Single-file DiT formats on the GPU: step time, memory and error of fp8 files and GGUF Q8_0/Q5_K/Q4_K.
 
-The full-size FLUX.1-dev DiT gets random weights (``bench_gpu.init_random_``) in bf16. Each format
+The full-size FLUX.1-dev DiT gets random weights (``benchmarks.harness.init_random_``) in bf16. Each format
 is made from those weights as the published files are (fp8: a direct e4m3fn cast of every block
 Linear, as Kijai's file; GGUF: city96's type assignment, quantised by ``tiny_random.ggml_quant``'s
 plain rule, a little worse than llama.cpp's) and loaded through the product's one loading loop
@@ -17,6 +17,8 @@ picks), from memory instead of a file. Per format:
 bf16 (random weights, two 512-token prompts). Random weights say nothing about image quality.
 
     python benchmarks/bench_single_files.py --group eager --out $OUT
+
+Output: ``single-files-<group>.json`` and ``single-files-<group>.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GiB = 2**30
+from benchmarks.harness import Column, GiB, init_random_, meta, write_report  # noqa: E402
+
 FORMATS = ("bf16", "fp8-file", "Q8_0", "Q5_K", "Q4_K")
+COLUMNS = (
+    Column("format", "format"),
+    Column("weights (GiB)", "weights_gib", "{:.2f}"),
+    Column("rel. error vs bf16", "rel_err_vs_bf16", "{:.2e}"),
+    Column("DiT step (ms)", "step_ms", "{:.1f}"),
+    Column("activation peak (GiB)", "activation_peak_gib", "{:.2f}"),
+    Column("peak above resident (GiB)", "peak_above_resident_gib", "{:.2f}"),
+    Column(
+        "resident / streamed blocks",
+        lambda r: (r["resident_blocks"], r["streamed_blocks"]),
+        "{0[0]} / {0[1]}",
+    ),
+    Column("compile (s)", "compile_s", "{:.1f}"),
+    Column("load (s)", "build_s", "{:.1f}"),
+)
 
 
 class MemoryFile:
@@ -134,10 +152,9 @@ def weight_bytes(model) -> int:
     return tensor_bytes([model])
 
 
-def run_dit(group: str) -> dict:
+def run_dit(group: str) -> list[dict]:
     import torch
 
-    from benchmarks.bench_gpu import init_random_
     from flux.loading import build_flow_model
     from flux.registry import flux_dev_params
     from flux.repeated import block_modules
@@ -150,12 +167,12 @@ def run_dit(group: str) -> dict:
     with torch.no_grad():
         expected = reference(**inputs).float()
     state = {k: v for k, v in reference.state_dict().items()}
-    rows = {}
+    rows = []
     for fmt in FORMATS:
         start = time.perf_counter()
         model = load_format(state, fmt, device)
         build_s = time.perf_counter() - start
-        row = {"weights_gib": weight_bytes(model) / GiB, "build_s": build_s}
+        row = {"format": fmt, "weights_gib": weight_bytes(model) / GiB, "build_s": build_s}
         with torch.no_grad():
             out = model(**inputs).float()
         row["rel_err_vs_bf16"] = ((out - expected).norm() / expected.norm()).item()
@@ -183,15 +200,15 @@ def run_dit(group: str) -> dict:
                 row["step_ms"], row["peak_above_resident_gib"] = time_steps(model, inputs, torch, n=3)
                 row["resident_blocks"] = len(streamer.resident)
                 row["streamed_blocks"] = len(streamer.streamed)
-        rows[fmt] = row
-        print(fmt, json.dumps(row), flush=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         if fmt != "bf16":
             del model
         torch.cuda.empty_cache()
     return rows
 
 
-def run_t5() -> dict:
+def run_t5() -> list[dict]:
     import torch
     from transformers import T5Config, T5EncoderModel
 
@@ -207,7 +224,7 @@ def run_t5() -> dict:
     with torch.no_grad():
         expected = reference(input_ids=ids).last_hidden_state.float()
     state = {k: v for k, v in reference.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    rows = {}
+    rows = []
     for fmt in ("fp8-file", "Q8_0", "Q5_K", "Q4_K"):
         with torch.device("meta"):
             model = T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(torch.bfloat16)
@@ -234,12 +251,15 @@ def run_t5() -> dict:
         model.eval()  # built on the meta device in training mode: dropout would be on
         with torch.no_grad():
             out = model(input_ids=ids).last_hidden_state.float()
-        rows[fmt] = {
-            "rel_err_vs_bf16": ((out - expected).norm() / expected.norm()).item(),
-            "weights_gib": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-            / GiB,
-        }
-        print(fmt, rows[fmt], flush=True)
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        rows.append(
+            {
+                "format": fmt,
+                "rel_err_vs_bf16": ((out - expected).norm() / expected.norm()).item(),
+                "weights_gib": weights / GiB,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
         del model
         torch.cuda.empty_cache()
     return rows
@@ -250,17 +270,8 @@ def main() -> None:
     parser.add_argument("--group", choices=("eager", "compiled", "budget", "t5"), default="eager")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
-    import torch
-
-    result = {
-        "group": args.group,
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": run_t5() if args.group == "t5" else run_dit(args.group),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"single-files-{args.group}.json").write_text(json.dumps(result, indent=2))
+    rows = run_t5() if args.group == "t5" else run_dit(args.group)
+    print(write_report(args.out, f"single-files-{args.group}", rows, meta(group=args.group), COLUMNS))
 
 
 if __name__ == "__main__":

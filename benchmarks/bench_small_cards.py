@@ -22,23 +22,39 @@ kind after placement, the median DiT step and the image time. Random weights say
 image quality.
 
     python benchmarks/bench_small_cards.py --configs fp8-12,Q8_0-8 --files /tmp/files --out $OUT
+
+Output: ``small_cards.json`` and ``small_cards.md`` in ``--out`` (rewritten after each
+configuration), and each step's log, ``<config>-write.log`` and ``<config>-child.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GiB = 2**30
+from benchmarks.harness import (  # noqa: E402
+    Column,
+    GiB,
+    StepTimer,
+    astronaut,
+    bench_request,
+    child_args,
+    init_random_,
+    markdown_table,
+    meta,
+    print_result,
+    run_child,
+    write_report,
+)
+
 # name -> (DiT format, T5 format, VRAM budget GiB)
 CONFIGS = {
     "fp8-12": ("fp8", "fp8", 12.0),
@@ -62,7 +78,6 @@ def write_files(config: str, files: Path) -> dict:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from benchmarks.bench_gpu import init_random_
     from flux.loading import build_flow_model
     from flux.quant import fp8_linear_names
     from flux.registry import flux_dev_params
@@ -153,9 +168,7 @@ class AnonPeak:
 def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> dict:
     import numpy as np
     import torch
-    from skimage import data as skimage_data
 
-    from benchmarks.bench_gpu import init_random_
     from eva_clip.model import EvaVisionTower
     from flux.autoencoder import AutoEncoder
     from flux.loading import load_flow_model, open_dit_file, single_file_format
@@ -166,7 +179,6 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
     from pulid.encoders import PuLIDWeights
     from pulid.face_analysis import load_face_analyzer
     from pulid.loading import place_pipeline
-    from pulid.request import GenerationRequest
     from tiny_random.pipeline import tiny_face_model_paths
 
     dit_fmt, t5_fmt, budget = CONFIGS[config]
@@ -206,34 +218,19 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
     anon_peak_loading = anon.stop()
     anon = AnonPeak()
     placed = {k: rss(k) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
-    photo = skimage_data.astronaut()
-    request = GenerationRequest(
-        prompt="portrait, color, cinematic",
-        id_images=[photo],
-        width=896,
-        height=1152,
-        num_steps=steps,
-        seed=42,
-        max_sequence_length=128,
-    )
-    pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 1}))
-    pipeline.id_encoder._cache.clear()
+    photo = astronaut()
+    request = bench_request(id_images=[photo], num_steps=steps)
+    pipeline.generate(dataclasses.replace(request, num_steps=1))
+    pipeline.id_encoder.forget()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    events = []
-
-    def on_step(info) -> None:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        events.append(event)
-
+    timer = StepTimer("cuda")
     wall = time.perf_counter()
     result = pipeline.generate(
-        GenerationRequest(**{**request.__dict__, "id_images": [np.roll(photo, 5, axis=1)]}), callback=on_step
+        dataclasses.replace(request, id_images=[np.roll(photo, 5, axis=1)]), callback=timer
     )
     torch.cuda.synchronize()
     image_s = time.perf_counter() - wall
-    steps_ms = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=False)]
     reserved = torch.cuda.max_memory_reserved()
     return {
         "config": config,
@@ -256,7 +253,7 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
         "ready_s": ready_s,
         "steps": steps,
         "compiled": compiled,
-        "dit_step_ms_median": statistics.median(steps_ms) if steps_ms else float("nan"),
+        "dit_step_ms_median": timer.median_ms,
         "image_s": image_s,
         "id_stage_s": result.timings["id_embedding_s"],
         "text_stage_s": result.timings["text_encoding_s"],
@@ -265,23 +262,32 @@ def run_config(config: str, files: Path, steps: int, compiled: bool = False) -> 
     }
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| DiT / T5 files | budget | whole app on the GPU (context + reserved) | peak allocated "
-        "| host RSS peak / after placing | anon RSS peak: loading / running | DiT step | image |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['dit']} / {r['t5']} | {r['budget_gib']:g} GiB | {r['whole_app_gpu_gib']:.2f} GiB "
-            f"({r['cuda_context_gib']:.2f} + {r['peak_reserved_gib']:.2f}) | "
-            f"{r['peak_allocated_gib']:.2f} GiB | "
-            f"{r['peak_rss_gib']:.1f} / {r['rss_after_placing']['VmRSS']:.1f} GiB | "
-            f"{r['peak_anon_loading_gib']:.1f} / {r['peak_anon_running_gib']:.1f} GiB | "
-            f"{r['dit_step_ms_median']:.0f} ms{' compiled' if r.get('compiled') else ''} | "
-            f"{r['image_s']:.1f} s ({r['steps']} steps) |"
-        )
-    return "\n".join(lines)
+COLUMNS = (
+    Column("DiT / T5 files", lambda r: f"{r['dit']} / {r['t5']}"),
+    Column("budget", "budget_gib", "{:g} GiB"),
+    Column(
+        "whole app on the GPU (context + reserved)",
+        lambda r: (r["whole_app_gpu_gib"], r["cuda_context_gib"], r["peak_reserved_gib"]),
+        lambda v: f"{v[0]:.2f} GiB ({v[1]:.2f} + {v[2]:.2f})",
+    ),
+    Column("peak allocated", "peak_allocated_gib", "{:.2f} GiB"),
+    Column(
+        "host RSS peak / after placing",
+        lambda r: (r["peak_rss_gib"], r["rss_after_placing"]["VmRSS"]),
+        lambda v: f"{v[0]:.1f} / {v[1]:.1f} GiB",
+    ),
+    Column(
+        "anon RSS peak: loading / running",
+        lambda r: (r["peak_anon_loading_gib"], r["peak_anon_running_gib"]),
+        lambda v: f"{v[0]:.1f} / {v[1]:.1f} GiB",
+    ),
+    Column(
+        "DiT step",
+        lambda r: (r["dit_step_ms_median"], r.get("compiled")),
+        lambda v: f"{v[0]:.0f} ms{' compiled' if v[1] else ''}",
+    ),
+    Column("image", lambda r: (r["image_s"], r["steps"]), lambda v: f"{v[0]:.1f} s ({v[1]} steps)"),
+)
 
 
 def main() -> None:
@@ -295,51 +301,39 @@ def main() -> None:
     parser.add_argument("--write", default=None)
     args = parser.parse_args()
     if args.write:
-        print("RESULT " + json.dumps(write_files(args.write, args.files)), flush=True)
+        print_result(write_files(args.write, args.files))
         return
     if args.child:
-        print(
-            "RESULT " + json.dumps(run_config(args.child, args.files, args.steps, args.compile)), flush=True
-        )
+        print_result(run_config(args.child, args.files, args.steps, args.compile))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     from tiny_random.pipeline import tiny_face_model_paths
 
     tiny_face_model_paths(args.files / "face-models")
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    # The app's allocator setting, whatever this shell has: the GPU figures are the app's.
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    passed_on = child_args(args, "files", "steps", "compile")
     rows = []
     for config in args.configs.split(","):
         found = {}
         for step in ("--write", "--child"):
-            cmd = [
-                sys.executable,
-                __file__,
-                step,
-                config,
-                "--files",
-                str(args.files),
-                "--steps",
-                str(args.steps),
-                *(["--compile"] if args.compile else []),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            (args.out / f"{config}{step.replace('--', '-')}.log").write_text(
-                proc.stdout[-6000:] + proc.stderr[-6000:]
-            )
-            results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not results:
-                print(f"{config} {step} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            log = args.out / f"{config}{step.replace('--', '-')}.log"
+            run = run_child(__file__, config, passed_on, log, flag=step, env=env)
+            if run.failed:
+                print(f"{config} {step} failed (rc {run.returncode}):\n{run.stderr_tail}", flush=True)
                 break
-            found.update(json.loads(results[0]))
+            found.update(run.row)
         dit_fmt, t5_fmt, _ = CONFIGS[config]
         for path in (dit_path(args.files, dit_fmt), t5_path(args.files, t5_fmt)):
             path.unlink(missing_ok=True)
         if "config" in found:
             rows.append(found)
             print(json.dumps({k: v for k, v in found.items() if k != "plan"}), flush=True)
-            (args.out / "small_cards.json").write_text(json.dumps(rows, indent=2))
+            # The children's device: CUDA stays unused here, out of the next child's figures.
+            report = meta(rows[0]["device"], steps=args.steps, compiled=args.compile, configs=args.configs)
+            write_report(args.out, "small_cards", rows, report, COLUMNS)
     shutil.rmtree(args.files, ignore_errors=True)
-    print(table(rows))
+    print(markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -7,15 +7,16 @@ official loader (``load_file`` then ``load_state_dict`` into an initialised mode
 same way for comparison.
 
     python benchmarks/load_memory.py [--hidden 1536] [--depth 8] [--single 16] [--out results.json]
+
+With ``--out``, the rows go to that JSON file, the table beside it (``results.md``) and each
+loader's log too (``<loader>.log``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +24,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import (  # noqa: E402
+    Column,
+    child_args,
+    markdown_table,
+    meta,
+    print_result,
+    run_modes,
+    write_report,
+)
+
 MODES = ("strict_meta_loader", "official_style")
+COLUMNS = (
+    Column("loader", "mode"),
+    Column("file (MiB)", "file_mib", "{:.0f}"),
+    Column("peak RSS above baseline (MiB)", lambda r: r["peak_mib"] - r["baseline_mib"], "{:.0f}"),
+    Column("ratio to file", "peak_over_file", "{:.2f}"),
+    Column("load time (s)", "seconds", "{:.2f}"),
+)
 
 
 def params_for(args):
@@ -54,7 +72,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def child(mode: str, path: str, args) -> None:
+def child(mode: str, path: str, args) -> dict:
     import torch
 
     from flux.loading import build_flow_model, load_flow_model
@@ -74,18 +92,14 @@ def child(mode: str, path: str, args) -> None:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n = sum(p.numel() for p in model.parameters())
-    print(
-        json.dumps(
-            {
-                "mode": mode,
-                "baseline_mib": base,
-                "peak_mib": peak,
-                "end_mib": rss_mib(),
-                "seconds": seconds,
-                "params": n,
-            }
-        )
-    )
+    return {
+        "mode": mode,
+        "baseline_mib": base,
+        "peak_mib": peak,
+        "end_mib": rss_mib(),
+        "seconds": seconds,
+        "params": n,
+    }
 
 
 def main() -> None:
@@ -98,7 +112,7 @@ def main() -> None:
     parser.add_argument("--path")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.path, args)
+        print_result(child(args.child, args.path, args))
         return
 
     import torch
@@ -112,35 +126,16 @@ def main() -> None:
             shapes = {k: v.shape for k, v in Flux(params_for(args)).state_dict().items()}
         save_file({k: torch.randn(s, dtype=torch.bfloat16) for k, s in shapes.items()}, str(path))
         size_mib = os.path.getsize(path) / 2**20
-        rows = []
-        for mode in MODES:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                mode,
-                "--path",
-                str(path),
-                "--hidden",
-                str(args.hidden),
-                "--depth",
-                str(args.depth),
-                "--single",
-                str(args.single),
-            ]
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            result["file_mib"] = size_mib
-            result["peak_over_file"] = (result["peak_mib"] - result["baseline_mib"]) / size_mib
-            rows.append(result)
-    print("| loader | file (MiB) | peak RSS above baseline (MiB) | ratio to file | load time (s) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['mode']} | {r['file_mib']:.0f} | {r['peak_mib'] - r['baseline_mib']:.0f} | "
-            f"{r['peak_over_file']:.2f} | {r['seconds']:.2f} |"
-        )
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
+        passed_on = ["--path", str(path), *child_args(args, "hidden", "depth", "single")]
+        logs = args.out.parent if args.out else Path(tmp)  # beside the results, or gone with the file
+        rows = run_modes(__file__, MODES, passed_on, logs)
+    for result in rows:
+        result["file_mib"] = size_mib
+        result["peak_over_file"] = (result["peak_mib"] - result["baseline_mib"]) / size_mib
+    if args.out:  # results.json: the report's name is the file's stem
+        settings = {"hidden": args.hidden, "depth": args.depth, "single": args.single}
+        write_report(args.out.parent, args.out.stem, rows, meta("cpu", **settings), COLUMNS)
+    print(markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

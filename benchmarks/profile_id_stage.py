@@ -1,11 +1,13 @@
 """Where the ID stage's time goes, per memory mode: the whole stage as ``generate`` times it, then
 its parts one by one with the device synchronised between them, and a profiler table.
 
-Builds the full-size random stack of ``bench_gpu`` (each mode in its own subprocess), makes a
-warm-up image, then for three fresh photos (ID cache cleared) records the text and ID stages of a
-2-step generation; then, synchronised: the prompt encoding, the face analysis, entering the ID
-stage (the placement's loads and prefetches), EVA and the IDFormer. Output: ``id_stage.json``, a
-table on stdout, and one ``<mode>-profile.txt`` per mode (torch.profiler, text and ID stages).
+Builds the harness's full-size random stack (each mode in its own subprocess), makes a warm-up
+image, then for three fresh photos (ID cache emptied) records the text and ID stages of a 2-step
+generation; then, synchronised: the prompt encoding, the face analysis, entering the ID stage (the
+placement's loads and prefetches), EVA and the IDFormer. Output: ``id_stage.json`` and
+``id_stage.md`` (the table, also on stdout), one ``<mode>-profile.txt`` per mode (torch.profiler,
+text and ID stages) and one ``<mode>.log``; with ``--face-variants``, ``face_variants.json`` and
+``face_variants.md``.
 
     python benchmarks/profile_id_stage.py --modes fp8,fp8-budget12 --out $OUT
 """
@@ -13,17 +15,55 @@ table on stdout, and one ``<mode>-profile.txt`` per mode (torch.profiler, text a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import (  # noqa: E402
+    Column,
+    apply_mode,
+    astronaut,
+    bench_request,
+    build_stack,
+    child_args,
+    meta,
+    print_result,
+    run_modes,
+    write_report,
+)
+
 DEFAULT_MODES = "fp8,fp8-budget12,fp8-budget12-eager,compiled-budget24"
+COLUMNS = (
+    Column("mode", "mode"),
+    Column(
+        "generate: text / ID (s)",
+        lambda r: (r["generate_text_s"], r["generate_id_s"]),
+        lambda v: f"{v[0]:.3f} / {v[1]:.3f}",
+    ),
+    Column("synced: text", "synced_text_s", "{:.3f}"),
+    Column("face", "synced_face_s", "{:.3f}"),
+    Column("enter ID", "synced_enter_id_s", "{:.3f}"),
+    Column("EVA", "synced_eva_s", "{:.3f}"),
+    Column("IDFormer", "synced_idformer_s", "{:.3f}"),
+    Column("whole ID", "synced_whole_id_s", "{:.3f}"),
+)
+FACE_COLUMNS = (
+    Column("onnxruntime idle threads", "onnx_threads"),
+    Column("facexlib on", "facexlib_device"),
+    Column(
+        "ID stage median / max (s)",
+        "id_stage_s",
+        lambda ids: f"{statistics.median(ids):.3f} / {max(ids):.3f}",
+    ),
+    Column("CPU s per call", "process_cpu_per_call_s", lambda cpus: f"{statistics.median(cpus):.1f}"),
+    Column("face analysis (s)", "face_analysis_synced_s", lambda faces: f"{statistics.median(faces):.3f}"),
+)
 
 
 def timed(torch, fn):
@@ -35,39 +75,24 @@ def timed(torch, fn):
 
 
 def warm_stack(mode: str):
-    """``bench_gpu``'s full-size random stack in ``mode`` after a warm-up image; with the photo,
+    """The harness's full-size random stack in ``mode`` after a warm-up image; with the photo,
     the 2-step request the timings use, and the stack's folder."""
     import tempfile
 
     import torch
-    from skimage import data as skimage_data
-
-    from benchmarks.bench_gpu import apply_mode, build_stack
-    from pulid.request import GenerationRequest
 
     folder = Path(tempfile.mkdtemp(prefix="idstage-"))
     pipeline = build_stack("cuda", torch.bfloat16, folder)
     apply_mode(pipeline, mode)
-    photo = skimage_data.astronaut()
-    request = GenerationRequest(
-        prompt="portrait, color, cinematic",
-        id_images=[photo],
-        width=896,
-        height=1152,
-        num_steps=2,
-        seed=42,
-        max_sequence_length=128,
-    )
-    pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 3}))  # warm-up
+    photo = astronaut()
+    request = bench_request(id_images=[photo], num_steps=2)
+    pipeline.generate(dataclasses.replace(request, num_steps=3))  # warm-up
     return pipeline, photo, request, folder
 
 
 def run_mode(mode: str, out: Path) -> dict:
-
     import numpy as np
     import torch
-
-    from pulid.request import GenerationRequest
 
     pipeline, photo, request, folder = warm_stack(mode)
     pauses = []  # garbage collections: (stage, generation, seconds)
@@ -87,12 +112,10 @@ def run_mode(mode: str, out: Path) -> dict:
     gc.callbacks.append(on_gc)
     stages = []
     for n in range(3):  # a fresh photo each time: the same pixels, shifted, so the cache misses
-        pipeline.id_encoder._cache.clear()
+        pipeline.id_encoder.forget()
         shifted = np.roll(photo, n + 1, axis=1)
         cpu0 = time.process_time()
-        result = pipeline.generate(
-            GenerationRequest(**{**request.__dict__, "id_images": [shifted]}), on_stage=on_stage
-        )
+        result = pipeline.generate(dataclasses.replace(request, id_images=[shifted]), on_stage=on_stage)
         stages.append(
             {
                 **{k: result.timings[k] for k in ("text_encoding_s", "id_embedding_s", "total_s")},
@@ -104,7 +127,7 @@ def run_mode(mode: str, out: Path) -> dict:
     gc.callbacks.remove(on_gc)
 
     encoder = pipeline.id_encoder
-    encoder._cache.clear()
+    encoder.forget()
     _, text_s = timed(torch, lambda: pipeline.encode_prompt(request.prompt, 128))
     face, face_s = timed(torch, lambda: encoder.face_analyzer.analyze(photo))
     enter_s = 0.0
@@ -116,12 +139,12 @@ def run_mode(mode: str, out: Path) -> dict:
         )
         cond = torch.cat([torch.zeros(1, 512, device="cuda", dtype=torch.bfloat16), pooled], dim=-1)
         _, former_s = timed(torch, lambda: encoder.id_former(cond, hidden))
-    encoder._cache.clear()
+    encoder.forget()
     _, whole_synced_s = timed(torch, lambda: encoder([np.roll(photo, 7, axis=0)]))
 
     # The profiler over a text stage then an ID stage, as generate runs them.
-    encoder._cache.clear()
-    pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 1, "id_images": []}))
+    encoder.forget()
+    pipeline.generate(dataclasses.replace(request, num_steps=1, id_images=[]))
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
@@ -163,14 +186,12 @@ FACE_VARIANTS = (  # (onnxruntime threads spin when idle, torch device of facexl
 
 def run_face_variants(mode: str) -> dict:
     """The ID stage of fresh photos with the face analysis built each way of ``FACE_VARIANTS``."""
-
     import numpy as np
     import torch
 
     from pulid.face_analysis import load_face_analyzer
     from pulid.face_detection import onnx_session_options
     from pulid.id_encoder import IDEncoder
-    from pulid.request import GenerationRequest
     from tiny_random.pipeline import tiny_face_model_paths
 
     pipeline, photo, request, folder = warm_stack(mode)
@@ -182,13 +203,13 @@ def run_face_variants(mode: str) -> dict:
             paths, "cpu", device, session_options=onnx_session_options(spinning=spin == "spin")
         )
         pipeline.id_encoder = IDEncoder(analyzer, old.eva, old.id_former, "cuda", torch.bfloat16)
-        pipeline.generate(GenerationRequest(**{**request.__dict__, "num_steps": 1}))  # first use
+        pipeline.generate(dataclasses.replace(request, num_steps=1))  # first use
         ids, cpus, faces = [], [], []
         for _ in range(6):
             shift += 1
             cpu0 = time.process_time()
             result = pipeline.generate(
-                GenerationRequest(**{**request.__dict__, "id_images": [np.roll(photo, shift, axis=1)]})
+                dataclasses.replace(request, id_images=[np.roll(photo, shift, axis=1)])
             )
             cpus.append(time.process_time() - cpu0)
             ids.append(result.timings["id_embedding_s"])
@@ -205,7 +226,7 @@ def run_face_variants(mode: str) -> dict:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    return {"mode": mode, "variants": rows, "device": torch.cuda.get_device_name()}
+    return {"mode": mode, "variants": rows}
 
 
 def main() -> None:
@@ -220,44 +241,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.face_variants:
         result = run_face_variants(args.face_variants)
-        (args.out / "face_variants.json").write_text(json.dumps(result, indent=2))
-        print(
-            "| onnxruntime idle threads | facexlib on | ID stage median / max (s) "
-            "| CPU s per call | face analysis (s) |"
-        )
-        print("|---|---|---|---|---|")
-        for r in result["variants"]:
-            ids = r["id_stage_s"]
-            print(
-                f"| {r['onnx_threads']} | {r['facexlib_device']} | "
-                f"{statistics.median(ids):.3f} / {max(ids):.3f} | "
-                f"{statistics.median(r['process_cpu_per_call_s']):.1f} | "
-                f"{statistics.median(r['face_analysis_synced_s']):.3f} |"
-            )
+        report = meta(mode=result["mode"])
+        print(write_report(args.out, "face_variants", result["variants"], report, FACE_COLUMNS))
         return
     if args.child:
-        print("RESULT " + json.dumps(run_mode(args.child, args.out)), flush=True)
+        print_result(run_mode(args.child, args.out))
         return
-    rows = []
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--out", str(args.out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not found:
-            print(f"{mode} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}", flush=True)
-            continue
-        rows.append(json.loads(found[0]))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "plan"}), flush=True)
-    (args.out / "id_stage.json").write_text(json.dumps(rows, indent=2))
-    print("| mode | generate: text / ID (s) | synced: text | face | enter ID | EVA | IDFormer | whole ID |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['mode']} | {r['generate_text_s']:.3f} / {r['generate_id_s']:.3f} | "
-            f"{r['synced_text_s']:.3f} | {r['synced_face_s']:.3f} | {r['synced_enter_id_s']:.3f} | "
-            f"{r['synced_eva_s']:.3f} | {r['synced_idformer_s']:.3f} | {r['synced_whole_id_s']:.3f} |"
-        )
+    rows = run_modes(
+        __file__,
+        args.modes.split(","),
+        child_args(args, "out"),
+        args.out,
+        env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},  # the app's, whatever the shell has
+        on_row=lambda row: print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True),
+    )
+    device = rows[0]["device"] if rows else "-"  # CUDA stays unused in this process
+    print(write_report(args.out, "id_stage", rows, meta(device, modes=args.modes), COLUMNS))
 
 
 if __name__ == "__main__":

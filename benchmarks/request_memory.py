@@ -10,6 +10,9 @@ the process's peak resident memory above its baseline (after the models are load
 
     python benchmarks/request_memory.py [--steps 50]
 
+The rows are printed as JSON, then as a table; each case's log is kept in a temporary folder
+(its path is printed).
+
 Random tiny weights: the numbers are the app's own buffers (photos, latents, the decoder's
 activations at full resolution), not the real models' weights.
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +29,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import Column, child_args, markdown_table, print_result, run_modes  # noqa: E402
+
+CASES = ("typical", "largest")
+COLUMNS = (
+    Column("case", "case"),
+    Column("photos", lambda r: r["settings"]["photos"]),
+    Column("baseline RSS (MiB)", "baseline_rss_mib", "{:.0f}"),
+    Column("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+    Column("peak above baseline (MiB)", "peak_above_baseline_mib", "{:.0f}"),
+    Column("time (s)", "seconds", "{:.1f}"),
+)
 
 
 def peak_rss_mib() -> float:
@@ -43,7 +57,9 @@ def child(case: str, steps: int) -> dict:
     import numpy as np
     from PIL import Image
 
+    from pulid.images import ImageFile
     from pulid.limits import MAX_EXTRA_PHOTOS, MAX_IMAGE_PIXELS
+    from pulid.request import GenerationRequest
     from pulid.serve.service import GenerationService
     from tiny_random.pipeline import tiny_pipeline_with_face_models
 
@@ -63,7 +79,8 @@ def child(case: str, steps: int) -> dict:
         photo, extra, settings = face, [], {}
     baseline = current_rss_mib()
     start = time.perf_counter()
-    request = service.build_request(np.asarray(photo), extra, prompt="a portrait", seed=1, **settings)
+    photos = [np.asarray(photo), *(ImageFile(path) for path in extra)]  # the extras read at the turn
+    request = GenerationRequest.from_values(id_images=photos, prompt="a portrait", seed=1, **settings)
     result = service.run(request)
     return {
         "case": case,
@@ -82,21 +99,15 @@ def main() -> None:
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps)), flush=True)
+        print_result(child(args.child, args.steps))
         return
-    rows = []
-    for case in ("typical", "largest"):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", case, "--steps", str(args.steps)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
-        lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise SystemExit(f"{case} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(lines[0]))
+    logs = Path(tempfile.mkdtemp(prefix="request-memory-logs-"))
+    rows = run_modes(__file__, CASES, child_args(args, "steps"), logs, cwd=REPO)
     print(json.dumps(rows, indent=2))
+    print(markdown_table(rows, COLUMNS))
+    print(f"logs: {logs}")
+    if len(rows) < len(CASES):
+        raise SystemExit("a case failed (above)")
 
 
 if __name__ == "__main__":

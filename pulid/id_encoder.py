@@ -112,6 +112,12 @@ class IDEncoder:
             self._cache.popitem(last=False)
         return result
 
+    def forget(self) -> None:
+        """Drop the cached embeddings of the photos seen so far, so that the next photo is analysed
+        and encoded afresh (a benchmark times a fresh photo). The unconditional ID is kept: it does
+        not depend on any photo."""
+        self._cache.clear()
+
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray], with_uncond: bool = False) -> IDEmbedding:
         if not images:
