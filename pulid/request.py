@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from flux.conventions import T5_MAX_LENGTHS, TOKEN_PIXELS, uses_true_cfg
-from pulid.images import ImageError, ImageFile, ImageSource, at_first_size, mask_pixels, photo_pixels
+from pulid.images import ImageFile, ImageSource, at_first_size, mask_pixels, photo_pixels
 from pulid.limits import (
     MAX_EXTRA_PHOTOS,
     MAX_IMAGES_PER_REQUEST,
@@ -337,7 +337,8 @@ class GenerationRequest:
     def checked(self) -> GenerationRequest:
         """This request with every setting coerced to its type and every image checked, or
         :class:`InvalidRequestError` naming what is not allowed. The request itself is not changed.
-        Image files are checked from their headers only: their pixels are read by :meth:`decoded`."""
+        Image files are checked from their headers only (:class:`ImageError`); their pixels are read
+        by :meth:`decoded`."""
         values = coerce_all(
             generation_settings(), {s.name: getattr(self, s.name) for s in generation_settings()}
         )
@@ -362,29 +363,26 @@ class GenerationRequest:
     def decoded(self) -> GenerationRequest:
         """This request with every image file read into pixels and checked as pixels (a mask that
         paints nothing is known only now): what the pipeline generates from. A request without
-        files is returned as it is."""
+        files is returned as it is. A file that cannot be read raises :class:`ImageError`."""
         if not self.image_files():
             return self
-        try:
-            return dataclasses.replace(
-                self,
-                id_images=[photo_pixels(photo) for photo in self.id_images],
-                init_image=checked_init_image(_pixels(self.init_image, photo_pixels)),
-                mask=checked_mask(_pixels(self.mask, mask_pixels)),
-                more_people=checked_people(
-                    tuple(
-                        Person(
-                            tuple(photo_pixels(photo) for photo in person.photos),
-                            person.weight,
-                            _pixels(person.region, mask_pixels),
-                        )
-                        for person in self.more_people
+        return dataclasses.replace(
+            self,
+            id_images=[photo_pixels(photo) for photo in self.id_images],
+            init_image=checked_init_image(_pixels(self.init_image, photo_pixels)),
+            mask=checked_mask(_pixels(self.mask, mask_pixels)),
+            more_people=checked_people(
+                tuple(
+                    Person(
+                        tuple(photo_pixels(photo) for photo in person.photos),
+                        person.weight,
+                        _pixels(person.region, mask_pixels),
                     )
-                ),
-                id_region=checked_region(_pixels(self.id_region, mask_pixels), "Person 1"),
-            )
-        except ImageError as err:
-            raise InvalidRequestError(str(err)) from None
+                    for person in self.more_people
+                )
+            ),
+            id_region=checked_region(_pixels(self.id_region, mask_pixels), "Person 1"),
+        )
 
     def image_files(self) -> list[ImageFile]:
         """Every image this request names by its file, photos first: what a front door checks the
@@ -459,11 +457,8 @@ def _pixels(source: ImageSource | None, decode) -> np.ndarray | None:
 
 
 def checked_file(image: ImageFile) -> ImageFile:
-    """An image file whose header is readable and within the limits (:class:`InvalidRequestError`)."""
-    try:
-        image.check()
-    except ImageError as err:
-        raise InvalidRequestError(str(err)) from None
+    """An image file whose header is readable and within the limits (else :class:`ImageError`)."""
+    image.check()
     return image
 
 

@@ -15,7 +15,7 @@ from tests.app_requests import PHOTO
 
 # Chromium and the page's scripts: the slow tier. The fast tier reaches the same handlers over HTTP
 # (test_app.py, test_settings.py) and the status line's text and clock directly (test_stages.py).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]  # one Chromium, one worker
+pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [

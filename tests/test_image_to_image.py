@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flux.sampling import get_noise, get_schedule, image_ids, image_to_image_start, noised, pack
-from pulid.images import ImageFile
+from pulid.images import ImageError, ImageFile
 from pulid.pipeline import fit_image
 from pulid.request import GenerationRequest, InvalidRequestError
 from tests.numerics import fresh_seed, rel_err
@@ -162,7 +162,7 @@ def test_a_photo_to_start_from_that_was_not_uploaded_is_refused(uploading_servic
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(ServiceError, match="broken.png"):
         svc.run(GenerationRequest(prompt="a portrait", init_image=ImageFile(broken)))
-    with pytest.raises(InvalidRequestError, match="broken.png"):  # a front door's own check
+    with pytest.raises(ImageError, match="broken.png"):  # a front door's own check
         GenerationRequest.from_values(prompt="a portrait", init_image=ImageFile(broken))
 
 

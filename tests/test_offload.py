@@ -525,12 +525,12 @@ def measure_like(name, stage, blocks, uses):
 def test_pipeline_placement_gives_identical_images_within_the_planned_peak(pipeline, which):
     from flux.offload import PipelinePlacement
 
-    pipeline.id_encoder._cache.clear()
+    pipeline.id_encoder.forget()
     expected = [pipeline.generate(r).latents for r in generation_requests()]
     before = {name: snapshot(m) for name, m in [("dit", pipeline.dit), ("t5", pipeline.t5)]}
     components = pipeline.components()
     plan = tiny_plans(measure(components))[which]
-    pipeline.id_encoder._cache.clear()
+    pipeline.id_encoder.forget()
     transfer = LoggingTransfer(lazy=True)
     with PipelinePlacement(components, NO_RESERVES, plan, "cpu", transfer=transfer).attach() as placement:
         results = [pipeline.generate(r).latents for r in generation_requests()]

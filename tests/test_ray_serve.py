@@ -88,7 +88,6 @@ def close_to(image, reference) -> bool:
 
 
 @pytest.mark.slow  # a Ray cluster on this machine
-@pytest.mark.xdist_group("ray")  # one cluster: the tests that use it run in one worker
 def test_two_replicas_serve_concurrent_requests_with_the_right_images(served, tmp_path):
     handle, _, local = served
     service = GenerationService(None, tmp_path, runner=RayRunner(handle, REPLICAS))
@@ -114,7 +113,6 @@ def test_two_replicas_serve_concurrent_requests_with_the_right_images(served, tm
 
 
 @pytest.mark.slow  # a Ray cluster on this machine
-@pytest.mark.xdist_group("ray")  # one cluster: the tests that use it run in one worker
 def test_a_request_with_a_lora_is_admitted_from_the_event_loop(served, tmp_path):
     """The app's handler admits requests on gradio's event loop, where a blocking Serve call is
     refused: the LoRA list a request is checked against is the one fetched beforehand."""
@@ -137,7 +135,6 @@ def test_a_request_with_a_lora_is_admitted_from_the_event_loop(served, tmp_path)
 
 
 @pytest.mark.slow  # a Ray cluster on this machine
-@pytest.mark.xdist_group("ray")  # one cluster: the tests that use it run in one worker
 def test_the_http_endpoint_answers_with_the_image_and_refuses_bad_requests(served):
     _, port, local = served
     url = f"http://127.0.0.1:{port}{ROUTE}"
@@ -203,7 +200,6 @@ def test_a_body_over_the_limit_is_refused_before_it_is_all_read():
 
 
 @pytest.mark.slow  # a Ray cluster on this machine
-@pytest.mark.xdist_group("ray")  # one cluster: the tests that use it run in one worker
 def test_a_replica_killed_mid_request_fails_that_request_alone(served, tmp_path):
     handle, _, _ = served
     service = GenerationService(None, tmp_path, runner=RayRunner(handle, REPLICAS))

@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seed = args.seed or ["-1"]
     try:
         args.requests = requests_of(args)
-    except ValueError as err:  # InvalidRequestError: the message names the flag's setting
+    except ValueError as err:  # InvalidRequestError (names the setting) or ImageError (names the file)
         parser.error(str(err))
     if problem := repeated_seeds(args.requests):
         parser.error(problem)
@@ -254,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     exit_on_conflicts(args)
+    from flux.errors import UserError
     from flux.lora import LoRAError
     from pulid.loras import check_fetchable_lora, check_lora_for, locate_lora
-    from pulid.request import InvalidRequestError
 
     try:
         args.requests = read_once(args.requests)
-    except InvalidRequestError as err:
+    except UserError as err:  # a file that cannot be read, a mask that paints nothing
         print(err, file=sys.stderr)
         return 2
     try:  # each LoRA is where it is said to be and fits the DiT, before minutes of loading (fetching
