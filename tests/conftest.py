@@ -14,6 +14,13 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+# In an xdist worker, each worker's math libraries get their share of the cores. Left alone, each
+# of two workers on two cores ran two OpenMP threads that spun waiting for each other: the fast
+# tier took 350 s, and 247 s with one thread per worker (measured 2026-12-08). Set before torch is
+# imported; the processes the tests start inherit it.
+if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(_workers))))
+
 
 import pytest  # noqa: E402
 
