@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -26,7 +27,7 @@ from PIL import Image
 
 from pulid import stages
 from pulid.catalogue import SPEED_LORAS
-from pulid.images import ImageError
+from pulid.images import ImageError, ImageFile
 from pulid.limits import MAX_PEOPLE
 from pulid.request import (
     LORA_STRENGTH,
@@ -55,14 +56,14 @@ PAGE_COPIES_KEPT = 1024  # saved images whose copy in gradio's cache the app rem
 NO_LORA = ("(none)", "")
 
 
-def page_request(values: dict, upload_roots) -> GenerationRequest:
+def page_request(values: dict, upload_roots: Sequence[Path] | None) -> GenerationRequest:
     """The request the page sent, built as every front door builds one
     (:meth:`~pulid.request.GenerationRequest.from_values`): its settings, and its files as uploads
     of this app (checked to come from ``upload_roots`` before anything opens them, read at the
     job's turn). Refusals are :class:`~pulid.serve.service.ServiceError`."""
     values = dict(values)
 
-    def upload(path):
+    def upload(path: str | None) -> ImageFile | None:
         return None if path is None else uploaded_image(path, upload_roots)
 
     photo, extra = values.pop("id_image"), values.pop("extra_images")
@@ -88,13 +89,15 @@ def page_request(values: dict, upload_roots) -> GenerationRequest:
         raise ServiceError(str(err)) from None
 
 
-def chosen_people(values: dict, painted: list | None = None, upload=lambda path: path) -> tuple[list, object]:
+def chosen_people(
+    values: dict, painted: list | None, upload: Callable[[str | None], ImageFile | None]
+) -> tuple[list[Person], object]:
     """Take the people's inputs out of ``values``: person 1's region, and a
-    :class:`~pulid.request.Person` for each other row with photos, in row order (files through
-    ``upload``). ``painted``
-    (each person's region painted in the page, person 1 first) counts as uploaded; a painted and an
-    uploaded region for one person, or a region for a row without photos, is refused. Regions count
-    with the 'masks' layout only: the page hides them otherwise, so they are left out."""
+    :class:`~pulid.request.Person` for each other row with photos, in row order (each file through
+    ``upload``). ``painted`` (each person's region painted in the page, person 1 first) counts as
+    uploaded; a painted and an uploaded region for one person, or a region for a row without
+    photos, is refused. Regions count with the 'masks' layout only: the page hides them otherwise,
+    so they are left out."""
     use_regions = str(values.get("layout") or "").strip().lower() == "masks"
     painted = list(painted or []) + [None] * MAX_PEOPLE
 
