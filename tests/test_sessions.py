@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import threading
 import time
 
 import pytest
@@ -200,9 +201,10 @@ def test_a_cancel_while_the_request_is_checked_stops_it(slow_service, slow_serve
 
     service, passes = slow_service
     url, _ = slow_server
-    checked = service._check_loras
+    checked, entered = service._check_loras, threading.Event()
 
     def slow_check(*args, **kwargs):  # test instrumentation: the LoRA check waiting on a slow hub
+        entered.set()
         time.sleep(1.5)
         return checked(*args, **kwargs)
 
@@ -210,7 +212,35 @@ def test_a_cancel_while_the_request_is_checked_stops_it(slow_service, slow_serve
     alice = Client(url, verbose=False)
     before = len(passes)
     job = submit(alice, seed="70", num_steps=10)
-    time.sleep(0.7)  # in the check
+    assert entered.wait(60), "the request never reached the check"
+    assert alice.predict(api_name="/cancel").startswith("**Cancelled.**")
+    time.sleep(1.5 + 20 * STEP_SECONDS)
+    assert len(passes) == before, "the cancelled request ran"
+    assert service.waiting() == 0
+    job.cancel()
+
+
+def test_a_cancel_while_the_page_checks_its_files_stops_it(slow_service, slow_server, monkeypatch):
+    """The page checks where its files came from before the service sees the request: a Cancel
+    in that time reaches the request too (the session's flag is registered first)."""
+    from gradio_client import Client
+
+    from pulid.serve import handlers
+
+    service, passes = slow_service
+    url, _ = slow_server
+    check, entered = handlers.uploaded_image, threading.Event()
+
+    def slow_upload_check(*args, **kwargs):  # test instrumentation: a slow disk under the uploads
+        entered.set()
+        time.sleep(1.5)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "uploaded_image", slow_upload_check)
+    alice = Client(url, verbose=False)
+    before = len(passes)
+    job = submit(alice, seed="71", num_steps=10)
+    assert entered.wait(60), "the request never reached the page's check"
     assert alice.predict(api_name="/cancel").startswith("**Cancelled.**")
     time.sleep(1.5 + 20 * STEP_SECONDS)
     assert len(passes) == before, "the cancelled request ran"

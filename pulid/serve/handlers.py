@@ -340,9 +340,10 @@ class PageHandlers:
         def admit():
             """Check the request and put it in line: file headers, the LoRA folder, the hub's
             reachability; in a thread, so that no visitor's page waits on them."""
-            sent = page_request(values, service.upload_roots)
-            client = visitor_of(request, args.behind_proxy)
-            return service.start(sent, session_of(request), show, client=client)
+            session, client = session_of(request), visitor_of(request, args.behind_proxy)
+            with service.admitting(session) as cancel:  # a Cancel from now on reaches it
+                sent = page_request(values, service.upload_roots)
+                return service.start(sent, session, show, client=client, cancel=cancel)
 
         def status(text: str | None = None):
             """Only the status line (the summary box) changes."""

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -189,8 +189,8 @@ class ReplicaRunner(Runner):
 class Job:
     """One generation running in a worker thread (see :meth:`GenerationService.start`)."""
 
-    def __init__(self) -> None:
-        self.cancelled = threading.Event()
+    def __init__(self, cancelled: threading.Event | None = None) -> None:
+        self.cancelled = cancelled if cancelled is not None else threading.Event()
         self._done = threading.Event()
         self._result: ServiceResult | None = None
         self._error: BaseException | None = None
@@ -347,12 +347,27 @@ class GenerationService:
                 flag.set()
             return len(flags)
 
+    @contextlib.contextmanager
+    def admitting(self, session: str) -> Iterator[threading.Event]:
+        """The cancel flag of a request a front door is still building: the session's Cancel
+        reaches it from here on (a front door that checks files before :meth:`start` opens this
+        first, then hands the flag to :meth:`start`). The flag is forgotten if the block fails."""
+        cancel = threading.Event()
+        with self._active_lock:
+            self._active.setdefault(session, set()).add(cancel)
+        try:
+            yield cancel
+        except BaseException:
+            self._forget(session, cancel)
+            raise
+
     def start(
         self,
         request: GenerationRequest,
         session: str = "default",
         progress: Progress | None = None,
         client: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> Job:
         """:meth:`run` in a worker thread: the caller can wait with a timeout and cancel the job.
 
@@ -360,9 +375,9 @@ class GenerationService:
         settings, image files that were not uploaded or are too large (checked from their headers),
         a full line (:class:`ServiceBusy`). The files are read only when the job's turn comes.
         The thread runs in a copy of the caller's context (gradio's progress lives in context
-        variables).
+        variables). ``cancel``: the flag from :meth:`admitting`, when the request was built in it.
         """
-        job = Job()
+        job = Job(cancel)
         admitted = self._admit(request, session, client, job.cancelled)
         context = contextvars.copy_context()
         thread = threading.Thread(
