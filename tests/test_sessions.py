@@ -194,53 +194,37 @@ def test_a_waiting_job_is_sent_its_status_only_when_it_changes(slow_server):
     running.cancel()
 
 
-def test_a_cancel_while_the_request_is_checked_stops_it(slow_service, slow_server, monkeypatch):
+@pytest.mark.parametrize(
+    "slow_point",
+    [
+        pytest.param("service._check_loras", id="the service's check (a LoRA waiting on a slow hub)"),
+        pytest.param("handlers.uploaded_image", id="the page's check of its files (a slow disk)"),
+    ],
+)
+def test_a_cancel_while_the_request_is_checked_stops_it(slow_service, slow_server, monkeypatch, slow_point):
     """Cancel pressed while the request's files were being checked stopped gradio's handler, but
-    the job it was putting in line ran anyway; and the page said there was nothing to cancel."""
-    from gradio_client import Client
-
-    service, passes = slow_service
-    url, _ = slow_server
-    checked, entered = service._check_loras, threading.Event()
-
-    def slow_check(*args, **kwargs):  # test instrumentation: the LoRA check waiting on a slow hub
-        entered.set()
-        time.sleep(1.5)
-        return checked(*args, **kwargs)
-
-    monkeypatch.setattr(service, "_check_loras", slow_check)
-    alice = Client(url, verbose=False)
-    before = len(passes)
-    job = submit(alice, seed="70", num_steps=10)
-    assert entered.wait(60), "the request never reached the check"
-    assert alice.predict(api_name="/cancel").startswith("**Cancelled.**")
-    time.sleep(1.5 + 20 * STEP_SECONDS)
-    assert len(passes) == before, "the cancelled request ran"
-    assert service.waiting() == 0
-    job.cancel()
-
-
-def test_a_cancel_while_the_page_checks_its_files_stops_it(slow_service, slow_server, monkeypatch):
-    """The page checks where its files came from before the service sees the request: a Cancel
-    in that time reaches the request too (the session's flag is registered first)."""
+    the job it was putting in line ran anyway; and the page said there was nothing to cancel. The
+    page checks its own files before the service sees the request: a Cancel then reaches it too."""
     from gradio_client import Client
 
     from pulid.serve import handlers
 
     service, passes = slow_service
     url, _ = slow_server
-    check, entered = handlers.uploaded_image, threading.Event()
+    where, name = slow_point.split(".")
+    owner = {"service": service, "handlers": handlers}[where]
+    checked, entered = getattr(owner, name), threading.Event()
 
-    def slow_upload_check(*args, **kwargs):  # test instrumentation: a slow disk under the uploads
+    def slow_check(*args, **kwargs):  # test instrumentation: the check made slow enough to cancel in
         entered.set()
         time.sleep(1.5)
-        return check(*args, **kwargs)
+        return checked(*args, **kwargs)
 
-    monkeypatch.setattr(handlers, "uploaded_image", slow_upload_check)
+    monkeypatch.setattr(owner, name, slow_check)
     alice = Client(url, verbose=False)
     before = len(passes)
-    job = submit(alice, seed="71", num_steps=10)
-    assert entered.wait(60), "the request never reached the page's check"
+    job = submit(alice, seed="70", num_steps=10)
+    assert entered.wait(60), f"the request never reached {slow_point}"
     assert alice.predict(api_name="/cancel").startswith("**Cancelled.**")
     time.sleep(1.5 + 20 * STEP_SECONDS)
     assert len(passes) == before, "the cancelled request ran"
